@@ -1,0 +1,1 @@
+"""Runtime images and the in-container runtime process."""

@@ -1,0 +1,1 @@
+"""The runtime process that runs inside the container: frames in, engine, frames out."""

@@ -1,0 +1,61 @@
+"""Bounded msgpack decoding of untrusted payloads into pydantic models."""
+
+from typing import Any, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ValidationError
+
+from schemas.errors import SchemaError
+
+DEFAULT_MAX_BYTES = 1 << 20
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def unpack_map(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
+    """Decode one msgpack map with string keys; anything else is a `SchemaError`."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise SchemaError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise SchemaError(f"payload is {len(data)} bytes, the limit is {max_bytes}")
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except msgpack.ExtraData as exc:
+        raise SchemaError("trailing bytes after the msgpack map") from exc
+    except UnicodeDecodeError as exc:
+        raise SchemaError(f"a string is not valid UTF-8 ({exc.reason})") from exc
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise SchemaError(f"not valid msgpack ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(value, dict):
+        raise SchemaError(f"expected a msgpack map, got {type(value).__name__}")
+    return value
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming each failing field and why, for error events and logs."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in err["loc"]) or "payload"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def validate(model: type[M], value: Any) -> M:
+    """Validate an already decoded value, mapping pydantic's error to `SchemaError`."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise SchemaError(describe(exc)) from exc
+    except RecursionError as exc:
+        raise SchemaError("payload is nested too deeply") from exc
+
+
+def decode(model: type[M], data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> M:
+    """Decode untrusted msgpack bytes into `model`; raises only `SchemaError`."""
+    return validate(model, unpack_map(data, max_bytes=max_bytes))
+
+
+def encode(payload: BaseModel) -> bytes:
+    """The msgpack encoding of a payload, omitting unset optional fields."""
+    packed: bytes = msgpack.packb(payload.model_dump(mode="json", exclude_none=True))
+    return packed

@@ -1,0 +1,55 @@
+"""Result bodies: what a node signs and publishes for a job (PROTOCOL.md, "Results")."""
+
+from typing import Annotated, Literal
+
+from pydantic import Field, StrictInt, StrictStr
+
+from schemas.job import JobId, ModelId, Number, TokenId, Wire
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+NODE_ID_PATTERN = r"^[0-9a-f]{64}$"
+
+Sha256 = Annotated[StrictStr, Field(pattern=SHA256_PATTERN)]
+NodeId = Annotated[StrictStr, Field(pattern=NODE_ID_PATTERN)]
+Count = Annotated[StrictInt, Field(ge=0)]
+FinishReason = Literal["stop", "length"]
+
+
+class ModelRef(Wire):
+    id: ModelId
+    version: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    sha256: Sha256
+
+
+class RuntimeRef(Wire):
+    """The execution class within which results are reproducible."""
+
+    image: Annotated[StrictStr, Field(min_length=1, max_length=512)]
+    engine: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    engine_version: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    device: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+
+
+class Output(Wire):
+    text: StrictStr
+    token_ids: list[TokenId]
+    finish_reason: FinishReason
+
+
+class Usage(Wire):
+    prompt_tokens: Count
+    completion_tokens: Count
+
+
+class ResultBody(Wire):
+    job_id: JobId
+    node_id: NodeId
+    model: ModelRef
+    runtime: RuntimeRef
+    config_version: Annotated[StrictInt, Field(ge=0)]
+    input_sha256: Sha256
+    output: Output
+    usage: Usage
+    attempt: Annotated[StrictInt, Field(ge=1)]
+    started_at: Number
+    finished_at: Number

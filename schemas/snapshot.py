@@ -1,0 +1,68 @@
+"""Configuration snapshots: the approved runtime and models (PROTOCOL.md, "Configuration")."""
+
+import re
+from typing import Annotated, Any, Self
+
+from pydantic import Field, StrictInt, StrictStr, model_validator
+
+from schemas.job import ModelId, Number, Prompted, Wire
+from schemas.result import Sha256
+
+IMAGE_DIGEST_PATTERN = r"^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$"
+IMAGE_ID_PATTERN = r"^sha256:[0-9a-f]{64}$"
+SOURCE_PATTERN = r"^(nats-object://[A-Za-z0-9_-]+/[^\s]+|https://[^\s]+)$"
+MAX_MODELS = 64
+MAX_VECTORS = 32
+
+
+class ValidationVector(Prompted):
+    """A known input and the SHA-256 of the msgpack encoding of its output `token_ids`."""
+
+    expected_sha256: Sha256
+
+
+class ModelSpec(Wire):
+    id: ModelId
+    version: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    sha256: Sha256
+    size: Annotated[StrictInt, Field(ge=1, le=1 << 40)]
+    source: Annotated[StrictStr, Field(pattern=SOURCE_PATTERN, max_length=2048)]
+    validation: Annotated[list[ValidationVector], Field(max_length=MAX_VECTORS)] = []
+
+
+class RuntimeSpec(Wire):
+    name: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    image: Annotated[StrictStr, Field(max_length=512)]
+    engine: Annotated[StrictStr, Field(pattern=r"^[a-z0-9_-]{1,32}$")]
+    engine_args: dict[StrictStr, Any] = {}
+
+    @model_validator(mode="after")
+    def _pinned(self) -> Self:
+        if not (
+            re.fullmatch(IMAGE_DIGEST_PATTERN, self.image)
+            or re.fullmatch(IMAGE_ID_PATTERN, self.image)
+        ):
+            raise ValueError(
+                "runtime image must be pinned: 'name@sha256:<64 hex>' or 'sha256:<64 hex>'"
+            )
+        return self
+
+
+class Snapshot(Wire):
+    version: Annotated[StrictInt, Field(ge=1)]
+    issued_at: Number
+    runtime: RuntimeSpec
+    models: Annotated[list[ModelSpec], Field(min_length=1, max_length=MAX_MODELS)]
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> Self:
+        ids = [m.id for m in self.models]
+        if len(ids) != len(set(ids)):
+            raise ValueError("model ids must be unique")
+        return self
+
+    def model(self, model_id: str | None) -> ModelSpec | None:
+        """The model a node serves: the one named, or else the first listed."""
+        if model_id is None:
+            return self.models[0]
+        return next((m for m in self.models if m.id == model_id), None)

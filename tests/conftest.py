@@ -1,0 +1,57 @@
+"""Shared fixtures: a real nats-server with JetStream, and a real Docker engine.
+
+Docker and NATS tests skip with a reason on a developer machine that lacks them, and fail
+instead when `CI=true`: CI must run them.
+"""
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+
+from worker.natsd import NatsServer, find_binary
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally, fail in CI."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: this test must run in CI)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    try:
+        find_binary()
+    except FileNotFoundError as exc:
+        unavailable(str(exc))
+    with NatsServer(tmp_path / "jetstream") as server:
+        yield server
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
+    client = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[object]:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except Exception as exc:
+        unavailable(f"no Docker engine answers ({type(exc).__name__}: {exc}); start dockerd")
+    yield client
+    client.close()

@@ -1,0 +1,1 @@
+"""The Resultity node agent."""

@@ -1,0 +1,84 @@
+"""The node's settings: one typed tree read from `RESULTITY_*` environment variables.
+
+Secrets are never values here: the node key is read from the file `key_file` names.
+"""
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from schemas.job import MODEL_ID_PATTERN
+from worker.signing import parse_public_key
+
+DEFAULT_HOME = Path.home() / ".resultity"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RESULTITY_", extra="ignore", frozen=True)
+
+    # network
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
+    subject_prefix: str = Field("rst", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    authority_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="hex Ed25519 public keys trusted to sign config snapshots, comma-separated"
+    )
+    provision: bool = Field(True, description="create streams and consumers at start if missing")
+    stream_replicas: int = Field(1, ge=1, le=5)
+    ack_wait_s: float = Field(30.0, gt=0)
+    max_deliver: int = Field(5, ge=1)
+    duplicate_window_s: float = Field(120.0, gt=0)
+    models_bucket: str = Field("rst_models", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+    # identity and local state
+    key_file: Path = Field(DEFAULT_HOME / "node.key")
+    cache_dir: Path = Field(DEFAULT_HOME / "cache", description="verified model cache")
+    state_dir: Path = Field(DEFAULT_HOME / "state", description="last accepted snapshot")
+
+    # serving
+    model: str | None = Field(None, pattern=MODEL_ID_PATTERN, description="model id to serve")
+    max_in_flight: int = Field(256, ge=1)
+    batch_max_size: int = Field(32, ge=1)
+    batch_max_wait_ms: float = Field(2.0, ge=0)
+    max_job_bytes: int = Field(1 << 20, ge=1024)
+    shutdown_grace_s: float = Field(20.0, ge=0)
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    validation_interval_s: float = Field(3600.0, gt=0)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+
+    # runtime
+    runtime_backend: Literal["docker", "process"] = "docker"
+    gpus: bool = Field(False, description="pass all GPUs to the runtime container")
+    runtime_memory: str = Field("8g", description="memory limit of the runtime container")
+    runtime_pids: int = Field(512, ge=16)
+    runtime_shm: str = "512m"
+    runtime_user: str = "65534:65534"
+    runtime_ready_timeout_s: float = Field(300.0, gt=0)
+    batch_timeout_s: float = Field(120.0, gt=0)
+    ping_interval_s: float = Field(10.0, gt=0)
+    ping_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("authority_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("authority_keys")
+    @classmethod
+    def _check_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for key in value:
+            parse_public_key(key)
+        return tuple(k.lower() for k in value)
+
+    def authority_key_bytes(self) -> frozenset[bytes]:
+        return frozenset(parse_public_key(k) for k in self.authority_keys)
+
+    def subject(self, *tokens: str) -> str:
+        return ".".join((self.subject_prefix, *tokens))
+
+    def stream(self, name: str) -> str:
+        return f"{self.subject_prefix.upper()}_{name}"
