@@ -50,7 +50,9 @@ def batch(batch_id: int, items: list[Frame]) -> Frame:
     return {"t": "batch", "id": batch_id, "items": items}
 
 
-def ok(job_id: str, text: str, token_ids: list[int], finish_reason: str, prompt_tokens: int) -> Frame:
+def ok(
+    job_id: str, text: str, token_ids: list[int], finish_reason: str, prompt_tokens: int
+) -> Frame:
     return {
         "job_id": job_id,
         "text": text,

@@ -2,7 +2,15 @@
 
 from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 MODEL_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"

@@ -51,8 +51,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
     authorities = [parse_public_key(k) for k in args.authority]
     verified = verify(data, authority_keys=authorities)
-    print(json.dumps({"typ": verified.typ.value, "signer": verified.signer,
-                      "body": _jsonable(verified.body)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "typ": verified.typ.value,
+                "signer": verified.signer,
+                "body": _jsonable(verified.body),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -66,16 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _parser(sub, "keygen", "create a node key file and print the node id",
-                "resultity-node keygen --out ~/.resultity/node.key")
+    p = _parser(
+        sub,
+        "keygen",
+        "create a node key file and print the node id",
+        "resultity-node keygen --out ~/.resultity/node.key",
+    )
     p.add_argument("--out", required=True, help="path of the new key file (mode 0600)")
     p.set_defaults(handler=cmd_keygen)
 
-    p = _parser(sub, "verify", "verify a signed envelope and print its body and signer",
-                "resultity-node verify result.msgpack --authority <hex>")
+    p = _parser(
+        sub,
+        "verify",
+        "verify a signed envelope and print its body and signer",
+        "resultity-node verify result.msgpack --authority <hex>",
+    )
     p.add_argument("file", nargs="?", default="-", help="envelope file, or - for stdin")
-    p.add_argument("--authority", action="append", default=[],
-                   help="trusted authority public key (hex) for config envelopes; repeatable")
+    p.add_argument(
+        "--authority",
+        action="append",
+        default=[],
+        help="trusted authority public key (hex) for config envelopes; repeatable",
+    )
     p.set_defaults(handler=cmd_verify)
 
     for register in _extensions():

@@ -1,23 +1,23 @@
 """The agent's error tree, mapped once to wire error codes.
 
-    NodeError
-    ├── KeyFileError            the node key file is missing, unsafe or malformed
-    ├── SignatureError          an envelope does not verify (bad sig, untrusted key, bad shape)
-    ├── JobRejected             a job that can never succeed (terminated, not retried)
-    │   ├── BadRequest              malformed, oversized or invalid payload
-    │   ├── UnknownModel            the job names a model this node does not serve
-    │   └── DeadlineExceeded        the job's deadline passed before it ran
-    ├── RuntimeFailure          the runtime could not produce an outcome (retryable)
-    │   ├── RuntimeStartError       the container/process failed to start or send `ready`
-    │   ├── RuntimeEnded            the runtime exited on its own (crash, kill, OOM)
-    │   ├── RuntimeClosed           we closed it; work in flight is handed back
-    │   ├── RuntimeBroken           the pipe broke mid-frame, or the runtime sent garbage
-    │   └── RuntimeTimeout          no answer within the batch or ping deadline
-    ├── OutputMalformed         the runtime answered, but not with a valid outcome for a job
-    ├── ItemFailed              the engine reported an error for one job of a batch
-    ├── ModelInvalid            a model failed its hash check or validation vectors
-    ├── ConfigRejected          a configuration snapshot was refused
-    └── IsolationError          a runtime container is not as hardened as required
+NodeError
+├── KeyFileError            the node key file is missing, unsafe or malformed
+├── SignatureError          an envelope does not verify (bad sig, untrusted key, bad shape)
+├── JobRejected             a job that can never succeed (terminated, not retried)
+│   ├── BadRequest              malformed, oversized or invalid payload
+│   ├── UnknownModel            the job names a model this node does not serve
+│   └── DeadlineExceeded        the job's deadline passed before it ran
+├── RuntimeFailure          the runtime could not produce an outcome (retryable)
+│   ├── RuntimeStartError       the container/process failed to start or send `ready`
+│   ├── RuntimeEnded            the runtime exited on its own (crash, kill, OOM)
+│   ├── RuntimeClosed           we closed it; work in flight is handed back
+│   ├── RuntimeBroken           the pipe broke mid-frame, or the runtime sent garbage
+│   └── RuntimeTimeout          no answer within the batch or ping deadline
+├── OutputMalformed         the runtime answered, but not with a valid outcome for a job
+├── ItemFailed              the engine reported an error for one job of a batch
+├── ModelInvalid            a model failed its hash check or validation vectors
+├── ConfigRejected          a configuration snapshot was refused
+└── IsolationError          a runtime container is not as hardened as required
 """
 
 from schemas.event import ErrorCode

@@ -19,7 +19,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RESULTITY_", extra="ignore", frozen=True)
 
     # network
-    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
+    nats_url: str = Field(
+        "nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated"
+    )
     subject_prefix: str = Field("rst", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     authority_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="hex Ed25519 public keys trusted to sign config snapshots, comma-separated"

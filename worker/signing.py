@@ -15,7 +15,13 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from schemas.codec import DEFAULT_MAX_BYTES, unpack_map
-from schemas.envelope import EnvelopeType, RawEnvelope, pack_envelope, signing_message, unpack_envelope
+from schemas.envelope import (
+    EnvelopeType,
+    RawEnvelope,
+    pack_envelope,
+    signing_message,
+    unpack_envelope,
+)
 from schemas.errors import SchemaError
 from worker.errors import KeyFileError, SignatureError
 
@@ -62,7 +68,9 @@ def write_key_file(path: Path, key: NodeKey | None = None) -> NodeKey:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError as exc:
-        raise KeyFileError(f"key file {path} already exists; remove it or choose another path") from exc
+        raise KeyFileError(
+            f"key file {path} already exists; remove it or choose another path"
+        ) from exc
     with os.fdopen(fd, "w") as f:
         f.write(key.seed_hex() + "\n")
     return key
@@ -106,7 +114,9 @@ class Verified:
 
     __slots__ = ("typ", "key", "body", "raw_body")
 
-    def __init__(self, typ: EnvelopeType, key: bytes, body: dict[str, Any], raw_body: bytes) -> None:
+    def __init__(
+        self, typ: EnvelopeType, key: bytes, body: dict[str, Any], raw_body: bytes
+    ) -> None:
         self.typ = typ
         self.key = key
         self.body = body
@@ -143,7 +153,9 @@ def verify(
     if expect is not None and env.typ != expect:
         raise SignatureError(f"expected a {expect.value} envelope, got {env.typ.value}")
     if env.typ == EnvelopeType.CONFIG and env.key not in set(authority_keys):
-        raise SignatureError(f"config signed by {env.key.hex()}, which is not a trusted authority key")
+        raise SignatureError(
+            f"config signed by {env.key.hex()}, which is not a trusted authority key"
+        )
     check_signature(env)
     try:
         body = unpack_map(env.body, max_bytes=max_bytes)
