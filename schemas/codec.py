@@ -28,6 +28,9 @@ def unpack_map(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, 
         raise SchemaError(f"not valid msgpack ({type(exc).__name__}: {exc})") from exc
     if not isinstance(value, dict):
         raise SchemaError(f"expected a msgpack map, got {type(value).__name__}")
+    for key in value:
+        if not isinstance(key, str):
+            raise SchemaError(f"map keys must be strings, got {type(key).__name__} {key!r:.40}")
     return value
 
 

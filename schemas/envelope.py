@@ -56,7 +56,7 @@ def unpack_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> RawEn
     extra = set(env) - {"v", "typ", "body", "key", "sig"}
     if extra:
         raise SchemaError(f"unknown keys {sorted(extra)}", field="envelope")
-    if env.get("v") != ENVELOPE_VERSION or isinstance(env.get("v"), bool):
+    if type(env.get("v")) is not int or env["v"] != ENVELOPE_VERSION:
         raise SchemaError(f"must be {ENVELOPE_VERSION}", field="v")
     typ = env.get("typ")
     if not isinstance(typ, str) or typ not in EnvelopeType.__members__.values():

@@ -30,7 +30,7 @@ Number = StrictFloat | StrictInt
 class Wire(BaseModel):
     """Base of every payload: unknown keys are rejected; fields use strict types, never coerced."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Params(Wire):
