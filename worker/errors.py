@@ -16,8 +16,10 @@ NodeError
 ├── OutputMalformed         the runtime answered, but not with a valid outcome for a job
 ├── ItemFailed              the engine reported an error for one job of a batch
 ├── ModelInvalid            a model failed its hash check or validation vectors
+│   └── ModelUnavailable        its source is missing or unreachable after retries
 ├── ConfigRejected          a configuration snapshot was refused
-└── IsolationError          a runtime container is not as hardened as required
+├── IsolationError          a runtime container is not as hardened as required
+└── ImageUnavailable        the pinned runtime image is absent or its digest differs
 """
 
 from schemas.event import ErrorCode
@@ -93,11 +95,19 @@ class ModelInvalid(NodeError):
     code = ErrorCode.MODEL_INVALID
 
 
+class ModelUnavailable(ModelInvalid):
+    retryable = True
+
+
 class ConfigRejected(NodeError):
     code = ErrorCode.CONFIG_REJECTED
 
 
 class IsolationError(RuntimeStartError):
+    retryable = False
+
+
+class ImageUnavailable(RuntimeStartError):
     retryable = False
 
 
