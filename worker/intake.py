@@ -1,0 +1,225 @@
+"""Intake: keeps pull requests open on the model's durable consumer and admits each job.
+
+nats-py's `fetch()` issues one request at a time and, after a server restart, can wait on a
+request the server no longer knows. `JobSource` instead keeps pull requests outstanding
+within a credit (`max_in_flight` minus the jobs in flight), asks the server for idle
+heartbeats, and forgets every outstanding request when a heartbeat is missed or the
+connection comes back, so pulling always resumes.
+"""
+
+import asyncio
+import enum
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from schemas.codec import decode
+from schemas.errors import SchemaError
+from schemas.job import JOB_ID_PATTERN, Job
+from worker.errors import BadRequest, DeadlineExceeded, JobRejected, UnknownModel
+
+log = logging.getLogger(__name__)
+
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+PULL_EXPIRES_S = 30.0
+PULL_HEARTBEAT_S = 1.0
+MIN_PULL = 16
+
+
+@dataclass(slots=True, eq=False)
+class InFlight:
+    """A job message between its delivery and its ack, nak or term."""
+
+    msg: Msg
+    attempt: int
+    stream_seq: int
+    input_sha256: str
+    received: float
+    job: Job | None = None
+    progress_at: float = field(default=0.0)
+
+    @property
+    def job_id(self) -> str | None:
+        """The job's id; for a payload that did not decode, its `Nats-Msg-Id` if well formed."""
+        if self.job is not None:
+            return self.job.job_id
+        header = (self.msg.headers or {}).get("Nats-Msg-Id")
+        return header if header and _JOB_ID.fullmatch(header) else None
+
+
+def admit(
+    msg: Msg, *, model_id: str, max_bytes: int, now: float
+) -> tuple[InFlight, JobRejected | None]:
+    """Decode and check one delivered job; a rejection is final (the job is terminated).
+
+    The record is returned either way: a rejected job still needs its error event, with
+    its `job_id` where the payload had a valid one."""
+    meta = msg.metadata
+    record = InFlight(
+        msg=msg,
+        attempt=meta.num_delivered or 1,
+        stream_seq=meta.sequence.stream if meta.sequence else 0,
+        input_sha256=hashlib.sha256(msg.data).hexdigest(),
+        received=time.monotonic(),
+    )
+    record.progress_at = record.received
+    try:
+        job = decode(Job, msg.data, max_bytes=max_bytes)
+    except SchemaError as exc:
+        return record, BadRequest(f"malformed job: {exc}")
+    record.job = job
+    if job.model_id != msg.subject.rsplit(".", 1)[-1]:
+        return record, UnknownModel(
+            f"job model_id {job.model_id!r} does not match its subject {msg.subject!r}"
+        )
+    if job.model_id != model_id:
+        return record, UnknownModel(f"this node serves {model_id!r}, not {job.model_id!r}")
+    if job.deadline is not None and job.deadline < now:
+        return record, DeadlineExceeded(f"deadline {job.deadline:.3f} passed before the job ran")
+    return record, None
+
+
+class SourceState(enum.Enum):
+    NEW = "new"
+    PULLING = "pulling"
+    STOPPED = "stopped"
+
+
+class JobSource:
+    """Pull requests on one durable consumer, bounded by a credit the caller computes."""
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        stream: str,
+        consumer: str,
+        credit: Callable[[], int],
+        on_message: Callable[[Msg], Awaitable[None]],
+        on_consumer_lost: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._nc = nc
+        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._credit = credit
+        self._on_message = on_message
+        self._on_consumer_lost = on_consumer_lost
+        self._inbox = nc.new_inbox()
+        self._sub: Subscription | None = None
+        self._outstanding = 0
+        self._last_seen = time.monotonic()
+        self._wake = asyncio.Event()
+        self.state = SourceState.NEW
+        self.pulls = 0
+        self.resets = 0
+
+    async def run(self) -> None:
+        """Pull until `stop()`; the caller runs this in its task group."""
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._deliver)
+        self.state = SourceState.PULLING
+        try:
+            while self.state is SourceState.PULLING:
+                await self._pull_if_due()
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), PULL_HEARTBEAT_S)
+                except TimeoutError:
+                    pass
+                self._check_liveness()
+        finally:
+            self.state = SourceState.STOPPED
+            sub, self._sub = self._sub, None
+            if sub is not None and not self._nc.is_closed:
+                try:
+                    await sub.unsubscribe()
+                except Exception as exc:
+                    log.debug("pull_unsubscribe_failed error=%r", exc)
+
+    def stop(self) -> None:
+        """Stop asking for jobs; messages already on their way are still delivered."""
+        if self.state is SourceState.PULLING:
+            self.state = SourceState.STOPPED
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Credit grew (jobs finished): pull again without waiting for the tick."""
+        self._wake.set()
+
+    def reset(self) -> None:
+        """Forget outstanding requests (the server lost them: reconnect, restart)."""
+        if self._outstanding:
+            self.resets += 1
+            log.info("pull_requests_reset outstanding=%d", self._outstanding)
+        self._outstanding = 0
+        self._last_seen = time.monotonic()
+        self._wake.set()
+
+    async def _pull_if_due(self) -> None:
+        if not self._nc.is_connected:
+            return
+        want = self._credit() - self._outstanding
+        if want < min(MIN_PULL, max(1, self._credit())) or want <= 0:
+            return
+        request = {
+            "batch": want,
+            "expires": int(PULL_EXPIRES_S * 1e9),
+            "idle_heartbeat": int(PULL_HEARTBEAT_S * 1e9),
+        }
+        try:
+            await self._nc.publish(self._api, json.dumps(request).encode(), reply=self._inbox)
+        except Exception as exc:
+            log.warning("pull_request_failed error=%r", exc)
+            return
+        self._outstanding += want
+        self._last_seen = time.monotonic()
+        self.pulls += 1
+
+    def _check_liveness(self) -> None:
+        silent = time.monotonic() - self._last_seen
+        if self._outstanding and silent > 3 * PULL_HEARTBEAT_S:
+            log.warning("pull_heartbeat_missed silent_s=%.1f", silent)
+            self.reset()
+
+    async def _deliver(self, msg: Msg) -> None:
+        self._last_seen = time.monotonic()
+        if msg.headers and msg.headers.get("Status"):
+            await self._status(msg)
+            return
+        self._outstanding = max(0, self._outstanding - 1)
+        if self.state is not SourceState.PULLING:
+            await self._hand_back(msg)
+            return
+        await self._on_message(msg)
+
+    async def _hand_back(self, msg: Msg) -> None:
+        try:
+            await msg.nak()
+        except Exception as exc:
+            log.debug("nak_failed error=%r", exc)
+
+    async def _status(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status", "")
+        if status == "100":
+            return
+        pending = headers.get("Nats-Pending-Messages")
+        if status in {"408", "409"} and pending is not None:
+            self._outstanding = max(0, self._outstanding - int(pending))
+        elif status in {"404", "408", "409"}:
+            self._outstanding = 0
+        description = headers.get("Description", "")
+        if status == "409" and "Consumer Deleted" in description:
+            log.warning("consumer_deleted description=%s", description)
+            self._outstanding = 0
+            if self._on_consumer_lost is not None:
+                await self._on_consumer_lost()
+        elif status not in {"404", "408"}:
+            log.info("pull_status status=%s description=%s", status, description)
+        self._wake.set()
