@@ -64,6 +64,41 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from worker.agent import run_until_signalled
+    from worker.settings import Settings
+    from worker.signing import load_key_file
+
+    settings = Settings()
+    key = load_key_file(settings.key_file)
+    asyncio.run(run_until_signalled(settings, key))
+    return 0
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import nats
+
+    from worker.provision import provision
+    from worker.settings import Settings
+
+    settings = Settings()
+
+    async def go() -> None:
+        nc = await nats.connect(settings.nats_url.split(","), connect_timeout=5)
+        try:
+            await provision(nc.jetstream(), settings, list(args.model))
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+    print(f"provisioned streams and consumers for models: {', '.join(args.model) or '(none)'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resultity-node",
@@ -97,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="trusted authority public key (hex) for config envelopes; repeatable",
     )
     p.set_defaults(handler=cmd_verify)
+
+    p = _parser(
+        sub,
+        "run",
+        "run the node agent until SIGTERM/SIGINT (settings: RESULTITY_*)",
+        "RESULTITY_NATS_URL=nats://10.0.0.5:4222 RESULTITY_AUTHORITY_KEYS=<hex> resultity-node run",
+    )
+    p.set_defaults(handler=cmd_run)
+
+    p = _parser(
+        sub,
+        "provision",
+        "create the JetStream streams and the job consumers (idempotent)",
+        "resultity-node provision --model tiny-llama",
+    )
+    p.add_argument("--model", action="append", default=[], help="model id; repeatable")
+    p.set_defaults(handler=cmd_provision)
 
     for register in _extensions():
         register(sub, _parser)

@@ -122,14 +122,14 @@ class Pipeline:
         """After a reconnect: the server may have forgotten our pull requests."""
         self._source.reset()
 
-    async def drain(self, grace_s: float) -> None:
+    async def drain(self, grace_s: float, abort: asyncio.Event | None = None) -> None:
         """Stop taking jobs, let those in flight finish for `grace_s`, hand back the rest.
 
         Order, and why:
         1. stop pulling: no new work is accepted; late deliveries are nak'ed at once so
            another node can take them;
-        2. wait up to `grace_s` for in-flight jobs: their results are published and acked
-           as usual, which is the cheapest outcome for the network;
+        2. wait up to `grace_s` (or until `abort` is set) for in-flight jobs: their results
+           are published and acked as usual, which is the cheapest outcome for the network;
         3. nak what is left, without delay: it is redelivered to a live node instead of
            waiting out the ack wait;
         4. cancel the background tasks; the runtime is closed by its owner afterwards.
@@ -139,10 +139,16 @@ class Pipeline:
             return
         self.state = PipelineState.DRAINING
         self._source.stop()
+        waits = [asyncio.ensure_future(self._idle.wait())]
+        if abort is not None:
+            waits.append(asyncio.ensure_future(abort.wait()))
         try:
-            await asyncio.wait_for(self._idle.wait(), grace_s)
-        except TimeoutError:
-            log.warning("drain_deadline_passed handing_back=%d", len(self._in_flight))
+            await asyncio.wait(waits, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self._in_flight:
+            log.warning("drain_handing_back jobs=%d", len(self._in_flight))
         for record in list(self._in_flight):
             await self._settle(record, "nak")
         if self._runner is not None:

@@ -1,0 +1,433 @@
+"""The agent: connects to NATS, follows signed snapshots, keeps one runtime, runs the pipeline.
+
+Agent
+├── NATS connection (reconnects forever; pull requests are re-issued after a reconnect)
+├── ConfigWatcher  --accepted snapshot-->  apply()
+│                                           ├── ModelStore.fetch / prune / prepare
+│                                           ├── Supervisor.replace (one runtime)
+│                                           ├── validation vectors
+│                                           └── Pipeline for the served model
+├── heartbeat, periodic validation, status endpoint, metrics
+└── shutdown sequence (see `aclose`)
+"""
+
+import asyncio
+import enum
+import logging
+import time
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+
+from schemas.event import ErrorCode, LifecycleKind
+from schemas.snapshot import ModelSpec, Snapshot
+from worker.errors import ModelInvalid, NodeError
+from worker.metrics import Metrics, MetricsServer
+from worker.pipeline import Pipeline, Serving
+from worker.provision import ensure_consumer, ensure_streams
+from worker.publisher import Publisher
+from worker.runtime import ItemOutcome, LaunchSpec, Runtime, RuntimeFacts, WorkItem
+from worker.settings import Settings
+from worker.signing import NodeKey
+
+log = logging.getLogger(__name__)
+
+
+class AgentState(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    WAITING_CONFIG = "waiting_config"
+    SERVING = "serving"
+    OUT_OF_SERVICE = "out_of_service"
+    STOPPING = "stopping"
+    CLOSED = "closed"
+
+
+class ValidatedRuntime:
+    """The supervisor, with the model's vectors re-run before work after every restart."""
+
+    def __init__(self, supervisor: Any, spec: ModelSpec, on_invalid: Any) -> None:
+        self._sup = supervisor
+        self._spec = spec
+        self._on_invalid = on_invalid
+        self._validated_restarts = supervisor.stats().get("restarts", 0)
+
+    @property
+    def facts(self) -> RuntimeFacts:
+        facts: RuntimeFacts = self._sup.facts
+        return facts
+
+    async def run(self, items: list[WorkItem]) -> list[ItemOutcome]:
+        restarts = self._sup.stats().get("restarts", 0)
+        if restarts != self._validated_restarts:
+            from worker.validation import validate_model
+
+            try:
+                await validate_model(self._sup, self._spec)
+            except ModelInvalid as exc:
+                await self._on_invalid(exc)
+                return [exc for _ in items]
+            self._validated_restarts = restarts
+        outcomes: list[ItemOutcome] = await self._sup.run(items)
+        return outcomes
+
+
+class Agent:
+    """One node. `async with Agent(...) as agent: await agent.serve(stop)`."""
+
+    def __init__(self, settings: Settings, key: NodeKey) -> None:
+        self.settings = settings
+        self.key = key
+        self.metrics = Metrics()
+        self.state = AgentState.NEW
+        self.started_at = time.time()
+        self.snapshot: Snapshot | None = None
+        self.model: ModelSpec | None = None
+        self.validation_state = "none"
+        self.pipeline: Pipeline | None = None
+        self.completed_before = 0
+        self._nc: Client | None = None
+        self._publisher: Publisher | None = None
+        self._supervisor: Any = None
+        self._store: Any = None
+        self._apply_lock = asyncio.Lock()
+        self.force = asyncio.Event()
+
+    # lifecycle
+
+    async def __aenter__(self) -> "Agent":
+        self.state = AgentState.STARTING
+        self._nc = await nats.connect(
+            self.settings.nats_url.split(","),
+            name=f"resultity-node {self.key.node_id[:12]}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+            reconnected_cb=self._on_reconnected,
+            disconnected_cb=self._on_disconnected,
+            error_cb=self._on_error,
+        )
+        js = self._nc.jetstream()
+        self._publisher = Publisher(self._nc, js, self.key, self.settings)
+        if self.settings.provision:
+            await ensure_streams(js, self.settings)
+        from worker.modelstore import ModelStore
+        from worker.supervisor import Supervisor
+
+        self._store = ModelStore(self.settings, js)
+        self._supervisor = Supervisor(self.settings, node_id=self.key.node_id)
+        await self._supervisor.__aenter__()
+        await self._publisher.try_lifecycle(LifecycleKind.STARTED, version=_version())
+        log.info("agent_started node_id=%s", self.key.node_id)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose(force=exc[0] is not None)
+
+    async def aclose(self, *, force: bool = False) -> None:
+        """Shutdown, in this order:
+
+        1. announce `stopping` (best effort) so the network stops expecting work here;
+        2. drain the pipeline: stop pulling, finish in-flight jobs for `shutdown_grace_s`
+           (0 when forced), nak the rest so another node takes them at once;
+        3. close the supervisor: `shutdown` frame, then kill and remove the container,
+           so no runtime outlives the agent;
+        4. flush and close NATS last, so the acks and naks of step 2 reach the server.
+        """
+        if self.state is AgentState.CLOSED:
+            return
+        self.state = AgentState.STOPPING
+        if self._publisher is not None and not force:
+            await self._publisher.try_lifecycle(LifecycleKind.STOPPING)
+        await self._stop_pipeline(0 if force else self.settings.shutdown_grace_s)
+        if self._supervisor is not None:
+            await self._supervisor.aclose()
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                await asyncio.wait_for(self._nc.drain(), 5)
+            except Exception as exc:
+                log.warning("nats_drain_failed error=%r", exc)
+                await self._nc.close()
+        self.state = AgentState.CLOSED
+        log.info("agent_stopped node_id=%s", self.key.node_id)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Follow snapshots and serve until `stop` is set."""
+        from worker.config import ConfigWatcher
+
+        assert self._nc is not None
+        self.state = AgentState.WAITING_CONFIG
+        async with asyncio.TaskGroup() as tg:
+            watcher = ConfigWatcher(
+                self._nc.jetstream(), self.settings, on_rejected=self._config_rejected
+            )
+            tg.create_task(self._follow(watcher), name="config")
+            tg.create_task(self._heartbeat_loop(), name="heartbeat")
+            tg.create_task(self._validation_loop(), name="validation")
+            tg.create_task(self._status_service(stop), name="status")
+            if self.settings.metrics_port is not None:
+                tg.create_task(self._metrics_server(stop), name="metrics")
+            await stop.wait()
+            raise _Stop
+
+    async def _follow(self, watcher: Any) -> None:
+        async with watcher:
+            async for snapshot in watcher:
+                await watcher.commit(snapshot, await self.apply(snapshot))
+
+    # config
+
+    async def apply(self, snapshot: Snapshot) -> bool:
+        """Fetch and verify first, then switch the runtime, validate, then consume.
+
+        Returns whether the snapshot is now in force. Until every step before the switch
+        succeeds the node keeps serving what it served."""
+        async with self._apply_lock:
+            assert self._publisher is not None
+            spec = snapshot.model(self.settings.model)
+            if spec is None:
+                await self._config_rejected(
+                    f"snapshot {snapshot.version} does not approve model {self.settings.model!r}"
+                    " (RESULTITY_MODEL); this node keeps serving nothing for it"
+                )
+                await self._take_out_of_service("model not approved")
+                self.snapshot = snapshot
+                return True
+            try:
+                model_dir = await self._store.fetch(spec)
+                from worker.config import check_image
+
+                await check_image(snapshot.runtime.image)
+            except NodeError as exc:
+                await self._publish_error(exc, retryable=exc.retryable)
+                return False
+            old_snapshot, self.snapshot = self.snapshot, snapshot
+            await self._stop_pipeline(self.settings.shutdown_grace_s)
+            for removed in await self._store.prune(snapshot):
+                await self._publisher.try_lifecycle(LifecycleKind.MODEL_REMOVED, sha256=removed)
+            launch = LaunchSpec(
+                engine=snapshot.runtime.engine,
+                image=snapshot.runtime.image,
+                model_dir=model_dir,
+                model_sha256=spec.sha256,
+                engine_args=dict(snapshot.runtime.engine_args),
+            )
+            try:
+                await self._supervisor.replace(launch)
+            except NodeError as exc:
+                await self._publish_error(exc, retryable=True)
+                await self._take_out_of_service(str(exc))
+                return True
+            kind = LifecycleKind.RUNTIME_REPLACED if old_snapshot else LifecycleKind.RUNTIME_STARTED
+            await self._publisher.try_lifecycle(kind, image=launch.image, engine=launch.engine)
+            await self._publisher.try_lifecycle(
+                LifecycleKind.CONFIG_APPLIED, version=snapshot.version
+            )
+            self.model = spec
+            if not await self._validate():
+                return True
+            await self._publisher.try_lifecycle(
+                LifecycleKind.MODEL_READY, id=spec.id, version=spec.version, sha256=spec.sha256
+            )
+            await self._start_pipeline(snapshot, spec)
+            return True
+
+    async def _validate(self) -> bool:
+        from worker.validation import validate_model
+
+        assert self.model is not None and self._publisher is not None
+        self.validation_state = "running"
+        try:
+            await validate_model(self._supervisor, self.model)
+        except ModelInvalid as exc:
+            await self._model_invalid(exc)
+            return False
+        self.validation_state = "passed"
+        await self._publisher.try_lifecycle(
+            LifecycleKind.VALIDATION_PASSED,
+            id=self.model.id,
+            vectors=len(self.model.validation),
+        )
+        return True
+
+    async def _model_invalid(self, exc: ModelInvalid) -> None:
+        self.validation_state = "failed"
+        await self._publish_error(exc, retryable=False)
+        await self._take_out_of_service(str(exc))
+
+    async def _take_out_of_service(self, why: str) -> None:
+        log.warning("out_of_service reason=%s", why)
+        self.state = AgentState.OUT_OF_SERVICE
+        await self._stop_pipeline(self.settings.shutdown_grace_s)
+
+    async def _start_pipeline(self, snapshot: Snapshot, spec: ModelSpec) -> None:
+        assert self._nc is not None and self._publisher is not None
+        await ensure_consumer(self._nc.jetstream(), self.settings, spec.id)
+        serving = Serving(
+            spec.id, spec.version, spec.sha256, snapshot.runtime.image, snapshot.version
+        )
+        runtime: Runtime = ValidatedRuntime(self._supervisor, spec, self._model_invalid)
+        self.pipeline = Pipeline(
+            self._nc, self.settings, self._publisher, runtime, serving, self.metrics
+        )
+        await self.pipeline.__aenter__()
+        self.state = AgentState.SERVING
+        log.info("serving model=%s version=%s config=%d", spec.id, spec.version, snapshot.version)
+
+    async def _stop_pipeline(self, grace_s: float) -> None:
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is not None:
+            await pipeline.drain(grace_s, abort=self.force)
+            self.completed_before += pipeline.completed
+
+    async def _config_rejected(self, reason: str) -> None:
+        assert self._publisher is not None
+        log.warning("config_rejected reason=%s", reason)
+        try:
+            await self._publisher.publish_error(ErrorCode.CONFIG_REJECTED, reason, retryable=False)
+        except Exception as exc:
+            log.warning("error_publish_failed code=CONFIG_REJECTED error=%r", exc)
+
+    async def _publish_error(self, exc: NodeError, *, retryable: bool) -> None:
+        assert self._publisher is not None
+        try:
+            await self._publisher.publish_error(exc.code, str(exc), retryable=retryable)
+        except Exception as pub_exc:
+            log.warning("error_publish_failed code=%s error=%r", exc.code.value, pub_exc)
+
+    # background duties
+
+    async def _heartbeat_loop(self) -> None:
+        assert self._publisher is not None
+        while True:
+            try:
+                await self._publisher.heartbeat(**self.status())
+            except Exception as exc:
+                log.debug("heartbeat_failed error=%r", exc)
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def _validation_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.validation_interval_s)
+            if self.state is AgentState.SERVING and self.model is not None:
+                async with self._apply_lock:
+                    await self._validate()
+
+    async def _status_service(self, stop: asyncio.Event) -> None:
+        import msgpack
+        from nats.micro import add_service
+        from nats.micro.request import Request
+
+        assert self._nc is not None
+
+        async def handle(request: Request) -> None:
+            await request.respond(msgpack.packb(self.status()))
+
+        service = await add_service(
+            self._nc, name="resultity-node", version=_version(), description="Resultity node"
+        )
+        await service.add_endpoint(
+            name="status",
+            subject=self.settings.subject("nodes", self.key.node_id, "status"),
+            handler=handle,
+        )
+        try:
+            await stop.wait()
+        finally:
+            await service.stop()
+
+    async def _metrics_server(self, stop: asyncio.Event) -> None:
+        port = self.settings.metrics_port
+        assert port is not None
+        async with MetricsServer(self.metrics, self.settings.metrics_host, port):
+            await stop.wait()
+
+    def status(self) -> dict[str, Any]:
+        sup = self._supervisor.stats() if self._supervisor is not None else {}
+        pipeline = self.pipeline
+        return {
+            "node_id": self.key.node_id,
+            "state": self.state.value,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "config_version": self.snapshot.version if self.snapshot else None,
+            "model": (
+                {"id": self.model.id, "version": self.model.version, "sha256": self.model.sha256}
+                if self.model
+                else None
+            ),
+            "validation": self.validation_state,
+            "runtime": _plain(sup),
+            "in_flight": pipeline.in_flight if pipeline else 0,
+            "completed": self.completed_before + (pipeline.completed if pipeline else 0),
+        }
+
+    # NATS callbacks
+
+    async def _on_reconnected(self) -> None:
+        log.info("nats_reconnected url=%s", self._nc.connected_url if self._nc else None)
+        if self.pipeline is not None:
+            self.pipeline.reset_pulls()
+
+    async def _on_disconnected(self) -> None:
+        log.warning("nats_disconnected")
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("nats_error error=%r", exc)
+
+
+class _Stop(Exception):
+    """Raised inside the task group to cancel the background duties on stop."""
+
+
+async def run_agent(settings: Settings, key: NodeKey, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set; then shut down gracefully, or fast once `agent.force` is."""
+    async with Agent(settings, key) as agent:
+        try:
+            await agent.serve(stop)
+        except* _Stop:
+            pass
+
+
+async def run_until_signalled(settings: Settings, key: NodeKey) -> None:
+    """`resultity-node run`: SIGTERM or SIGINT drains and exits 0; a second one hurries."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    agent = Agent(settings, key)
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second_signal signal=%d: handing jobs back now", signum)
+            agent.force.set()
+        else:
+            log.info("signal_received signal=%d: draining", signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    async with agent:
+        try:
+            await agent.serve(stop)
+        except* _Stop:
+            pass
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("resultity-node")
+    except PackageNotFoundError:
+        return "0+unknown"
