@@ -136,7 +136,7 @@ async def read_chunks(
                         await nc.publish(reply)
                     continue
                 idle.reschedule(loop.time() + idle_timeout_s)
-                seq = _consumer_seq(msg.reply)
+                seq, pending = _consumer_position(msg.reply)
                 if seq != expected_seq:
                     raise ObjectReadError(
                         f"object {info.name!r}: chunk {expected_seq} missing (got {seq})"
@@ -150,6 +150,10 @@ async def read_chunks(
                 batch.append(data)
                 batch_bytes += len(data)
                 done = received == size
+                if pending == 0 and not done:
+                    raise ObjectReadError(
+                        f"object {info.name!r}: the stream ends after {received} of {size} bytes"
+                    )
                 if batch_bytes >= BATCH_BYTES or done:
                     if sinking is not None:
                         await sinking
@@ -179,13 +183,16 @@ async def read_chunks(
     return received
 
 
-def _consumer_seq(reply: str) -> int:
-    """The consumer sequence from a JetStream ack subject (with or without domain tokens)."""
-    tokens = reply.split(".")
+def _consumer_position(reply: str | None) -> tuple[int, int]:
+    """Consumer sequence and messages pending, from a JetStream ack subject
+    (`$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>`, possibly
+    with domain and account tokens after `ACK`)."""
+    tokens = (reply or "").split(".")
+    base = 2 if len(tokens) == 9 else 4
     try:
-        return int(tokens[6] if len(tokens) == 9 else tokens[8])
+        return int(tokens[base + 4]), int(tokens[base + 6])
     except (IndexError, ValueError):
-        return -1
+        return -1, -1
 
 
 async def _quietly(op: Awaitable[object]) -> None:
