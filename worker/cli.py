@@ -99,6 +99,108 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import nats
+
+    from worker.client import current_snapshot, new_job_id, submit
+    from worker.settings import Settings
+
+    settings = Settings()
+    params: dict[str, Any] = {"max_tokens": args.max_tokens}
+    if args.seed is not None:
+        params["seed"] = args.seed
+    if args.temperature is not None:
+        params["temperature"] = args.temperature
+
+    async def go() -> Any:
+        try:
+            nc = await nats.connect(
+                settings.nats_url.split(","), connect_timeout=3, max_reconnect_attempts=1
+            )
+        except Exception as exc:
+            raise CliError(
+                f"cannot reach NATS at {settings.nats_url} ({exc}); start 'resultity-node dev' "
+                "or set RESULTITY_NATS_URL"
+            ) from exc
+        try:
+            model = args.model
+            if model is None:
+                snapshot = await current_snapshot(nc, settings)
+                if snapshot is None:
+                    raise CliError("no verified snapshot names a model; pass --model ID")
+                model = snapshot.model(settings.model).id  # type: ignore[union-attr]
+            job: dict[str, Any] = {
+                "job_id": args.job_id or new_job_id(),
+                "model_id": model,
+                "params": params,
+            }
+            if args.tokens:
+                job["prompt_token_ids"] = [int(t) for t in args.prompt.replace(",", " ").split()]
+            else:
+                job["prompt"] = args.prompt
+            return await submit(nc, settings, job, timeout=args.timeout)
+        finally:
+            await nc.close()
+
+    try:
+        outcome = asyncio.run(go())
+    except TimeoutError as exc:
+        raise CliError(
+            f"no result within {args.timeout:.0f}s; is a node serving the model? "
+            "check 'resultity-node status'"
+        ) from exc
+    r = outcome.result
+    if args.json:
+        print(json.dumps(r.model_dump(mode="json"), indent=2))
+        return 0
+    print(r.output.text)
+    print(
+        f"  job        {r.job_id}  ({r.output.finish_reason}, {r.usage.completion_tokens} tokens)"
+    )
+    print(f"  token_ids  {r.output.token_ids}")
+    print(f"  signed by  node {r.node_id}  (Ed25519 signature verified)")
+    print(f"  model      {r.model.id} v{r.model.version}  sha256 {r.model.sha256}")
+    print(
+        f"  runtime    {r.runtime.engine} {r.runtime.engine_version} on {r.runtime.device}"
+        f"  image {r.runtime.image}"
+    )
+    print(f"  input      sha256 {r.input_sha256}  (matches the bytes sent)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import msgpack
+    import nats
+
+    from worker.settings import Settings
+    from worker.signing import load_key_file
+
+    settings = Settings()
+    node_id = args.node or load_key_file(settings.key_file).node_id
+
+    async def go() -> Any:
+        try:
+            nc = await nats.connect(
+                settings.nats_url.split(","), connect_timeout=3, max_reconnect_attempts=1
+            )
+        except Exception as exc:
+            raise CliError(f"cannot reach NATS at {settings.nats_url} ({exc})") from exc
+        try:
+            reply = await nc.request(settings.subject("nodes", node_id, "status"), b"", timeout=3)
+        except Exception as exc:
+            raise CliError(f"node {node_id[:16]}... did not answer; is it running?") from exc
+        finally:
+            await nc.close()
+        return msgpack.unpackb(reply.data)
+
+    print(json.dumps(asyncio.run(go()), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resultity-node",
@@ -149,6 +251,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", action="append", default=[], help="model id; repeatable")
     p.set_defaults(handler=cmd_provision)
+
+    p = _parser(
+        sub,
+        "submit",
+        "submit a job, wait for its signed result, verify and print it",
+        'resultity-node submit "The capital of France is" --max-tokens 16',
+    )
+    p.add_argument("prompt", help="prompt text, or token ids with --tokens")
+    p.add_argument("--tokens", action="store_true", help="the prompt is token ids: '1 2 3'")
+    p.add_argument("--model", help="model id (default: the snapshot's served model)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--job-id", help="job id (default: random)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    p.add_argument("--json", action="store_true", help="print the verified result body as JSON")
+    p.set_defaults(handler=cmd_submit)
+
+    p = _parser(
+        sub, "status", "ask a running node for its state", "resultity-node status --node <node id>"
+    )
+    p.add_argument("--node", help="node id (default: the one of RESULTITY_KEY_FILE)")
+    p.set_defaults(handler=cmd_status)
 
     for register in _extensions():
         register(sub, _parser)

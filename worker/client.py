@@ -1,0 +1,101 @@
+"""The network's side of the contract, as a client: submit a job, await its signed outcome.
+
+Written from PROTOCOL.md alone, so it doubles as the reference for other clients: publish
+the job with `Nats-Msg-Id`, read `rst.results.<job_id>` from the results stream, verify the
+envelope against the body's `node_id`, and check `input_sha256` against the bytes sent.
+"""
+
+import asyncio
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from schemas.codec import validate
+from schemas.envelope import EnvelopeType
+from schemas.event import ErrorEvent
+from schemas.job import Job
+from schemas.result import ResultBody
+from schemas.snapshot import Snapshot
+from worker.errors import NodeError
+from worker.settings import Settings
+from worker.signing import verify
+
+
+class JobFailed(NodeError):
+    """The node reported a final error for the submitted job."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: ResultBody
+    envelope: bytes
+    job_bytes: bytes
+
+
+def new_job_id() -> str:
+    return "job-" + secrets.token_hex(8)
+
+
+async def current_snapshot(nc: Client, settings: Settings) -> Snapshot | None:
+    """The snapshot in the config bucket, verified against the pinned authority keys."""
+    try:
+        kv = await nc.jetstream().key_value(f"{settings.subject_prefix}_config")
+        entry = await kv.get("snapshot")
+    except Exception:
+        return None
+    if entry.value is None:
+        return None
+    verified = verify(
+        entry.value,
+        authority_keys=settings.authority_key_bytes(),
+        expect=EnvelopeType.CONFIG,
+    )
+    return validate(Snapshot, verified.body)
+
+
+async def submit(
+    nc: Client, settings: Settings, job: dict[str, Any], *, timeout: float = 60.0
+) -> Outcome:
+    """Publish `job` and wait for its verified result; raises `JobFailed` on a final error."""
+    data: bytes = msgpack.packb(job)
+    validate(Job, job)
+    job_id = job["job_id"]
+    js = nc.jetstream()
+    errors = await nc.subscribe(settings.subject("events", "error", "*"))
+    results = await js.subscribe(
+        settings.subject("results", job_id),
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )
+    try:
+        await js.publish(
+            settings.subject("jobs", job["model_id"]), data, headers={"Nats-Msg-Id": job_id}
+        )
+        async with asyncio.timeout(timeout):
+            return await _outcome(results, errors, job_id, data)
+    finally:
+        await results.unsubscribe()
+        await errors.unsubscribe()
+
+
+async def _outcome(results: Any, errors: Any, job_id: str, data: bytes) -> Outcome:
+    result_task = asyncio.ensure_future(results.next_msg(timeout=None))
+    while True:
+        error_task = asyncio.ensure_future(errors.next_msg(timeout=None))
+        done, _ = await asyncio.wait({result_task, error_task}, return_when=asyncio.FIRST_COMPLETED)
+        if result_task in done:
+            error_task.cancel()
+            envelope = result_task.result().data
+            body = validate(ResultBody, verify(envelope, expect=EnvelopeType.RESULT).body)
+            if body.input_sha256 != hashlib.sha256(data).hexdigest():
+                raise JobFailed(f"result for {job_id} attests other input bytes")
+            return Outcome(body, envelope, data)
+        event = validate(ErrorEvent, verify(error_task.result().data).body)
+        if event.job_id == job_id and not event.retryable:
+            result_task.cancel()
+            raise JobFailed(f"{event.code.value}: {event.message}")
