@@ -140,7 +140,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 job["prompt_token_ids"] = [int(t) for t in args.prompt.replace(",", " ").split()]
             else:
                 job["prompt"] = args.prompt
-            return await submit(nc, settings, job, timeout=args.timeout)
+            return await submit(nc, settings, job, wait_s=args.timeout)
         finally:
             await nc.close()
 

@@ -59,7 +59,7 @@ async def current_snapshot(nc: Client, settings: Settings) -> Snapshot | None:
 
 
 async def submit(
-    nc: Client, settings: Settings, job: dict[str, Any], *, timeout: float = 60.0
+    nc: Client, settings: Settings, job: dict[str, Any], *, wait_s: float = 60.0
 ) -> Outcome:
     """Publish `job` and wait for its verified result; raises `JobFailed` on a final error."""
     data: bytes = msgpack.packb(job)
@@ -76,7 +76,7 @@ async def submit(
         await js.publish(
             settings.subject("jobs", job["model_id"]), data, headers={"Nats-Msg-Id": job_id}
         )
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait_s):
             return await _outcome(results, errors, job_id, data)
     finally:
         await results.unsubscribe()
