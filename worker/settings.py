@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     batch_timeout_s: float = Field(120.0, gt=0)
     ping_interval_s: float = Field(10.0, gt=0)
     ping_timeout_s: float = Field(10.0, gt=0)
+    runtime_stop_timeout_s: float = Field(
+        5.0, ge=0, description="how long a runtime may take to exit after `shutdown`"
+    )
+    runtime_max_frame_bytes: int = Field(64 << 20, ge=1024, description="largest runtime frame")
 
     @field_validator("authority_keys", mode="before")
     @classmethod
