@@ -4,8 +4,6 @@ from typing import Any
 
 import msgpack
 import pytest
-from pydantic import BaseModel
-
 from payloads import (
     DELETE,
     IMAGE_DIGEST,
@@ -22,6 +20,8 @@ from payloads import (
     snapshot,
     vector,
 )
+from pydantic import BaseModel
+
 from schemas.codec import decode, encode
 from schemas.errors import SchemaError
 from schemas.event import ErrorCode, ErrorEvent, LifecycleEvent, LifecycleKind

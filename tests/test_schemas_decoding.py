@@ -6,9 +6,9 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from payloads import error_event, job, lifecycle_event, result_body, snapshot
 from pydantic import BaseModel
 
-from payloads import error_event, job, lifecycle_event, result_body, snapshot
 from schemas.codec import DEFAULT_MAX_BYTES, decode, unpack_map
 from schemas.envelope import unpack_envelope
 from schemas.errors import SchemaError
@@ -123,11 +123,7 @@ values = st.recursive(
     max_leaves=30,
 )
 KEYS = sorted(
-    {
-        k
-        for p in (job(), result_body(), error_event(), lifecycle_event(), snapshot())
-        for k in p
-    }
+    {k for p in (job(), result_body(), error_event(), lifecycle_event(), snapshot()) for k in p}
     | {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "v", "typ", "body"}
 )
 shaped = st.dictionaries(st.sampled_from(KEYS), values, max_size=12)
