@@ -9,3 +9,12 @@ from typing import Any
 Register = Callable[[Any, Callable[..., Any]], None]
 
 REGISTRY: list[Register] = []
+
+
+def _images(sub: Any, make_parser: Callable[..., Any]) -> None:
+    from worker.images import register
+
+    register(sub, make_parser)
+
+
+REGISTRY.append(_images)

