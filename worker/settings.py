@@ -22,45 +22,71 @@ class Settings(BaseSettings):
     nats_url: str = Field(
         "nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated"
     )
-    subject_prefix: str = Field("rst", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    subject_prefix: str = Field(
+        "rst",
+        pattern=r"^[A-Za-z0-9_-]{1,32}$",
+        description="prefix of every subject, stream and bucket",
+    )
     authority_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="hex Ed25519 public keys trusted to sign config snapshots, comma-separated"
     )
     provision: bool = Field(True, description="create streams and consumers at start if missing")
-    stream_replicas: int = Field(1, ge=1, le=5)
-    ack_wait_s: float = Field(30.0, gt=0)
-    max_deliver: int = Field(5, ge=1)
-    duplicate_window_s: float = Field(120.0, gt=0)
-    models_bucket: str = Field("rst_models", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    stream_replicas: int = Field(1, ge=1, le=5, description="replicas of streams the node creates")
+    ack_wait_s: float = Field(
+        30.0, gt=0, description="seconds before an unacked job is redelivered"
+    )
+    max_deliver: int = Field(5, ge=1, description="deliveries of a job before it is dropped")
+    duplicate_window_s: float = Field(
+        120.0, gt=0, description="stream window that dedupes by Nats-Msg-Id"
+    )
+    models_bucket: str = Field(
+        "rst_models", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="object store bucket of models"
+    )
 
     # identity and local state
-    key_file: Path = Field(DEFAULT_HOME / "node.key")
+    key_file: Path = Field(
+        DEFAULT_HOME / "node.key", description="node key file (Ed25519 seed, mode 0600)"
+    )
     cache_dir: Path = Field(DEFAULT_HOME / "cache", description="verified model cache")
     state_dir: Path = Field(DEFAULT_HOME / "state", description="last accepted snapshot")
 
     # serving
     model: str | None = Field(None, pattern=MODEL_ID_PATTERN, description="model id to serve")
-    max_in_flight: int = Field(256, ge=1)
-    batch_max_size: int = Field(32, ge=1)
-    batch_max_wait_ms: float = Field(2.0, ge=0)
-    max_job_bytes: int = Field(1 << 20, ge=1024)
-    shutdown_grace_s: float = Field(20.0, ge=0)
-    heartbeat_interval_s: float = Field(5.0, gt=0)
-    validation_interval_s: float = Field(3600.0, gt=0)
-    metrics_port: int | None = Field(None, ge=0, le=65535)
-    metrics_host: str = "127.0.0.1"
+    max_in_flight: int = Field(256, ge=1, description="jobs fetched but not yet acked, at most")
+    batch_max_size: int = Field(32, ge=1, description="jobs per runtime batch, at most")
+    batch_max_wait_ms: float = Field(
+        2.0, ge=0, description="how long a batch waits to fill before it is sent"
+    )
+    max_job_bytes: int = Field(1 << 20, ge=1024, description="largest job message accepted")
+    shutdown_grace_s: float = Field(
+        20.0, ge=0, description="time to finish jobs in flight on shutdown"
+    )
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="seconds between heartbeats")
+    validation_interval_s: float = Field(
+        3600.0, gt=0, description="seconds between reruns of validation vectors"
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="port of the metrics endpoint; unset: off"
+    )
+    metrics_host: str = Field("127.0.0.1", description="address the metrics endpoint binds")
 
     # runtime
-    runtime_backend: Literal["docker", "process"] = "docker"
+    runtime_backend: Literal["docker", "process"] = Field(
+        "docker", description="run the runtime in a container, or as a local process (dev)"
+    )
     gpus: bool = Field(False, description="pass all GPUs to the runtime container")
     runtime_memory: str = Field("8g", description="memory limit of the runtime container")
-    runtime_pids: int = Field(512, ge=16)
-    runtime_shm: str = "512m"
-    runtime_user: str = "65534:65534"
-    runtime_ready_timeout_s: float = Field(300.0, gt=0)
-    batch_timeout_s: float = Field(120.0, gt=0)
-    ping_interval_s: float = Field(10.0, gt=0)
-    ping_timeout_s: float = Field(10.0, gt=0)
+    runtime_pids: int = Field(512, ge=16, description="process limit of the runtime container")
+    runtime_shm: str = Field("512m", description="shared memory size of the runtime container")
+    runtime_user: str = Field("65534:65534", description="uid:gid the runtime runs as")
+    runtime_ready_timeout_s: float = Field(
+        300.0, gt=0, description="how long the runtime may take to send `ready`"
+    )
+    batch_timeout_s: float = Field(
+        120.0, gt=0, description="how long the runtime may take to answer a batch"
+    )
+    ping_interval_s: float = Field(10.0, gt=0, description="seconds between runtime pings")
+    ping_timeout_s: float = Field(10.0, gt=0, description="how long a ping may go unanswered")
     runtime_stop_timeout_s: float = Field(
         5.0, ge=0, description="how long a runtime may take to exit after `shutdown`"
     )
