@@ -104,6 +104,8 @@ def create_kwargs(
         "tty": False,
         "network_mode": "none",
         "network_disabled": True,
+        "cgroupns": "private",
+        "ipc_mode": "private",
         "read_only": True,
         "tmpfs": {"/tmp": TMPFS_OPTIONS},
         "shm_size": settings.runtime_shm,
@@ -271,10 +273,12 @@ class DockerBackend:
     @staticmethod
     def _attach_blocking(container: Any) -> socket.socket:
         raw = container.attach_socket(params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
-        # Own a duplicate of the descriptor so the event loop drives it and the SDK's
-        # wrapper (and the HTTP response behind it) can go.
-        sock = socket.socket(fileno=os.dup(raw.fileno()))
+        # Own a duplicate of the descriptor, driven by the event loop, and close the SDK's
+        # socket (a `SocketIO` over it, on a unix socket) so nothing else reads from it.
+        inner = getattr(raw, "_sock", raw)
+        sock = socket.socket(fileno=os.dup(inner.fileno()))
         raw.close()
+        inner.close()
         sock.setblocking(False)
         return sock
 

@@ -1,0 +1,39 @@
+"""A broken runtime for the supervisor tests, for what the echo engine cannot inject.
+
+RST_FAKE_MODE=fatal     say `ready`, then answer the first batch with a `fatal` frame, exit 1
+RST_FAKE_MODE=badproto  say `ready` with a frame protocol version nobody speaks
+Runs with msgpack and `schemas.frames` only, inside the test image or as a local process.
+"""
+
+import os
+import sys
+
+from schemas import frames
+from schemas.frames import TO_RUNTIME, FrameDecoder
+
+
+def main() -> int:
+    mode = os.environ.get("RST_FAKE_MODE", "fatal")
+    out = os.dup(1)
+    os.dup2(2, 1)
+    ready = frames.ready(engine="fake", engine_version="0", model_sha256="", device="cpu")
+    ready["model_sha256"] = os.environ.get("RESULTITY_MODEL_SHA256", "")
+    if mode == "badproto":
+        ready["proto"] = 99
+    os.write(out, frames.pack(ready))
+    decoder = FrameDecoder(TO_RUNTIME)
+    while data := os.read(0, 65536):
+        for frame in decoder.feed(data):
+            if frame["t"] == "ping":
+                os.write(out, frames.pack(frames.pong(frame["id"])))
+            elif frame["t"] == "shutdown":
+                return 0
+            elif frame["t"] == "batch":
+                sys.stderr.write("fake runtime: giving up on this batch\n")
+                os.write(out, frames.pack(frames.fatal("fake engine lost its mind")))
+                return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

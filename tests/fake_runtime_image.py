@@ -1,0 +1,76 @@
+"""The runtime test image: the real `containers.runtime` (echo engine) plus
+`tests/fake_runtime.py`, on a Debian base made with mmdebstrap (no registry needed).
+
+Tagged by a hash of its sources, so it is built once per change of the runtime code.
+"""
+
+import hashlib
+import io
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = "rst-test-base:latest"
+SOURCES = [
+    "schemas/__init__.py",
+    "schemas/frames.py",
+    "tests/fake_runtime.py",
+    *sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "containers").rglob("*.py")
+        if "__pycache__" not in p.parts
+    ),
+]
+DOCKERFILE = f"""\
+FROM {BASE}
+COPY app /app
+ENV PYTHONPATH=/app
+CMD ["python3", "-m", "containers.runtime"]
+"""
+FAKE_COMMAND = ["python3", "/app/tests/fake_runtime.py"]
+
+
+def ensure_base(client: Any) -> None:
+    try:
+        client.images.get(BASE)
+        return
+    except Exception:
+        pass
+    debootstrap = subprocess.Popen(
+        [
+            "mmdebstrap",
+            "--variant=essential",
+            "--include=python3-minimal,python3-msgpack",
+            "bookworm",
+            "-",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    subprocess.run(["docker", "import", "-", BASE], stdin=debootstrap.stdout, check=True)
+    if debootstrap.wait() != 0:
+        raise RuntimeError("mmdebstrap failed")
+
+
+def ensure_test_image(client: Any) -> str:
+    ensure_base(client)
+    digest = hashlib.sha256(DOCKERFILE.encode())
+    for rel in SOURCES:
+        digest.update(rel.encode() + b"\0" + (ROOT / rel).read_bytes())
+    tag = f"rst-test-runtime:{digest.hexdigest()[:16]}"
+    try:
+        return str(client.images.get(tag).id)
+    except Exception:
+        pass
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(DOCKERFILE)
+        tar.addfile(info, io.BytesIO(DOCKERFILE.encode()))
+        for rel in SOURCES:
+            tar.add(str(ROOT / rel), arcname=f"app/{rel}")
+    context.seek(0)
+    image, _ = client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
+    return str(image.id)
