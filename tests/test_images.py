@@ -1,0 +1,106 @@
+"""Runtime images: the echo image builds on a base made here, is cached by its build key,
+and runs the runtime process exactly as the host does."""
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas import frames
+from worker import images
+from worker.cli import main
+
+pytestmark = pytest.mark.docker
+
+
+def test_build_key_covers_base_and_recipe(tmp_path: Path) -> None:
+    recipe = images.recipes()["echo"]
+    one = images.build_key(recipe, "sha256:aa", tmp_path)
+    assert one == images.build_key(recipe, "sha256:aa", tmp_path)
+    assert one != images.build_key(recipe, "sha256:bb", tmp_path)
+    (tmp_path / "extra-1.0-py3-none-any.whl").write_bytes(b"x")
+    assert one != images.build_key(recipe, "sha256:aa", tmp_path)
+    other = images.recipes()["vllm-cpu"]
+    assert one != images.build_key(other, "sha256:aa", tmp_path)
+
+
+def test_unknown_engine_is_refused() -> None:
+    with pytest.raises(images.ImageBuildError, match="unknown engine"):
+        images.ensure_image("nope")
+
+
+def test_echo_image_is_built_once_then_cached(
+    docker_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image_id = images.ensure_image("echo", client=docker_client)
+    assert image_id.startswith("sha256:")
+
+    def no_rebuild(**kwargs: Any) -> None:
+        raise AssertionError("ensure_image rebuilt an unchanged image")
+
+    monkeypatch.setattr(docker_client.api, "build", no_rebuild)
+    assert images.ensure_image("echo", client=docker_client) == image_id
+
+    config = docker_client.images.get(image_id).attrs["Config"]
+    assert config["User"] == "65534:65534"
+    assert config["Entrypoint"] == ["python3", "-m", "containers.runtime"]
+    assert images.BUILD_KEY_LABEL in config["Labels"]
+
+
+async def test_ensure_image_async_returns_the_same_id(docker_client: Any) -> None:
+    assert await images.ensure_image_async("echo", client=docker_client) == images.ensure_image(
+        "echo", client=docker_client
+    )
+
+
+def test_cli_prints_engine_tab_image_id(
+    docker_client: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["images", "build", "--engine", "echo"]) == 0
+    out = capsys.readouterr().out
+    engine, image_id = out.rstrip("\n").split("\t")
+    assert engine == "echo"
+    assert image_id == images.ensure_image("echo", client=docker_client)
+
+
+def test_echo_image_answers_like_the_host(docker_client: Any, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"\x01\x02" * 1000)
+    image_id = images.ensure_image("echo", client=docker_client)
+    stream = b"".join(
+        frames.pack(f)
+        for f in (
+            frames.batch(1, [{"job_id": "a", "prompt": "hi", "params": {"seed": 5}}]),
+            frames.ping(2),
+            frames.shutdown(),
+        )
+    )
+    hardened = ["--network", "none", "--read-only", "--cap-drop", "ALL"]
+    hardened += ["--security-opt", "no-new-privileges", "--tmpfs", "/tmp"]
+    in_container = subprocess.run(
+        ["docker", "run", "--rm", "-i", *hardened, "-v", f"{model}:/model:ro", image_id],
+        input=stream,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    on_host = subprocess.run(
+        [sys.executable, "-m", "containers.runtime"],
+        input=stream,
+        capture_output=True,
+        timeout=60,
+        check=True,
+        cwd=images.REPO_ROOT,
+        env={"RESULTITY_MODEL_DIR": str(model), "PATH": "/usr/local/bin:/usr/bin:/bin"},
+    )
+    container_frames = _frames(in_container.stdout)
+    assert [f["t"] for f in container_frames] == ["ready", "result", "pong"]
+    assert container_frames == _frames(on_host.stdout)
+
+
+def _frames(data: bytes) -> list[frames.Frame]:
+    decoder = frames.FrameDecoder(frames.TO_AGENT)
+    return decoder.feed(data)
