@@ -240,11 +240,11 @@ class DockerBackend:
             extra_env=self._extra_env,
         )
         container: Any = None
-        sock: socket.socket | None = None
+        attached: list[socket.socket] = []  # filled in the thread: survives a cancellation
         try:
             container = await call_blocking(self._create_blocking, client, kwargs)
             check_isolation(container.attrs, self._settings)
-            sock = await call_blocking(self._attach_blocking, container)
+            await call_blocking(self._attach_blocking, container, attached)
             await call_blocking(container.start)
             log.info(
                 "runtime_container_started container=%s image=%s engine=%s",
@@ -252,10 +252,10 @@ class DockerBackend:
                 spec.image,
                 spec.engine,
             )
-            reader, writer = await asyncio.open_unix_connection(sock=sock)
+            reader, writer = await asyncio.open_unix_connection(sock=attached.pop())
             return ContainerHandle(client, container.id, reader, writer, self._settings)
         except BaseException as exc:
-            if sock is not None:
+            for sock in attached:
                 sock.close()
             await finish_uncancellable(
                 call_blocking(remove_container, client, container.id if container else name)
@@ -271,7 +271,7 @@ class DockerBackend:
         return container
 
     @staticmethod
-    def _attach_blocking(container: Any) -> socket.socket:
+    def _attach_blocking(container: Any, attached: list[socket.socket]) -> None:
         raw = container.attach_socket(params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
         # Own a duplicate of the descriptor, driven by the event loop, and close the SDK's
         # socket (a `SocketIO` over it, on a unix socket) so nothing else reads from it.
@@ -280,7 +280,7 @@ class DockerBackend:
         raw.close()
         inner.close()
         sock.setblocking(False)
-        return sock
+        attached.append(sock)
 
     async def aclose(self) -> None:
         if self._owns_client and self._client is not None:
@@ -382,10 +382,12 @@ class ContainerHandle:
                         await call_blocking(self._wait_blocking, grace_s)
                 except (TimeoutError, RuntimeEnded):
                     pass
-            await call_blocking(remove_container, self._client, self._id)
-            log.info("runtime_container_removed container=%s", self._id[:12])
         finally:
-            self._writer.close()
+            try:
+                await finish_uncancellable(call_blocking(remove_container, self._client, self._id))
+                log.info("runtime_container_removed container=%s", self._id[:12])
+            finally:
+                self._writer.close()
 
     def _wait_blocking(self, timeout_s: float) -> None:
         try:

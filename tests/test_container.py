@@ -1,0 +1,239 @@
+"""The Docker backend: hardening seen from inside the container, fail-closed inspection,
+leftover removal, and no container left behind when cancelled at any await point."""
+
+import asyncio
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import worker.container
+from tests.fake_runtime_image import ensure_test_image
+from tests.test_supervisor_protocol import MODEL_SHA, NODE_ID, make_settings
+from worker.container import LABEL_NODE, LABEL_ROLE, ROLE_RUNTIME, DockerBackend, StreamDemux
+from worker.errors import IsolationError, RuntimeBroken
+from worker.runtime import Completion, LaunchSpec, WorkItem
+from worker.supervisor import Supervisor
+from worker.transport import call_blocking
+
+pytestmark = pytest.mark.docker
+
+PROBE = r"""
+import json, os
+caps = [l for l in open("/proc/self/status") if l.startswith("CapEff:")][0].split()[1]
+try:
+    open("/rootfs-write-test", "w").close(); root_writable = True
+except OSError:
+    root_writable = False
+try:
+    open("/model/x", "w").close(); model_writable = True
+except OSError:
+    model_writable = False
+env1 = open("/proc/1/environ", "rb").read().split(b"\0")
+print(json.dumps({
+    "interfaces": sorted(os.listdir("/sys/class/net")),
+    "cap_eff": int(caps, 16), "uid": os.getuid(), "gid": os.getgid(),
+    "root_writable": root_writable, "model_writable": model_writable,
+    "key_visible": os.path.exists(KEY),
+    "agent_env": sorted(e.decode().split("=")[0] for e in env1 if e.startswith(b"RESULTITY_")),
+}))
+"""
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.bin").write_bytes(b"m" * 1000)
+    (model / "model.bin").chmod(0o644)
+    model.chmod(0o755)
+    return model
+
+
+@pytest.fixture
+def spec(docker_client: Any, model_dir: Path) -> LaunchSpec:
+    return LaunchSpec(
+        engine="echo",
+        image=ensure_test_image(docker_client),
+        model_dir=model_dir,
+        model_sha256=MODEL_SHA,
+        engine_args={},
+    )
+
+
+def ours(client: Any) -> list[Any]:
+    return list(client.containers.list(all=True, filters={"label": f"{LABEL_NODE}={NODE_ID}"}))
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(docker_client: Any) -> Any:
+    for container in ours(docker_client):
+        container.remove(force=True)
+    yield
+    assert ours(docker_client) == []
+
+
+async def test_isolation_seen_from_inside(
+    docker_client: Any, spec: LaunchSpec, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "node.key"
+    key_file.write_bytes(b"\0" * 32)
+    settings = make_settings(key_file=key_file, nats_url="nats://10.0.0.1:4222")
+    backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client)
+    async with Supervisor(settings, backend, spec) as sup:
+        ident = sup.stats().runtime_id
+        container = docker_client.containers.get(ident)
+        probe = PROBE.replace("KEY", repr(str(key_file)))
+        code, output = await asyncio.to_thread(container.exec_run, ["python3", "-c", probe])
+        assert code == 0, output
+        facts = json.loads(output)
+        assert facts["interfaces"] == ["lo"]
+        assert facts["cap_eff"] == 0
+        assert facts["uid"] != 0 and facts["gid"] != 0
+        assert not facts["root_writable"] and not facts["model_writable"]
+        assert not facts["key_visible"]
+        assert "RESULTITY_KEY_FILE" not in facts["agent_env"]
+        assert "RESULTITY_NATS_URL" not in facts["agent_env"]
+        assert facts["agent_env"] == sorted(
+            [
+                "RESULTITY_ENGINE",
+                "RESULTITY_ENGINE_ARGS",
+                "RESULTITY_MAX_FRAME_BYTES",
+                "RESULTITY_MODEL_DIR",
+                "RESULTITY_MODEL_SHA256",
+            ]
+        )
+        assert container.labels[LABEL_ROLE] == ROLE_RUNTIME
+        out = await sup.run([WorkItem(job_id="j", payload={"prompt": "hi"})])
+        assert isinstance(out[0], Completion)
+
+
+@pytest.mark.parametrize(
+    "weaken",
+    [
+        {"read_only": False},
+        {"cap_drop": None},
+        {"network_mode": "bridge", "network_disabled": False},
+        {"security_opt": None},
+        {"user": "0:0"},
+        {"privileged": True},
+        {"pids_limit": None},
+    ],
+    ids=lambda w: ",".join(w),
+)
+async def test_isolation_check_fails_closed(
+    docker_client: Any, spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch, weaken: dict[str, Any]
+) -> None:
+    original = worker.container.create_kwargs
+
+    def weakened(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        created = original(*args, **kwargs)
+        for key, value in weaken.items():
+            if value is None:
+                created.pop(key, None)
+            else:
+                created[key] = value
+        return created
+
+    monkeypatch.setattr(worker.container, "create_kwargs", weakened)
+    settings = make_settings()
+    backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client)
+    with pytest.raises(IsolationError, match="not isolated"):
+        async with Supervisor(settings, backend, spec):
+            pass
+
+
+async def test_leftovers_removed_at_start(docker_client: Any, spec: LaunchSpec) -> None:
+    stale = docker_client.containers.create(
+        spec.image, labels={LABEL_NODE: NODE_ID, LABEL_ROLE: ROLE_RUNTIME}, network_mode="none"
+    )
+    settings = make_settings()
+    backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client)
+    async with Supervisor(settings, backend, spec) as sup:
+        assert [c.id for c in ours(docker_client)] == [sup.stats().runtime_id]
+    assert stale.id not in [c.id for c in docker_client.containers.list(all=True)]
+
+
+async def test_cancel_at_each_docker_call(
+    docker_client: Any, spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancel the task entering the supervisor right at its n-th Docker call, for every n
+    until the supervisor opens without being cancelled."""
+    settings = make_settings()
+
+    async def open_cancelled_at(n: int) -> bool:
+        calls = 0
+        task: asyncio.Task[None] | None = None
+
+        async def cancelling(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == n and task is not None and asyncio.current_task() is task:
+                task.cancel()
+            return await call_blocking(fn, *args, **kwargs)
+
+        monkeypatch.setattr(worker.container, "call_blocking", cancelling)
+        backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client)
+
+        async def enter() -> None:
+            async with Supervisor(settings, backend, spec):
+                pass
+
+        task = asyncio.ensure_future(enter())
+        try:
+            await task
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    n = 1
+    while await open_cancelled_at(n):
+        assert ours(docker_client) == [], f"container left after cancel at call {n}"
+        n += 1
+    assert n > 3  # create, attach and start were all hit
+
+
+@pytest.mark.parametrize("phase", ["waiting_ready", "mid_batch", "idle"])
+async def test_cancel_outer_task_leaves_nothing(
+    docker_client: Any, spec: LaunchSpec, phase: str
+) -> None:
+    settings = make_settings(runtime_ready_timeout_s=30.0, batch_timeout_s=30.0)
+    env = {"RESULTITY_ECHO_FAULT": "noready"} if phase == "waiting_ready" else {}
+    backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client, extra_env=env)
+    if phase == "mid_batch":
+        spec = dataclasses.replace(spec, engine_args={"slow_ms": 20000})
+    started = asyncio.Event()
+
+    async def body() -> None:
+        async with Supervisor(settings, backend, spec) as sup:
+            started.set()
+            if phase == "mid_batch":
+                await sup.run([WorkItem(job_id="j", payload={"prompt": "slow"})])
+            await asyncio.sleep(60)
+
+    task = asyncio.ensure_future(body())
+    if phase == "waiting_ready":
+        while not ours(docker_client):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+    else:
+        await started.wait()
+        await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ours(docker_client) == []
+
+
+def test_stream_demux_splits_and_rejoins() -> None:
+    demux = StreamDemux()
+    data = b"\x01\0\0\0\0\0\0\x03abc" + b"\x02\0\0\0\0\0\0\x02e\n" + b"\x01\0\0\0\0\0\0\x04wxyz"
+    got = []
+    for i in range(0, len(data), 5):
+        got.extend(demux.feed(data[i : i + 5]))
+    assert got == [(1, b"abc"), (2, b"e\n"), (1, b"wxyz")]
+    assert demux.pending == 0
+    with pytest.raises(RuntimeBroken):
+        StreamDemux().feed(b"\x07\0\0\0\0\0\0\x01x")
