@@ -1,0 +1,68 @@
+"""The local process backend: not isolated, but it must still leave no process behind.
+(The protocol tests in test_supervisor_protocol.py run on it too.)"""
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.test_supervisor_protocol import MODEL_SHA, make_settings
+from worker.process import ProcessBackend
+from worker.runtime import LaunchSpec, WorkItem
+from worker.settings import Settings
+from worker.supervisor import Supervisor, create_backend
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def spec(tmp_path: Path, **engine_args: object) -> LaunchSpec:
+    return LaunchSpec("echo", "local", tmp_path, MODEL_SHA, dict(engine_args))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_factory_picks_backend() -> None:
+    assert create_backend(Settings(runtime_backend="process"), node_id="n").name == "process"
+    assert not create_backend(Settings(runtime_backend="process"), node_id="n").isolated
+    docker_backend = create_backend(Settings(runtime_backend="docker"), node_id="n")
+    assert docker_backend.name == "docker" and docker_backend.isolated
+
+
+@pytest.mark.parametrize("phase", ["waiting_ready", "mid_batch"])
+async def test_cancel_leaves_no_process(
+    tmp_path: Path, phase: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(runtime_ready_timeout_s=30.0, batch_timeout_s=30.0)
+    env = {"PYTHONPATH": str(ROOT)}
+    if phase == "waiting_ready":
+        env["RESULTITY_ECHO_FAULT"] = "noready"
+    backend = ProcessBackend(settings, extra_env=env)
+    pids: list[int] = []
+    launch = backend.launch
+
+    async def remembering(s: LaunchSpec) -> object:
+        handle = await launch(s)
+        pids.append(int(handle.ident[4:]))
+        return handle
+
+    monkeypatch.setattr(backend, "launch", remembering)
+
+    async def body() -> None:
+        async with Supervisor(settings, backend, spec(tmp_path, slow_ms=20000)) as sup:
+            await sup.run([WorkItem("j", {"prompt": "slow"})])
+
+    task = asyncio.ensure_future(body())
+    while not pids:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not alive(pids[0])
