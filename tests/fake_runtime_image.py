@@ -1,5 +1,6 @@
-"""The runtime test image: the real `containers.runtime` (echo engine) plus
-`tests/fake_runtime.py`, on a Debian base made with mmdebstrap (no registry needed).
+"""Runtime images for the Docker tests: the project's echo image (`worker.images`), and a
+test image with `tests/fake_runtime.py` (and a copy of `containers.runtime`) on a Debian
+base made with mmdebstrap (no registry needed).
 
 Tagged by a hash of its sources, so it is built once per change of the runtime code.
 """
@@ -54,7 +55,15 @@ def ensure_base(client: Any) -> None:
         raise RuntimeError("mmdebstrap failed")
 
 
+def echo_image(client: Any) -> str:
+    """The project's real echo runtime image (`worker.images`), built once and cached."""
+    from worker.images import ensure_image
+
+    return ensure_image("echo", client=client)
+
+
 def ensure_test_image(client: Any) -> str:
+    """This module's image, for `tests/fake_runtime.py` (FAKE_COMMAND)."""
     ensure_base(client)
     digest = hashlib.sha256(DOCKERFILE.encode())
     for rel in SOURCES:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import worker.container
-from tests.fake_runtime_image import ensure_test_image
+from tests.fake_runtime_image import echo_image
 from tests.test_supervisor_protocol import MODEL_SHA, NODE_ID, make_settings
 from worker.container import LABEL_NODE, LABEL_ROLE, ROLE_RUNTIME, DockerBackend, StreamDemux
 from worker.errors import IsolationError, RuntimeBroken
@@ -56,7 +56,7 @@ def model_dir(tmp_path: Path) -> Path:
 def spec(docker_client: Any, model_dir: Path) -> LaunchSpec:
     return LaunchSpec(
         engine="echo",
-        image=ensure_test_image(docker_client),
+        image=echo_image(docker_client),
         model_dir=model_dir,
         model_sha256=MODEL_SHA,
         engine_args={},

@@ -2,7 +2,9 @@
 `tests/fake_runtime.py`, through both backends: Docker containers and local processes."""
 
 import asyncio
+import dataclasses
 import os
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -11,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.fake_runtime_image import FAKE_COMMAND, ensure_test_image
+from tests.fake_runtime_image import FAKE_COMMAND, echo_image, ensure_test_image
 from worker.container import LABEL_NODE, DockerBackend
 from worker.errors import (
     ItemFailed,
@@ -30,7 +32,7 @@ from worker.supervisor import Supervisor, SupervisorState
 from worker.transport import Backend
 
 ROOT = Path(__file__).resolve().parent.parent
-NODE_ID = "ab" * 32
+NODE_ID = secrets.token_hex(32)  # per run: containers of other test runs are not ours
 MODEL_SHA = "cd" * 32
 FAKE_LOCAL = ["python3", str(ROOT / "tests" / "fake_runtime.py")]
 
@@ -70,7 +72,8 @@ class Harness:
         self.kind = kind
         self.model_dir = model_dir
         self.client = docker_client
-        self.image = ensure_test_image(docker_client) if docker_client else "local"
+        self.image = echo_image(docker_client) if docker_client else "local"
+        self.fake_image = ensure_test_image(docker_client) if docker_client else "local"
         self.pids: list[int] = []
 
     def spec(self, **engine_args: Any) -> LaunchSpec:
@@ -105,7 +108,10 @@ class Harness:
         self, *, fake: str | None = None, env: dict[str, str] | None = None, **settings: Any
     ) -> Supervisor:
         config = make_settings(**settings)
-        return Supervisor(config, self.backend(config, fake=fake, env=env), self.spec())
+        spec = self.spec()
+        if fake:
+            spec = dataclasses.replace(spec, image=self.fake_image)
+        return Supervisor(config, self.backend(config, fake=fake, env=env), spec)
 
     def remember(self, sup: Supervisor) -> None:
         ident = sup.stats().runtime_id
@@ -173,6 +179,7 @@ async def test_batch_round_trip(harness: Harness) -> None:
         assert [o.job_id for o in out if isinstance(o, Completion)] == ["job-0", "job-1", "job-2"]
         assert sup.facts.engine == "echo" and sup.facts.model_sha256 == MODEL_SHA
         assert sup.facts.image == harness.image
+        assert sup.facts.engine_version and sup.facts.device
         again = await sup.run(items("hello"))
         assert again[0] == out[0]
         stats = sup.stats()
