@@ -15,6 +15,7 @@ import asyncio
 import enum
 import logging
 import time
+from dataclasses import asdict
 from typing import Any
 
 import nats
@@ -22,7 +23,7 @@ from nats.aio.client import Client
 
 from schemas.event import ErrorCode, LifecycleKind
 from schemas.snapshot import ModelSpec, Snapshot
-from worker.errors import ModelInvalid, NodeError
+from worker.errors import ModelInvalid, NodeError, RuntimeFailure
 from worker.metrics import Metrics, MetricsServer
 from worker.pipeline import Pipeline, Serving
 from worker.provision import ensure_consumer, ensure_streams
@@ -51,7 +52,7 @@ class ValidatedRuntime:
         self._sup = supervisor
         self._spec = spec
         self._on_invalid = on_invalid
-        self._validated_restarts = supervisor.stats().get("restarts", 0)
+        self._validated_restarts = supervisor.stats().restarts
 
     @property
     def facts(self) -> RuntimeFacts:
@@ -59,15 +60,15 @@ class ValidatedRuntime:
         return facts
 
     async def run(self, items: list[WorkItem]) -> list[ItemOutcome]:
-        restarts = self._sup.stats().get("restarts", 0)
+        restarts = self._sup.stats().restarts
         if restarts != self._validated_restarts:
             from worker.validation import validate_model
 
             try:
                 await validate_model(self._sup, self._spec)
             except ModelInvalid as exc:
-                await self._on_invalid(exc)
-                return [exc for _ in items]
+                self._on_invalid(exc)
+                return [RuntimeFailure(f"handed back: {exc}") for _ in items]
             self._validated_restarts = restarts
         outcomes: list[ItemOutcome] = await self._sup.run(items)
         return outcomes
@@ -93,6 +94,9 @@ class Agent:
         self._store: Any = None
         self._apply_lock = asyncio.Lock()
         self.force = asyncio.Event()
+        # Failures found inside the pipeline's own tasks; handled by `_trouble_loop`, since
+        # the pipeline cannot drain itself from within.
+        self._troubles: asyncio.Queue[ModelInvalid] = asyncio.Queue()
 
     # lifecycle
 
@@ -113,11 +117,8 @@ class Agent:
         if self.settings.provision:
             await ensure_streams(js, self.settings)
         from worker.modelstore import ModelStore
-        from worker.supervisor import Supervisor
 
-        self._store = ModelStore(self.settings, js)
-        self._supervisor = Supervisor(self.settings, node_id=self.key.node_id)
-        await self._supervisor.__aenter__()
+        self._store = ModelStore(self.settings.cache_dir, js=js)
         await self._publisher.try_lifecycle(LifecycleKind.STARTED, version=_version())
         log.info("agent_started node_id=%s", self.key.node_id)
         return self
@@ -158,67 +159,66 @@ class Agent:
 
         assert self._nc is not None
         self.state = AgentState.WAITING_CONFIG
-        async with asyncio.TaskGroup() as tg:
-            watcher = ConfigWatcher(
-                self._nc.jetstream(), self.settings, on_rejected=self._config_rejected
-            )
-            tg.create_task(self._follow(watcher), name="config")
+        watcher = ConfigWatcher(
+            self._nc, self.settings, apply=self._apply_accepted, on_rejected=self._report_rejected
+        )
+        async with watcher, asyncio.TaskGroup() as tg:
             tg.create_task(self._heartbeat_loop(), name="heartbeat")
             tg.create_task(self._validation_loop(), name="validation")
+            tg.create_task(self._trouble_loop(), name="troubles")
             tg.create_task(self._status_service(stop), name="status")
             if self.settings.metrics_port is not None:
                 tg.create_task(self._metrics_server(stop), name="metrics")
             await stop.wait()
             raise _Stop
 
-    async def _follow(self, watcher: Any) -> None:
-        async with watcher:
-            async for snapshot in watcher:
-                await watcher.commit(snapshot, await self.apply(snapshot))
-
     # config
 
-    async def apply(self, snapshot: Snapshot) -> bool:
+    async def _apply_accepted(self, accepted: Any) -> None:
+        await self.apply(accepted.snapshot)
+
+    async def apply(self, snapshot: Snapshot) -> None:
         """Fetch and verify first, then switch the runtime, validate, then consume.
 
-        Returns whether the snapshot is now in force. Until every step before the switch
-        succeeds the node keeps serving what it served."""
+        Raising leaves the previous snapshot in force (the watcher retries it later); until
+        the fetch and checks succeed the node keeps serving what it served. A model that
+        fails validation is out of service under the new snapshot: that does not raise."""
         async with self._apply_lock:
             assert self._publisher is not None
             spec = snapshot.model(self.settings.model)
             if spec is None:
                 await self._config_rejected(
                     f"snapshot {snapshot.version} does not approve model {self.settings.model!r}"
-                    " (RESULTITY_MODEL); this node keeps serving nothing for it"
+                    " (RESULTITY_MODEL); this node serves nothing until one does"
                 )
                 await self._take_out_of_service("model not approved")
-                self.snapshot = snapshot
-                return True
+                self.snapshot, self.model = snapshot, None
+                return
             try:
-                model_dir = await self._store.fetch(spec)
-                from worker.config import check_image
-
-                await check_image(snapshot.runtime.image)
+                await self._store.fetch(spec)
+                await self._check_image(snapshot.runtime.image)
             except NodeError as exc:
                 await self._publish_error(exc, retryable=exc.retryable)
-                return False
+                raise
             old_snapshot, self.snapshot = self.snapshot, snapshot
             await self._stop_pipeline(self.settings.shutdown_grace_s)
-            for removed in await self._store.prune(snapshot):
+            approved = [m.sha256 for m in snapshot.models]
+            for removed in await self._store.prune(approved):
                 await self._publisher.try_lifecycle(LifecycleKind.MODEL_REMOVED, sha256=removed)
-            launch = LaunchSpec(
-                engine=snapshot.runtime.engine,
-                image=snapshot.runtime.image,
-                model_dir=model_dir,
-                model_sha256=spec.sha256,
-                engine_args=dict(snapshot.runtime.engine_args),
-            )
             try:
-                await self._supervisor.replace(launch)
+                model_dir = await self._store.prepare(spec)
+                launch = LaunchSpec(
+                    engine=snapshot.runtime.engine,
+                    image=snapshot.runtime.image,
+                    model_dir=model_dir,
+                    model_sha256=spec.sha256,
+                    engine_args=dict(snapshot.runtime.engine_args),
+                )
+                await self._launch(launch)
             except NodeError as exc:
                 await self._publish_error(exc, retryable=True)
                 await self._take_out_of_service(str(exc))
-                return True
+                raise
             kind = LifecycleKind.RUNTIME_REPLACED if old_snapshot else LifecycleKind.RUNTIME_STARTED
             await self._publisher.try_lifecycle(kind, image=launch.image, engine=launch.engine)
             await self._publisher.try_lifecycle(
@@ -226,12 +226,30 @@ class Agent:
             )
             self.model = spec
             if not await self._validate():
-                return True
+                return
             await self._publisher.try_lifecycle(
                 LifecycleKind.MODEL_READY, id=spec.id, version=spec.version, sha256=spec.sha256
             )
             await self._start_pipeline(snapshot, spec)
-            return True
+
+    async def _launch(self, launch: LaunchSpec) -> None:
+        """Start the one runtime, or replace it; the supervisor removes the old container."""
+        from worker.supervisor import Supervisor, create_backend
+
+        if self._supervisor is None:
+            backend = create_backend(self.settings, node_id=self.key.node_id)
+            supervisor = Supervisor(self.settings, backend, launch)
+            await supervisor.__aenter__()
+            self._supervisor = supervisor
+        else:
+            await self._supervisor.replace(launch)
+
+    async def _check_image(self, image: str) -> None:
+        if self.settings.runtime_backend != "docker":
+            return
+        from worker.imagepin import ensure_pinned
+
+        await ensure_pinned(image)
 
     async def _validate(self) -> bool:
         from worker.validation import validate_model
@@ -267,7 +285,7 @@ class Agent:
         serving = Serving(
             spec.id, spec.version, spec.sha256, snapshot.runtime.image, snapshot.version
         )
-        runtime: Runtime = ValidatedRuntime(self._supervisor, spec, self._model_invalid)
+        runtime: Runtime = ValidatedRuntime(self._supervisor, spec, self._troubles.put_nowait)
         self.pipeline = Pipeline(
             self._nc, self.settings, self._publisher, runtime, serving, self.metrics
         )
@@ -280,6 +298,9 @@ class Agent:
         if pipeline is not None:
             await pipeline.drain(grace_s, abort=self.force)
             self.completed_before += pipeline.completed
+
+    async def _report_rejected(self, exc: NodeError) -> None:
+        await self._config_rejected(str(exc))
 
     async def _config_rejected(self, reason: str) -> None:
         assert self._publisher is not None
@@ -314,6 +335,13 @@ class Agent:
                 async with self._apply_lock:
                     await self._validate()
 
+    async def _trouble_loop(self) -> None:
+        while True:
+            exc = await self._troubles.get()
+            async with self._apply_lock:
+                if self.state is AgentState.SERVING:
+                    await self._model_invalid(exc)
+
     async def _status_service(self, stop: asyncio.Event) -> None:
         import msgpack
         from nats.micro import add_service
@@ -344,7 +372,7 @@ class Agent:
             await stop.wait()
 
     def status(self) -> dict[str, Any]:
-        sup = self._supervisor.stats() if self._supervisor is not None else {}
+        sup = asdict(self._supervisor.stats()) if self._supervisor is not None else {}
         pipeline = self.pipeline
         return {
             "node_id": self.key.node_id,
