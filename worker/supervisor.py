@@ -498,10 +498,15 @@ class Supervisor:
 
 
 def _fail_each(items: Sequence[WorkItem], exc: NodeError) -> list[ItemOutcome]:
-    """A fresh error per item, of the same class, caused by `exc`."""
+    """A fresh error per item, of the same class, caused by `exc`. A runtime that cannot
+    start for a reason that is final for the node (`IsolationError`) is not the job's
+    fault: its jobs get a retryable `RuntimeStartError`."""
+    cls = type(exc)
+    if isinstance(exc, RuntimeFailure) and not exc.retryable:
+        cls = RuntimeStartError
     outcomes: list[ItemOutcome] = []
     for item in items:
-        err = type(exc)(f"job {item.job_id}: {exc}")
+        err = cls(f"job {item.job_id}: {exc}")
         err.__cause__ = exc
         outcomes.append(err)
     return outcomes
