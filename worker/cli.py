@@ -151,10 +151,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
             f"no result within {args.timeout:.0f}s; is a node serving the model? "
             "check 'resultity-node status'"
         ) from exc
-    r = outcome.result
     if args.json:
-        print(json.dumps(r.model_dump(mode="json"), indent=2))
-        return 0
+        print(json.dumps(outcome.result.model_dump(mode="json"), indent=2))
+    else:
+        print_outcome(outcome)
+    return 0
+
+
+def print_outcome(outcome: Any) -> None:
+    r = outcome.result
     print(r.output.text)
     print(
         f"  job        {r.job_id}  ({r.output.finish_reason}, {r.usage.completion_tokens} tokens)"
@@ -162,11 +167,29 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"  token_ids  {r.output.token_ids}")
     print(f"  signed by  node {r.node_id}  (Ed25519 signature verified)")
     print(f"  model      {r.model.id} v{r.model.version}  sha256 {r.model.sha256}")
-    print(
-        f"  runtime    {r.runtime.engine} {r.runtime.engine_version} on {r.runtime.device}"
-        f"  image {r.runtime.image}"
-    )
+    print(f"  runtime    {r.runtime.engine} {r.runtime.engine_version} on {r.runtime.device}")
+    print(f"  image      {r.runtime.image}")
     print(f"  input      sha256 {r.input_sha256}  (matches the bytes sent)")
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from worker.devnet import DevPlan, choose, run_dev
+
+    engine, backend = choose(args.engine, args.backend)
+    plan = DevPlan(Path(args.home).expanduser(), args.port, engine, backend, args.prompt)
+
+    def show(outcome: Any) -> None:
+        print("\n=== verified signed result ===", flush=True)
+        print_outcome(outcome)
+        if not args.once:
+            print(
+                '\nthe node keeps serving; try: resultity-node submit "Hello"  (Ctrl-C stops)',
+                flush=True,
+            )
+
+    asyncio.run(run_dev(plan, on_result=show, serve_forever=not args.once))
     return 0
 
 

@@ -56,7 +56,7 @@ class PipelineState(enum.Enum):
 
 
 def nak_delay(attempt: int) -> float:
-    return min(NAK_MAX_DELAY_S, NAK_BASE_DELAY_S * 2 ** (attempt - 1))
+    return min(NAK_MAX_DELAY_S, NAK_BASE_DELAY_S * 2.0 ** (attempt - 1))
 
 
 class Pipeline:
