@@ -192,11 +192,14 @@ class Pipeline:
     # batching
 
     async def _batch_loop(self) -> None:
+        """Run what is queued as one batch, at once: while the runtime works on a batch the
+        next one forms by itself, so low load gets no added wait and high load gets full
+        batches. `batch_max_wait_ms` can add a linger for a fuller batch."""
         max_size = self._settings.batch_max_size
-        max_wait = self._settings.batch_max_wait_ms / 1000
+        linger = self._settings.batch_max_wait_ms / 1000
         while True:
             batch = [await self._queue.get()]
-            until = time.monotonic() + max_wait
+            until = time.monotonic() + linger
             while len(batch) < max_size:
                 if not self._queue.empty():
                     batch.append(self._queue.get_nowait())
@@ -205,7 +208,8 @@ class Pipeline:
                 if left <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), left))
+                    async with asyncio.timeout(left):
+                        batch.append(await self._queue.get())
                 except TimeoutError:
                     break
             await self._run_batch(batch)

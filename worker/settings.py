@@ -55,7 +55,10 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(256, ge=1, description="jobs fetched but not yet acked, at most")
     batch_max_size: int = Field(32, ge=1, description="jobs per runtime batch, at most")
     batch_max_wait_ms: float = Field(
-        2.0, ge=0, description="how long a batch waits to fill before it is sent"
+        0.0,
+        ge=0,
+        description="extra linger for a fuller batch; 0 sends at once (batches still form "
+        "while the runtime is busy)",
     )
     max_job_bytes: int = Field(1 << 20, ge=1024, description="largest job message accepted")
     shutdown_grace_s: float = Field(
