@@ -40,8 +40,12 @@ async def publish_jobs(nc: Client, subject: str, n: int, prefix: str, window: in
         async with sem:
             job_id = f"{prefix}-{i}"
             data = msgpack.packb(
-                {"job_id": job_id, "model_id": subject.rsplit(".", 1)[-1], "prompt": f"bench {i}",
-                 "params": {"max_tokens": 8}}
+                {
+                    "job_id": job_id,
+                    "model_id": subject.rsplit(".", 1)[-1],
+                    "prompt": f"bench {i}",
+                    "params": {"max_tokens": 8},
+                }
             )
             await js.publish(subject, data, headers={"Nats-Msg-Id": job_id})
 
