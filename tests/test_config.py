@@ -1,0 +1,226 @@
+"""Config snapshots against a real nats-server: accept, reject, persist, resume, reconnect."""
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from nats.aio.client import Client
+
+from worker.config import (
+    SAVED_NAME,
+    AcceptedSnapshot,
+    ConfigWatcher,
+    check_snapshot,
+    publish_snapshot,
+)
+from worker.errors import ConfigRejected
+from worker.natsd import NatsServer
+from worker.settings import Settings
+from worker.signing import NodeKey
+
+pytestmark = pytest.mark.nats
+
+AUTHORITY = NodeKey.generate()
+BUCKET = "rst_config"
+
+
+def body(version: int, **over: Any) -> dict[str, Any]:
+    value: dict[str, Any] = {
+        "version": version,
+        "issued_at": time.time(),
+        "runtime": {"name": "echo", "image": "sha256:" + "a" * 64, "engine": "echo"},
+        "models": [
+            {
+                "id": "m1",
+                "version": "1",
+                "sha256": "b" * 64,
+                "size": 10,
+                "source": "nats-object://rst_models/m1",
+            }
+        ],
+    }
+    value.update(over)
+    return value
+
+
+def signed(version: int, key: NodeKey = AUTHORITY, **over: Any) -> bytes:
+    return key.sign("config", body(version, **over))
+
+
+class Recorder:
+    def __init__(self, fail_times: int = 0) -> None:
+        self.applied: list[AcceptedSnapshot] = []
+        self.rejected: list[str] = []
+        self.fail_times = fail_times
+        self.changed = asyncio.Event()
+
+    async def apply(self, accepted: AcceptedSnapshot) -> None:
+        if self.fail_times:
+            self.fail_times -= 1
+            self.changed.set()
+            raise RuntimeError("model fetch failed")
+        self.applied.append(accepted)
+        self.changed.set()
+
+    async def on_rejected(self, exc: ConfigRejected) -> None:
+        self.rejected.append(str(exc))
+        self.changed.set()
+
+    async def until(self, check: Callable[[], bool], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not check():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, nats_server: NatsServer) -> Settings:
+    return Settings(
+        nats_url=nats_server.url,
+        authority_keys=(AUTHORITY.node_id,),
+        state_dir=tmp_path / "state",
+        cache_dir=tmp_path / "cache",
+    )
+
+
+def watcher(nc: Client, settings: Settings, rec: Recorder, resync: float = 30.0) -> ConfigWatcher:
+    return ConfigWatcher(
+        nc, settings, apply=rec.apply, on_rejected=rec.on_rejected, resync_interval_s=resync
+    )
+
+
+async def test_current_value_and_updates_are_applied_and_saved(
+    nc: Client, settings: Settings
+) -> None:
+    await publish_snapshot(nc, BUCKET, signed(1))
+    rec = Recorder()
+    async with watcher(nc, settings, rec) as config:
+        first = await asyncio.wait_for(config.wait_current(), 10)
+        assert first.version == 1 and first.origin == "network"
+        assert first.signer == AUTHORITY.node_id
+        env2 = signed(2)
+        await publish_snapshot(nc, BUCKET, env2)
+        second = await asyncio.wait_for(config.wait_current(newer_than=1), 10)
+        assert second.version == 2
+        assert (settings.state_dir / SAVED_NAME).read_bytes() == env2
+    assert [a.version for a in rec.applied] == [1, 2]
+    assert rec.rejected == []
+    await config.aclose()  # twice is fine
+
+
+def forged(version: int) -> bytes:
+    env = msgpack.unpackb(signed(version))
+    env["sig"] = bytes([env["sig"][0] ^ 1]) + env["sig"][1:]
+    return bytes(msgpack.packb(env, use_bin_type=True))
+
+
+BAD: dict[str, tuple[Callable[[], bytes], str]] = {
+    "forged signature": (lambda: forged(5), "signature does not verify"),
+    "unknown key": (lambda: signed(5, key=NodeKey.generate()), "not a trusted authority"),
+    "older version": (lambda: signed(1), "version 1 is not newer than version 2"),
+    "equal version": (lambda: signed(2, issued_at=1.0), "version 2 is not newer"),
+    "invalid body": (lambda: signed(5, models=[]), "invalid body"),
+    "unpinned image": (
+        lambda: signed(5, runtime={"name": "x", "image": "x:latest", "engine": "echo"}),
+        "pinned",
+    ),
+    "truncated envelope": (lambda: signed(5)[:-7], "not a valid envelope"),
+    "wrong type": (lambda: AUTHORITY.sign("event", body(5)), "expected a config envelope"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+async def test_bad_snapshot_is_rejected_and_changes_nothing(
+    nc: Client, settings: Settings, case: str
+) -> None:
+    make, reason = BAD[case]
+    env2 = signed(2)
+    await publish_snapshot(nc, BUCKET, env2)
+    rec = Recorder()
+    async with watcher(nc, settings, rec) as config:
+        await asyncio.wait_for(config.wait_current(), 10)
+        await publish_snapshot(nc, BUCKET, make())
+        await rec.until(lambda: bool(rec.rejected))
+        assert reason in rec.rejected[0]
+        assert config.version == 2 and config.current is not None
+        assert config.current.envelope == env2
+        assert (settings.state_dir / SAVED_NAME).read_bytes() == env2
+        assert [a.version for a in rec.applied] == [2]
+        # A good newer snapshot is still accepted afterwards.
+        await publish_snapshot(nc, BUCKET, signed(6))
+        assert (await asyncio.wait_for(config.wait_current(newer_than=2), 10)).version == 6
+    assert len(rec.rejected) == 1
+
+
+async def test_restart_resumes_from_saved_snapshot_without_network(
+    nc: Client, settings: Settings
+) -> None:
+    env = signed(3)
+    await publish_snapshot(nc, BUCKET, env)
+    async with watcher(nc, settings, Recorder()) as config:
+        await asyncio.wait_for(config.wait_current(), 10)
+    await nc.jetstream().delete_key_value(BUCKET)  # the network does not resend anything
+    rec = Recorder()
+    async with watcher(nc, settings, rec) as config:
+        resumed = await asyncio.wait_for(config.wait_current(), 10)
+        assert resumed.version == 3 and resumed.origin == "disk"
+        assert resumed.envelope == env
+    assert rec.rejected == []
+
+
+async def test_tampered_saved_snapshot_is_refused_at_load(nc: Client, settings: Settings) -> None:
+    settings.state_dir.mkdir(parents=True)
+    env = bytearray(signed(4))
+    env[-40] ^= 0xFF  # inside the signature or body: either way it must not verify
+    (settings.state_dir / SAVED_NAME).write_bytes(bytes(env))
+    rec = Recorder()
+    async with watcher(nc, settings, rec) as config:
+        await rec.until(lambda: bool(rec.rejected))
+        assert "saved" in rec.rejected[0]
+        assert config.current is None
+        assert rec.applied == []
+    assert not (settings.state_dir / SAVED_NAME).exists()
+    assert (settings.state_dir / (SAVED_NAME + ".rejected")).exists()
+
+
+async def test_failed_apply_keeps_old_version_and_is_retried(
+    nc: Client, settings: Settings
+) -> None:
+    await publish_snapshot(nc, BUCKET, signed(7))
+    rec = Recorder(fail_times=1)
+    async with watcher(nc, settings, rec, resync=0.3) as config:
+        await rec.until(lambda: rec.fail_times == 0)
+        assert config.current is None
+        assert not (settings.state_dir / SAVED_NAME).exists()
+        accepted = await asyncio.wait_for(config.wait_current(), 10)
+        assert accepted.version == 7
+    assert rec.rejected == []
+
+
+async def test_watch_survives_server_restart(
+    nats_server: NatsServer, nc: Client, settings: Settings
+) -> None:
+    await publish_snapshot(nc, BUCKET, signed(1))
+    rec = Recorder()
+    async with watcher(nc, settings, rec, resync=0.5) as config:
+        await asyncio.wait_for(config.wait_current(), 10)
+        await asyncio.to_thread(nats_server.restart)
+        await asyncio.sleep(0.5)
+        for _ in range(50):
+            try:
+                await publish_snapshot(nc, BUCKET, signed(2))
+                break
+            except Exception:
+                await asyncio.sleep(0.2)
+        assert (await asyncio.wait_for(config.wait_current(newer_than=1), 15)).version == 2
+
+
+def test_check_snapshot_is_pure() -> None:
+    snapshot, signer = check_snapshot(signed(9), {AUTHORITY.public_key})
+    assert snapshot.version == 9 and signer == AUTHORITY.node_id
+    with pytest.raises(ConfigRejected, match="not newer"):
+        check_snapshot(signed(9), {AUTHORITY.public_key}, in_force=9)

@@ -1,0 +1,353 @@
+"""Signed configuration snapshots: watch the KV key, verify, hand over in order, persist.
+
+A snapshot is accepted only if its envelope is a `config` signed by a pinned authority key,
+its body is a valid `Snapshot`, and its version is newer than the one in force. The agent
+applies it (fetch, switch runtime, validate); only once that succeeds does its version come
+into force and its envelope get saved to `state_dir`, so a restarted node resumes from the
+last snapshot it actually ran, re-verified when loaded.
+"""
+
+import asyncio
+import enum
+import logging
+import os
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self
+
+from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import api
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from schemas.codec import validate
+from schemas.envelope import EnvelopeType
+from schemas.errors import SchemaError
+from schemas.snapshot import Snapshot
+from worker.errors import ConfigRejected, SignatureError
+from worker.settings import Settings
+from worker.signing import verify
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_KEY = "snapshot"
+SAVED_NAME = "snapshot.msgpack"
+REJECTED_SUFFIX = ".rejected"
+MAX_SNAPSHOT_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedSnapshot:
+    """A verified snapshot: its body, the exact envelope bytes, and who signed it."""
+
+    snapshot: Snapshot
+    envelope: bytes
+    signer: str
+    origin: Literal["disk", "network"]
+
+    @property
+    def version(self) -> int:
+        return self.snapshot.version
+
+
+ApplySnapshot = Callable[[AcceptedSnapshot], Awaitable[None]]
+"""Makes the snapshot real (models, runtime, validation); raising leaves the old one in force."""
+
+ReportRejected = Callable[[ConfigRejected], Awaitable[None]]
+"""Publishes `CONFIG_REJECTED` (the exception's text is the reason)."""
+
+
+def config_bucket(settings: Settings) -> str:
+    return f"{settings.subject_prefix}_config"
+
+
+def check_snapshot(
+    data: bytes, authority_keys: Collection[bytes], *, in_force: int = 0
+) -> tuple[Snapshot, str]:
+    """Verify an envelope and its body; returns the snapshot and the signer's hex key.
+
+    Pure: raises `ConfigRejected` saying why (signature, key, body, or version).
+    """
+    try:
+        verified = verify(
+            data,
+            authority_keys=authority_keys,
+            expect=EnvelopeType.CONFIG,
+            max_bytes=MAX_SNAPSHOT_BYTES,
+        )
+    except SignatureError as exc:
+        raise ConfigRejected(f"snapshot refused: {exc}") from exc
+    try:
+        snapshot = validate(Snapshot, verified.body)
+    except SchemaError as exc:
+        raise ConfigRejected(f"snapshot refused: invalid body: {exc}") from exc
+    if snapshot.version <= in_force:
+        raise ConfigRejected(
+            f"snapshot refused: version {snapshot.version} is not newer than "
+            f"version {in_force} in force"
+        )
+    return snapshot, verified.signer
+
+
+def save_snapshot(state_dir: Path, envelope: bytes) -> Path:
+    """Write the envelope atomically (temp file, fsync, rename, fsync the directory)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / SAVED_NAME
+    tmp = state_dir / f".{SAVED_NAME}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(envelope)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(state_dir, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return path
+
+
+def load_saved(state_dir: Path, authority_keys: Collection[bytes]) -> AcceptedSnapshot | None:
+    """The saved snapshot, re-verified; None if there is none.
+
+    A saved file that no longer verifies is renamed to `*.rejected` (kept for the operator,
+    never loaded again) and `ConfigRejected` is raised.
+    """
+    path = state_dir / SAVED_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        snapshot, signer = check_snapshot(data, authority_keys)
+    except ConfigRejected as exc:
+        os.replace(path, path.with_name(SAVED_NAME + REJECTED_SUFFIX))
+        raise ConfigRejected(f"saved {path} refused: {exc}") from exc
+    return AcceptedSnapshot(snapshot, data, signer, "disk")
+
+
+class WatcherState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class ConfigWatcher:
+    """Feeds accepted snapshots to `apply`, one at a time, in version order.
+
+    Usage by the agent:
+
+        async with ConfigWatcher(nc, settings, apply=..., on_rejected=...) as config:
+            current = await config.wait_current()
+
+    On entry the saved snapshot (if any) is loaded and applied first, then the KV key is
+    watched (its current value included). Every `resync_interval_s` the watch is re-created
+    and the current value offered again: that survives watchers lost on reconnect, and
+    retries a snapshot whose `apply` failed. A value identical to the one in force, or to
+    the last one rejected, is ignored silently so a rejection is reported once.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        settings: Settings,
+        *,
+        apply: ApplySnapshot,
+        on_rejected: ReportRejected,
+        resync_interval_s: float = 30.0,
+    ) -> None:
+        self._nc = nc
+        self._settings = settings
+        self._keys = settings.authority_key_bytes()
+        self._apply = apply
+        self._on_rejected = on_rejected
+        self._resync_interval_s = resync_interval_s
+        self._bucket = config_bucket(settings)
+        self._state = WatcherState.NEW
+        self._current: AcceptedSnapshot | None = None
+        self._last_rejected: bytes | None = None
+        self._changed = asyncio.Condition()
+        self._tg: asyncio.TaskGroup | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> WatcherState:
+        return self._state
+
+    @property
+    def current(self) -> AcceptedSnapshot | None:
+        """The snapshot in force (its apply succeeded), if any."""
+        return self._current
+
+    @property
+    def version(self) -> int:
+        return self._current.version if self._current else 0
+
+    async def wait_current(self, newer_than: int = 0) -> AcceptedSnapshot:
+        """Block until a snapshot with version > `newer_than` is in force."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.version > newer_than)
+        assert self._current is not None
+        return self._current
+
+    async def __aenter__(self) -> Self:
+        if self._state is not WatcherState.NEW:
+            raise RuntimeError(f"ConfigWatcher is {self._state.value}; it cannot be reopened")
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._task = self._tg.create_task(self._run(), name="config-watch")
+        self._state = WatcherState.RUNNING
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._state is not WatcherState.RUNNING:
+            self._state = WatcherState.CLOSED
+            return
+        self._state = WatcherState.CLOSED
+        assert self._tg is not None and self._task is not None
+        # nats-py swallows a cancellation in places (request/consumer_info), so cancel
+        # until the task has really ended, then let the task group finish.
+        while not self._task.done():
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=0.1)
+        await self._tg.__aexit__(None, None, None)
+
+    async def _run(self) -> None:
+        try:
+            saved = await asyncio.to_thread(load_saved, self._settings.state_dir, self._keys)
+        except ConfigRejected as exc:
+            log.error("config_saved_rejected reason=%s", exc)
+            await self._report(exc)
+        except OSError as exc:
+            log.error("config_saved_unreadable error=%s", exc)
+        else:
+            if saved is not None:
+                log.info("config_saved_loaded version=%d", saved.version)
+                await self._accept(saved)
+        backoff = 0.2
+        while self._state is not WatcherState.CLOSED:
+            try:
+                kv = await self._key_value()
+                await self._watch_once(kv)
+                backoff = 0.2
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("config_watch_failed error=%r retry_in_s=%.1f", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._resync_interval_s)
+
+    async def _key_value(self) -> KeyValue:
+        js = self._nc.jetstream()
+        try:
+            return await js.key_value(self._bucket)
+        except BucketNotFoundError:
+            if not self._settings.provision:
+                raise
+            log.info("config_bucket_created bucket=%s", self._bucket)
+            return await js.create_key_value(
+                api.KeyValueConfig(
+                    bucket=self._bucket, history=5, replicas=self._settings.stream_replicas
+                )
+            )
+
+    async def _watch_once(self, kv: KeyValue) -> None:
+        """Watch until the resync deadline, then return so the caller re-creates the watch."""
+        watcher = await kv.watch(SNAPSHOT_KEY)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._resync_interval_s
+        try:
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    entry = await watcher.updates(timeout=left)  # type: ignore[no-untyped-call]
+                except NatsTimeoutError:
+                    break  # the resync is due
+                if entry is None:
+                    continue  # "no more pending values" marker
+                if entry.operation is not None or not entry.value:
+                    log.warning("config_snapshot_deleted revision=%s", entry.revision)
+                    continue
+                await self._offer(entry.value)
+        finally:
+            try:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+            except Exception as exc:
+                log.debug("config_watch_stop_failed error=%r", exc)
+        try:
+            entry = await kv.get(SNAPSHOT_KEY)
+        except KeyNotFoundError:
+            return
+        if entry.value:
+            await self._offer(entry.value)
+
+    async def _offer(self, data: bytes) -> None:
+        if self._current is not None and data == self._current.envelope:
+            return
+        if data == self._last_rejected:
+            return
+        try:
+            snapshot, signer = check_snapshot(data, self._keys, in_force=self.version)
+        except ConfigRejected as exc:
+            self._last_rejected = data
+            log.warning("config_rejected reason=%s", exc)
+            await self._report(exc)
+            return
+        await self._accept(AcceptedSnapshot(snapshot, data, signer, "network"))
+
+    async def _accept(self, accepted: AcceptedSnapshot) -> None:
+        log.info("config_applying version=%d origin=%s", accepted.version, accepted.origin)
+        try:
+            await self._apply(accepted)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error(
+                "config_apply_failed version=%d error=%r; the previous snapshot stays in force",
+                accepted.version,
+                exc,
+            )
+            return
+        if accepted.origin == "network":
+            try:
+                await asyncio.to_thread(save_snapshot, self._settings.state_dir, accepted.envelope)
+            except OSError as exc:
+                log.error("config_save_failed version=%d error=%s", accepted.version, exc)
+        async with self._changed:
+            self._current = accepted
+            self._changed.notify_all()
+        log.info("config_applied version=%d", accepted.version)
+
+    async def _report(self, exc: ConfigRejected) -> None:
+        try:
+            await self._on_rejected(exc)
+        except Exception as report_exc:
+            log.error("config_rejection_report_failed error=%r", report_exc)
+
+
+async def publish_snapshot(nc: Client, bucket: str, envelope: bytes, *, replicas: int = 1) -> int:
+    """Put a signed snapshot under the watched key (creating the bucket); returns the revision."""
+    js = nc.jetstream()
+    try:
+        kv = await js.key_value(bucket)
+    except BucketNotFoundError:
+        kv = await js.create_key_value(
+            api.KeyValueConfig(bucket=bucket, history=5, replicas=replicas)
+        )
+    revision: int = await kv.put(SNAPSHOT_KEY, envelope)
+    return revision
