@@ -247,9 +247,15 @@ class Agent:
     async def _check_image(self, image: str) -> None:
         if self.settings.runtime_backend != "docker":
             return
-        from worker.imagepin import ensure_pinned
+        import docker
 
-        await ensure_pinned(image)
+        from worker.imagepin import ensure_image
+
+        client = await asyncio.to_thread(docker.from_env)
+        try:
+            await ensure_image(client, image)
+        finally:
+            await asyncio.to_thread(client.close)
 
     async def _validate(self) -> bool:
         from worker.validation import validate_model

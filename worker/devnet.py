@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import nats
 
 from schemas.envelope import EnvelopeType
@@ -28,6 +27,7 @@ from worker.provision import ensure_streams
 from worker.runtime import Completion, LaunchSpec, WorkItem
 from worker.settings import Settings
 from worker.signing import NodeKey, load_key_file, write_key_file
+from worker.validation import token_ids_sha256
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ async def _expected_vectors(
             {
                 "prompt": item.payload["prompt"],
                 "params": DEMO_PARAMS,
-                "expected_sha256": hashlib.sha256(msgpack.packb(outcome.token_ids)).hexdigest(),
+                "expected_sha256": token_ids_sha256(outcome.token_ids),
             }
         )
     path.parent.mkdir(parents=True, exist_ok=True)

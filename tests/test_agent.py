@@ -1,0 +1,275 @@
+"""The whole agent against a real nats-server: snapshot in, verified results out.
+
+The runtime is the real echo engine in a local process (the `process` backend) so these run
+without Docker; `tests/test_agent_docker.py` repeats the core path in a container.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nats
+import pytest
+from nats.aio.client import Client
+
+from schemas.codec import validate
+from schemas.envelope import EnvelopeType
+from schemas.event import ErrorCode, LifecycleEvent
+from schemas.snapshot import Snapshot
+from tests.jobnet import errors, read_all, results, wait_for
+from worker.agent import Agent, AgentState, _Stop
+from worker.client import JobFailed, submit
+from worker.config import config_bucket, publish_snapshot
+from worker.devnet import DevPlan, seed_network
+from worker.natsd import NatsServer
+from worker.settings import Settings
+from worker.signing import NodeKey, verify, write_key_file
+
+pytestmark = pytest.mark.nats
+
+
+@pytest.fixture
+def authority() -> NodeKey:
+    return NodeKey.generate()
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer, tmp_path: Path, authority: NodeKey) -> Settings:
+    write_key_file(tmp_path / "node.key")
+    return Settings(
+        nats_url=nats_server.url,
+        key_file=tmp_path / "node.key",
+        authority_keys=(authority.node_id,),
+        cache_dir=tmp_path / "cache",
+        state_dir=tmp_path / "state",
+        runtime_backend="process",
+        ack_wait_s=10,
+        shutdown_grace_s=5,
+        heartbeat_interval_s=0.5,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Agent]:
+    from worker.signing import load_key_file
+
+    stop = asyncio.Event()
+    agent = Agent(settings, load_key_file(settings.key_file))
+    async with agent:
+        task = asyncio.create_task(agent.serve(stop))
+        try:
+            yield agent
+        finally:
+            stop.set()
+            with contextlib.suppress(BaseExceptionGroup):
+                try:
+                    await task
+                except* _Stop:
+                    pass
+
+
+async def seeded(settings: Settings, authority: NodeKey, tmp_path: Path) -> Snapshot:
+    plan = DevPlan(tmp_path / "dev", 0, "echo", "process", "hi")
+    return await seed_network(settings, authority, plan, version=1)
+
+
+async def serving(agent: Agent, timeout: float = 60) -> None:
+    async def ready() -> bool:
+        return agent.state is AgentState.SERVING
+
+    await wait_for(ready, timeout)
+
+
+def job(model: str, text: str, job_id: str) -> dict[str, Any]:
+    return {"job_id": job_id, "model_id": model, "prompt": text, "params": {"max_tokens": 8}}
+
+
+async def lifecycle(nc: Client, settings: Settings) -> list[str]:
+    subject = settings.subject("events", "node", ">")
+    events = [
+        validate(LifecycleEvent, verify(d).body)
+        for d in await read_all(nc.jetstream(), settings.stream("EVENTS"), subject)
+    ]
+    return [e.kind.value for e in events]
+
+
+async def test_snapshot_to_verified_result(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    snapshot = await seeded(settings, authority, tmp_path)
+    model = snapshot.models[0].id
+    async with running(settings) as agent:
+        await serving(agent)
+        out = await submit(nc, settings, job(model, "hello", "e2e-1"), wait_s=30)
+        status = agent.status()
+    r = out.result
+    assert r.node_id == agent.key.node_id
+    assert r.model.sha256 == snapshot.models[0].sha256
+    assert r.config_version == snapshot.version
+    assert r.input_sha256 == hashlib.sha256(out.job_bytes).hexdigest()
+    assert r.runtime.engine == "echo" and r.runtime.image == snapshot.runtime.image
+    assert status["validation"] == "passed" and status["completed"] == 1
+    kinds = await lifecycle(nc, settings)
+    for kind in (
+        "started",
+        "runtime_started",
+        "config_applied",
+        "validation_passed",
+        "model_ready",
+        "stopping",
+    ):
+        assert kind in kinds, kinds
+    assert kinds.index("validation_passed") < kinds.index("model_ready")
+
+
+async def test_status_endpoint_and_heartbeat(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    await seeded(settings, authority, tmp_path)
+    async with running(settings) as agent:
+        await serving(agent)
+        beat = await nc.subscribe(settings.subject("nodes", agent.key.node_id, "heartbeat"))
+        msg = await beat.next_msg(timeout=5)
+        assert verify(msg.data).body["node_id"] == agent.key.node_id
+        reply = await nc.request(
+            settings.subject("nodes", agent.key.node_id, "status"), b"", timeout=5
+        )
+        state = msgpack.unpackb(reply.data)
+    assert state["state"] == "serving" and state["config_version"] == 1
+    assert state["runtime"]["backend"] == "process"
+
+
+async def test_rejected_snapshot_changes_nothing(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    snapshot = await seeded(settings, authority, tmp_path)
+    async with running(settings) as agent:
+        await serving(agent)
+        forger = NodeKey.generate()
+        body = snapshot.model_dump(mode="json") | {"version": 99}
+        await publish_snapshot(nc, config_bucket(settings), forger.sign(EnvelopeType.CONFIG, body))
+
+        async def rejected() -> bool:
+            return any(
+                e.code == ErrorCode.CONFIG_REJECTED for e in await errors(nc.jetstream(), settings)
+            )
+
+        await wait_for(rejected, 30)
+        assert agent.snapshot is not None and agent.snapshot.version == 1
+        assert agent.state is AgentState.SERVING
+        out = await submit(
+            nc, settings, job(snapshot.models[0].id, "still", "after-forgery"), wait_s=30
+        )
+        assert out.result.config_version == 1
+
+
+async def test_failing_vector_never_serves(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    snapshot = await seeded(settings, authority, tmp_path)
+    body = snapshot.model_dump(mode="json")
+    body["version"] = 2
+    body["models"][0]["validation"][0]["expected_sha256"] = "0" * 64
+    await publish_snapshot(nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body))
+    async with running(settings) as agent:
+
+        async def invalid() -> bool:
+            return any(
+                e.code == ErrorCode.MODEL_INVALID for e in await errors(nc.jetstream(), settings)
+            )
+
+        await wait_for(invalid, 60)
+        assert agent.state is AgentState.OUT_OF_SERVICE
+        with pytest.raises(TimeoutError):
+            await submit(nc, settings, job(snapshot.models[0].id, "x", "never"), wait_s=3)
+    assert await results(nc.jetstream(), settings) == []
+
+
+async def test_removed_model_leaves_the_disk_and_new_model_serves(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    snapshot = await seeded(settings, authority, tmp_path)
+    old_sha = snapshot.models[0].sha256
+    async with running(settings) as agent:
+        await serving(agent)
+        assert (settings.cache_dir / "blobs" / old_sha).exists()
+        # a second model (different bytes) replaces the first
+        from worker.objectstore import put_file
+
+        new_model = tmp_path / "second.bin"
+        new_model.write_bytes(b"second model " * 1000)
+        sha = hashlib.sha256(new_model.read_bytes()).hexdigest()
+        await put_file(nc.jetstream(), settings.models_bucket, "second", new_model)
+        body = snapshot.model_dump(mode="json")
+        body["version"] = 2
+        body["models"] = [
+            {
+                "id": "second",
+                "version": "1",
+                "sha256": sha,
+                "size": new_model.stat().st_size,
+                "source": f"nats-object://{settings.models_bucket}/second",
+                "validation": [],
+            }
+        ]
+        await publish_snapshot(
+            nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
+        )
+
+        async def switched() -> bool:
+            return (
+                agent.snapshot is not None
+                and agent.snapshot.version == 2
+                and (agent.state is AgentState.SERVING)
+            )
+
+        await wait_for(switched, 60)
+        assert not (settings.cache_dir / "blobs" / old_sha).exists()
+        out = await submit(nc, settings, job("second", "new", "on-second"), wait_s=30)
+        assert out.result.model.sha256 == sha and out.result.config_version == 2
+        with pytest.raises((TimeoutError, JobFailed)):
+            await submit(nc, settings, job(snapshot.models[0].id, "old", "on-old"), wait_s=3)
+    assert "model_removed" in await lifecycle(nc, settings)
+
+
+async def test_restart_resumes_from_saved_snapshot(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    snapshot = await seeded(settings, authority, tmp_path)
+    async with running(settings) as agent:
+        await serving(agent)
+    # the network forgets the snapshot: the node must resume from its own saved copy
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.jetstream().delete_key_value(config_bucket(settings))
+        async with running(settings) as agent:
+            await serving(agent)
+            out = await submit(
+                nc, settings, job(snapshot.models[0].id, "again", "resumed"), wait_s=30
+            )
+        assert out.result.config_version == snapshot.version
+    finally:
+        await nc.close()
+
+
+async def test_agent_rides_out_a_nats_restart(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    snapshot = await seeded(settings, authority, tmp_path)
+    model = snapshot.models[0].id
+    async with running(settings) as agent:
+        await serving(agent)
+        await asyncio.to_thread(nats_server.restart)
+        nc = await nats.connect(nats_server.url)
+        try:
+            started = time.monotonic()
+            out = await submit(nc, settings, job(model, "after restart", "post-restart"), wait_s=60)
+            assert out.result.job_id == "post-restart"
+            assert time.monotonic() - started < 60
+        finally:
+            await nc.close()
