@@ -293,6 +293,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_submit)
 
     p = _parser(
+        sub,
+        "dev",
+        "run the whole network locally and print one verified signed result",
+        "resultity-node dev            # then, in another shell: resultity-node submit Hi",
+    )
+    p.add_argument("--home", default="~/.resultity/dev", help="keys, NATS data, model cache")
+    p.add_argument("--port", type=int, default=4222, help="NATS client port")
+    p.add_argument(
+        "--engine",
+        choices=["auto", "echo", "vllm"],
+        default="auto",
+        help="auto: vllm (tiny Llama) with Docker, else echo",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "docker", "process"],
+        default="auto",
+        help="auto: docker when a Docker engine answers, else a local process",
+    )
+    p.add_argument("--prompt", default="Resultity nodes sign every result", help="demo prompt")
+    p.add_argument("--once", action="store_true", help="exit after the demo result")
+    p.set_defaults(handler=cmd_dev)
+
+    p = _parser(
         sub, "status", "ask a running node for its state", "resultity-node status --node <node id>"
     )
     p.add_argument("--node", help="node id (default: the one of RESULTITY_KEY_FILE)")
