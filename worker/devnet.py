@@ -143,15 +143,21 @@ async def _expected_vectors(
 
 
 async def seed_network(
-    settings: Settings, authority: NodeKey, plan: DevPlan, *, version: int | None = None
+    settings: Settings,
+    authority: NodeKey,
+    plan: DevPlan,
+    *,
+    version: int | None = None,
+    image: str | None = None,
 ) -> Snapshot:
-    """Provision, upload the demo model and publish a signed snapshot naming it."""
+    """Provision, upload the demo model and publish a signed snapshot naming it (and `image`,
+    or the runtime image built here for the plan's engine)."""
     from worker.config import config_bucket, publish_snapshot
     from worker.modelstore import ModelStore
     from worker.objectstore import put_file
 
     archive, sha256, size = await _demo_model(plan.home, plan.engine)
-    image = await _image_for(plan.engine, plan.backend)
+    image = image or await _image_for(plan.engine, plan.backend)
     model_id = "tiny-llama" if plan.engine == "vllm" else "echo-demo"
     nc = await nats.connect(settings.nats_url)
     try:
