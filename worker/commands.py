@@ -18,3 +18,21 @@ def _images(sub: Any, make_parser: Callable[..., Any]) -> None:
 
 
 REGISTRY.append(_images)
+
+
+def _network(sub: Any, make_parser: Callable[..., Any]) -> None:
+    from worker.netcli import register
+
+    register(sub, make_parser)
+
+
+REGISTRY.append(_network)
+
+
+def _stack(sub: Any, make_parser: Callable[..., Any]) -> None:
+    from worker.stack import register
+
+    register(sub, make_parser)
+
+
+REGISTRY.append(_stack)

@@ -1,0 +1,245 @@
+"""Network-side commands: sign and publish configuration snapshots, publish models.
+
+`config sign`, `config publish` and `models publish` are what a network operator runs; a
+node never needs them. Output meant for pasting goes to stdout, progress to stderr.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+log = logging.getLogger(__name__)
+
+
+def _fail(message: str) -> Exception:
+    from worker.cli import CliError
+
+    return CliError(message)
+
+
+def _read_body(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    if data.lstrip()[:1] == b"{":
+        try:
+            value = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise _fail(f"{path} is not valid JSON ({exc}); fix the file") from exc
+    else:
+        try:
+            value = msgpack.unpackb(data, raw=False)
+        except Exception as exc:
+            raise _fail(f"{path} is neither a JSON object nor a msgpack map") from exc
+    if not isinstance(value, dict):
+        raise _fail(f"{path} must hold one snapshot body object")
+    return value
+
+
+def cmd_config_sign(args: argparse.Namespace) -> int:
+    from schemas.codec import validate
+    from schemas.errors import SchemaError
+    from schemas.snapshot import Snapshot
+    from worker.signing import load_key_file
+
+    body = _read_body(Path(args.body))
+    try:
+        snapshot = validate(Snapshot, body)
+    except SchemaError as exc:
+        raise _fail(f"invalid snapshot body: {exc}; fix {args.body}") from exc
+    key = load_key_file(Path(args.key))
+    envelope = key.sign("config", body)
+    if args.out:
+        Path(args.out).write_bytes(envelope)
+    elif sys.stdout.isatty():
+        raise _fail("refusing to write a binary envelope to a terminal; pass --out FILE")
+    else:
+        sys.stdout.buffer.write(envelope)
+        sys.stdout.buffer.flush()
+    sys.stderr.write(f"signed config version {snapshot.version} with authority key {key.node_id}\n")
+    return 0
+
+
+async def _connect(url: str) -> Any:
+    import nats
+
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    try:
+        # nats-py keeps retrying a refused first connect whatever the options say.
+        async with asyncio.timeout(5):
+            return await nats.connect(
+                url, connect_timeout=2, allow_reconnect=False, error_cb=on_error
+            )
+    except Exception as exc:
+        last = errors[-1] if errors else exc
+        reason = str(last) or type(last).__name__
+        raise _fail(f"cannot reach NATS at {url} ({reason}); start it or pass --nats-url") from exc
+
+
+def cmd_config_publish(args: argparse.Namespace) -> int:
+    from schemas.envelope import EnvelopeType, unpack_envelope
+    from schemas.errors import SchemaError
+    from worker.config import check_snapshot, config_bucket, publish_snapshot
+    from worker.errors import ConfigRejected, SignatureError
+    from worker.settings import Settings
+    from worker.signing import check_signature, parse_public_key
+
+    data = Path(args.envelope).read_bytes()
+    try:
+        env = unpack_envelope(data)
+        if env.typ != EnvelopeType.CONFIG:
+            raise _fail(f"{args.envelope} is a {env.typ.value} envelope, not a config one")
+        check_signature(env)
+        if args.authority:
+            check_snapshot(data, {parse_public_key(k) for k in args.authority})
+    except (SchemaError, SignatureError, ConfigRejected) as exc:
+        raise _fail(f"{args.envelope}: {exc}; sign it with 'resultity-node config sign'") from exc
+    settings = Settings()
+    url = args.nats_url or settings.nats_url
+    bucket = config_bucket(settings)
+
+    async def publish() -> int:
+        nc = await _connect(url)
+        try:
+            revision: int = await publish_snapshot(
+                nc, bucket, data, replicas=settings.stream_replicas
+            )
+        finally:
+            await nc.close()
+        return revision
+
+    revision = asyncio.run(publish())
+    sys.stdout.write(f"published {args.envelope} to {bucket}/snapshot revision {revision}\n")
+    return 0
+
+
+class _ProgressReport:
+    """A progress bar on a terminal, a log line every 10% otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self.total = max(total, 1)
+        self.tty = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.next_log = 0.1
+
+    def __call__(self, done: int) -> None:
+        frac = done / self.total
+        rate = done / 1e6 / max(time.monotonic() - self.started, 1e-9)
+        if self.tty:
+            bar = "#" * int(frac * 30)
+            sys.stderr.write(f"\r[{bar:<30}] {frac:6.1%} {rate:8.1f} MB/s")
+            if done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif frac >= self.next_log or done >= self.total:
+            log.info("model_upload_progress done=%d total=%d mb_per_s=%.1f", done, self.total, rate)
+            self.next_log = frac + 0.1
+
+
+def cmd_models_publish(args: argparse.Namespace) -> int:
+    from schemas.codec import validate
+    from schemas.errors import SchemaError
+    from schemas.snapshot import ModelSpec
+    from worker import objectstore
+    from worker.settings import Settings
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise _fail(f"{path} is not a file; pass the model file or tar archive to publish")
+    settings = Settings()
+    url = args.nats_url or settings.nats_url
+    bucket = args.bucket or settings.models_bucket
+    name = args.name or f"{args.id}-{args.version}"
+    size = path.stat().st_size
+
+    async def upload() -> Any:
+        nc = await _connect(url)
+        try:
+            return await objectstore.put_file(
+                nc.jetstream(), bucket, name, path, progress=_ProgressReport(size)
+            )
+        finally:
+            await nc.close()
+
+    info = asyncio.run(upload())
+    sha256 = objectstore.digest_hex(info)
+    spec = {
+        "id": args.id,
+        "version": args.version,
+        "sha256": sha256,
+        "size": info.size,
+        "source": f"nats-object://{bucket}/{name}",
+        "validation": [],
+    }
+    try:
+        validate(ModelSpec, spec)
+    except SchemaError as exc:
+        raise _fail(f"the model spec would be invalid: {exc}; fix --id/--version") from exc
+    sys.stdout.write(json.dumps(spec, indent=2) + "\n")
+    return 0
+
+
+def register(sub: Any, make_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    config = make_parser(
+        sub,
+        "config",
+        "network side: sign and publish configuration snapshots",
+        "resultity-node config sign snapshot.json --key authority.key --out snapshot.env",
+    )
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    p = make_parser(
+        config_sub,
+        "sign",
+        "validate a snapshot body (JSON or msgpack) and sign it with an authority key",
+        "resultity-node config sign snapshot.json --key authority.key --out snapshot.env",
+    )
+    p.add_argument("body", help="snapshot body file: a JSON object or a msgpack map")
+    p.add_argument("--key", required=True, help="authority key file (made by 'keygen')")
+    p.add_argument("--out", help="envelope file to write (default: stdout, if not a terminal)")
+    p.set_defaults(handler=cmd_config_sign)
+    p = make_parser(
+        config_sub,
+        "publish",
+        "put a signed snapshot envelope in the config bucket that nodes watch",
+        "resultity-node config publish snapshot.env --nats-url nats://127.0.0.1:4222",
+    )
+    p.add_argument("envelope", help="signed envelope file (from 'config sign')")
+    p.add_argument("--nats-url", help="NATS URL (default: RESULTITY_NATS_URL)")
+    p.add_argument(
+        "--authority",
+        action="append",
+        default=[],
+        help="also check it is signed by this authority public key (hex); repeatable",
+    )
+    p.set_defaults(handler=cmd_config_publish)
+
+    models = make_parser(
+        sub,
+        "models",
+        "network side: publish model files to the object store",
+        "resultity-node models publish model.tar --id tiny --version 1",
+    )
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    p = make_parser(
+        models_sub,
+        "publish",
+        "upload a model file or tar archive and print the spec to paste into a snapshot",
+        "resultity-node models publish model.tar --id tiny --version 1 --bucket rst_models",
+    )
+    p.add_argument("file", help="model file, or tar archive of a model directory")
+    p.add_argument("--id", required=True, help="model id ([A-Za-z0-9_-], 1-64 chars)")
+    p.add_argument("--version", required=True, help="model version string")
+    p.add_argument("--bucket", help="object store bucket (default: RESULTITY_MODELS_BUCKET)")
+    p.add_argument("--name", help="object name (default: ID-VERSION)")
+    p.add_argument("--nats-url", help="NATS URL (default: RESULTITY_NATS_URL)")
+    p.set_defaults(handler=cmd_models_publish)
