@@ -13,6 +13,7 @@ extracts it. Blocking file I/O and hashing run in worker threads.
 """
 
 import asyncio
+import copy
 import hashlib
 import http.client
 import logging
@@ -414,15 +415,49 @@ def _looks_like_tar(head: bytes) -> bool:
     return False
 
 
+# tarfile's extraction filters came in 3.11.4; Debian bookworm's python3 is 3.11.2.
+_HAS_DATA_FILTER = hasattr(tarfile, "data_filter")
+_FilterError: type[tarfile.TarError] = getattr(tarfile, "FilterError", tarfile.TarError)
+
+
+def _data_filter_compat(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """What the "data" filter refuses, for Pythons without it: special files, and links
+    that leave `dest`; owners are not applied (extraction skips attributes)."""
+    if member.isdev():
+        raise _FilterError(f"member {member.name!r} is a device or fifo")
+    if member.issym() or member.islnk():
+        root = os.path.realpath(dest)
+        base = root if member.islnk() else os.path.join(root, os.path.dirname(member.name))
+        target = os.path.realpath(os.path.join(base, member.linkname))
+        if member.linkname.startswith("/") or os.path.commonpath([root, target]) != root:
+            raise _FilterError(f"link {member.name!r} points outside the model directory")
+    return copy.copy(member)
+
+
 def _tar_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     # An archive that names an absolute path or ".." was made to escape: refuse it whole
     # (tarfile's "data" filter would strip the leading "/"). The filter then refuses links
     # leaving `dest` and device files; the runtime user must be able to read the rest.
     if member.name.startswith("/") or ".." in member.name.split("/"):
-        raise tarfile.FilterError(f"member {member.name!r} points outside the model directory")
+        raise _FilterError(f"member {member.name!r} points outside the model directory")
+    if not _HAS_DATA_FILTER:
+        safe = _data_filter_compat(member, dest)
+        safe.mode = 0o755 if safe.isdir() or (safe.mode or 0) & 0o111 else 0o644
+        return safe
     safe = tarfile.data_filter(member, dest)
     mode = 0o755 if safe.isdir() or (safe.mode or 0) & 0o111 else 0o644
     return safe.replace(mode=mode, deep=False)
+
+
+def _extract(tar: tarfile.TarFile, dest: Path) -> None:
+    if _HAS_DATA_FILTER:
+        tar.extractall(dest, filter=_tar_filter)
+        return
+    for member in tar:
+        safe = _tar_filter(member, str(dest))
+        tar.extract(safe, dest, set_attrs=False)
+        if not safe.issym():
+            os.chmod(dest / safe.name, safe.mode)
 
 
 def _materialise(spec: ModelSpec, blob: Path, dest: Path) -> str:
@@ -435,7 +470,7 @@ def _materialise(spec: ModelSpec, blob: Path, dest: Path) -> str:
             kind = "tar"
             try:
                 with tarfile.open(fileobj=reader, mode="r|*") as tar:  # type: ignore[call-overload]
-                    tar.extractall(dest, filter=_tar_filter)
+                    _extract(tar, dest)
             except (tarfile.TarError, EOFError, zlib.error) as exc:
                 reader.drain()
                 try:
