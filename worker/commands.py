@@ -36,12 +36,3 @@ def _stack(sub: Any, make_parser: Callable[..., Any]) -> None:
 
 
 REGISTRY.append(_stack)
-
-
-def _stack(sub: Any, make_parser: Callable[..., Any]) -> None:
-    from worker.stack import register
-
-    register(sub, make_parser)
-
-
-REGISTRY.append(_stack)
