@@ -1,0 +1,183 @@
+"""The agent as the process an operator runs: SIGKILL mid-run, SIGTERM mid-batch.
+
+Every valid job must end with exactly one result in the stream (redelivery plus the
+stream's dedupe), none lost; a SIGTERM drains within the deadline and leaves no runtime.
+"""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import msgpack
+import pytest
+from nats.aio.client import Client
+
+from schemas.envelope import EnvelopeType
+from schemas.snapshot import Snapshot
+from tests.jobnet import read_all, results, wait_for
+from worker.config import config_bucket, publish_snapshot
+from worker.devnet import DevPlan, seed_network
+from worker.natsd import NatsServer
+from worker.settings import Settings
+from worker.signing import NodeKey, verify, write_key_file
+
+pytestmark = pytest.mark.nats
+
+
+def agent_env(settings: Settings, authority: NodeKey) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESULTITY_")}
+    env.update(
+        RESULTITY_NATS_URL=settings.nats_url,
+        RESULTITY_KEY_FILE=str(settings.key_file),
+        RESULTITY_AUTHORITY_KEYS=authority.node_id,
+        RESULTITY_CACHE_DIR=str(settings.cache_dir),
+        RESULTITY_STATE_DIR=str(settings.state_dir),
+        RESULTITY_RUNTIME_BACKEND=settings.runtime_backend,
+        RESULTITY_ACK_WAIT_S=str(settings.ack_wait_s),
+        RESULTITY_MAX_DELIVER="20",
+        RESULTITY_SHUTDOWN_GRACE_S=str(settings.shutdown_grace_s),
+        RESULTITY_RUNTIME_MEMORY="1g",
+    )
+    return env
+
+
+def start_agent(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run"], env=env, stdout=out, stderr=out
+        )
+
+
+async def slow_snapshot(
+    nc: Client, settings: Settings, authority: NodeKey, snapshot: Snapshot, slow_ms: int
+) -> None:
+    body = snapshot.model_dump(mode="json")
+    body["version"] = snapshot.version + 1
+    body["runtime"]["engine_args"] = {"slow_ms": slow_ms}
+    await publish_snapshot(nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body))
+
+
+def make_settings(nats_server: NatsServer, tmp_path: Path, backend: str, **kw: object) -> Settings:
+    write_key_file(tmp_path / "node.key")
+    return Settings(
+        nats_url=nats_server.url,
+        key_file=tmp_path / "node.key",
+        cache_dir=tmp_path / "cache",
+        state_dir=tmp_path / "state",
+        runtime_backend=backend,  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def publish(nc: Client, settings: Settings, model: str, n: int, prefix: str) -> list[str]:
+    js = nc.jetstream()
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    for job_id in ids:
+        data = msgpack.packb({"job_id": job_id, "model_id": model, "prompt": job_id})
+        await js.publish(settings.subject("jobs", model), data, headers={"Nats-Msg-Id": job_id})
+    return ids
+
+
+async def test_sigkill_mid_run_loses_and_duplicates_nothing(
+    nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    authority = NodeKey.generate()
+    settings = make_settings(nats_server, tmp_path, "process", ack_wait_s=2.0, shutdown_grace_s=5)
+    snapshot = await seed_network(
+        settings, authority, DevPlan(tmp_path / "dev", 0, "echo", "process", "x"), version=1
+    )
+    await slow_snapshot(nc, settings, authority, snapshot, slow_ms=100)
+    model = snapshot.models[0].id
+    ids = await publish(nc, settings, model, 300, "k")
+    env = agent_env(settings, authority)
+    env["RESULTITY_BATCH_MAX_SIZE"] = "4"  # ~40 jobs/s: the kills land mid-run
+    log = tmp_path / "agent.log"
+    js = nc.jetstream()
+    kills = 0
+    proc = start_agent(env, log)
+    try:
+        for _ in range(4):
+            before = len(await results(js, settings))
+
+            async def progressed(before: int = before) -> bool:
+                return len(await results(js, settings)) > before + 20
+
+            await wait_for(progressed, timeout=90, interval=0.2)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            kills += 1
+            proc = start_agent(env, log)
+
+        async def all_done() -> bool:
+            return len({r.job_id for r in await results(js, settings)}) == len(ids)
+
+        await wait_for(all_done, timeout=180, interval=0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+    stored = await read_all(js, settings.stream("RESULTS"), settings.subject("results", ">"))
+    per_job = Counter(verify(d, expect=EnvelopeType.RESULT).body["job_id"] for d in stored)
+    assert kills == 4
+    assert set(per_job) == set(ids), "every job has a result"
+    assert max(per_job.values()) == 1, "no job has two results in the stream"
+    assert (await js.stream_info(settings.stream("JOBS"))).state.messages == 0
+
+
+async def test_sigterm_mid_batch_drains_within_deadline(
+    docker_client: object, nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    authority = NodeKey.generate()
+    settings = make_settings(nats_server, tmp_path, "docker", ack_wait_s=30.0, shutdown_grace_s=3)
+    snapshot = await seed_network(
+        settings, authority, DevPlan(tmp_path / "dev", 0, "echo", "docker", "x"), version=1
+    )
+    await slow_snapshot(nc, settings, authority, snapshot, slow_ms=1500)
+    model = snapshot.models[0].id
+    env = agent_env(settings, authority)
+    env["RESULTITY_BATCH_MAX_SIZE"] = "4"
+    log = tmp_path / "agent.log"
+    proc = start_agent(env, log)
+    js = nc.jetstream()
+    try:
+        # wait until it serves (the first batch of the slow runtime comes back)
+        await publish(nc, settings, model, 1, "warm")
+
+        async def warmed() -> bool:
+            return len(await results(js, settings)) == 1
+
+        await wait_for(warmed, timeout=120, interval=0.2)
+        ids = await publish(nc, settings, model, 20, "t")
+        await asyncio.sleep(1.0)  # mid-batch: the slow runtime holds a batch now
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 60)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, log.read_text()[-3000:]
+    # grace (3 s) + runtime stop (5 s) + NATS drain: well inside the bound
+    assert took < 3 + 5 + 10, f"SIGTERM took {took:.1f}s"
+    done = {r.job_id for r in await results(js, settings)} - {"warm-0"}
+    info = await js.consumer_info(settings.stream("JOBS"), f"rst-jobs-{model}")
+    handed_back = info.num_pending + info.num_ack_pending + info.num_redelivered
+    assert done, "the batch in flight finished inside the grace period"
+    assert len(done) + info.num_pending + info.num_ack_pending >= len(ids), (done, handed_back)
+    leftovers = await asyncio.to_thread(
+        lambda: docker_client.containers.list(  # type: ignore[attr-defined]
+            all=True, filters={"label": "resultity.role=runtime"}
+        )
+    )
+    node_id = verify_node(settings)
+    assert not [c for c in leftovers if c.labels.get("resultity.node") == node_id]
+
+
+def verify_node(settings: Settings) -> str:
+    from worker.signing import load_key_file
+
+    return load_key_file(settings.key_file).node_id
