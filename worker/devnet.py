@@ -159,7 +159,7 @@ async def seed_network(
     archive, sha256, size = await _demo_model(plan.home, plan.engine)
     image = image or await _image_for(plan.engine, plan.backend)
     model_id = "tiny-llama" if plan.engine == "vllm" else "echo-demo"
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_url.split(","))
     try:
         js = nc.jetstream()
         await ensure_streams(js, settings)
