@@ -273,3 +273,66 @@ async def test_agent_rides_out_a_nats_restart(
             assert time.monotonic() - started < 60
         finally:
             await nc.close()
+
+
+async def test_nats_restart_mid_run_loses_nothing(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    from collections import Counter
+
+    settings = settings.model_copy(update={"batch_max_size": 4})  # ~40 jobs/s
+    snapshot = await seeded(settings, authority, tmp_path)
+    body = snapshot.model_dump(mode="json") | {"version": 2}
+    body["runtime"]["engine_args"] = {"slow_ms": 100}
+    nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        await publish_snapshot(
+            nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
+        )
+        js = nc.jetstream()
+        model = snapshot.models[0].id
+        ids = [f"r-{i}" for i in range(200)]
+        for job_id in ids:
+            data = msgpack.packb(job(model, job_id, job_id))
+            await js.publish(settings.subject("jobs", model), data, headers={"Nats-Msg-Id": job_id})
+        async with running(settings) as agent:
+            await serving(agent)
+
+            async def some() -> bool:
+                return len(await results(js, settings)) >= 30
+
+            await wait_for(some, 60)
+            await asyncio.to_thread(nats_server.restart)
+            assert len(await results(js, settings)) < len(ids), "restart landed mid-run"
+
+            async def all_done() -> bool:
+                try:
+                    return len({r.job_id for r in await results(js, settings)}) == len(ids)
+                except Exception:
+                    return False
+
+            await wait_for(all_done, 120, interval=0.5)
+        stored = await read_all(js, settings.stream("RESULTS"), settings.subject("results", ">"))
+        per_job = Counter(verify(d).body["job_id"] for d in stored)
+        assert set(per_job) == set(ids) and max(per_job.values()) == 1
+    finally:
+        await nc.close()
+
+
+async def test_metrics_endpoint_serves_prometheus_text() -> None:
+    from worker.metrics import Metrics, MetricsServer
+
+    metrics = Metrics()
+    metrics.jobs_received = 3
+    metrics.jobs_failed["BAD_REQUEST"] += 1
+    metrics.batch_size.observe(4)
+    async with MetricsServer(metrics, "127.0.0.1", 0) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        await writer.drain()
+        text = (await reader.read()).decode()
+        writer.close()
+    assert text.startswith("HTTP/1.0 200 OK")
+    assert "resultity_jobs_received_total 3" in text
+    assert 'resultity_jobs_failed_total{code="BAD_REQUEST"} 1' in text
+    assert 'resultity_batch_size_bucket{le="4"} 1' in text
