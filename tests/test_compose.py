@@ -1,0 +1,94 @@
+"""The compose stack as an operator runs it: `stack prepare`, Debian's `docker-compose up`,
+one job submitted from the host, a verified signed result, and `down -v` leaving nothing."""
+
+import asyncio
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from tests.conftest import unavailable
+from worker.client import Outcome, new_job_id, submit
+from worker.container import LABEL_NODE, LABEL_ROLE, ROLE_RUNTIME
+from worker.settings import Settings
+from worker.stack import COMPOSE_FILE, Stack, prepare
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
+
+
+def _compose(stack: Stack, project: str, *args: str, timeout: float = 300) -> str:
+    command = ["docker-compose", "-f", str(COMPOSE_FILE), "-p", project]
+    command += ["--env-file", str(stack.env_file), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc.stdout
+
+
+def _logs(stack: Stack, project: str) -> str:
+    try:
+        return _compose(stack, project, "logs", "--no-color", "--tail", "60")
+    except (AssertionError, subprocess.TimeoutExpired) as exc:
+        return f"(no logs: {exc})"
+
+
+async def _submit(url: str, stack: Stack, prompt: str) -> Outcome:
+    settings = Settings(nats_url=url, authority_keys=(stack.authority_id,))
+    nc = await nats.connect(url, connect_timeout=5)
+    try:
+        job = {
+            "job_id": new_job_id(),
+            "model_id": "echo-demo",
+            "prompt": prompt,
+            "params": {"max_tokens": 8, "seed": 7},
+        }
+        return await submit(nc, settings, job, wait_s=120)
+    finally:
+        await nc.close()
+
+
+def _runtime_containers(client: Any, node_id: str) -> list[Any]:
+    labels = [f"{LABEL_NODE}={node_id}", f"{LABEL_ROLE}={ROLE_RUNTIME}"]
+    found: list[Any] = client.containers.list(all=True, filters={"label": labels})
+    return found
+
+
+def test_compose_stack_serves_a_verified_result_from_the_host(
+    docker_client: Any, tmp_path: Path
+) -> None:
+    if shutil.which("docker-compose") is None:
+        unavailable("docker-compose is not installed (apt-get install docker-compose)")
+    stack = prepare(tmp_path / "stack", client=docker_client)
+    project = f"rsttest{uuid.uuid4().hex[:10]}"
+    # An ephemeral port on 127.0.0.1, so parallel runs and a developer's stack do not clash.
+    with stack.env_file.open("a") as env:
+        env.write("RESULTITY_NATS_PUBLISH=127.0.0.1:\n")
+    leftovers: list[Any] = []
+    try:
+        _compose(stack, project, "up", "-d")
+        seeder_id = _compose(stack, project, "ps", "-q", "seeder").strip()
+        status = docker_client.containers.get(seeder_id).wait(timeout=180)
+        assert status["StatusCode"] == 0, f"seeder failed:\n{_logs(stack, project)}"
+        host, port = _compose(stack, project, "port", "nats", "4222").strip().rsplit(":", 1)
+        assert host == "127.0.0.1"
+        try:
+            outcome = asyncio.run(_submit(f"nats://127.0.0.1:{port}", stack, "compose says hi"))
+        except TimeoutError as exc:
+            raise AssertionError(f"no result:\n{_logs(stack, project)}") from exc
+        # submit() has verified the signature and the input hash; the signer is our node.
+        result = outcome.result
+        assert result.node_id == stack.node_id
+        assert result.model.id == "echo-demo"
+        assert result.runtime.image == stack.runtime_image
+        assert result.output.finish_reason == "length"
+        assert len(result.output.token_ids) == 8
+    finally:
+        _compose(stack, project, "down", "-v", "--timeout", "40")
+        leftovers = _runtime_containers(docker_client, stack.node_id)
+        for container in leftovers:
+            container.remove(force=True)
+    assert not leftovers, "the agent left its runtime container behind"
