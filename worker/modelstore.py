@@ -328,6 +328,7 @@ def _download_https(
         conn = http.client.HTTPSConnection(
             parts.hostname, parts.port, timeout=timeout, context=context
         )
+        responses: list[http.client.HTTPResponse] = []
         try:
             path = parts.path or "/"
             if parts.query:
@@ -337,6 +338,7 @@ def _download_https(
                 headers["Range"] = f"bytes={dl.written}-"
             conn.request("GET", path, headers=headers)
             resp = conn.getresponse()
+            responses.append(resp)
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.getheader("Location")
                 if not location:
@@ -367,10 +369,14 @@ def _download_https(
                 dl.write([data])
                 if progress is not None:
                     progress(dl.written)
+            if resp.length:  # http.client reads short, without raising, when the peer closes
+                raise _Transient(f"connection ended with {resp.length} bytes of the body unread")
             return
         except (OSError, http.client.HTTPException) as exc:
             raise _Transient(f"{type(exc).__name__}: {exc}") from exc
         finally:
+            for resp in responses:
+                resp.close()
             conn.close()
     raise ModelUnavailable(f"model {spec.id}: more than {MAX_REDIRECTS} redirects")
 
