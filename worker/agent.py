@@ -34,6 +34,8 @@ from worker.signing import NodeKey
 
 log = logging.getLogger(__name__)
 
+STARTUP_PROVISION_ATTEMPTS = 12
+
 
 class AgentState(enum.Enum):
     NEW = "new"
@@ -115,7 +117,7 @@ class Agent:
         js = self._nc.jetstream()
         self._publisher = Publisher(self._nc, js, self.key, self.settings)
         if self.settings.provision:
-            await ensure_streams(js, self.settings)
+            await _provision_at_start(js, self.settings)
         from worker.modelstore import ModelStore
 
         self._store = ModelStore(self.settings.cache_dir, js=js)
@@ -408,6 +410,24 @@ class Agent:
 
     async def _on_error(self, exc: Exception) -> None:
         log.warning("nats_error error=%r", exc)
+
+
+async def _provision_at_start(js: Any, settings: Settings) -> None:
+    """`ensure_streams`, retried while JetStream is briefly unavailable (a cluster electing
+    stream leaders after a server restart answers with timeouts for a few seconds)."""
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+    from nats.js.errors import ServiceUnavailableError
+
+    for attempt in range(1, STARTUP_PROVISION_ATTEMPTS + 1):
+        try:
+            await ensure_streams(js, settings)
+            return
+        except (NatsTimeout, NoRespondersError, ServiceUnavailableError) as exc:
+            if attempt == STARTUP_PROVISION_ATTEMPTS:
+                raise
+            log.warning("provision_retry try=%d error=%r", attempt, exc)
+            await asyncio.sleep(min(5.0, 0.5 * attempt))
 
 
 class _Stop(Exception):
