@@ -11,6 +11,14 @@ COPY wheels/ /tmp/wheels/
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/python -m pip install --no-index --no-deps --no-cache-dir /tmp/wheels/*.whl \
  && (/opt/venv/bin/python -m pip uninstall -y torchvision torchaudio torchcodec triton || true)
+# vLLM inspects a model architecture in a subprocess (~7 s per start) and caches the answer
+# under $VLLM_CACHE_ROOT/modelinfos, keyed by its own source; seed it for common
+# architectures. The runtime copies the seed into its cache under /tmp at start.
+RUN VLLM_CACHE_ROOT=/opt/vllm-seed VLLM_NO_USAGE_STATS=1 /opt/venv/bin/python -c "\
+from vllm.model_executor.models.registry import ModelRegistry as R; \
+[R.models[a].inspect_model_cls() for a in ('LlamaForCausalLM', 'MistralForCausalLM', \
+ 'Qwen2ForCausalLM', 'Qwen3ForCausalLM')]" \
+ && chmod -R a+rX /opt/vllm-seed
 COPY app/ /opt/resultity/
 RUN /opt/venv/bin/python -m compileall -q /opt/resultity
 
@@ -21,12 +29,14 @@ RUN if ! ldconfig -p | grep -q libnuma.so.1; then \
       && rm -rf /var/lib/apt/lists/*; \
     fi
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/vllm-seed /opt/vllm-seed
 COPY --from=build /opt/resultity /opt/resultity
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/opt/resultity \
     PYTHONDONTWRITEBYTECODE=1 \
     RESULTITY_ENGINE=vllm \
     RESULTITY_MODEL_DIR=/model \
+    RESULTITY_VLLM_CACHE_SEED=/opt/vllm-seed \
     TMPDIR=/tmp \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \

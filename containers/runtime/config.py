@@ -6,6 +6,8 @@ RESULTITY_MODEL_SHA256     the model archive's SHA-256, reported in `ready`
 RESULTITY_ENGINE_ARGS      a JSON map of engine arguments
 RESULTITY_DEVICE           overrides the device reported in `ready`
 RESULTITY_MAX_FRAME_BYTES  the largest frame accepted (default schemas.frames.MAX_FRAME_BYTES)
+RESULTITY_VLLM_CACHE_SEED  vllm: a directory copied into VLLM_CACHE_ROOT at start
+RESULTITY_ECHO_FAULT       echo: `noready` never sends `ready` (tests)
 """
 
 import json

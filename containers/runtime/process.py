@@ -104,12 +104,22 @@ def main() -> int:
         "runtime_ready engine=%s version=%s device=%s", engine.name, engine.version, engine.device
     )
     try:
-        return serve(channel, engine)
+        status = serve(channel, engine)
     except (FrameError, ProtocolError) as exc:
         log.error("runtime_bad_input error=%s", exc)
         message = f"bad input frame: {exc}"
     except Exception as exc:
         log.exception("runtime_engine_failed")
         message = f"engine failed: {type(exc).__name__}: {exc}"
+    else:
+        _close(engine)
+        return status
     channel.send(frames.fatal(message))
     return 1
+
+
+def _close(engine: Engine) -> None:
+    try:
+        engine.close()
+    except Exception:
+        log.exception("runtime_close_failed engine=%s", engine.name)

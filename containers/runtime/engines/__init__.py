@@ -29,6 +29,10 @@ class Engine(Protocol):
         """One `frames.ok` or `frames.failed` map per request, in order."""
         ...
 
+    def close(self) -> None:
+        """Release the engine (child processes, memory) before the runtime exits."""
+        ...
+
 
 def load_engine(config: RuntimeConfig, write_raw: RawWriter) -> Engine:
     if config.engine == "echo":

@@ -108,6 +108,9 @@ class EchoEngine:
             time.sleep(self._slow_s)
         return [self._one(r) for r in requests]
 
+    def close(self) -> None:
+        pass
+
     def _one(self, req: Request) -> Frame:
         if req.prompt is not None and req.prompt.startswith(FAULT_PREFIX):
             fault = self._fault(req)
