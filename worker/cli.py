@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "resultity-node dev            # then, in another shell: resultity-node submit Hi",
     )
     p.add_argument("--home", default="~/.resultity/dev", help="keys, NATS data, model cache")
-    p.add_argument("--port", type=int, default=4222, help="NATS client port")
+    p.add_argument("--port", type=int, default=4222, help="NATS client port (0: any free)")
     p.add_argument(
         "--engine",
         choices=["auto", "echo", "vllm"],

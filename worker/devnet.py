@@ -205,7 +205,7 @@ async def run_dev(plan: DevPlan, *, on_result: Any, serve_forever: bool = True) 
     plan.home.mkdir(parents=True, exist_ok=True)
     node_key = _key(plan.home / "node.key")
     authority = _key(plan.home / "authority.key")
-    server = NatsServer(plan.home / "nats", port=plan.port, sync_always=True)
+    server = NatsServer(plan.home / "nats", port=plan.port or -1, sync_always=True)
     await asyncio.to_thread(server.start)
     try:
         settings = Settings(
