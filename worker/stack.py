@@ -16,6 +16,7 @@ one async entry point.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from worker import images
 from worker.errors import NodeError
@@ -263,21 +265,31 @@ def prepare(
 
 
 async def wait_for_nats(url: str, timeout_s: float) -> None:
-    """Return once NATS accepts a connection (the stack starts it beside us)."""
-    import nats
-
+    """Return once the (first) NATS server of `url` greets with its INFO line: the stack
+    starts it beside us. A raw probe, since a failed client connect can leak its socket."""
+    parts = urlsplit(url.split(",")[0].strip())
+    host, port = parts.hostname or "127.0.0.1", parts.port or 4222
     deadline = time.monotonic() + timeout_s
     while True:
+        line = b""
         try:
-            nc = await nats.connect(url.split(","), connect_timeout=2, allow_reconnect=False)
-        except Exception as exc:
-            if time.monotonic() > deadline:
-                raise StackError(f"NATS at {url} did not answer within {timeout_s:.0f}s") from exc
-            log.info("seed_waiting_for_nats url=%s error=%s", url, exc)
-            await asyncio.sleep(1)
-            continue
-        await nc.close()
-        return
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+            try:
+                line = await asyncio.wait_for(reader.readline(), 2)
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+        except (OSError, TimeoutError) as exc:
+            line = repr(exc).encode()
+        if line.startswith(b"INFO "):
+            return
+        if time.monotonic() > deadline:
+            raise StackError(
+                f"NATS at {url} did not answer within {timeout_s:.0f}s ({line[:80]!r})"
+            )
+        log.info("seed_waiting_for_nats url=%s", url)
+        await asyncio.sleep(0.5)
 
 
 async def seed(home: Path, authority_key: Path, image: str, *, engine: str = "echo") -> int:
