@@ -107,12 +107,19 @@ def _locked(name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _client(client: Any | None) -> Any:
+@contextlib.contextmanager
+def _docker(client: Any | None) -> Iterator[Any]:
+    """The caller's client, or a new one closed on exit."""
     if client is not None:
-        return client
+        yield client
+        return
     import docker
 
-    return docker.from_env(timeout=600)
+    own = docker.from_env(timeout=600)
+    try:
+        yield own
+    finally:
+        own.close()
 
 
 def _image_id(client: Any, ref: str) -> str | None:
@@ -208,7 +215,11 @@ def _assemble_context(recipe: Recipe, wheels: Path, context: Path) -> None:
 
 def make_debian_base(client: Any | None = None) -> str:
     """A Debian base image with Python, made by mmdebstrap and `docker import`; cached by tag."""
-    client = _client(client)
+    with _docker(client) as docker_client:
+        return _make_debian_base(docker_client)
+
+
+def _make_debian_base(client: Any) -> str:
     mirror = os.environ.get("RESULTITY_DEBIAN_MIRROR", "http://deb.debian.org/debian")
     key = hashlib.sha256(f"{DEBIAN_SUITE}\0{mirror}\0{','.join(BASE_PACKAGES)}".encode())
     tag = f"resultity/base:{DEBIAN_SUITE}-{key.hexdigest()[:12]}"
@@ -248,11 +259,10 @@ def make_debian_base(client: Any | None = None) -> str:
         return image_id
 
 
-def resolve_base(recipe: Recipe, client: Any | None = None, base: str | None = None) -> str:
+def resolve_base(recipe: Recipe, client: Any, base: str | None = None) -> str:
     """The base image's id: the one asked for, the public one, or one made by mmdebstrap."""
     import docker.errors
 
-    client = _client(client)
     choice = base or os.environ.get("RESULTITY_IMAGE_BASE", "auto")
     if choice not in ("auto", "pull", "mmdebstrap"):
         found = _image_id(client, choice)
@@ -272,7 +282,7 @@ def resolve_base(recipe: Recipe, client: Any | None = None, base: str | None = N
                     f"cannot pull {recipe.public_base} for {recipe.engine}: {exc}"
                 ) from exc
             log.info("base_unpullable image=%s using=mmdebstrap", recipe.public_base)
-    return make_debian_base(client)
+    return _make_debian_base(client)
 
 
 def ensure_image(engine: str, *, client: Any | None = None, base: str | None = None) -> str:
@@ -281,8 +291,12 @@ def ensure_image(engine: str, *, client: Any | None = None, base: str | None = N
     known = recipes()
     if engine not in known:
         raise ImageBuildError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
-    recipe = known[engine]
-    client = _client(client)
+    with _docker(client) as docker_client:
+        return _ensure_image(known[engine], docker_client, base)
+
+
+def _ensure_image(recipe: Recipe, client: Any, base: str | None) -> str:
+    engine = recipe.engine
     base_id = resolve_base(recipe, client, base)
     wheels = wheelhouse(recipe)
     key = build_key(recipe, base_id, wheels)
