@@ -1,4 +1,5 @@
-"""JSON Schema of every wire payload, written to `schemas/json/<name>.json`.
+"""JSON Schema of every wire payload, written to `schemas/json/<name>.json`, and the AsyncAPI
+document of the subjects, `schemas/asyncapi.json`.
 
 `python -m schemas.export` regenerates the files; `python -m schemas.export --check` exits 1
 when any of them is stale. The envelope's schema is written by hand: its fields are msgpack
@@ -14,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from schemas import asyncapi
 from schemas.envelope import ENVELOPE_VERSION, EnvelopeType
 from schemas.event import ErrorEvent, LifecycleEvent
 from schemas.job import Job, Params
@@ -21,6 +23,7 @@ from schemas.result import ResultBody
 from schemas.snapshot import ModelSpec, RuntimeSpec, Snapshot, ValidationVector
 
 JSON_DIR = Path(__file__).with_name("json")
+ASYNCAPI = Path(__file__).with_name("asyncapi.json")
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 ID_BASE = "https://resultity.network/schemas/v1/"
 
@@ -88,6 +91,8 @@ def stale(directory: Path | None = None) -> list[str]:
     wanted = {f"{name}.json": render(schema) for name, schema in schemas().items()}
     names = [n for n, text in wanted.items() if _read(directory / n) != text]
     names += [p.name for p in directory.glob("*.json") if p.name not in wanted]
+    if directory == JSON_DIR and _read(ASYNCAPI) != render(asyncapi.document()):
+        names.append(ASYNCAPI.name)
     return sorted(names)
 
 
@@ -112,6 +117,9 @@ def write(directory: Path | None = None) -> list[Path]:
         if _read(path) != text:
             path.write_text(text)
             written.append(path)
+    if directory == JSON_DIR and _read(ASYNCAPI) != render(asyncapi.document()):
+        ASYNCAPI.write_text(render(asyncapi.document()))
+        written.append(ASYNCAPI)
     return written
 
 

@@ -100,7 +100,28 @@ def test_settings_table_rows() -> None:
     assert "| `RESULTITY_AUTHORITY_KEYS` | empty |" in table
 
 
-def test_readme_names_the_check_command_that_ci_runs() -> None:
+def test_readme_names_the_test_command_that_ci_runs() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert "```\nscripts/check\n```" in readme
-    assert "scripts/check" in (ROOT / ".ci" / "run").read_text()
+    assert "```\nscripts/test\n```" in readme
+    assert "scripts/test" in (ROOT / ".ci" / "run").read_text()
+    assert "scripts/check" in (ROOT / "scripts" / "test").read_text()
+
+
+def test_asyncapi_document_names_every_subject_and_is_fresh() -> None:
+    from schemas import asyncapi
+
+    doc = asyncapi.document()
+    channels = set(doc["channels"])
+    for subject in (
+        "rst.jobs.{model_id}",
+        "rst.results.{job_id}",
+        "rst.events.error.{node_id}",
+        "rst.events.node.{node_id}",
+        "rst.nodes.{node_id}.heartbeat",
+        "$KV.rst_config.snapshot",
+    ):
+        assert subject in channels
+    refs = json.dumps(doc)
+    for name in ("job", "result_body", "error_event", "lifecycle_event", "snapshot", "envelope"):
+        assert f"json/{name}.json" in refs
+    assert export.ASYNCAPI.read_text() == export.render(doc)
