@@ -142,6 +142,7 @@ async def test_status_endpoint_and_heartbeat(
         state = msgpack.unpackb(reply.data)
     assert state["state"] == "serving" and state["config_version"] == 1
     assert state["runtime"]["backend"] == "process"
+    assert "resultity_runtime_restarts_total 0" in agent.metrics.render()
 
 
 async def test_rejected_snapshot_changes_nothing(

@@ -99,6 +99,7 @@ class Agent:
         # Failures found inside the pipeline's own tasks; handled by `_trouble_loop`, since
         # the pipeline cannot drain itself from within.
         self._troubles: asyncio.Queue[ModelInvalid] = asyncio.Queue()
+        self.metrics.collect = self._collect_metrics
 
     # lifecycle
 
@@ -378,6 +379,10 @@ class Agent:
         assert port is not None
         async with MetricsServer(self.metrics, self.settings.metrics_host, port):
             await stop.wait()
+
+    def _collect_metrics(self) -> None:
+        if self._supervisor is not None:
+            self.metrics.runtime_restarts = self._supervisor.stats().restarts
 
     def status(self) -> dict[str, Any]:
         sup = asdict(self._supervisor.stats()) if self._supervisor is not None else {}

@@ -4,6 +4,7 @@ import asyncio
 import bisect
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,12 @@ class Metrics:
         self.batch_size = Histogram(SIZE_BUCKETS)
         self.engine_seconds = Histogram(LATENCY_BUCKETS)
         self.job_latency_seconds = Histogram(LATENCY_BUCKETS)
+        self.collect: Callable[[], None] | None = None
+        """Called before each render, to copy in figures kept elsewhere."""
 
     def render(self) -> str:
+        if self.collect is not None:
+            self.collect()
         lines = [
             "# TYPE resultity_jobs_received_total counter",
             f"resultity_jobs_received_total {self.jobs_received}",
