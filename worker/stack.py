@@ -152,18 +152,18 @@ def _nats_files() -> list[tuple[str, Path]]:
 def ensure_nats_image(*, client: Any | None = None, context: Path | None = None) -> BuiltImage:
     """The NATS image (`FROM scratch`), built only if its content hash has no image yet.
     `context`: where to leave the build context (default: a temporary directory)."""
-    client = images._client(client)
-    files = _nats_files()
-    digest = hashlib.sha256(b"resultity-nats\0")
-    _hash_files(digest, files)
-    key = digest.hexdigest()
-    tag = f"resultity/nats:{key[:20]}"
-    with images._locked("image-nats"), tempfile.TemporaryDirectory(prefix="rst-nats-") as tmp:
-        where = context or Path(tmp) / "context"
-        _fill_context(where, files)
-        (where / "data").mkdir()
-        (where / "data" / ".keep").write_text("")
-        return _build(client, where, tag, key, {}, "nats")
+    with images._docker(client) as client:
+        files = _nats_files()
+        digest = hashlib.sha256(b"resultity-nats\0")
+        _hash_files(digest, files)
+        key = digest.hexdigest()
+        tag = f"resultity/nats:{key[:20]}"
+        with images._locked("image-nats"), tempfile.TemporaryDirectory(prefix="rst-nats-") as tmp:
+            where = context or Path(tmp) / "context"
+            _fill_context(where, files)
+            (where / "data").mkdir()
+            (where / "data" / ".keep").write_text("")
+            return _build(client, where, tag, key, {}, "nats")
 
 
 def agent_recipe() -> Recipe:
@@ -200,22 +200,22 @@ def ensure_agent_image(
 ) -> tuple[BuiltImage, str]:
     """The agent image and the base it was built on (`images.resolve_base` picks it: the
     public python:3.11-slim when present, else the mmdebstrap base)."""
-    client = images._client(client)
-    recipe = agent_recipe()
-    base_id = images.resolve_base(recipe, client, base)
-    wheels = images.wheelhouse(recipe)
-    files = [("Dockerfile", CONTAINERS_DIR / "agent.Dockerfile"), *_agent_sources()]
-    files += [(f"wheels/{w.name}", w) for w in sorted(wheels.glob("*.whl"))]
-    digest = hashlib.sha256(f"resultity-agent\0base\0{base_id}\0".encode())
-    _hash_files(digest, files)
-    key = digest.hexdigest()
-    tag = f"resultity/agent:{key[:20]}"
-    with images._locked("image-agent"), tempfile.TemporaryDirectory(prefix="rst-agent-") as tmp:
-        where = context or Path(tmp) / "context"
-        _fill_context(where, files)
-        # setuptools wants the readme pyproject names; the image does not need the real one.
-        (where / "src" / "README.md").write_text("Resultity node agent.\n")
-        return _build(client, where, tag, key, {"BASE": base_id}, "agent"), base_id
+    with images._docker(client) as client:
+        recipe = agent_recipe()
+        base_id = images.resolve_base(recipe, client, base)
+        wheels = images.wheelhouse(recipe)
+        files = [("Dockerfile", CONTAINERS_DIR / "agent.Dockerfile"), *_agent_sources()]
+        files += [(f"wheels/{w.name}", w) for w in sorted(wheels.glob("*.whl"))]
+        digest = hashlib.sha256(f"resultity-agent\0base\0{base_id}\0".encode())
+        _hash_files(digest, files)
+        key = digest.hexdigest()
+        tag = f"resultity/agent:{key[:20]}"
+        with images._locked("image-agent"), tempfile.TemporaryDirectory(prefix="rst-agent-") as tmp:
+            where = context or Path(tmp) / "context"
+            _fill_context(where, files)
+            # setuptools wants the readme pyproject names; the image does not need the real one.
+            (where / "src" / "README.md").write_text("Resultity node agent.\n")
+            return _build(client, where, tag, key, {"BASE": base_id}, "agent"), base_id
 
 
 def _key(path: Path) -> NodeKey:
@@ -230,38 +230,38 @@ def prepare(
     stack_dir: Path = DEFAULT_STACK_DIR, *, base: str | None = None, client: Any | None = None
 ) -> Stack:
     """Keys, env files and images for `docker-compose.yml`; idempotent, keys are kept."""
-    client = images._client(client)
-    stack_dir = stack_dir.expanduser().resolve()
-    secrets = stack_dir / "secrets"
-    secrets.mkdir(parents=True, exist_ok=True)
-    os.chmod(secrets, 0o700)
-    # Compose v1 mounts file secrets as bind mounts with the host file's mode, and the agent
-    # refuses a key readable by group or others: write_key_file creates them 0600.
-    node = _key(secrets / "node_key")
-    authority = _key(secrets / "authority_key")
-    (stack_dir / "cache").mkdir(exist_ok=True)
-    runtime_image = images.ensure_image("echo", client=client, base=base)
-    nats = ensure_nats_image(client=client, context=stack_dir / "build" / "nats")
-    agent, agent_base = ensure_agent_image(
-        client=client, base=base, context=stack_dir / "build" / "agent"
-    )
-    stack = Stack(
-        stack_dir, node.node_id, authority.node_id, nats, agent, agent_base, runtime_image
-    )
-    _write_env(
-        stack.env_file,
-        {
-            "RESULTITY_STACK_DIR": str(stack_dir),
-            "RESULTITY_CACHE_DIR": str(stack.cache_dir),
-            "RESULTITY_NATS_IMAGE": nats.tag,
-            "RESULTITY_AGENT_IMAGE": agent.tag,
-            "RESULTITY_AGENT_BASE": agent_base,
-            "RESULTITY_RUNTIME_IMAGE": runtime_image,
-        },
-    )
-    _write_env(stack_dir / "agent.env", {"RESULTITY_AUTHORITY_KEYS": authority.node_id})
-    log.info("stack_prepared dir=%s node_id=%s", stack_dir, node.node_id)
-    return stack
+    with images._docker(client) as client:
+        stack_dir = stack_dir.expanduser().resolve()
+        secrets = stack_dir / "secrets"
+        secrets.mkdir(parents=True, exist_ok=True)
+        os.chmod(secrets, 0o700)
+        # Compose v1 mounts file secrets as bind mounts with the host file's mode, and the agent
+        # refuses a key readable by group or others: write_key_file creates them 0600.
+        node = _key(secrets / "node_key")
+        authority = _key(secrets / "authority_key")
+        (stack_dir / "cache").mkdir(exist_ok=True)
+        runtime_image = images.ensure_image("echo", client=client, base=base)
+        nats = ensure_nats_image(client=client, context=stack_dir / "build" / "nats")
+        agent, agent_base = ensure_agent_image(
+            client=client, base=base, context=stack_dir / "build" / "agent"
+        )
+        stack = Stack(
+            stack_dir, node.node_id, authority.node_id, nats, agent, agent_base, runtime_image
+        )
+        _write_env(
+            stack.env_file,
+            {
+                "RESULTITY_STACK_DIR": str(stack_dir),
+                "RESULTITY_CACHE_DIR": str(stack.cache_dir),
+                "RESULTITY_NATS_IMAGE": nats.tag,
+                "RESULTITY_AGENT_IMAGE": agent.tag,
+                "RESULTITY_AGENT_BASE": agent_base,
+                "RESULTITY_RUNTIME_IMAGE": runtime_image,
+            },
+        )
+        _write_env(stack_dir / "agent.env", {"RESULTITY_AUTHORITY_KEYS": authority.node_id})
+        log.info("stack_prepared dir=%s node_id=%s", stack_dir, node.node_id)
+        return stack
 
 
 async def wait_for_nats(url: str, timeout_s: float) -> None:
