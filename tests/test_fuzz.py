@@ -1,0 +1,479 @@
+"""Fuzzing with hypothesis, at volume:
+
+- job payloads (random bytes, type confusion, huge values, deep nesting, wrong model, bad
+  UTF-8, oversize) mixed with valid jobs into a running pipeline on a real nats-server:
+  the pipeline stays up, each bad job gets exactly one signed final error event, each valid
+  job exactly one verified result;
+- forged, mutated and rolled-back snapshots against `check_snapshot`: none accepted;
+- tampered model bytes behind a `nats-object://` source: never returned, cache left clean.
+
+Each test prints its case counts.
+"""
+
+import asyncio
+import hashlib
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nats
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from schemas.codec import decode
+from schemas.envelope import EnvelopeType, pack_envelope
+from schemas.job import Job
+from schemas.snapshot import ModelSpec, Snapshot
+from tests.jobnet import EchoRuntime, errors, publish_job, results, wait_for
+from worker import objectstore
+from worker.config import ConfigRejected, check_snapshot
+from worker.errors import ModelInvalid
+from worker.modelstore import ModelStore
+from worker.natsd import NatsServer
+from worker.pipeline import Pipeline, PipelineState, Serving
+from worker.provision import provision
+from worker.publisher import Publisher
+from worker.settings import Settings
+from worker.signing import NodeKey
+
+SLOW = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
+MAX_JOB_BYTES = 16 * 1024
+SERVING = Serving("demo", "1", "a" * 64, "sha256:" + "1" * 64, 3)
+
+
+def _report(capsys: pytest.CaptureFixture[str], name: str, counts: Counter[str]) -> None:
+    with capsys.disabled():
+        print(f"\n{name} fuzz counts: {dict(sorted(counts.items()))}")  # noqa: T201
+
+
+# -- job payloads -----------------------------------------------------------------------
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 63), (1 << 64) - 1)
+    | st.floats()
+    | st.text(max_size=16)
+    | st.binary(max_size=16),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+valid_params = st.fixed_dictionaries(
+    {},
+    optional={
+        "max_tokens": st.integers(1, 64),
+        "temperature": st.floats(0, 2) | st.integers(0, 2),
+        "top_p": st.floats(0.01, 1),
+        "top_k": st.integers(-1, 100),
+        "seed": st.integers(0, (1 << 63) - 1),
+        "stop": st.lists(st.text(min_size=1, max_size=8), max_size=3),
+    },
+)
+
+
+def _valid(job_id: str, prompt: Any, params: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {"job_id": job_id, "model_id": "demo", "params": params}
+    if isinstance(prompt, str):
+        body["prompt"] = prompt
+    else:
+        body["prompt_token_ids"] = prompt
+    return body
+
+
+valid_prompt = st.text(max_size=200) | st.lists(st.integers(0, (1 << 31) - 1), min_size=1)
+
+
+def _nest(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _bad_utf8(body: dict[str, Any], junk: bytes) -> bytes:
+    marker = "\u0001" * len(junk)
+    body["prompt"] = marker
+    packed: bytes = msgpack.packb(body)
+    return packed.replace(marker.encode(), junk, 1)
+
+
+FIELDS = ["job_id", "model_id", "prompt", "prompt_token_ids", "params", "deadline"]
+PARAMS = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stop"]
+
+
+@st.composite
+def job_payload(draw: st.DrawFn, job_id: str) -> tuple[str, bytes]:
+    """(category, bytes) for one job published under `job_id`."""
+    base = _valid(job_id, draw(valid_prompt), draw(valid_params))
+    kind = draw(
+        st.sampled_from(
+            [
+                "valid",
+                "valid",
+                "valid",
+                "random_bytes",
+                "not_a_map",
+                "type_confusion",
+                "params_confusion",
+                "huge_values",
+                "deep_nesting",
+                "wrong_model",
+                "bad_utf8",
+                "oversize",
+                "extra_key",
+                "expired",
+            ]
+        )
+    )
+    if kind == "random_bytes":
+        return kind, draw(st.binary(max_size=400))
+    if kind == "not_a_map":
+        return kind, msgpack.packb(draw(msgpack_values.filter(lambda v: not isinstance(v, dict))))
+    if kind == "type_confusion":
+        base[draw(st.sampled_from(FIELDS))] = draw(msgpack_values)
+    elif kind == "params_confusion":
+        base["params"] = {draw(st.sampled_from(PARAMS)): draw(msgpack_values)}
+    elif kind == "huge_values":
+        field = draw(st.sampled_from(["max_tokens", "seed", "token", "temperature", "deadline"]))
+        huge = draw(st.integers(1 << 31, (1 << 64) - 1) | st.just(1e308) | st.just(-(1 << 63)))
+        if field == "token":
+            base.pop("prompt", None)
+            base["prompt_token_ids"] = [1, huge]
+        elif field == "deadline":
+            base["deadline"] = -float(huge)
+        else:
+            base["params"] = {field: huge}
+    elif kind == "deep_nesting":
+        where = draw(st.sampled_from(["stop", "prompt", "extra"]))
+        nested = _nest(draw(st.integers(5, 400)))
+        if where == "stop":
+            base["params"] = {"stop": nested}
+        elif where == "prompt":
+            base["prompt"] = nested
+        else:
+            base["params"] = {"nested": {"deeper": nested}}
+    elif kind == "wrong_model":
+        base["model_id"] = draw(st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True))
+    elif kind == "bad_utf8":
+        junk = draw(st.binary(min_size=1, max_size=12).filter(_not_utf8))
+        base.pop("prompt_token_ids", None)
+        return kind, _bad_utf8(base, junk)
+    elif kind == "oversize":
+        base.pop("prompt_token_ids", None)
+        base["prompt"] = "o" * draw(st.integers(MAX_JOB_BYTES, 4 * MAX_JOB_BYTES))
+    elif kind == "extra_key":
+        base[draw(st.text(min_size=1, max_size=10).filter(lambda k: k not in FIELDS))] = 1
+    elif kind == "expired":
+        base["deadline"] = time.time() - draw(st.floats(1, 1e9))
+    return kind, msgpack.packb(base)
+
+
+def _not_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def expects_result(data: bytes) -> bool:
+    """The oracle: a job that decodes as a Job for model `demo`, not expired, must run."""
+    try:
+        job = decode(Job, data, max_bytes=MAX_JOB_BYTES)
+    except Exception:
+        return False
+    return job.model_id == "demo" and (job.deadline is None or job.deadline > time.time() + 60)
+
+
+@st.composite
+def job_batch(draw: st.DrawFn) -> list[tuple[str, str, bytes]]:
+    size = draw(st.integers(20, 80))
+    return [(f"f{i}", *draw(job_payload(f"f{i}"))) for i in range(size)]
+
+
+PAYLOAD_COUNTS: Counter[str] = Counter()
+
+
+async def _payload_round(url: str, tmp: Path, jobs: list[tuple[str, str, bytes]]) -> None:
+    n = PAYLOAD_COUNTS["examples"]
+    settings = Settings(
+        nats_url=url,
+        subject_prefix=f"fz{n}",
+        key_file=tmp / "node.key",
+        cache_dir=tmp / "cache",
+        state_dir=tmp / "state",
+        ack_wait_s=10,
+        max_deliver=3,
+        max_job_bytes=MAX_JOB_BYTES,
+        shutdown_grace_s=2,
+    )
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await provision(js, settings, ["demo"])
+        key = NodeKey.generate()
+        valid = sorted(j for j, _, data in jobs if expects_result(data))
+        bad = sorted(j for j, _, data in jobs if not expects_result(data))
+        for job_id, _, data in jobs:
+            await publish_job(js, settings, "demo", data, job_id)
+        publisher = Publisher(nc, js, key, settings)
+        async with Pipeline(nc, settings, publisher, EchoRuntime(), SERVING) as pipe:
+
+            async def settled() -> bool:
+                info = await js.stream_info(settings.stream("JOBS"))
+                return info.state.messages == 0 and pipe.in_flight == 0
+
+            await wait_for(settled, timeout=60)
+            assert pipe.state is PipelineState.RUNNING
+            got = await results(js, settings)
+            errs = await errors(js, settings)
+        assert sorted(r.job_id for r in got) == valid
+        assert all(r.node_id == key.node_id for r in got)
+        assert Counter(e.job_id for e in errs) == Counter(bad), "one error event per bad job"
+        assert all(not e.retryable and e.node_id == key.node_id for e in errs)
+        PAYLOAD_COUNTS["jobs"] += len(jobs)
+        PAYLOAD_COUNTS["valid_completed"] += len(valid)
+        PAYLOAD_COUNTS["bad_with_one_error"] += len(bad)
+        for _, kind, _data in jobs:
+            PAYLOAD_COUNTS[f"kind_{kind}"] += 1
+        for e in errs:
+            PAYLOAD_COUNTS[f"code_{e.code.value}"] += 1
+        PAYLOAD_COUNTS["examples"] += 1
+    finally:
+        await nc.close()
+
+
+@pytest.mark.nats
+@pytest.mark.timeout(600)
+@settings(max_examples=30, deadline=None, suppress_health_check=SLOW)
+@given(jobs=job_batch())
+def test_fuzzed_jobs_each_get_one_outcome(
+    nats_server: NatsServer, tmp_path: Path, jobs: list[tuple[str, str, bytes]]
+) -> None:
+    asyncio.run(_payload_round(nats_server.url, tmp_path, jobs))
+
+
+@pytest.mark.nats
+def test_payload_fuzz_report(capsys: pytest.CaptureFixture[str]) -> None:
+    _report(capsys, "job payload", PAYLOAD_COUNTS)
+
+
+# -- snapshots --------------------------------------------------------------------------
+
+AUTHORITY = NodeKey.from_seed(b"\x01" * 32)
+FORGER = NodeKey.from_seed(b"\x02" * 32)
+TRUSTED = frozenset({bytes.fromhex(AUTHORITY.node_id)})
+IN_FORCE = 10
+
+
+def snapshot_body(version: int, **over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "version": version,
+        "issued_at": 1.0,
+        "runtime": {
+            "name": "echo",
+            "image": "sha256:" + "1" * 64,
+            "engine": "echo",
+            "engine_args": {},
+        },
+        "models": [
+            {
+                "id": "demo",
+                "version": "1",
+                "sha256": "2" * 64,
+                "size": 10,
+                "source": "nats-object://rst_models/demo",
+                "validation": [],
+            }
+        ],
+    }
+    body.update(over)
+    return body
+
+
+GOOD = AUTHORITY.sign(EnvelopeType.CONFIG, snapshot_body(IN_FORCE + 1))
+SNAPSHOT_COUNTS: Counter[str] = Counter()
+
+
+@st.composite
+def forged_snapshot(draw: st.DrawFn) -> tuple[str, bytes, int]:
+    """(category, envelope, version in force) that must be rejected."""
+    kind = draw(
+        st.sampled_from(
+            [
+                "byte_flips",
+                "truncated",
+                "extended",
+                "other_signer",
+                "claims_authority_key",
+                "rollback",
+                "replay",
+                "wrong_typ",
+                "body_swap",
+                "invalid_body",
+                "random_bytes",
+            ]
+        )
+    )
+    if kind == "byte_flips":
+        data = bytearray(GOOD)
+        for pos, xor in draw(
+            st.lists(st.tuples(st.integers(0, len(GOOD) - 1), st.integers(1, 255)), min_size=1)
+        ):
+            data[pos] ^= xor
+        if bytes(data) == GOOD:
+            data[0] ^= 1
+        return kind, bytes(data), IN_FORCE
+    if kind == "truncated":
+        return kind, GOOD[: draw(st.integers(0, len(GOOD) - 1))], IN_FORCE
+    if kind == "extended":
+        return kind, GOOD + draw(st.binary(min_size=1, max_size=64)), IN_FORCE
+    version = draw(st.integers(IN_FORCE + 1, 1 << 40))
+    mutated = snapshot_body(
+        version,
+        runtime={
+            "name": "evil",
+            "image": "sha256:" + draw(st.from_regex(r"[0-9a-f]{64}", fullmatch=True)),
+            "engine": draw(st.sampled_from(["echo", "vllm"])),
+            "engine_args": {},
+        },
+    )
+    if kind == "other_signer":
+        return kind, FORGER.sign(EnvelopeType.CONFIG, mutated), IN_FORCE
+    if kind == "claims_authority_key":
+        body = msgpack.packb(mutated)
+        sig = FORGER.sign_bytes(EnvelopeType.CONFIG, body)
+        forged = msgpack.unpackb(sig)
+        env = pack_envelope("config", body, bytes.fromhex(AUTHORITY.node_id), forged["sig"])
+        return kind, env, IN_FORCE
+    if kind == "rollback":
+        old = draw(st.integers(-5, IN_FORCE))
+        return kind, AUTHORITY.sign(EnvelopeType.CONFIG, snapshot_body(old)), IN_FORCE
+    if kind == "replay":
+        return kind, GOOD, draw(st.integers(IN_FORCE + 1, 1 << 40))
+    if kind == "wrong_typ":
+        typ = draw(st.sampled_from([EnvelopeType.RESULT, EnvelopeType.ERROR, EnvelopeType.EVENT]))
+        return kind, AUTHORITY.sign(typ, mutated | {"node_id": AUTHORITY.node_id}), IN_FORCE
+    if kind == "body_swap":
+        env = msgpack.unpackb(GOOD)
+        env["body"] = msgpack.packb(mutated)
+        return kind, msgpack.packb(env, use_bin_type=True), IN_FORCE
+    if kind == "invalid_body":
+        field = draw(st.sampled_from(["version", "issued_at", "runtime", "models", "extra"]))
+        broken = snapshot_body(version) | {field: draw(msgpack_values)}
+        return kind, AUTHORITY.sign(EnvelopeType.CONFIG, broken), IN_FORCE
+    return kind, draw(st.binary(max_size=600)), IN_FORCE
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=SLOW)
+@given(case=forged_snapshot())
+def test_forged_or_rolled_back_snapshots_are_never_accepted(
+    case: tuple[str, bytes, int],
+) -> None:
+    kind, data, in_force = case
+    accepted: Snapshot | None = None
+    try:
+        accepted, _ = check_snapshot(data, TRUSTED, in_force=in_force)
+    except ConfigRejected:
+        pass
+    if kind == "invalid_body" and accepted is not None:
+        # a drawn value that happens to be valid for its field is an honest snapshot
+        SNAPSHOT_COUNTS["invalid_body_valid_by_chance"] += 1
+        return
+    assert accepted is None, (kind, accepted)
+    SNAPSHOT_COUNTS[kind] += 1
+    SNAPSHOT_COUNTS["rejected"] += 1
+
+
+def test_snapshot_fuzz_report(capsys: pytest.CaptureFixture[str]) -> None:
+    assert check_snapshot(GOOD, TRUSTED, in_force=IN_FORCE)[0].version == IN_FORCE + 1
+    _report(capsys, "snapshot", SNAPSHOT_COUNTS)
+
+
+# -- model bytes ------------------------------------------------------------------------
+
+MODEL = hashlib.sha256(b"seed").digest() * 700  # 22,400 bytes, several 4 KiB chunks
+MODEL_SPEC = ModelSpec.model_validate(
+    {
+        "id": "m1",
+        "version": "1",
+        "sha256": hashlib.sha256(MODEL).hexdigest(),
+        "size": len(MODEL),
+        "source": "nats-object://rst_models/m1",
+    }
+)
+MODEL_COUNTS: Counter[str] = Counter()
+
+
+@st.composite
+def tampered_model(draw: st.DrawFn) -> tuple[str, bytes]:
+    kind = draw(st.sampled_from(["flips", "truncated", "extended", "replaced", "mixed"]))
+    data = bytearray(MODEL)
+    if kind in ("flips", "mixed"):
+        for pos, xor in draw(
+            st.lists(st.tuples(st.integers(0, len(MODEL) - 1), st.integers(1, 255)), min_size=1)
+        ):
+            data[pos] ^= xor
+    if kind in ("truncated", "mixed"):
+        del data[draw(st.integers(0, len(data) - 1)) :]
+    if kind == "extended":
+        data += draw(st.binary(min_size=1, max_size=5000))
+    if kind == "replaced":
+        data = bytearray(random.Random(draw(st.integers())).randbytes(len(MODEL)))
+    if bytes(data) == MODEL:
+        data[-1] ^= 1
+    return kind, bytes(data)
+
+
+async def _fetch_tampered(url: str, tmp: Path, kind: str, data: bytes) -> None:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        path = tmp / "upload"
+        path.write_bytes(data)
+        await objectstore.put_file(js, "rst_models", "m1", path, chunk_size=4096)
+        store = ModelStore(tmp / "cache", js=js, attempts=1, backoff_s=0.01, idle_timeout_s=5)
+        with pytest.raises(ModelInvalid):
+            await store.fetch(MODEL_SPEC)
+        assert store.cached() == set()
+        assert not store.blob_path(MODEL_SPEC.sha256).exists()
+        assert list((store.cache_dir / "tmp").iterdir()) == []
+        MODEL_COUNTS[kind] += 1
+        MODEL_COUNTS["rejected"] += 1
+    finally:
+        await nc.close()
+
+
+@pytest.mark.nats
+@pytest.mark.timeout(300)
+@settings(max_examples=100, deadline=None, suppress_health_check=SLOW)
+@given(case=tampered_model())
+def test_tampered_model_bytes_are_never_returned(
+    nats_server: NatsServer, tmp_path: Path, case: tuple[str, bytes]
+) -> None:
+    asyncio.run(_fetch_tampered(nats_server.url, tmp_path, *case))
+
+
+@pytest.mark.nats
+async def test_model_fuzz_report(
+    nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The untampered model still fetches (the fuzzer's oracle is sound); prints counts."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        (tmp_path / "good").write_bytes(MODEL)
+        await objectstore.put_file(js, "rst_models", "m1", tmp_path / "good", chunk_size=4096)
+        store = ModelStore(tmp_path / "cache", js=js, attempts=1)
+        blob = await store.fetch(MODEL_SPEC)
+        assert blob.read_bytes() == MODEL
+    finally:
+        await nc.close()
+    _report(capsys, "model bytes", MODEL_COUNTS)
