@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from schemas.snapshot import ModelSpec
-from worker.errors import ImageUnavailable, ItemFailed, ModelInvalid
+from worker.errors import ImageUnavailable, ItemFailed, ModelInvalid, RuntimeEnded
 from worker.imagepin import ensure_image
 from worker.runtime import Completion, ItemOutcome, RuntimeFacts, WorkItem
 from worker.validation import run_vectors, token_ids_sha256, validate_model, vector_payload
@@ -92,6 +92,19 @@ async def test_mismatch_and_item_error_fail_with_details() -> None:
     assert "runtime error" in report.failures[1].detail
     with pytest.raises(ModelInvalid, match="2 of 2 validation vectors failed; vector 0"):
         await validate_model(runtime, s)
+
+
+class CrashingRuntime(StubRuntime):
+    """The supervisor's view of a runtime that died mid-batch: retryable, per item."""
+
+    async def run(self, items: list[WorkItem]) -> list[ItemOutcome]:
+        return [RuntimeEnded("runtime exited with code 137") for _ in items]
+
+
+async def test_a_broken_runtime_is_not_an_invalid_model() -> None:
+    s = spec([{"prompt": "hi", "expected_sha256": token_ids_sha256([5, 6])}])
+    with pytest.raises(RuntimeEnded):
+        await validate_model(CrashingRuntime({}), s)
 
 
 @pytest.mark.docker

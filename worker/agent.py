@@ -34,6 +34,8 @@ from worker.signing import NodeKey
 
 log = logging.getLogger(__name__)
 
+VALIDATION_ATTEMPTS = 3
+
 STARTUP_PROVISION_ATTEMPTS = 12
 
 
@@ -71,6 +73,10 @@ class ValidatedRuntime:
             except ModelInvalid as exc:
                 self._on_invalid(exc)
                 return [RuntimeFailure(f"handed back: {exc}") for _ in items]
+            except RuntimeFailure as exc:
+                # The restarted runtime broke again before the vectors ran: not the model's
+                # fault. Hand the batch back; the next batch validates again.
+                return [RuntimeFailure(f"handed back: validation not run: {exc}") for _ in items]
             self._validated_restarts = restarts
         outcomes: list[ItemOutcome] = await self._sup.run(items)
         return outcomes
@@ -228,7 +234,13 @@ class Agent:
                 LifecycleKind.CONFIG_APPLIED, version=snapshot.version
             )
             self.model = spec
-            if not await self._validate():
+            try:
+                valid = await self._validate()
+            except RuntimeFailure as exc:
+                await self._publish_error(exc, retryable=True)
+                await self._take_out_of_service(str(exc))
+                raise
+            if not valid:
                 return
             await self._publisher.try_lifecycle(
                 LifecycleKind.MODEL_READY, id=spec.id, version=spec.version, sha256=spec.sha256
@@ -265,11 +277,20 @@ class Agent:
 
         assert self.model is not None and self._publisher is not None
         self.validation_state = "running"
-        try:
-            await validate_model(self._supervisor, self.model)
-        except ModelInvalid as exc:
-            await self._model_invalid(exc)
-            return False
+        for attempt in range(1, VALIDATION_ATTEMPTS + 1):
+            try:
+                await validate_model(self._supervisor, self.model)
+                break
+            except ModelInvalid as exc:
+                await self._model_invalid(exc)
+                return False
+            except RuntimeFailure as exc:
+                # A runtime that breaks while the vectors run says nothing about the model:
+                # the supervisor has started a fresh one, so try again, then give up for now.
+                log.warning("validation_runtime_failed try=%d error=%s", attempt, exc)
+                if attempt == VALIDATION_ATTEMPTS:
+                    self.validation_state = "not_run"
+                    raise
         self.validation_state = "passed"
         await self._publisher.try_lifecycle(
             LifecycleKind.VALIDATION_PASSED,
@@ -342,7 +363,10 @@ class Agent:
             await asyncio.sleep(self.settings.validation_interval_s)
             if self.state is AgentState.SERVING and self.model is not None:
                 async with self._apply_lock:
-                    await self._validate()
+                    try:
+                        await self._validate()
+                    except RuntimeFailure as exc:
+                        log.warning("periodic_validation_not_run error=%s", exc)
 
     async def _trouble_loop(self) -> None:
         while True:

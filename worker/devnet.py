@@ -256,7 +256,7 @@ async def _serve(
                     raise RuntimeError("the node took the demo model out of service; see logs")
                 await asyncio.sleep(0.2)
             if agent.state is AgentState.SERVING:
-                nc = await nats.connect(settings.nats_url)
+                nc = await nats.connect(settings.nats_url.split(","))
                 try:
                     job = {
                         "job_id": new_job_id(),

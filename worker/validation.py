@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 
 from schemas.snapshot import ModelSpec, ValidationVector
-from worker.errors import ModelInvalid, NodeError
+from worker.errors import ModelInvalid, NodeError, RuntimeFailure
 from worker.runtime import Completion, Runtime, WorkItem
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ async def run_vectors(runtime: Runtime, spec: ModelSpec) -> ValidationReport:
             )
         )
     for i, (vector, outcome) in enumerate(zip(vectors, outcomes, strict=False)):
+        if isinstance(outcome, RuntimeFailure) and outcome.retryable:
+            raise outcome  # the supervisor reports a broken runtime per item
         if isinstance(outcome, NodeError):
             failures.append(
                 VectorFailure(i, vector.expected_sha256, None, f"runtime error: {outcome}")
