@@ -26,6 +26,7 @@ from schemas.snapshot import ModelSpec, Snapshot
 from worker.errors import ModelInvalid, NodeError, RuntimeFailure
 from worker.metrics import Metrics, MetricsServer
 from worker.pipeline import Pipeline, Serving
+from worker.progress import ProgressReport
 from worker.provision import ensure_consumer, ensure_streams
 from worker.publisher import Publisher
 from worker.runtime import ItemOutcome, LaunchSpec, Runtime, RuntimeFacts, WorkItem
@@ -204,7 +205,7 @@ class Agent:
                 self.snapshot, self.model = snapshot, None
                 return
             try:
-                await self._store.fetch(spec)
+                await self._store.fetch(spec, progress=ProgressReport(spec.size, "model_download"))
                 await self._check_image(snapshot.runtime.image)
             except NodeError as exc:
                 await self._publish_error(exc, retryable=exc.retryable)

@@ -9,12 +9,13 @@ import asyncio
 import json
 import logging
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgpack
+
+from worker.progress import ProgressReport
 
 log = logging.getLogger(__name__)
 
@@ -123,29 +124,6 @@ def cmd_config_publish(args: argparse.Namespace) -> int:
     return 0
 
 
-class _ProgressReport:
-    """A progress bar on a terminal, a log line every 10% otherwise."""
-
-    def __init__(self, total: int) -> None:
-        self.total = max(total, 1)
-        self.tty = sys.stderr.isatty()
-        self.started = time.monotonic()
-        self.next_log = 0.1
-
-    def __call__(self, done: int) -> None:
-        frac = done / self.total
-        rate = done / 1e6 / max(time.monotonic() - self.started, 1e-9)
-        if self.tty:
-            bar = "#" * int(frac * 30)
-            sys.stderr.write(f"\r[{bar:<30}] {frac:6.1%} {rate:8.1f} MB/s")
-            if done >= self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-        elif frac >= self.next_log or done >= self.total:
-            log.info("model_upload_progress done=%d total=%d mb_per_s=%.1f", done, self.total, rate)
-            self.next_log = frac + 0.1
-
-
 def cmd_models_publish(args: argparse.Namespace) -> int:
     from schemas.codec import validate
     from schemas.errors import SchemaError
@@ -166,7 +144,7 @@ def cmd_models_publish(args: argparse.Namespace) -> int:
         nc = await _connect(url)
         try:
             return await objectstore.put_file(
-                nc.jetstream(), bucket, name, path, progress=_ProgressReport(size)
+                nc.jetstream(), bucket, name, path, progress=ProgressReport(size, "model_upload")
             )
         finally:
             await nc.close()
