@@ -22,7 +22,7 @@ from schemas.envelope import EnvelopeType
 from schemas.event import ErrorCode, LifecycleEvent
 from schemas.snapshot import Snapshot
 from tests.jobnet import errors, read_all, results, wait_for
-from worker.agent import Agent, AgentState, _Stop
+from worker.agent import Agent, AgentState
 from worker.client import JobFailed, submit
 from worker.config import config_bucket, publish_snapshot
 from worker.devnet import DevPlan, seed_network
@@ -66,11 +66,7 @@ async def running(settings: Settings) -> AsyncIterator[Agent]:
             yield agent
         finally:
             stop.set()
-            with contextlib.suppress(BaseExceptionGroup):
-                try:
-                    await task
-                except* _Stop:
-                    pass
+            await task
 
 
 async def seeded(settings: Settings, authority: NodeKey, tmp_path: Path) -> Snapshot:

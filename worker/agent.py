@@ -16,7 +16,7 @@ import enum
 import logging
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.aio.client import Client
@@ -32,6 +32,10 @@ from worker.publisher import Publisher
 from worker.runtime import ItemOutcome, LaunchSpec, Runtime, RuntimeFacts, WorkItem
 from worker.settings import Settings
 from worker.signing import NodeKey
+
+if TYPE_CHECKING:
+    from worker.modelstore import ModelStore
+    from worker.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +103,8 @@ class Agent:
         self.completed_before = 0
         self._nc: Client | None = None
         self._publisher: Publisher | None = None
-        self._supervisor: Any = None
-        self._store: Any = None
+        self._supervisor: Supervisor | None = None
+        self._store: ModelStore | None = None
         self._apply_lock = asyncio.Lock()
         self.force = asyncio.Event()
         # Failures found inside the pipeline's own tasks; handled by `_trouble_loop`, since
@@ -173,14 +177,17 @@ class Agent:
             self._nc, self.settings, apply=self._apply_accepted, on_rejected=self._report_rejected
         )
         async with watcher, asyncio.TaskGroup() as tg:
-            tg.create_task(self._heartbeat_loop(), name="heartbeat")
-            tg.create_task(self._validation_loop(), name="validation")
-            tg.create_task(self._trouble_loop(), name="troubles")
-            tg.create_task(self._status_service(stop), name="status")
+            duties = [
+                tg.create_task(self._heartbeat_loop(), name="heartbeat"),
+                tg.create_task(self._validation_loop(), name="validation"),
+                tg.create_task(self._trouble_loop(), name="troubles"),
+                tg.create_task(self._status_service(stop), name="status"),
+            ]
             if self.settings.metrics_port is not None:
-                tg.create_task(self._metrics_server(stop), name="metrics")
+                duties.append(tg.create_task(self._metrics_server(stop), name="metrics"))
             await stop.wait()
-            raise _Stop
+            for duty in duties:
+                duty.cancel()
 
     # config
 
@@ -194,7 +201,7 @@ class Agent:
         the fetch and checks succeed the node keeps serving what it served. A model that
         fails validation is out of service under the new snapshot: that does not raise."""
         async with self._apply_lock:
-            assert self._publisher is not None
+            assert self._publisher is not None and self._store is not None
             spec = snapshot.model(self.settings.model)
             if spec is None:
                 await self._config_rejected(
@@ -277,6 +284,7 @@ class Agent:
         from worker.validation import validate_model
 
         assert self.model is not None and self._publisher is not None
+        assert self._supervisor is not None
         self.validation_state = "running"
         for attempt in range(1, VALIDATION_ATTEMPTS + 1):
             try:
@@ -460,26 +468,12 @@ async def _provision_at_start(js: Any, settings: Settings) -> None:
             await asyncio.sleep(min(5.0, 0.5 * attempt))
 
 
-class _Stop(Exception):
-    """Raised inside the task group to cancel the background duties on stop."""
-
-
-async def run_agent(settings: Settings, key: NodeKey, stop: asyncio.Event) -> None:
-    """Serve until `stop` is set; then shut down gracefully, or fast once `agent.force` is."""
-    async with Agent(settings, key) as agent:
-        try:
-            await agent.serve(stop)
-        except* _Stop:
-            pass
-
-
-async def run_until_signalled(settings: Settings, key: NodeKey) -> None:
-    """`resultity-node run`: SIGTERM or SIGINT drains and exits 0; a second one hurries."""
+def handle_signals(agent: Agent, stop: asyncio.Event) -> None:
+    """SIGTERM or SIGINT sets `stop` (drain, then exit); a second one sets `agent.force`
+    (hand in-flight jobs back now instead of waiting out the grace period)."""
     import signal
 
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    agent = Agent(settings, key)
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
@@ -491,11 +485,15 @@ async def run_until_signalled(settings: Settings, key: NodeKey) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+
+
+async def run_until_signalled(settings: Settings, key: NodeKey) -> None:
+    """`resultity-node run`: serve until SIGTERM/SIGINT, then shut down (see `aclose`)."""
+    stop = asyncio.Event()
+    agent = Agent(settings, key)
+    handle_signals(agent, stop)
     async with agent:
-        try:
-            await agent.serve(stop)
-        except* _Stop:
-            pass
+        await agent.serve(stop)
 
 
 def _plain(value: Any) -> Any:

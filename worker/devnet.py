@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,9 @@ import nats
 
 from schemas.envelope import EnvelopeType
 from schemas.snapshot import Snapshot
-from worker.agent import Agent, AgentState, _Stop
+from worker.agent import Agent, AgentState, handle_signals
 from worker.client import Outcome, new_job_id, submit
+from worker.errors import NodeError
 from worker.natsd import NatsServer
 from worker.provision import ensure_streams
 from worker.runtime import Completion, LaunchSpec, WorkItem
@@ -69,7 +69,7 @@ def choose(engine: str, backend: str) -> tuple[str, str]:
     if engine == "auto":
         engine = "vllm" if backend == "docker" or _vllm_importable() else "echo"
     if engine == "vllm" and backend == "process" and not _vllm_importable():
-        raise RuntimeError(
+        raise NodeError(
             "the vllm engine needs Docker (the vllm-cpu image) or vllm installed here; "
             "start dockerd or use --engine echo"
         )
@@ -129,7 +129,7 @@ async def _expected_vectors(
     vectors = []
     for item, outcome in zip(items, outcomes, strict=True):
         if not isinstance(outcome, Completion):
-            raise RuntimeError(f"reference run failed: {outcome}")
+            raise NodeError(f"reference run of the demo model failed: {outcome}")
         vectors.append(
             {
                 "prompt": item.payload["prompt"],
@@ -235,16 +235,8 @@ async def _serve(
     serve_forever: bool,
 ) -> Outcome:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     agent = Agent(settings, key)
-
-    def on_signal() -> None:
-        if stop.is_set():
-            agent.force.set()
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    handle_signals(agent, stop)
     outcome: Outcome | None = None
     async with agent:
         serving = asyncio.create_task(agent.serve(stop))
@@ -253,7 +245,7 @@ async def _serve(
                 if serving.done() or stop.is_set():
                     break
                 if agent.state is AgentState.OUT_OF_SERVICE:
-                    raise RuntimeError("the node took the demo model out of service; see logs")
+                    raise NodeError("the node took the demo model out of service; see the log")
                 await asyncio.sleep(0.2)
             if agent.state is AgentState.SERVING:
                 nc = await nats.connect(settings.nats_url.split(","))
@@ -271,12 +263,10 @@ async def _serve(
             if not serve_forever:
                 stop.set()
             await serving
-        except* _Stop:
-            pass
         finally:
             stop.set()
             if not serving.done():
                 serving.cancel()
     if outcome is None:
-        raise RuntimeError("the dev node stopped before it served the demo job")
+        raise NodeError("the dev node stopped before it served the demo job; see the log")
     return outcome
