@@ -80,15 +80,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_provision(args: argparse.Namespace) -> int:
     import asyncio
 
-    import nats
-
+    from worker.client import connect
     from worker.provision import provision
     from worker.settings import Settings
 
     settings = Settings()
 
     async def go() -> None:
-        nc = await nats.connect(settings.nats_url.split(","), connect_timeout=5)
+        nc = await connect(settings.nats_url)
         try:
             await provision(nc.jetstream(), settings, list(args.model))
         finally:
@@ -102,9 +101,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     import asyncio
 
-    import nats
-
-    from worker.client import current_snapshot, new_job_id, submit
+    from worker.client import connect, current_snapshot, new_job_id, submit
     from worker.settings import Settings
 
     settings = Settings()
@@ -115,15 +112,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         params["temperature"] = args.temperature
 
     async def go() -> Any:
-        try:
-            nc = await nats.connect(
-                settings.nats_url.split(","), connect_timeout=3, max_reconnect_attempts=1
-            )
-        except Exception as exc:
-            raise CliError(
-                f"cannot reach NATS at {settings.nats_url} ({exc}); start 'resultity-node dev' "
-                "or set RESULTITY_NATS_URL"
-            ) from exc
+        nc = await connect(
+            settings.nats_url, hint="start 'resultity-node dev' or set RESULTITY_NATS_URL"
+        )
         try:
             model = args.model
             if model is None:
@@ -197,8 +188,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     import asyncio
 
     import msgpack
-    import nats
 
+    from worker.client import connect
     from worker.settings import Settings
     from worker.signing import load_key_file
 
@@ -206,12 +197,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     node_id = args.node or load_key_file(settings.key_file).node_id
 
     async def go() -> Any:
-        try:
-            nc = await nats.connect(
-                settings.nats_url.split(","), connect_timeout=3, max_reconnect_attempts=1
-            )
-        except Exception as exc:
-            raise CliError(f"cannot reach NATS at {settings.nats_url} ({exc})") from exc
+        nc = await connect(settings.nats_url)
         try:
             reply = await nc.request(settings.subject("nodes", node_id, "status"), b"", timeout=3)
         except Exception as exc:

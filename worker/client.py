@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import nats
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -28,6 +29,29 @@ from worker.signing import verify
 
 class JobFailed(NodeError):
     """The node reported a final error for the submitted job."""
+
+
+class NatsUnreachable(NodeError):
+    """No NATS server answered at the given URL."""
+
+
+async def connect(url: str, *, hint: str = "start it or set RESULTITY_NATS_URL") -> Client:
+    """A short-lived client connection for a command: fails within seconds, saying why."""
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    try:
+        # nats-py keeps retrying a refused first connect whatever the options say.
+        async with asyncio.timeout(5):
+            return await nats.connect(
+                url.split(","), connect_timeout=2, allow_reconnect=False, error_cb=on_error
+            )
+    except Exception as exc:
+        last = errors[-1] if errors else exc
+        reason = str(last) or type(last).__name__
+        raise NatsUnreachable(f"cannot reach NATS at {url} ({reason}); {hint}") from exc
 
 
 @dataclass(frozen=True)

@@ -302,41 +302,48 @@ def _ensure_image(recipe: Recipe, client: Any, base: str | None) -> str:
     key = build_key(recipe, base_id, wheels)
     tag = f"resultity/runtime-{engine}:{key[:20]}"
     with _locked(f"image-{engine}"):
-        existing = _image_id(client, tag)
-        if existing is not None:
-            log.info("image_cached engine=%s tag=%s id=%s", engine, tag, existing)
+        if (existing := _image_id(client, tag)) is not None:
+            log.info("image_cached image=%s tag=%s id=%s", engine, tag, existing)
             return existing
-        log.info("image_building engine=%s tag=%s base=%s", engine, tag, base_id)
-        started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix=f"resultity-{engine}-") as tmp:
             context = Path(tmp)
             _assemble_context(recipe, wheels, context)
-            stream = client.api.build(
-                path=str(context),
-                tag=tag,
-                buildargs={"BASE": base_id},
-                labels={BUILD_KEY_LABEL: key},
-                rm=True,
-                forcerm=True,
-                decode=True,
-            )
-            for chunk in stream:
-                if "error" in chunk:
-                    raise ImageBuildError(f"building {engine} failed: {chunk['error'].strip()}")
-                line = str(chunk.get("stream", "")).strip()
-                if line:
-                    log.info("image_build engine=%s %s", engine, line)
-        image_id = _image_id(client, tag)
-        if image_id is None:
-            raise ImageBuildError(f"building {engine} produced no image {tag}")
-        log.info(
-            "image_built engine=%s tag=%s id=%s seconds=%.1f",
-            engine,
-            tag,
-            image_id,
-            time.monotonic() - started,
-        )
-        return image_id
+            return build_tagged(client, context, tag, key, {"BASE": base_id}, engine)
+
+
+def build_tagged(
+    client: Any, context: Path, tag: str, key: str, buildargs: dict[str, str], what: str
+) -> str:
+    """Build `context` as `tag` (labelled with its build key), logging the build's output;
+    returns the image id. Blocking."""
+    log.info("image_building image=%s tag=%s args=%s", what, tag, buildargs)
+    started = time.monotonic()
+    stream = client.api.build(
+        path=str(context),
+        tag=tag,
+        buildargs=buildargs,
+        labels={BUILD_KEY_LABEL: key},
+        rm=True,
+        forcerm=True,
+        decode=True,
+    )
+    for chunk in stream:
+        if "error" in chunk:
+            raise ImageBuildError(f"building the {what} image failed: {chunk['error'].strip()}")
+        line = str(chunk.get("stream", "")).strip()
+        if line:
+            log.info("image_build image=%s %s", what, line)
+    image_id = _image_id(client, tag)
+    if image_id is None:
+        raise ImageBuildError(f"building the {what} image produced no image {tag}")
+    log.info(
+        "image_built image=%s tag=%s id=%s seconds=%.1f",
+        what,
+        tag,
+        image_id,
+        time.monotonic() - started,
+    )
+    return image_id
 
 
 async def ensure_image_async(

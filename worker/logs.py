@@ -13,5 +13,8 @@ def setup_logging(*, verbose: bool = False) -> None:
     handler._resultity = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("nats", "docker", "urllib3", "asyncio"):
+    for noisy in ("docker", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # nats-py logs every failed connect attempt with a traceback from its default callback;
+    # the agent and the commands report connection trouble themselves, in one line.
+    logging.getLogger("nats").setLevel(logging.CRITICAL)

@@ -68,23 +68,9 @@ def cmd_config_sign(args: argparse.Namespace) -> int:
 
 
 async def _connect(url: str) -> Any:
-    import nats
+    from worker.client import connect
 
-    errors: list[Exception] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(exc)
-
-    try:
-        # nats-py keeps retrying a refused first connect whatever the options say.
-        async with asyncio.timeout(5):
-            return await nats.connect(
-                url, connect_timeout=2, allow_reconnect=False, error_cb=on_error
-            )
-    except Exception as exc:
-        last = errors[-1] if errors else exc
-        reason = str(last) or type(last).__name__
-        raise _fail(f"cannot reach NATS at {url} ({reason}); start it or pass --nats-url") from exc
+    return await connect(url, hint="start it or pass --nats-url")
 
 
 def cmd_config_publish(args: argparse.Namespace) -> int:

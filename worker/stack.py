@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from worker import images
 from worker.errors import NodeError
-from worker.images import CONTAINERS_DIR, REPO_ROOT, ImageBuildError, Recipe
+from worker.images import CONTAINERS_DIR, REPO_ROOT, Recipe
 from worker.natsd import find_binary
 from worker.settings import DEFAULT_HOME
 from worker.signing import NodeKey, load_key_file, write_key_file
@@ -111,33 +111,7 @@ def _build(
     if existing is not None:
         log.info("image_cached image=%s tag=%s id=%s", what, tag, existing)
         return BuiltImage(tag, existing)
-    log.info("image_building image=%s tag=%s", what, tag)
-    started = time.monotonic()
-    stream = client.api.build(
-        path=str(context),
-        tag=tag,
-        buildargs=buildargs,
-        labels={images.BUILD_KEY_LABEL: key},
-        rm=True,
-        forcerm=True,
-        decode=True,
-    )
-    for chunk in stream:
-        if "error" in chunk:
-            raise ImageBuildError(f"building the {what} image failed: {chunk['error'].strip()}")
-        line = str(chunk.get("stream", "")).strip()
-        if line:
-            log.info("image_build image=%s %s", what, line)
-    image_id = images._image_id(client, tag)
-    if image_id is None:
-        raise ImageBuildError(f"building the {what} image produced no image {tag}")
-    log.info(
-        "image_built image=%s tag=%s id=%s seconds=%.1f",
-        what,
-        tag,
-        image_id,
-        time.monotonic() - started,
-    )
+    image_id = images.build_tagged(client, context, tag, key, buildargs, what)
     return BuiltImage(tag, image_id)
 
 
