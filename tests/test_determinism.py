@@ -1,0 +1,112 @@
+"""Determinism under faults, on real vLLM (CPU image, tiny model), through the whole agent:
+a fixed set of jobs gives identical `token_ids` alone, mixed into a batch of 32, after a
+runtime replacement, and after a node restart that resumes from its saved snapshot."""
+
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nats
+import pytest
+
+from schemas.envelope import EnvelopeType
+from tests.jobnet import results, wait_for
+from tests.test_agent import running, serving
+from worker.client import submit
+from worker.config import config_bucket, publish_snapshot
+from worker.devnet import DevPlan, seed_network
+from worker.natsd import NatsServer
+from worker.settings import Settings
+from worker.signing import NodeKey, write_key_file
+
+pytestmark = [pytest.mark.docker, pytest.mark.vllm, pytest.mark.nats]
+
+FIXED = [
+    {"prompt": "The node signs", "params": {"max_tokens": 12}},
+    {"prompt": "Resultity runs jobs", "params": {"max_tokens": 12, "temperature": 0.8, "seed": 7}},
+    {"prompt_token_ids": [5, 17, 42, 99], "params": {"max_tokens": 12}},
+    {"prompt": "A batch of prompts", "params": {"max_tokens": 12, "temperature": 1.0, "seed": 3}},
+]
+FILLER = [
+    {"prompt": f"filler prompt {i} of the mixed batch", "params": {"max_tokens": 12}}
+    for i in range(28)
+]
+
+
+async def alone(nc: Any, settings: Settings, model: str, tag: str) -> list[list[int]]:
+    out = []
+    for i, body in enumerate(FIXED):
+        job = {"job_id": f"{tag}-{i}", "model_id": model, **body}
+        outcome = await submit(nc, settings, job, wait_s=300)
+        out.append(outcome.result.output.token_ids)
+    return out
+
+
+async def mixed(nc: Any, settings: Settings, model: str, tag: str) -> list[list[int]]:
+    """The fixed jobs interleaved with fillers, published at once so they share batches."""
+    js = nc.jetstream()
+    bodies = [(f"{tag}-f{i}", b) for i, b in enumerate(FILLER)]
+    for i, body in enumerate(FIXED):
+        bodies.insert(i * 7, (f"{tag}-{i}", body))
+    for job_id, body in bodies:
+        data = msgpack.packb({"job_id": job_id, "model_id": model, **body})
+        await js.publish(settings.subject("jobs", model), data, headers={"Nats-Msg-Id": job_id})
+    wanted = {f"{tag}-{i}" for i in range(len(FIXED))}
+
+    async def done() -> bool:
+        return wanted <= {r.job_id for r in await results(js, settings)}
+
+    await wait_for(done, timeout=600, interval=1)
+    by_id = {r.job_id: r for r in await results(js, settings)}
+    return [by_id[f"{tag}-{i}"].output.token_ids for i in range(len(FIXED))]
+
+
+@pytest.mark.timeout(1800)
+async def test_token_ids_survive_batching_replacement_and_restart(
+    docker_client: object, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    authority = NodeKey.generate()
+    write_key_file(tmp_path / "node.key")
+    settings = Settings(
+        nats_url=nats_server.url,
+        key_file=tmp_path / "node.key",
+        authority_keys=(authority.node_id,),
+        cache_dir=tmp_path / "cache",
+        state_dir=tmp_path / "state",
+        runtime_backend="docker",
+        runtime_memory="4g",
+        batch_timeout_s=600,
+        ack_wait_s=120,
+    )
+    snapshot = await seed_network(
+        settings, authority, DevPlan(tmp_path / "dev", 0, "vllm", "docker", "x"), version=1
+    )
+    model = snapshot.models[0].id
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with running(settings) as agent:
+            await serving(agent, timeout=600)
+            first = await alone(nc, settings, model, "alone")
+            assert all(first), "every fixed job produced tokens"
+            assert await mixed(nc, settings, model, "mixed") == first
+            runtime_before = agent.status()["runtime"]["runtime_id"]
+            body = snapshot.model_dump(mode="json") | {"version": 2}
+            await publish_snapshot(
+                nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
+            )
+
+            async def replaced() -> bool:
+                status = agent.status()
+                return status["config_version"] == 2 and status["state"] == "serving"
+
+            await wait_for(replaced, timeout=600, interval=1)
+            assert agent.status()["runtime"]["runtime_id"] != runtime_before
+            assert await alone(nc, settings, model, "replaced") == first
+        # the node restarts and the network has forgotten the snapshot: it resumes from disk
+        await nc.jetstream().delete_key_value(config_bucket(settings))
+        async with running(settings) as agent:
+            await serving(agent, timeout=600)
+            assert agent.snapshot is not None and agent.snapshot.version == 2
+            assert await alone(nc, settings, model, "restarted") == first
+    finally:
+        await nc.close()
