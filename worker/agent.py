@@ -432,6 +432,7 @@ class Agent:
             ),
             "validation": self.validation_state,
             "runtime": _plain(sup),
+            "pipeline": pipeline.state.value if pipeline else None,
             "in_flight": pipeline.in_flight if pipeline else 0,
             "completed": self.completed_before + (pipeline.completed if pipeline else 0),
         }

@@ -106,7 +106,15 @@ class Pipeline:
             raise RuntimeError(f"pipeline is {self.state.value}; a pipeline runs once")
         self.state = PipelineState.RUNNING
         self._runner = asyncio.create_task(self._run(), name="pipeline")
+        self._runner.add_done_callback(self._runner_done)
         return self
+
+    def _runner_done(self, task: "asyncio.Task[None]") -> None:
+        if task.cancelled() or self.state is not PipelineState.RUNNING:
+            return
+        # Only a bug gets here: every job outcome and I/O error is handled inside the tasks.
+        log.error("pipeline_stopped_unexpectedly error=%r", task.exception())
+        self.state = PipelineState.CLOSED
 
     async def __aexit__(self, *exc: object) -> None:
         await self.drain(0 if exc[0] is not None else self._settings.shutdown_grace_s)
