@@ -13,9 +13,9 @@ from bench.common import record
 from worker.runtime import Completion, LaunchSpec, WorkItem
 from worker.settings import Settings
 
-PROMPTS = [f"Prompt number {i} asks the node" for i in range(32)]
-MAX_TOKENS = 32
-ROUNDS = 3
+PROMPTS = [f"Prompt number {i} asks the node" for i in range(64)]
+MAX_TOKENS = 64
+ROUNDS = 5
 
 
 def _direct(image: str, model_dir: Path) -> dict[str, Any]:
