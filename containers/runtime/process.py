@@ -47,7 +47,14 @@ def run_batch(engine: Engine, frame: Frame) -> Frame:
             outcomes.append(None)
         except RequestError as exc:
             outcomes.append(frames.failed(job_id, f"bad request: {exc}"))
+    started = time.perf_counter()
     produced = iter(engine.generate(requests) if requests else [])
+    log.info(
+        "batch_done id=%d items=%d engine_s=%.4f",
+        batch_id,
+        len(items),
+        time.perf_counter() - started,
+    )
     return frames.result(batch_id, [o if o is not None else next(produced) for o in outcomes])
 
 

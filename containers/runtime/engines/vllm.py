@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,11 @@ class VllmEngine:
         if not requests:
             return []
         try:
+            started = time.perf_counter()
             outputs = self._llm.generate(prompts, params, use_tqdm=False)
+            log.info(
+                "vllm_generate items=%d seconds=%.4f", len(prompts), time.perf_counter() - started
+            )
         except (ValueError, TypeError) as exc:
             if len(requests) == 1:
                 return [failed(requests[0].job_id, f"{type(exc).__name__}: {exc}")]
