@@ -62,7 +62,7 @@ async def memory(url: str, tmp: Path, jobs: int, factory: RuntimeFactory) -> dic
     figures = {
         "jobs": jobs,
         "rss_start_mb": round(started_rss, 1),
-        "rss_peak_mb": round(max(y for _, y in samples), 1),
+        "rss_peak_mb": round(max(started_rss, *(y for _, y in samples)), 1),
         "rss_end_mb": round(samples[-1][1], 1),
         "slope_mb_per_100k_jobs_second_half": round(per_100k, 2),
     }

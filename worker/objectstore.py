@@ -23,7 +23,10 @@ from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundErr
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_SIZE = 128 * 1024
+# Uploads use 512 KiB chunks (nats-py's default is 128 KiB): a quarter of the messages for
+# the same bytes, which measured ~1.4x faster fetches here. Fits the default 1 MiB
+# max_payload; the reader takes objects of any chunk size.
+DEFAULT_CHUNK_SIZE = 512 * 1024
 DIGEST_PREFIX = "SHA-256="
 BATCH_BYTES = 4 << 20
 PUBLISH_WINDOW = 64
