@@ -17,6 +17,8 @@ from typing import IO, Any
 
 import msgpack
 import nats
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 
 from schemas.codec import validate
@@ -260,7 +262,24 @@ class Outcomes:
     stored_results: int
 
 
-async def collect(nc: Client, settings: Settings) -> Outcomes:
+async def collect(nc: Client, settings: Settings, *, attempts: int = 10) -> Outcomes:
+    """`collect_once`, retried while the cluster is still electing stream leaders after the
+    last server kill (reads then time out: that is the checker's trouble, not the node's)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await collect_once(nc, settings)
+        except (
+            nats.errors.TimeoutError,
+            nats.js.errors.ServiceUnavailableError,
+            nats.errors.NoRespondersError,
+        ):
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(2)
+    raise AssertionError("unreachable")
+
+
+async def collect_once(nc: Client, settings: Settings) -> Outcomes:
     """Every result and error event in the streams, each envelope's signature verified."""
     js = nc.jetstream()
     results: Counter[str] = Counter()

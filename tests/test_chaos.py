@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 import nats
+import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.js import api
@@ -251,7 +252,13 @@ async def test_chaos_exactly_one_outcome_per_job(
         settle_started = time.monotonic()
         js = nc.jetstream()
         while True:
-            info = await js.stream_info(settings.stream("JOBS"))
+            try:
+                info = await js.stream_info(settings.stream("JOBS"))
+            except nats.errors.TimeoutError:  # leader election after the last server kill
+                if time.monotonic() - settle_started > SETTLE_LIMIT_S:
+                    raise
+                await asyncio.sleep(2)
+                continue
             outcomes = await collect(nc, settings)
             verdict = judge(publisher.acked, outcomes)
             if info.state.messages == 0 and not verdict.lost:
