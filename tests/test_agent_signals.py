@@ -181,3 +181,47 @@ def verify_node(settings: Settings) -> str:
     from worker.signing import load_key_file
 
     return load_key_file(settings.key_file).node_id
+
+
+async def test_runtime_left_by_a_killed_agent_is_removed_at_the_next_start(
+    docker_client: object, nats_server: NatsServer, nc: Client, tmp_path: Path
+) -> None:
+    authority = NodeKey.generate()
+    settings = make_settings(nats_server, tmp_path, "docker", ack_wait_s=10.0, shutdown_grace_s=3)
+    await seed_network(
+        settings, authority, DevPlan(tmp_path / "dev", 0, "echo", "docker", "x"), version=1
+    )
+    node_id = verify_node(settings)
+
+    def runtimes() -> list[object]:
+        return [
+            c
+            for c in docker_client.containers.list(  # type: ignore[attr-defined]
+                all=True, filters={"label": f"resultity.node={node_id}"}
+            )
+        ]
+
+    env = agent_env(settings, authority)
+    log = tmp_path / "agent.log"
+    proc = start_agent(env, log)
+    try:
+
+        async def has_runtime() -> bool:
+            return bool(await asyncio.to_thread(runtimes))
+
+        await wait_for(has_runtime, timeout=120, interval=0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert await asyncio.to_thread(runtimes), "SIGKILL leaves the runtime behind"
+        # The next agent cannot even reach NATS, and is stopped before it serves: the
+        # leftover must still go, at its start.
+        env["RESULTITY_NATS_URL"] = "nats://127.0.0.1:1"
+        proc = start_agent(env, log)
+
+        async def no_runtime() -> bool:
+            return not await asyncio.to_thread(runtimes)
+
+        await wait_for(no_runtime, timeout=60, interval=0.5)
+    finally:
+        proc.kill()
+        proc.wait(10)

@@ -116,6 +116,9 @@ class Agent:
 
     async def __aenter__(self) -> "Agent":
         self.state = AgentState.STARTING
+        # A runtime left by a previous agent of this node (killed, not stopped) goes first:
+        # this agent may be stopped again before it ever starts a supervisor of its own.
+        await self._remove_leftover_runtimes()
         self._nc = await nats.connect(
             self.settings.nats_url.split(","),
             name=f"resultity-node {self.key.node_id[:12]}",
@@ -158,6 +161,8 @@ class Agent:
         await self._stop_pipeline(0 if force else self.settings.shutdown_grace_s)
         if self._supervisor is not None:
             await self._supervisor.aclose()
+        else:
+            await self._remove_leftover_runtimes()
         if self._nc is not None and not self._nc.is_closed:
             try:
                 await asyncio.wait_for(self._nc.drain(), 5)
@@ -166,6 +171,21 @@ class Agent:
                 await self._nc.close()
         self.state = AgentState.CLOSED
         log.info("agent_stopped node_id=%s", self.key.node_id)
+
+    async def _remove_leftover_runtimes(self) -> None:
+        from worker.supervisor import create_backend
+
+        backend = create_backend(self.settings, node_id=self.key.node_id)
+        try:
+            removed = await backend.remove_leftovers()
+        except Exception as exc:
+            # No engine now: the first runtime start will say so; nothing to clean anyway.
+            log.warning("runtime_leftover_check_failed error=%r", exc)
+            return
+        finally:
+            await backend.aclose()
+        if removed:
+            log.warning("runtime_leftovers_removed count=%d", removed)
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Follow snapshots and serve until `stop` is set."""
