@@ -25,6 +25,7 @@ from schemas.codec import validate
 from schemas.event import ErrorEvent
 from schemas.result import ResultBody
 from tests.jobnet import read_all
+from worker.container import runtime_containers
 from worker.natsd import NatsServer
 from worker.settings import Settings
 from worker.signing import verify
@@ -332,12 +333,6 @@ def judge(published: list[str], outcomes: Outcomes) -> Verdict:
     return Verdict(lost, duplicated, both, strangers)
 
 
-def runtime_containers(client: Any, node_ids: list[str]) -> list[Any]:
+def runtime_containers_of(client: Any, node_ids: list[str]) -> list[Any]:
     """Running or stopped runtime containers of these nodes (by label)."""
-    found = []
-    for node_id in node_ids:
-        found += client.containers.list(
-            all=True,
-            filters={"label": [f"resultity.node={node_id}", "resultity.role=runtime"]},
-        )
-    return found
+    return [c for node_id in node_ids for c in runtime_containers(client, node_id)]

@@ -141,6 +141,17 @@ async def test_status_endpoint_and_heartbeat(
     assert "resultity_runtime_restarts_total 0" in agent.metrics.render()
 
 
+async def test_submit_reports_a_final_error_for_its_job(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    snapshot = await seeded(settings, authority, tmp_path)
+    async with running(settings) as agent:
+        await serving(agent)
+        late = job(snapshot.models[0].id, "too late", "expired") | {"deadline": time.time() - 5}
+        with pytest.raises(JobFailed, match="DEADLINE_EXCEEDED"):
+            await submit(nc, settings, late, wait_s=30)
+
+
 async def test_rejected_snapshot_changes_nothing(
     settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
 ) -> None:

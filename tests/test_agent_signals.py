@@ -21,6 +21,7 @@ from schemas.envelope import EnvelopeType
 from schemas.snapshot import Snapshot
 from tests.jobnet import read_all, results, wait_for
 from worker.config import config_bucket, publish_snapshot
+from worker.container import runtime_containers
 from worker.devnet import DevPlan, seed_network
 from worker.natsd import NatsServer
 from worker.settings import Settings
@@ -168,13 +169,8 @@ async def test_sigterm_mid_batch_drains_within_deadline(
     handed_back = info.num_pending + info.num_ack_pending + info.num_redelivered
     assert done, "the batch in flight finished inside the grace period"
     assert len(done) + info.num_pending + info.num_ack_pending >= len(ids), (done, handed_back)
-    leftovers = await asyncio.to_thread(
-        lambda: docker_client.containers.list(  # type: ignore[attr-defined]
-            all=True, filters={"label": "resultity.role=runtime"}
-        )
-    )
-    node_id = verify_node(settings)
-    assert not [c for c in leftovers if c.labels.get("resultity.node") == node_id]
+    leftovers = await asyncio.to_thread(runtime_containers, docker_client, verify_node(settings))
+    assert leftovers == []
 
 
 def verify_node(settings: Settings) -> str:
@@ -194,12 +190,7 @@ async def test_runtime_left_by_a_killed_agent_is_removed_at_the_next_start(
     node_id = verify_node(settings)
 
     def runtimes() -> list[object]:
-        return [
-            c
-            for c in docker_client.containers.list(  # type: ignore[attr-defined]
-                all=True, filters={"label": f"resultity.node={node_id}"}
-            )
-        ]
+        return runtime_containers(docker_client, node_id)
 
     env = agent_env(settings, authority)
     log = tmp_path / "agent.log"

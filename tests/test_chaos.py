@@ -28,7 +28,7 @@ from tests.chaoskit import (
     agent_env,
     collect,
     judge,
-    runtime_containers,
+    runtime_containers_of,
 )
 from tests.conftest import unavailable
 from worker.config import config_bucket
@@ -146,7 +146,7 @@ class Chaos:
             return False
 
         def kill() -> bool:
-            for container in runtime_containers(self.docker, [agent.node_id]):
+            for container in runtime_containers_of(self.docker, [agent.node_id]):
                 if container.status == "running":
                     try:
                         container.kill()
@@ -271,7 +271,7 @@ async def test_chaos_exactly_one_outcome_per_job(
 
         exits = {a.name: await asyncio.to_thread(a.terminate, 30) for a in agents}
         leftovers = await asyncio.to_thread(
-            runtime_containers, docker_client, [a.node_id for a in agents]
+            runtime_containers_of, docker_client, [a.node_id for a in agents]
         )
         outcomes = await collect(nc, settings)
         verdict = judge(publisher.acked, outcomes)
@@ -322,7 +322,7 @@ async def test_chaos_exactly_one_outcome_per_job(
             if agent.alive:
                 await asyncio.to_thread(agent.terminate, 10)
         for container in await asyncio.to_thread(
-            runtime_containers, docker_client, [a.node_id for a in agents]
+            runtime_containers_of, docker_client, [a.node_id for a in agents]
         ):
             await asyncio.to_thread(container.remove, force=True)
         if nc is not None:

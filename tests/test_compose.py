@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import unavailable
 from worker.client import Outcome, new_job_id, submit
-from worker.container import LABEL_NODE, LABEL_ROLE, ROLE_RUNTIME
+from worker.container import runtime_containers
 from worker.settings import Settings
 from worker.stack import COMPOSE_FILE, Stack, prepare
 
@@ -51,12 +51,6 @@ async def _submit(url: str, stack: Stack, prompt: str) -> Outcome:
         await nc.close()
 
 
-def _runtime_containers(client: Any, node_id: str) -> list[Any]:
-    labels = [f"{LABEL_NODE}={node_id}", f"{LABEL_ROLE}={ROLE_RUNTIME}"]
-    found: list[Any] = client.containers.list(all=True, filters={"label": labels})
-    return found
-
-
 def test_compose_stack_serves_a_verified_result_from_the_host(
     docker_client: Any, tmp_path: Path
 ) -> None:
@@ -88,7 +82,7 @@ def test_compose_stack_serves_a_verified_result_from_the_host(
         assert len(result.output.token_ids) == 8
     finally:
         _compose(stack, project, "down", "-v", "--timeout", "40")
-        leftovers = _runtime_containers(docker_client, stack.node_id)
+        leftovers = runtime_containers(docker_client, stack.node_id)
         for container in leftovers:
             container.remove(force=True)
     assert not leftovers, "the agent left its runtime container behind"

@@ -2,7 +2,6 @@
 frames in on stdin, frames out on stdout, every injected fault."""
 
 import os
-import select
 import subprocess
 import sys
 import time
@@ -14,12 +13,13 @@ import msgpack
 import pytest
 
 from schemas import frames
-from schemas.frames import TO_AGENT, Frame, FrameDecoder, FrameError
+from schemas.frames import Frame, FrameError
+from tests.framepipe import FramePipe
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-class RuntimeProcess:
+class RuntimeProcess(FramePipe):
     def __init__(self, model_dir: Path, **env: str) -> None:
         self.max_frame_bytes = int(env.get("RESULTITY_MAX_FRAME_BYTES", frames.MAX_FRAME_BYTES))
         full_env = {
@@ -28,7 +28,7 @@ class RuntimeProcess:
             "RESULTITY_MODEL_DIR": str(model_dir),
             **env,
         }
-        self.proc = subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "containers.runtime"],
             cwd=REPO,
             env=full_env,
@@ -36,31 +36,7 @@ class RuntimeProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        self.decoder = FrameDecoder(TO_AGENT, max_frame_bytes=self.max_frame_bytes)
-        self.pending: list[Frame] = []
-
-    def send(self, frame: Frame) -> None:
-        self.send_raw(frames.pack(frame))
-
-    def send_raw(self, data: bytes) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def receive(self, timeout: float = 10.0) -> Frame:
-        """The next frame; `TimeoutError` if none comes, `EOFError` if stdout closes."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while not self.pending:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise TimeoutError("no frame from the runtime")
-            data = os.read(fd, 1 << 20)
-            if not data:
-                raise EOFError("runtime closed stdout")
-            self.pending.extend(self.decoder.feed(data))
-        return self.pending.pop(0)
+        super().__init__(proc, max_frame_bytes=self.max_frame_bytes)
 
     def ready(self) -> Frame:
         frame = self.receive()

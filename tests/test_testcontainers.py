@@ -20,7 +20,7 @@ from containers.runtime.request import parse_request
 from schemas.envelope import EnvelopeType
 from worker.client import Outcome, new_job_id, submit
 from worker.config import config_bucket, publish_snapshot
-from worker.container import LABEL_NODE, LABEL_ROLE, ROLE_RUNTIME
+from worker.container import runtime_containers
 from worker.demomodel import DemoModel, make_demo_model
 from worker.images import ensure_image
 from worker.objectstore import put_file
@@ -94,12 +94,6 @@ async def _submit_all(settings: Settings) -> list[Outcome]:
         await nc.close()
 
 
-def _runtime_containers(client: Any, node_id: str) -> list[Any]:
-    labels = [f"{LABEL_NODE}={node_id}", f"{LABEL_ROLE}={ROLE_RUNTIME}"]
-    found: list[Any] = client.containers.list(all=True, filters={"label": labels})
-    return found
-
-
 def test_agent_image_serves_jobs_published_from_the_host(
     docker_client: Any, tmp_path: Path
 ) -> None:
@@ -150,7 +144,7 @@ def test_agent_image_serves_jobs_published_from_the_host(
             if wrapped is not None:
                 wrapped.stop(timeout=40)
             agent.stop()
-            leftovers = _runtime_containers(docker_client, node.node_id)
+            leftovers = runtime_containers(docker_client, node.node_id)
             for container in leftovers:
                 container.remove(force=True)
 

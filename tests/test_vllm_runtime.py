@@ -4,16 +4,15 @@ reproducibility. The image build is slow the first time (see worker/images.py)."
 import hashlib
 import importlib.util
 import os
-import select
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from schemas import frames
-from schemas.frames import TO_AGENT, Frame, FrameDecoder
+from schemas.frames import Frame
+from tests.framepipe import FramePipe
 from worker import demomodel, images
 
 HAS_MODEL_DEPS = all(
@@ -45,7 +44,7 @@ def test_tiny_llama_is_byte_identical_across_runs(tmp_path: Path) -> None:
     assert (one.directory / "model.safetensors").stat().st_size > 1_000_000
 
 
-class ContainerRuntime:
+class ContainerRuntime(FramePipe):
     """`docker run -i` of a runtime image, hardened as the supervisor runs it."""
 
     def __init__(self, image_id: str, model_dir: Path, model_sha256: str) -> None:
@@ -53,28 +52,8 @@ class ContainerRuntime:
         command += ["--tmpfs", "/tmp:exec", "--shm-size", "512m", "--cap-drop", "ALL"]
         command += ["--security-opt", "no-new-privileges", "-v", f"{model_dir}:/model:ro"]
         command += ["-e", f"RESULTITY_MODEL_SHA256={model_sha256}", image_id]
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.decoder = FrameDecoder(TO_AGENT)
-        self.pending: list[Frame] = []
-
-    def send(self, frame: Frame) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(frames.pack(frame))
-        self.proc.stdin.flush()
-
-    def receive(self, timeout: float) -> Frame:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while not self.pending:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise TimeoutError("no frame from the vLLM runtime")
-            data = os.read(fd, 1 << 20)
-            if not data:
-                raise EOFError("the vLLM runtime exited")
-            self.pending.extend(self.decoder.feed(data))
-        return self.pending.pop(0)
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        super().__init__(proc, max_frame_bytes=frames.MAX_FRAME_BYTES)
 
     def run(self, batch_id: int, items: list[Frame]) -> list[Frame]:
         self.send(frames.batch(batch_id, items))

@@ -184,6 +184,13 @@ def check_isolation(attrs: Mapping[str, Any], settings: Settings) -> None:
         )
 
 
+def runtime_containers(client: Any, node_id: str) -> list[Any]:
+    """The runtime containers of node `node_id`, running or not (by label). Blocking."""
+    labels = [f"{LABEL_NODE}={node_id}", f"{LABEL_ROLE}={ROLE_RUNTIME}"]
+    found: list[Any] = client.containers.list(all=True, filters={"label": labels})
+    return found
+
+
 class DockerBackend:
     """Launches runtime containers. `command=None` runs the image's own entrypoint."""
 
@@ -211,15 +218,12 @@ class DockerBackend:
             self._client = await call_blocking(docker.from_env)
         return self._client
 
-    def _filters(self) -> dict[str, list[str]]:
-        return {"label": [f"{LABEL_NODE}={self._node_id}", f"{LABEL_ROLE}={ROLE_RUNTIME}"]}
-
     async def remove_leftovers(self) -> int:
         client = await self._docker()
         return await call_blocking(self._remove_leftovers_blocking, client)
 
     def _remove_leftovers_blocking(self, client: Any) -> int:
-        found = client.containers.list(all=True, filters=self._filters())
+        found = runtime_containers(client, self._node_id)
         for container in found:
             log.warning("runtime_leftover_removed container=%s", container.id[:12])
             try:

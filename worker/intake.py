@@ -164,8 +164,11 @@ class JobSource:
     async def _pull_if_due(self) -> None:
         if not self._nc.is_connected:
             return
-        want = self._credit() - self._outstanding
-        if want < min(MIN_PULL, max(1, self._credit())) or want <= 0:
+        credit = self._credit()
+        want = credit - self._outstanding
+        # Small pulls cost a round trip each: wait until MIN_PULL is free, unless the whole
+        # credit is smaller than that.
+        if want <= 0 or want < min(MIN_PULL, credit):
             return
         request = {
             "batch": want,
