@@ -12,7 +12,7 @@ import msgpack
 import nats
 from nats.aio.client import Client
 
-from worker.natsd import NatsServer
+from worker.devtools.natsd import NatsServer
 
 
 @contextlib.contextmanager

@@ -23,8 +23,8 @@ from typing import Any
 
 from bench.common import connected, embedded_nats, record
 from schemas.snapshot import ModelSpec
-from worker import objectstore
-from worker.modelstore import ModelStore
+from worker.models import objectstore
+from worker.models.store import ModelStore
 
 BUCKET = "rst_models"
 TARGET_MB_S = 250.0

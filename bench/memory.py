@@ -10,10 +10,10 @@ from typing import Any
 
 from bench.common import connected, embedded_nats, publish_jobs, record
 from bench.throughput import MODEL, RuntimeFactory, bench_settings, echo_factory
-from worker.pipeline import Pipeline, Serving
-from worker.provision import provision
-from worker.publisher import Publisher
-from worker.signing import NodeKey
+from worker.core.signing import NodeKey
+from worker.jobs.pipeline import Pipeline, Serving
+from worker.jobs.provision import provision
+from worker.jobs.publisher import Publisher
 
 
 def rss_mb() -> float:

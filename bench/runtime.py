@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import record
-from worker.runtime import LaunchSpec, Runtime, WorkItem
-from worker.settings import Settings
+from worker.core.settings import Settings
+from worker.runtime.api import LaunchSpec, Runtime, WorkItem
 
 
 def _settings(tmp: Path, backend: str) -> Settings:
@@ -28,11 +28,11 @@ def _settings(tmp: Path, backend: str) -> Settings:
 
 
 async def echo_launch(tmp: Path, backend: str) -> LaunchSpec:
-    from worker.demomodel import make_echo_model
+    from worker.devtools.demomodel import make_echo_model
 
     model_dir = make_echo_model(tmp / "echo-model")
     if backend == "docker":
-        from worker.images import ensure_image_async
+        from worker.devtools.images import ensure_image_async
 
         image = await ensure_image_async("echo")
     else:
@@ -43,7 +43,7 @@ async def echo_launch(tmp: Path, backend: str) -> LaunchSpec:
 @asynccontextmanager
 async def supervised_echo(kind: str) -> AsyncIterator[Runtime]:
     """The real supervisor around the echo engine: `container` (Docker) or `process`."""
-    from worker.supervisor import Supervisor, create_backend
+    from worker.runtime.supervisor import Supervisor, create_backend
 
     backend = "docker" if kind == "container" else "process"
     with tempfile.TemporaryDirectory(prefix="rst-bench-rt-") as tmp:
@@ -80,7 +80,7 @@ async def round_trip(kind: str, count: int = 2000) -> dict[str, Any]:
 async def cold_start(runs: int = 3) -> dict[str, Any]:
     """Supervisor start (create, isolation check, attach, start, `ready`) vs a bare
     `docker run` of the same image loading the same model until its `ready` frame."""
-    from worker.supervisor import Supervisor, create_backend
+    from worker.runtime.supervisor import Supervisor, create_backend
 
     sup_times, bare_times = [], []
     with tempfile.TemporaryDirectory(prefix="rst-bench-cold-") as tmp:

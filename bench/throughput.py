@@ -21,12 +21,12 @@ from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from bench.common import connected, embedded_nats, percentile, publish_jobs, record
-from worker.pipeline import Pipeline, Serving
-from worker.provision import consumer_name, provision
-from worker.publisher import Publisher
-from worker.runtime import Runtime
-from worker.settings import Settings
-from worker.signing import NodeKey
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey
+from worker.jobs.pipeline import Pipeline, Serving
+from worker.jobs.provision import consumer_name, provision
+from worker.jobs.publisher import Publisher
+from worker.runtime.api import Runtime
 
 MODEL = "bench"
 RuntimeFactory = Callable[[], AbstractAsyncContextManager[Runtime]]

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import record
-from worker.runtime import Completion, LaunchSpec, WorkItem
-from worker.settings import Settings
+from worker.core.settings import Settings
+from worker.runtime.api import Completion, LaunchSpec, WorkItem
 
 PROMPTS = [f"Prompt number {i} asks the node" for i in range(64)]
 MAX_TOKENS = 64
@@ -58,7 +58,7 @@ def _direct(image: str, model_dir: Path) -> list[tuple[int, float]]:
 
 
 async def _supervised(settings: Settings, launch: LaunchSpec) -> list[tuple[int, float]]:
-    from worker.supervisor import Supervisor, create_backend
+    from worker.runtime.supervisor import Supervisor, create_backend
 
     items = [
         WorkItem(f"p{i}", {"prompt": p, "params": {"max_tokens": MAX_TOKENS, "seed": 0}})
@@ -77,8 +77,8 @@ async def _supervised(settings: Settings, launch: LaunchSpec) -> list[tuple[int,
 
 
 async def batching_efficiency() -> dict[str, Any]:
-    from worker.demomodel import make_demo_model
-    from worker.images import ensure_image_async
+    from worker.devtools.demomodel import make_demo_model
+    from worker.devtools.images import ensure_image_async
 
     image = await ensure_image_async("vllm-cpu")
     with tempfile.TemporaryDirectory(prefix="rst-bench-vllm-") as tmp:

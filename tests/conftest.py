@@ -12,7 +12,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from worker.natsd import NatsServer, find_binary
+from worker.devtools.natsd import NatsServer, find_binary
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")

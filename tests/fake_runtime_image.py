@@ -1,4 +1,4 @@
-"""Runtime images for the Docker tests: the project's echo image (`worker.images`), and a
+"""Runtime images for the Docker tests: the project's echo image (`worker.devtools.images`), and a
 test image with `tests/fake_runtime.py` (and a copy of `containers.runtime`) on a Debian
 base made with mmdebstrap (no registry needed).
 
@@ -56,8 +56,8 @@ def ensure_base(client: Any) -> None:
 
 
 def echo_image(client: Any) -> str:
-    """The project's real echo runtime image (`worker.images`), built once and cached."""
-    from worker.images import ensure_image
+    """The project's real echo runtime image (`worker.devtools.images`), built once and cached."""
+    from worker.devtools.images import ensure_image
 
     return ensure_image("echo", client=client)
 

@@ -13,9 +13,9 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from schemas.codec import validate
 from schemas.event import ErrorEvent
 from schemas.result import ResultBody
-from worker.runtime import Completion, ItemOutcome, RuntimeFacts, WorkItem
-from worker.settings import Settings
-from worker.signing import verify
+from worker.core.settings import Settings
+from worker.core.signing import verify
+from worker.runtime.api import Completion, ItemOutcome, RuntimeFacts, WorkItem
 
 
 class EchoRuntime:

@@ -22,13 +22,13 @@ from schemas.envelope import EnvelopeType
 from schemas.event import ErrorCode, LifecycleEvent
 from schemas.snapshot import Snapshot
 from tests.jobnet import errors, read_all, results, wait_for
-from worker.agent import Agent, AgentState
 from worker.client import JobFailed, submit
-from worker.config import config_bucket, publish_snapshot
-from worker.devnet import DevPlan, seed_network
-from worker.natsd import NatsServer
-from worker.settings import Settings
-from worker.signing import NodeKey, verify, write_key_file
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey, verify, write_key_file
+from worker.devtools.devnet import DevPlan, seed_network
+from worker.devtools.natsd import NatsServer
+from worker.node.agent import Agent, AgentState
+from worker.node.snapshots import config_bucket, publish_snapshot
 
 pytestmark = pytest.mark.nats
 
@@ -56,7 +56,7 @@ def settings(nats_server: NatsServer, tmp_path: Path, authority: NodeKey) -> Set
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[Agent]:
-    from worker.signing import load_key_file
+    from worker.core.signing import load_key_file
 
     stop = asyncio.Event()
     agent = Agent(settings, load_key_file(settings.key_file))
@@ -207,7 +207,7 @@ async def test_removed_model_leaves_the_disk_and_new_model_serves(
         await serving(agent)
         assert (settings.cache_dir / "blobs" / old_sha).exists()
         # a second model (different bytes) replaces the first
-        from worker.objectstore import put_file
+        from worker.models.objectstore import put_file
 
         new_model = tmp_path / "second.bin"
         new_model.write_bytes(b"second model " * 1000)
@@ -328,7 +328,7 @@ async def test_nats_restart_mid_run_loses_nothing(
 
 
 async def test_metrics_endpoint_serves_prometheus_text() -> None:
-    from worker.metrics import Metrics, MetricsServer
+    from worker.core.metrics import Metrics, MetricsServer
 
     metrics = Metrics()
     metrics.jobs_received = 3

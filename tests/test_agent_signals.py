@@ -20,12 +20,12 @@ from nats.aio.client import Client
 from schemas.envelope import EnvelopeType
 from schemas.snapshot import Snapshot
 from tests.jobnet import read_all, results, wait_for
-from worker.config import config_bucket, publish_snapshot
-from worker.container import runtime_containers
-from worker.devnet import DevPlan, seed_network
-from worker.natsd import NatsServer
-from worker.settings import Settings
-from worker.signing import NodeKey, verify, write_key_file
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey, verify, write_key_file
+from worker.devtools.devnet import DevPlan, seed_network
+from worker.devtools.natsd import NatsServer
+from worker.node.snapshots import config_bucket, publish_snapshot
+from worker.runtime.container import runtime_containers
 
 pytestmark = pytest.mark.nats
 
@@ -50,7 +50,7 @@ def agent_env(settings: Settings, authority: NodeKey) -> dict[str, str]:
 def start_agent(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "run"], env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "worker.cli.main", "run"], env=env, stdout=out, stderr=out
         )
 
 
@@ -174,7 +174,7 @@ async def test_sigterm_mid_batch_drains_within_deadline(
 
 
 def verify_node(settings: Settings) -> str:
-    from worker.signing import load_key_file
+    from worker.core.signing import load_key_file
 
     return load_key_file(settings.key_file).node_id
 

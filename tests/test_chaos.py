@@ -31,11 +31,11 @@ from tests.chaoskit import (
     runtime_containers_of,
 )
 from tests.conftest import unavailable
-from worker.config import config_bucket
-from worker.devnet import DevPlan, seed_network
-from worker.natsd import find_binary
-from worker.settings import Settings
-from worker.signing import NodeKey, write_key_file
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey, write_key_file
+from worker.devtools.devnet import DevPlan, seed_network
+from worker.devtools.natsd import find_binary
+from worker.node.snapshots import config_bucket
 
 pytestmark = [pytest.mark.chaos, pytest.mark.nats, pytest.mark.docker]
 

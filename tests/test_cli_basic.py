@@ -10,13 +10,13 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from worker.cli import build_parser
-from worker.signing import NodeKey, load_key_file
+from worker.cli.main import build_parser
+from worker.core.signing import NodeKey, load_key_file
 
 
 def cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", "worker.cli.main", *args],
         input=stdin.decode("latin-1"),
         capture_output=True,
         text=True,

@@ -13,9 +13,9 @@ import pytest
 
 from tests.conftest import unavailable
 from worker.client import Outcome, new_job_id, submit
-from worker.container import runtime_containers
-from worker.settings import Settings
-from worker.stack import COMPOSE_FILE, Stack, prepare
+from worker.core.settings import Settings
+from worker.devtools.stack import COMPOSE_FILE, Stack, prepare
+from worker.runtime.container import runtime_containers
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 

@@ -10,17 +10,17 @@ import msgpack
 import pytest
 from nats.aio.client import Client
 
-from worker.config import (
+from worker.core.errors import ConfigRejected
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey
+from worker.devtools.natsd import NatsServer
+from worker.node.snapshots import (
     SAVED_NAME,
     AcceptedSnapshot,
     ConfigWatcher,
     check_snapshot,
     publish_snapshot,
 )
-from worker.errors import ConfigRejected
-from worker.natsd import NatsServer
-from worker.settings import Settings
-from worker.signing import NodeKey
 
 pytestmark = pytest.mark.nats
 

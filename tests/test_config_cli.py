@@ -9,11 +9,11 @@ from pathlib import Path
 import nats
 import pytest
 
-from worker.cli import main
-from worker.config import check_snapshot
-from worker.modelstore import ModelStore
-from worker.natsd import NatsServer
-from worker.signing import load_key_file
+from worker.cli.main import main
+from worker.core.signing import load_key_file
+from worker.devtools.natsd import NatsServer
+from worker.models.store import ModelStore
+from worker.node.snapshots import check_snapshot
 
 pytestmark = pytest.mark.nats
 

@@ -9,14 +9,20 @@ from typing import Any
 
 import pytest
 
-import worker.container
+import worker.runtime.container
 from tests.fake_runtime_image import echo_image
 from tests.test_supervisor_protocol import MODEL_SHA, NODE_ID, make_settings
-from worker.container import LABEL_NODE, LABEL_ROLE, ROLE_RUNTIME, DockerBackend, StreamDemux
-from worker.errors import IsolationError, RuntimeBroken
-from worker.runtime import Completion, LaunchSpec, WorkItem
-from worker.supervisor import Supervisor
-from worker.transport import call_blocking
+from worker.core.errors import IsolationError, RuntimeBroken
+from worker.runtime.api import Completion, LaunchSpec, WorkItem
+from worker.runtime.container import (
+    LABEL_NODE,
+    LABEL_ROLE,
+    ROLE_RUNTIME,
+    DockerBackend,
+    StreamDemux,
+)
+from worker.runtime.supervisor import Supervisor
+from worker.runtime.transport import call_blocking
 
 pytestmark = pytest.mark.docker
 
@@ -126,7 +132,7 @@ async def test_isolation_seen_from_inside(
 async def test_isolation_check_fails_closed(
     docker_client: Any, spec: LaunchSpec, monkeypatch: pytest.MonkeyPatch, weaken: dict[str, Any]
 ) -> None:
-    original = worker.container.create_kwargs
+    original = worker.runtime.container.create_kwargs
 
     def weakened(*args: Any, **kwargs: Any) -> dict[str, Any]:
         created = original(*args, **kwargs)
@@ -137,7 +143,7 @@ async def test_isolation_check_fails_closed(
                 created[key] = value
         return created
 
-    monkeypatch.setattr(worker.container, "create_kwargs", weakened)
+    monkeypatch.setattr(worker.runtime.container, "create_kwargs", weakened)
     settings = make_settings()
     backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client)
     with pytest.raises(IsolationError, match="not isolated"):
@@ -174,7 +180,7 @@ async def test_cancel_at_each_docker_call(
                 task.cancel()
             return await call_blocking(fn, *args, **kwargs)
 
-        monkeypatch.setattr(worker.container, "call_blocking", cancelling)
+        monkeypatch.setattr(worker.runtime.container, "call_blocking", cancelling)
         backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client)
 
         async def enter() -> None:

@@ -13,11 +13,11 @@ from schemas.envelope import EnvelopeType
 from tests.jobnet import results, wait_for
 from tests.test_agent import running, serving
 from worker.client import submit
-from worker.config import config_bucket, publish_snapshot
-from worker.devnet import DevPlan, seed_network
-from worker.natsd import NatsServer
-from worker.settings import Settings
-from worker.signing import NodeKey, write_key_file
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey, write_key_file
+from worker.devtools.devnet import DevPlan, seed_network
+from worker.devtools.natsd import NatsServer
+from worker.node.snapshots import config_bucket, publish_snapshot
 
 pytestmark = [pytest.mark.docker, pytest.mark.vllm, pytest.mark.nats]
 

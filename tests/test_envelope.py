@@ -14,8 +14,8 @@ from schemas.envelope import (
     unpack_envelope,
 )
 from schemas.errors import SchemaError
-from worker.errors import SignatureError
-from worker.signing import NodeKey, verify
+from worker.core.errors import SignatureError
+from worker.core.signing import NodeKey, verify
 
 NODE = NodeKey.from_seed(bytes(range(32)))
 AUTHORITY = NodeKey.from_seed(bytes(range(1, 33)))

@@ -16,9 +16,9 @@ import pytest
 
 from tests.fake_runtime_image import echo_image
 from tests.test_supervisor_protocol import MODEL_SHA, NODE_ID, make_settings
-from worker.container import LABEL_NODE, DockerBackend
-from worker.runtime import LaunchSpec
-from worker.supervisor import Supervisor
+from worker.runtime.api import LaunchSpec
+from worker.runtime.container import LABEL_NODE, DockerBackend
+from worker.runtime.supervisor import Supervisor
 
 pytestmark = pytest.mark.docker
 

@@ -4,7 +4,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from worker.natsd import NatsServer
+from worker.devtools.natsd import NatsServer
 
 
 async def test_nats_fixture_has_jetstream(nc: Client) -> None:
@@ -43,7 +43,7 @@ def test_docker_fixture_runs_a_container(docker_client: object) -> None:
 
 @pytest.mark.parametrize("bad", ["", "zz"])
 def test_unavailable_reason_is_clear(bad: str) -> None:
-    from worker.signing import parse_public_key
+    from worker.core.signing import parse_public_key
 
     with pytest.raises(ValueError, match="Ed25519 public key"):
         parse_public_key(bad)

@@ -29,16 +29,16 @@ from schemas.envelope import EnvelopeType, pack_envelope
 from schemas.job import Job
 from schemas.snapshot import ModelSpec, Snapshot
 from tests.jobnet import EchoRuntime, errors, publish_job, results, wait_for
-from worker import objectstore
-from worker.config import ConfigRejected, check_snapshot
-from worker.errors import ModelInvalid
-from worker.modelstore import ModelStore
-from worker.natsd import NatsServer
-from worker.pipeline import Pipeline, PipelineState, Serving
-from worker.provision import provision
-from worker.publisher import Publisher
-from worker.settings import Settings
-from worker.signing import NodeKey
+from worker.core.errors import ModelInvalid
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey
+from worker.devtools.natsd import NatsServer
+from worker.jobs.pipeline import Pipeline, PipelineState, Serving
+from worker.jobs.provision import provision
+from worker.jobs.publisher import Publisher
+from worker.models import objectstore
+from worker.models.store import ModelStore
+from worker.node.snapshots import ConfigRejected, check_snapshot
 
 SLOW = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
 MAX_JOB_BYTES = 16 * 1024

@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from schemas import frames
-from worker.errors import ItemFailed, NodeError, OutputMalformed, RuntimeFailure
-from worker.process import ProcessBackend
-from worker.runtime import Completion, LaunchSpec, WorkItem
-from worker.settings import Settings
-from worker.supervisor import Supervisor
+from worker.core.errors import ItemFailed, NodeError, OutputMalformed, RuntimeFailure
+from worker.core.settings import Settings
+from worker.runtime.api import Completion, LaunchSpec, WorkItem
+from worker.runtime.process import ProcessBackend
+from worker.runtime.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME = [sys.executable, str(ROOT / "tests" / "chaos" / "fuzz_runtime.py")]

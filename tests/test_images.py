@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from schemas import frames
-from worker import images
-from worker.cli import main
+from worker.cli.main import main
+from worker.devtools import images
 
 pytestmark = pytest.mark.docker
 

@@ -12,9 +12,9 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 
 from schemas.snapshot import ModelSpec
-from worker import objectstore
-from worker.errors import ModelInvalid, ModelUnavailable
-from worker.modelstore import ModelStore
+from worker.core.errors import ModelInvalid, ModelUnavailable
+from worker.models import objectstore
+from worker.models.store import ModelStore
 
 pytestmark = pytest.mark.nats
 

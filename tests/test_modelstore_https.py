@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from schemas.snapshot import ModelSpec
-from worker.errors import ModelInvalid, ModelUnavailable
-from worker.modelstore import ModelStore
+from worker.core.errors import ModelInvalid, ModelUnavailable
+from worker.models.store import ModelStore
 
 DATA = os.urandom(3_000_000)
 

@@ -9,13 +9,13 @@ from nats.aio.client import Client
 
 from schemas.event import ErrorCode
 from tests.jobnet import EchoRuntime, errors, job, publish_job, queue_empty, results, wait_for
-from worker.errors import RuntimeEnded
-from worker.pipeline import Pipeline, Serving
-from worker.provision import provision
-from worker.publisher import Publisher
-from worker.runtime import ItemOutcome, WorkItem
-from worker.settings import Settings
-from worker.signing import NodeKey
+from worker.core.errors import RuntimeEnded
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey
+from worker.jobs.pipeline import Pipeline, Serving
+from worker.jobs.provision import provision
+from worker.jobs.publisher import Publisher
+from worker.runtime.api import ItemOutcome, WorkItem
 
 pytestmark = pytest.mark.nats
 

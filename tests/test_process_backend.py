@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from tests.test_supervisor_protocol import MODEL_SHA, make_settings
-from worker.process import ProcessBackend
-from worker.runtime import LaunchSpec, WorkItem
-from worker.settings import Settings
-from worker.supervisor import Supervisor, create_backend
+from worker.core.settings import Settings
+from worker.runtime.api import LaunchSpec, WorkItem
+from worker.runtime.process import ProcessBackend
+from worker.runtime.supervisor import Supervisor, create_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ def test_dev_prints_a_verified_signed_vllm_result(docker_client: object, tmp_pat
         [
             sys.executable,
             "-m",
-            "worker.cli",
+            "worker.cli.main",
             "dev",
             "--once",
             "--port",

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from schemas import export
-from worker import settingsdoc
-from worker.settings import Settings
+from worker.core.settings import Settings
+from worker.devtools import settingsdoc
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {
@@ -86,7 +86,7 @@ def test_every_setting_has_a_description() -> None:
 def test_readme_settings_table_is_up_to_date() -> None:
     readme = (ROOT / "README.md").read_text()
     assert settingsdoc.render(readme) == readme, (
-        "README settings table is stale: run 'python -m worker.settingsdoc'"
+        "README settings table is stale: run 'python -m worker.devtools.settingsdoc'"
     )
     for name in Settings.model_fields:
         assert f"`{settingsdoc.env_name(name)}`" in readme

@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from tests.fake_runtime_image import FAKE_COMMAND, echo_image, ensure_test_image
-from worker.container import LABEL_NODE, DockerBackend
-from worker.errors import (
+from worker.core.errors import (
     ItemFailed,
     NodeError,
     RuntimeBroken,
@@ -25,11 +24,12 @@ from worker.errors import (
     RuntimeStartError,
     RuntimeTimeout,
 )
-from worker.process import ProcessBackend
-from worker.runtime import Completion, LaunchSpec, WorkItem
-from worker.settings import Settings
-from worker.supervisor import Supervisor, SupervisorState
-from worker.transport import Backend
+from worker.core.settings import Settings
+from worker.runtime.api import Completion, LaunchSpec, WorkItem
+from worker.runtime.container import LABEL_NODE, DockerBackend
+from worker.runtime.process import ProcessBackend
+from worker.runtime.supervisor import Supervisor, SupervisorState
+from worker.runtime.transport import Backend
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_ID = secrets.token_hex(32)  # per run: containers of other test runs are not ours

@@ -19,15 +19,15 @@ from containers.runtime.engines.echo import EchoEngine, hash_model
 from containers.runtime.request import parse_request
 from schemas.envelope import EnvelopeType
 from worker.client import Outcome, new_job_id, submit
-from worker.config import config_bucket, publish_snapshot
-from worker.container import runtime_containers
-from worker.demomodel import DemoModel, make_demo_model
-from worker.images import ensure_image
-from worker.objectstore import put_file
-from worker.provision import provision
-from worker.settings import Settings
-from worker.signing import NodeKey, write_key_file
-from worker.stack import ensure_agent_image, ensure_nats_image, wait_for_nats
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey, write_key_file
+from worker.devtools.demomodel import DemoModel, make_demo_model
+from worker.devtools.images import ensure_image
+from worker.devtools.stack import ensure_agent_image, ensure_nats_image, wait_for_nats
+from worker.jobs.provision import provision
+from worker.models.objectstore import put_file
+from worker.node.snapshots import config_bucket, publish_snapshot
+from worker.runtime.container import runtime_containers
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 

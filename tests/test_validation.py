@@ -8,10 +8,10 @@ import msgpack
 import pytest
 
 from schemas.snapshot import ModelSpec
-from worker.errors import ImageUnavailable, ItemFailed, ModelInvalid, RuntimeEnded
-from worker.imagepin import ensure_image
-from worker.runtime import Completion, ItemOutcome, RuntimeFacts, WorkItem
-from worker.validation import run_vectors, token_ids_sha256, validate_model, vector_payload
+from worker.core.errors import ImageUnavailable, ItemFailed, ModelInvalid, RuntimeEnded
+from worker.node.validation import run_vectors, token_ids_sha256, validate_model, vector_payload
+from worker.runtime.api import Completion, ItemOutcome, RuntimeFacts, WorkItem
+from worker.runtime.imagepin import ensure_image
 
 
 class StubRuntime:

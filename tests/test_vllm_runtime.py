@@ -13,7 +13,7 @@ import pytest
 from schemas import frames
 from schemas.frames import Frame
 from tests.framepipe import FramePipe
-from worker import demomodel, images
+from worker.devtools import demomodel, images
 
 HAS_MODEL_DEPS = all(
     importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "tokenizers")

@@ -22,9 +22,9 @@ from schemas.event import ErrorEvent
 from schemas.job import Job
 from schemas.result import ResultBody
 from schemas.snapshot import Snapshot
-from worker.errors import NodeError
-from worker.settings import Settings
-from worker.signing import verify
+from worker.core.errors import NodeError
+from worker.core.settings import Settings
+from worker.core.signing import verify
 
 
 class JobFailed(NodeError):

@@ -1,7 +1,7 @@
 """Write envelopes.json: signed-envelope test vectors made without the project's own code.
 
 Signing uses `cryptography`'s Ed25519 and packing uses plain msgpack, so the vectors are an
-independent check of `worker.signing`. Seeds are fixed and Ed25519 is deterministic: running
+independent check of `worker.core.signing`. Seeds are fixed and Ed25519 is deterministic: running
 this again gives the same file. Usage: python tests/vectors/make_vectors.py [--check]
 """
 

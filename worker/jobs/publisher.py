@@ -14,8 +14,8 @@ from nats.js import JetStreamContext
 
 from schemas.envelope import EnvelopeType
 from schemas.event import ErrorCode, LifecycleKind
-from worker.settings import Settings
-from worker.signing import NodeKey
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from worker.errors import DeadlineExceeded, NodeError, RuntimeFailure, error_code
-from worker.intake import InFlight, JobSource, admit
-from worker.metrics import Metrics
-from worker.provision import consumer_name, ensure_consumer
-from worker.publisher import Publisher
-from worker.runtime import Completion, Runtime, WorkItem
-from worker.settings import Settings
+from worker.core.errors import DeadlineExceeded, NodeError, RuntimeFailure, error_code
+from worker.core.metrics import Metrics
+from worker.core.settings import Settings
+from worker.jobs.intake import InFlight, JobSource, admit
+from worker.jobs.provision import consumer_name, ensure_consumer
+from worker.jobs.publisher import Publisher
+from worker.runtime.api import Completion, Runtime, WorkItem
 
 log = logging.getLogger(__name__)
 

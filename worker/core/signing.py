@@ -23,7 +23,7 @@ from schemas.envelope import (
     unpack_envelope,
 )
 from schemas.errors import SchemaError
-from worker.errors import KeyFileError, SignatureError
+from worker.core.errors import KeyFileError, SignatureError
 
 
 class NodeKey:

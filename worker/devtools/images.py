@@ -32,11 +32,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from worker.errors import NodeError
+from worker.core.errors import NodeError
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTAINERS_DIR = REPO_ROOT / "containers"
 TORCH_WHEEL = Path("/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
 DEBIAN_SUITE = "bookworm"
@@ -351,36 +351,3 @@ async def ensure_image_async(
 ) -> str:
     """`ensure_image` in a worker thread, so the event loop keeps running."""
     return await asyncio.to_thread(ensure_image, engine, client=client, base=base)
-
-
-def register(sub: Any, make_parser: Any) -> None:
-    """`resultity-node images build`."""
-    images = make_parser(
-        sub,
-        "images",
-        "build the runtime images locally",
-        "resultity-node images build --engine echo",
-    )
-    actions = images.add_subparsers(dest="images_command", required=True, metavar="ACTION")
-    build = make_parser(
-        actions,
-        "build",
-        "build runtime images (cached) and print one line per image: engine, tab, image id",
-        "resultity-node images build --engine echo --engine vllm-cpu",
-    )
-    build.add_argument(
-        "--engine",
-        action="append",
-        choices=ENGINES,
-        help=f"image to build; repeatable (default: {' '.join(LOCAL_ENGINES)})",
-    )
-    build.add_argument("--base", help="base image to build on (default: see RESULTITY_IMAGE_BASE)")
-    build.set_defaults(handler=_cmd_build)
-
-
-def _cmd_build(args: Any) -> int:
-    for engine in args.engine or LOCAL_ENGINES:
-        image_id = ensure_image(engine, base=args.base)
-        sys.stdout.write(f"{engine}\t{image_id}\n")
-        sys.stdout.flush()
-    return 0

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from schemas.frames import TO_AGENT, Frame, FrameDecoder, FrameError
-from worker.errors import RuntimeBroken
-from worker.runtime import LaunchSpec
+from worker.core.errors import RuntimeBroken
+from worker.runtime.api import LaunchSpec
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from worker.errors import NodeError
+from worker.core.errors import NodeError
 
 
 @dataclass(frozen=True, slots=True)

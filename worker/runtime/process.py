@@ -15,11 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 from schemas import frames
 from schemas.frames import Frame
-from worker.container import runtime_env
-from worker.errors import RuntimeEnded, RuntimeStartError
-from worker.runtime import LaunchSpec
-from worker.settings import Settings
-from worker.transport import FrameInbox, finish_uncancellable
+from worker.core.errors import RuntimeEnded, RuntimeStartError
+from worker.core.settings import Settings
+from worker.runtime.api import LaunchSpec
+from worker.runtime.container import runtime_env
+from worker.runtime.transport import FrameInbox, finish_uncancellable
 
 log = logging.getLogger(__name__)
 

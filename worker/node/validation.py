@@ -14,8 +14,8 @@ from typing import Any
 import msgpack
 
 from schemas.snapshot import ModelSpec, ValidationVector
-from worker.errors import ModelInvalid, NodeError, RuntimeFailure
-from worker.runtime import Completion, Runtime, WorkItem
+from worker.core.errors import ModelInvalid, NodeError, RuntimeFailure
+from worker.runtime.api import Completion, Runtime, WorkItem
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from schemas.codec import validate
 from schemas.envelope import EnvelopeType
 from schemas.errors import SchemaError
 from schemas.snapshot import Snapshot
-from worker.errors import ConfigRejected, SignatureError
-from worker.settings import Settings
-from worker.signing import verify
+from worker.core.errors import ConfigRejected, SignatureError
+from worker.core.settings import Settings
+from worker.core.signing import verify
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from worker.settings import Settings
+from worker.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -9,21 +9,25 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from worker.progress import ProgressReport
+from schemas.codec import validate
+from schemas.envelope import EnvelopeType, unpack_envelope
+from schemas.errors import SchemaError
+from schemas.snapshot import ModelSpec, Snapshot
+from worker.cli.base import CliError, add_command
+from worker.client import connect
+from worker.core.errors import ConfigRejected, SignatureError
+from worker.core.progress import ProgressReport
+from worker.core.settings import Settings
+from worker.core.signing import check_signature, load_key_file, parse_public_key
+from worker.models import objectstore
+from worker.node.snapshots import check_snapshot, config_bucket, publish_snapshot
 
 log = logging.getLogger(__name__)
-
-
-def _fail(message: str) -> Exception:
-    from worker.cli import CliError
-
-    return CliError(message)
 
 
 def _read_body(path: Path) -> dict[str, Any]:
@@ -32,34 +36,29 @@ def _read_body(path: Path) -> dict[str, Any]:
         try:
             value = json.loads(data)
         except json.JSONDecodeError as exc:
-            raise _fail(f"{path} is not valid JSON ({exc}); fix the file") from exc
+            raise CliError(f"{path} is not valid JSON ({exc}); fix the file") from exc
     else:
         try:
             value = msgpack.unpackb(data, raw=False)
         except Exception as exc:
-            raise _fail(f"{path} is neither a JSON object nor a msgpack map") from exc
+            raise CliError(f"{path} is neither a JSON object nor a msgpack map") from exc
     if not isinstance(value, dict):
-        raise _fail(f"{path} must hold one snapshot body object")
+        raise CliError(f"{path} must hold one snapshot body object")
     return value
 
 
 def cmd_config_sign(args: argparse.Namespace) -> int:
-    from schemas.codec import validate
-    from schemas.errors import SchemaError
-    from schemas.snapshot import Snapshot
-    from worker.signing import load_key_file
-
     body = _read_body(Path(args.body))
     try:
         snapshot = validate(Snapshot, body)
     except SchemaError as exc:
-        raise _fail(f"invalid snapshot body: {exc}; fix {args.body}") from exc
+        raise CliError(f"invalid snapshot body: {exc}; fix {args.body}") from exc
     key = load_key_file(Path(args.key))
     envelope = key.sign("config", body)
     if args.out:
         Path(args.out).write_bytes(envelope)
     elif sys.stdout.isatty():
-        raise _fail("refusing to write a binary envelope to a terminal; pass --out FILE")
+        raise CliError("refusing to write a binary envelope to a terminal; pass --out FILE")
     else:
         sys.stdout.buffer.write(envelope)
         sys.stdout.buffer.flush()
@@ -68,29 +67,23 @@ def cmd_config_sign(args: argparse.Namespace) -> int:
 
 
 async def _connect(url: str) -> Any:
-    from worker.client import connect
 
     return await connect(url, hint="start it or pass --nats-url")
 
 
 def cmd_config_publish(args: argparse.Namespace) -> int:
-    from schemas.envelope import EnvelopeType, unpack_envelope
-    from schemas.errors import SchemaError
-    from worker.config import check_snapshot, config_bucket, publish_snapshot
-    from worker.errors import ConfigRejected, SignatureError
-    from worker.settings import Settings
-    from worker.signing import check_signature, parse_public_key
-
     data = Path(args.envelope).read_bytes()
     try:
         env = unpack_envelope(data)
         if env.typ != EnvelopeType.CONFIG:
-            raise _fail(f"{args.envelope} is a {env.typ.value} envelope, not a config one")
+            raise CliError(f"{args.envelope} is a {env.typ.value} envelope, not a config one")
         check_signature(env)
         if args.authority:
             check_snapshot(data, {parse_public_key(k) for k in args.authority})
     except (SchemaError, SignatureError, ConfigRejected) as exc:
-        raise _fail(f"{args.envelope}: {exc}; sign it with 'resultity-node config sign'") from exc
+        raise CliError(
+            f"{args.envelope}: {exc}; sign it with 'resultity-node config sign'"
+        ) from exc
     settings = Settings()
     url = args.nats_url or settings.nats_url
     bucket = config_bucket(settings)
@@ -111,15 +104,9 @@ def cmd_config_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_models_publish(args: argparse.Namespace) -> int:
-    from schemas.codec import validate
-    from schemas.errors import SchemaError
-    from schemas.snapshot import ModelSpec
-    from worker import objectstore
-    from worker.settings import Settings
-
     path = Path(args.file)
     if not path.is_file():
-        raise _fail(f"{path} is not a file; pass the model file or tar archive to publish")
+        raise CliError(f"{path} is not a file; pass the model file or tar archive to publish")
     settings = Settings()
     url = args.nats_url or settings.nats_url
     bucket = args.bucket or settings.models_bucket
@@ -148,20 +135,20 @@ def cmd_models_publish(args: argparse.Namespace) -> int:
     try:
         validate(ModelSpec, spec)
     except SchemaError as exc:
-        raise _fail(f"the model spec would be invalid: {exc}; fix --id/--version") from exc
+        raise CliError(f"the model spec would be invalid: {exc}; fix --id/--version") from exc
     sys.stdout.write(json.dumps(spec, indent=2) + "\n")
     return 0
 
 
-def register(sub: Any, make_parser: Callable[..., argparse.ArgumentParser]) -> None:
-    config = make_parser(
+def register(sub: Any) -> None:
+    config = add_command(
         sub,
         "config",
         "network side: sign and publish configuration snapshots",
         "resultity-node config sign snapshot.json --key authority.key --out snapshot.env",
     )
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    p = make_parser(
+    p = add_command(
         config_sub,
         "sign",
         "validate a snapshot body (JSON or msgpack) and sign it with an authority key",
@@ -171,7 +158,7 @@ def register(sub: Any, make_parser: Callable[..., argparse.ArgumentParser]) -> N
     p.add_argument("--key", required=True, help="authority key file (made by 'keygen')")
     p.add_argument("--out", help="envelope file to write (default: stdout, if not a terminal)")
     p.set_defaults(handler=cmd_config_sign)
-    p = make_parser(
+    p = add_command(
         config_sub,
         "publish",
         "put a signed snapshot envelope in the config bucket that nodes watch",
@@ -187,14 +174,14 @@ def register(sub: Any, make_parser: Callable[..., argparse.ArgumentParser]) -> N
     )
     p.set_defaults(handler=cmd_config_publish)
 
-    models = make_parser(
+    models = add_command(
         sub,
         "models",
         "network side: publish model files to the object store",
         "resultity-node models publish model.tar --id tiny --version 1",
     )
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    p = make_parser(
+    p = add_command(
         models_sub,
         "publish",
         "upload a model file or tar archive and print the spec to paste into a snapshot",

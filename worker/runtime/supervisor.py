@@ -22,7 +22,7 @@ from typing import Any, Self
 
 from schemas import frames
 from schemas.frames import PROTOCOL_VERSION, Frame
-from worker.errors import (
+from worker.core.errors import (
     ItemFailed,
     NodeError,
     OutputMalformed,
@@ -33,9 +33,10 @@ from worker.errors import (
     RuntimeStartError,
     RuntimeTimeout,
 )
-from worker.runtime import Completion, ItemOutcome, LaunchSpec, RuntimeFacts, WorkItem
-from worker.settings import Settings
-from worker.transport import Backend, RuntimeHandle, finish_uncancellable
+from worker.core.settings import Settings
+from worker.runtime.api import Completion, ItemOutcome, LaunchSpec, RuntimeFacts, WorkItem
+from worker.runtime.process import ProcessBackend
+from worker.runtime.transport import Backend, RuntimeHandle, finish_uncancellable
 
 log = logging.getLogger(__name__)
 
@@ -578,10 +579,9 @@ def create_backend(settings: Settings, *, node_id: str) -> Backend:
     """The backend `settings.runtime_backend` names: "docker" (isolated) or "process"
     (local child process, not isolated: development only)."""
     if settings.runtime_backend == "docker":
-        from worker.container import DockerBackend
+        from worker.runtime.container import DockerBackend
 
         return DockerBackend(settings, node_id=node_id)
-    from worker.process import ProcessBackend
 
     log.warning("runtime_backend_not_isolated backend=process")
     return ProcessBackend(settings)

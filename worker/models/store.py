@@ -38,8 +38,8 @@ from tenacity import (
 )
 
 from schemas.snapshot import ModelSpec
-from worker import objectstore
-from worker.errors import ModelInvalid, ModelUnavailable
+from worker.core.errors import ModelInvalid, ModelUnavailable
+from worker.models import objectstore
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from schemas.snapshot import IMAGE_DIGEST_PATTERN, IMAGE_ID_PATTERN
-from worker.errors import ImageUnavailable
+from worker.core.errors import ImageUnavailable
 
 log = logging.getLogger(__name__)
 

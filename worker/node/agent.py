@@ -14,28 +14,37 @@ Agent
 import asyncio
 import enum
 import logging
+import signal
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
+import msgpack
 import nats
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import ServiceUnavailableError
+from nats.micro import add_service
+from nats.micro.request import Request
 
 from schemas.event import ErrorCode, LifecycleKind
 from schemas.snapshot import ModelSpec, Snapshot
-from worker.errors import ModelInvalid, NodeError, RuntimeFailure
-from worker.metrics import Metrics, MetricsServer
-from worker.pipeline import Pipeline, Serving
-from worker.progress import ProgressReport
-from worker.provision import ensure_consumer, ensure_streams
-from worker.publisher import Publisher
-from worker.runtime import ItemOutcome, LaunchSpec, Runtime, RuntimeFacts, WorkItem
-from worker.settings import Settings
-from worker.signing import NodeKey
-
-if TYPE_CHECKING:
-    from worker.modelstore import ModelStore
-    from worker.supervisor import Supervisor
+from worker.core.errors import ModelInvalid, NodeError, RuntimeFailure
+from worker.core.metrics import Metrics, MetricsServer
+from worker.core.progress import ProgressReport
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey
+from worker.jobs.pipeline import Pipeline, Serving
+from worker.jobs.provision import ensure_consumer, ensure_streams
+from worker.jobs.publisher import Publisher
+from worker.models.store import ModelStore
+from worker.node.snapshots import ConfigWatcher
+from worker.node.validation import validate_model
+from worker.runtime.api import ItemOutcome, LaunchSpec, Runtime, RuntimeFacts, WorkItem
+from worker.runtime.imagepin import ensure_image
+from worker.runtime.supervisor import Supervisor, create_backend
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +80,6 @@ class ValidatedRuntime:
     async def run(self, items: list[WorkItem]) -> list[ItemOutcome]:
         restarts = self._sup.stats().restarts
         if restarts != self._validated_restarts:
-            from worker.validation import validate_model
-
             try:
                 await validate_model(self._sup, self._spec)
             except ModelInvalid as exc:
@@ -133,7 +140,6 @@ class Agent:
         self._publisher = Publisher(self._nc, js, self.key, self.settings)
         if self.settings.provision:
             await _provision_at_start(js, self.settings)
-        from worker.modelstore import ModelStore
 
         self._store = ModelStore(self.settings.cache_dir, js=js)
         await self._publisher.try_lifecycle(LifecycleKind.STARTED, version=_version())
@@ -173,7 +179,6 @@ class Agent:
         log.info("agent_stopped node_id=%s", self.key.node_id)
 
     async def _remove_leftover_runtimes(self) -> None:
-        from worker.supervisor import create_backend
 
         backend = create_backend(self.settings, node_id=self.key.node_id)
         try:
@@ -189,7 +194,6 @@ class Agent:
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Follow snapshots and serve until `stop` is set."""
-        from worker.config import ConfigWatcher
 
         assert self._nc is not None
         self.state = AgentState.WAITING_CONFIG
@@ -277,7 +281,6 @@ class Agent:
 
     async def _launch(self, launch: LaunchSpec) -> None:
         """Start the one runtime, or replace it; the supervisor removes the old container."""
-        from worker.supervisor import Supervisor, create_backend
 
         if self._supervisor is None:
             backend = create_backend(self.settings, node_id=self.key.node_id)
@@ -292,8 +295,6 @@ class Agent:
             return
         import docker
 
-        from worker.imagepin import ensure_image
-
         client = await asyncio.to_thread(docker.from_env)
         try:
             await ensure_image(client, image)
@@ -301,7 +302,6 @@ class Agent:
             await asyncio.to_thread(client.close)
 
     async def _validate(self) -> bool:
-        from worker.validation import validate_model
 
         assert self.model is not None and self._publisher is not None
         assert self._supervisor is not None
@@ -405,9 +405,6 @@ class Agent:
                     await self._model_invalid(exc)
 
     async def _status_service(self, stop: asyncio.Event) -> None:
-        import msgpack
-        from nats.micro import add_service
-        from nats.micro.request import Request
 
         assert self._nc is not None
 
@@ -474,9 +471,6 @@ class Agent:
 async def _provision_at_start(js: Any, settings: Settings) -> None:
     """`ensure_streams`, retried while JetStream is briefly unavailable (a cluster electing
     stream leaders after a server restart answers with timeouts for a few seconds)."""
-    from nats.errors import NoRespondersError
-    from nats.errors import TimeoutError as NatsTimeout
-    from nats.js.errors import ServiceUnavailableError
 
     for attempt in range(1, STARTUP_PROVISION_ATTEMPTS + 1):
         try:
@@ -492,7 +486,6 @@ async def _provision_at_start(js: Any, settings: Settings) -> None:
 def handle_signals(agent: Agent, stop: asyncio.Event) -> None:
     """SIGTERM or SIGINT sets `stop` (drain, then exit); a second one sets `agent.force`
     (hand in-flight jobs back now instead of waiting out the grace period)."""
-    import signal
 
     loop = asyncio.get_running_loop()
 
@@ -528,7 +521,6 @@ def _plain(value: Any) -> Any:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("resultity-node")

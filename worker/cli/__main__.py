@@ -1,0 +1,7 @@
+"""`python -m worker.cli`."""
+
+import sys
+
+from worker.cli.main import main
+
+sys.exit(main())
