@@ -1,6 +1,7 @@
 """The agent's error tree, mapped once to wire error codes.
 
 NodeError
+├── ResourceClosed          a component was used after it was closed (or reopened)
 ├── KeyFileError            the node key file is missing, unsafe or malformed
 ├── SignatureError          an envelope does not verify (bad sig, untrusted key, bad shape)
 ├── JobRejected             a job that can never succeed (terminated, not retried)
@@ -30,6 +31,10 @@ class NodeError(Exception):
 
     code = ErrorCode.INTERNAL
     retryable = False
+
+
+class ResourceClosed(NodeError):
+    pass
 
 
 class KeyFileError(NodeError):

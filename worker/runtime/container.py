@@ -27,9 +27,10 @@ from docker.utils import parse_bytes
 from schemas import frames
 from schemas.frames import Frame
 from worker.core.errors import IsolationError, RuntimeBroken, RuntimeEnded, RuntimeStartError
+from worker.core.resource import finish_uncancellable
 from worker.core.settings import Settings
 from worker.runtime.api import LaunchSpec
-from worker.runtime.transport import FrameInbox, call_blocking, finish_uncancellable
+from worker.runtime.transport import FrameInbox, call_blocking
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,11 @@ from collections.abc import Callable, Mapping, Sequence
 from schemas import frames
 from schemas.frames import Frame
 from worker.core.errors import RuntimeEnded, RuntimeStartError
+from worker.core.resource import finish_uncancellable
 from worker.core.settings import Settings
 from worker.runtime.api import LaunchSpec
 from worker.runtime.container import runtime_env
-from worker.runtime.transport import FrameInbox, finish_uncancellable
+from worker.runtime.transport import FrameInbox
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,11 @@ from worker.core.errors import (
     RuntimeStartError,
     RuntimeTimeout,
 )
+from worker.core.resource import finish_uncancellable
 from worker.core.settings import Settings
 from worker.runtime.api import Completion, ItemOutcome, LaunchSpec, RuntimeFacts, WorkItem
 from worker.runtime.process import ProcessBackend
-from worker.runtime.transport import Backend, RuntimeHandle, finish_uncancellable
+from worker.runtime.transport import Backend, RuntimeHandle
 
 log = logging.getLogger(__name__)
 

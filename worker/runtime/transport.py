@@ -10,11 +10,12 @@ the caller's cleanup sees what the call really did (a container it created, for 
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from schemas.frames import TO_AGENT, Frame, FrameDecoder, FrameError
 from worker.core.errors import RuntimeBroken
+from worker.core.resource import finish_uncancellable
 from worker.runtime.api import LaunchSpec
 
 log = logging.getLogger(__name__)
@@ -116,20 +117,3 @@ async def call_blocking(fn: Callable[..., T], /, *args: object, **kwargs: object
     return await finish_uncancellable(
         loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
     )
-
-
-async def finish_uncancellable(awaitable: Awaitable[T]) -> T:
-    """Await `awaitable` to the end even if the caller is cancelled meanwhile, then
-    re-raise the cancellation. For cleanup and calls that must not be cut short."""
-    future = asyncio.ensure_future(awaitable)
-    cancelled: asyncio.CancelledError | None = None
-    while not future.done():
-        try:
-            await asyncio.wait([future])
-        except asyncio.CancelledError as exc:
-            cancelled = exc
-    if cancelled is not None:
-        if not future.cancelled():
-            future.exception()  # retrieved: the cancellation wins
-        raise cancelled
-    return future.result()
