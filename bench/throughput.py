@@ -143,7 +143,7 @@ async def profile(url: str, n: int, kind: str = "agent") -> dict[str, Any]:
             )
             try:
                 await asyncio.to_thread(child.expect, "READY")
-                spy = subprocess.Popen(
+                spy = subprocess.Popen(  # noqa: ASYNC220 - py-spy runs beside us
                     ["py-spy", "record", "--pid", str(child.pid), "--format", "raw", "--rate",
                      "500", "--nonblocking", "-o", str(out)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
