@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,8 +208,10 @@ class Child:
         )
         self.pid = self.proc.pid
 
-    def expect(self, tag: str, timeout: float = 300) -> dict[str, Any]:
-        """The JSON of the next `tag` line (other lines are the child's own output)."""
+    def expect(
+        self, tag: str, timeout: float = 300, other: Callable[[str], None] | None = None
+    ) -> dict[str, Any]:
+        """The JSON of the next `tag` line; other lines go to `other` (or are dropped)."""
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -219,6 +221,8 @@ class Child:
             if line.startswith(tag + " "):
                 parsed: dict[str, Any] = json.loads(line[len(tag) + 1 :])
                 return parsed
+            if other is not None:
+                other(line)
         raise TimeoutError(f"no {tag} line from {self.proc.args}")
 
     def send(self, line: str) -> None:

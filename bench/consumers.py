@@ -22,6 +22,7 @@ until N results are stored and their jobs acked (N = 0: until `STOP`), and print
 import argparse
 import asyncio
 import functools
+import gc
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,15 @@ import msgpack
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bench.common import MODEL, bench_settings, connected, read_line, say, self_cpu_s
+from bench.common import (
+    MODEL,
+    bench_settings,
+    connected,
+    proc_status_kb,
+    read_line,
+    say,
+    self_cpu_s,
+)
 from containers.runtime.engines.echo import render
 from schemas.envelope import EnvelopeType
 from worker.core.settings import Settings
@@ -55,16 +64,33 @@ SAMPLE = Completion("", " ".join(render(_IDS)), _IDS, "length", 7)
 class Counter:
     """Jobs finished (result stored, job acked); `done` is set at the target."""
 
-    def __init__(self, target: int) -> None:
+    def __init__(self, target: int, checkpoint_every: int = 0) -> None:
         self.target = target
         self.count = 0
         self.done = asyncio.Event()
-        self.first_at: float | None = None
+        self._every = checkpoint_every
+        self._next_check = checkpoint_every
 
     def add(self, k: int) -> None:
         self.count += k
+        if self._every and self.count >= self._next_check:
+            self._next_check += self._every
+            checkpoint(self.count)
         if self.target and self.count >= self.target:
             self.done.set()
+
+
+def checkpoint(completed: int) -> None:
+    """`CHECK {...}`: the process's RSS and what the garbage collector tracks, now."""
+    say(
+        "CHECK",
+        {
+            "completed": completed,
+            "rss_kb": proc_status_kb("self", "VmRSS"),
+            "gc_objects": len(gc.get_objects()),
+            "gc_counts": list(gc.get_count()),
+        },
+    )
 
 
 # the agent's per-job work, mirrored for the matched floor
@@ -305,7 +331,7 @@ class CountingPublisher(Publisher):
 async def serve(args: argparse.Namespace) -> None:
     settings = bench_settings(args.prefix)
     key = NodeKey.generate()
-    counter = Counter(args.jobs)
+    counter = Counter(args.jobs, args.checkpoint_every)
     ready: dict[str, Any] = {"pid": __import__("os").getpid()}
     async with connected(args.url) as nc:
         stop: Callable[[], Awaitable[None]] | None = None
@@ -343,6 +369,8 @@ async def _run(
     say("READY", ready)
     if await read_line() != "GO":
         return
+    if args.checkpoint_every:
+        checkpoint(0)
     cpu0, t0 = self_cpu_s(), time.perf_counter()
     await go()
     if counter.target:
@@ -350,6 +378,8 @@ async def _run(
     else:
         await read_line()  # STOP
     seconds, cpu = time.perf_counter() - t0, self_cpu_s() - cpu0
+    if counter.target and args.checkpoint_every:
+        checkpoint(counter.count)
     say("DONE", {"seconds": seconds, "cpu_s": cpu, "jobs": counter.count})
     if counter.target:
         await read_line()  # the parent has read its counters; now shut down
@@ -361,6 +391,7 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--jobs", type=int, default=0, help="0: serve until STOP")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="CHECK lines (jobs)")
     args = parser.parse_args()
     asyncio.run(serve(args))
 
