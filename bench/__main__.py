@@ -14,9 +14,10 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def table(results: list[dict[str, Any]], info: dict[str, Any], quick: bool) -> str:
+def table(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
     lines = [
         "| benchmark | figures: median [IQR] over alternated repetitions | ratio | target |",
         "| --- | --- | --- | --- |",
@@ -127,7 +128,7 @@ def table(results: list[dict[str, Any]], info: dict[str, Any], quick: bool) -> s
         f"{info['load_avg_1m_at_end']} at the end), kernel {info['kernel']}, Python "
         f"{info['python']}, Docker {info['docker']}, {info['nats_server']}, nats-py "
         f"{info['nats_py']}, docker-py {info['docker_py']}, FastStream {info['faststream']}; "
-        f"command: `python -m bench{' --quick' if quick else ''}`."
+        f"command: `{info['command']}`."
     )
     return "\n".join(lines)
 
@@ -196,6 +197,9 @@ def main() -> None:
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(NAMES)}")
     parser.add_argument("--skip-vllm", action="store_true", help="no vLLM image needed")
     parser.add_argument("--floor-rate", type=float, default=8000, help="latency, w/o throughput")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SIZE=N", help="override one size"
+    )
     parser.add_argument("--readme", action="store_true", help="update README.md's table")
     parser.add_argument("--out", type=Path, default=HERE, help="where latest.json/.md go")
     args = parser.parse_args()
@@ -206,14 +210,20 @@ def main() -> None:
     if args.skip_vllm and "vllm" in names:
         names.remove("vllm")
     sizes = QUICK if args.quick else Sizes()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in Sizes.__dataclass_fields__:
+            parser.error(f"unknown size {key!r}; known: {', '.join(Sizes.__dataclass_fields__)}")
+        sizes = replace(sizes, **{key: type(getattr(sizes, key))(value)})
     results = asyncio.run(run_all(names, sizes, args.floor_rate))
     info = machine()
     info["quick"] = args.quick
+    info["command"] = " ".join(["python -m bench", *sys.argv[1:]])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(
         json.dumps({"machine": info, "benchmarks": results}, indent=2) + "\n"
     )
-    md = table(results, info, args.quick)
+    md = table(results, info)
     (args.out / "latest.md").write_text(md + "\n")
     print(md)
     if args.readme:

@@ -165,8 +165,14 @@ async def _run(size_mb: int, reps: int, cold_reps: int, tmp: Path) -> dict[str, 
             got = await asyncio.to_thread(_one, reader, server.url, sha256, size, False)
             for k, v in got.items():
                 runs[reader][k].append(v)
-        cold_ok = drop_page_cache()
-        figures["cold_cache"] = "page cache dropped before each" if cold_ok else "not permitted"
+        cold_ok = cold_reps > 0 and drop_page_cache()
+        figures["cold_cache"] = (
+            "not run"
+            if cold_reps == 0
+            else "page cache dropped before each"
+            if cold_ok
+            else "not run: dropping the page cache is not permitted here"
+        )
         if cold_ok:
             for _, reader in alternated(READERS, cold_reps):
                 got = await asyncio.to_thread(_one, reader, server.url, sha256, size, True)
