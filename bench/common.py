@@ -199,7 +199,7 @@ class Child:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen(
+        self.proc: subprocess.Popen[str] = subprocess.Popen(
             [sys.executable, "-m", module, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -217,13 +217,13 @@ class Child:
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"child {self.proc.args} ended (rc={self.proc.wait()})")
+                raise RuntimeError(f"child {self.proc.args!r} ended (rc={self.proc.wait()})")
             if line.startswith(tag + " "):
                 parsed: dict[str, Any] = json.loads(line[len(tag) + 1 :])
                 return parsed
             if other is not None:
                 other(line)
-        raise TimeoutError(f"no {tag} line from {self.proc.args}")
+        raise TimeoutError(f"no {tag} line from {self.proc.args!r}")
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -255,4 +255,5 @@ def say(tag: str, payload: dict[str, Any]) -> None:
 
 async def read_line() -> str:
     """Child side: the next stdin line, without blocking the event loop ('' at EOF)."""
-    return (await asyncio.to_thread(sys.stdin.readline)).strip()
+    line: str = await asyncio.to_thread(sys.stdin.readline)
+    return line.strip()

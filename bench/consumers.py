@@ -143,7 +143,12 @@ def agent_result_size(key: NodeKey) -> int:
         "job_id": "j100000",
         "node_id": key.node_id,
         "model": {"id": MODEL, "version": "1", "sha256": "0" * 64},
-        "runtime": {"image": SERVING.image, "engine": "echo", "engine_version": "echo-1"},
+        "runtime": {
+            "image": SERVING.image,
+            "engine": "echo",
+            "engine_version": "echo-1",
+            "device": "cpu",
+        },
         "config_version": 1,
         "input_sha256": "0" * 64,
         "output": {"text": SAMPLE.text, "token_ids": SAMPLE.token_ids, "finish_reason": "length"},
@@ -152,7 +157,6 @@ def agent_result_size(key: NodeKey) -> int:
         "started_at": time.time(),
         "finished_at": time.time(),
     }
-    body["runtime"]["device"] = "cpu"
     return len(key.sign_bytes(EnvelopeType.RESULT, msgpack.packb(body)))
 
 
@@ -301,7 +305,7 @@ async def faststream_peer(
             envelope, f"{results}.{job_id}", headers={"Nats-Msg-Id": job_id}, stream=results_stream
         )
 
-    @broker.subscriber(  # type: ignore[misc]
+    @broker.subscriber(
         settings.subject("jobs", MODEL),
         stream=JStream(settings.stream("JOBS"), declare=False),
         durable=consumer_name(settings, MODEL),

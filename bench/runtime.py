@@ -27,7 +27,7 @@ def _settings(tmp: Path, backend: str) -> Settings:
         key_file=tmp / "k",
         cache_dir=tmp / "c",
         state_dir=tmp / "s",
-        runtime_backend=backend,  # type: ignore[arg-type]
+        runtime_backend=backend,
         runtime_memory="2g",
         ping_interval_s=30,
     )

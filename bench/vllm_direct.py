@@ -13,7 +13,7 @@ def main() -> None:
     from containers.runtime.engines.vllm import CPU_DEFAULTS, prepare_environment
 
     prepare_environment()
-    import vllm
+    import vllm  # type: ignore[import-not-found]
 
     prompts, max_tokens, rounds, ignore_eos = json.loads(sys.argv[1])
     llm = vllm.LLM(model="/model", seed=0, **CPU_DEFAULTS)
