@@ -100,15 +100,16 @@ async def throughput(
 STAGES = [
     ("signing (Ed25519)", ("sign_bytes (",)),
     ("admit: decode, checks, input hash", ("admit (",)),
-    ("result body and runtime payload", ("_result_body (", "_payload (")),
+    ("result body and runtime payload", ("_result_body (", "_payload (", "padded_body (")),
     ("runtime: batch frame out, result frame in", ("worker/runtime/", "schemas/frames")),
-    ("result publish, PubAck wait (nats-py)", ("publish_result (",)),
-    ("ack (nats-py)", ("_settle (",)),
-    ("pull requests", ("_pull_if_due (",)),
+    ("result publish (nats-py)", ("publish_result (", "publish_async (")),
+    ("ack (nats-py)", ("_settle (", "ack (nats/aio/msg.py")),
+    ("pull requests", ("_pull_if_due (", "_request (", "settled (")),
     ("nats-py read loop: parse, dispatch", ("_read_loop (",)),
     ("nats-py flusher: socket writes", ("_flusher (",)),
     ("batcher", ("_batch_loop (", "_run_batch (")),
-    ("intake callback", ("_deliver (", "_on_message (")),
+    ("intake callback", ("_deliver (", "_on_message (", "strong (", "with_agent_work (")),
+    ("JobSource loop (wake, wait_for)", ("jobs/intake.py",)),
     ("pipeline, other", ("worker/jobs/pipeline",)),
 ]
 
@@ -131,7 +132,9 @@ def stage_breakdown(raw: str) -> dict[str, float]:
     return {k: round(v / total, 3) for k, v in sorted(totals.items(), key=lambda x: -x[1])}
 
 
-async def profile(url: str, n: int, kind: str = "agent") -> dict[str, Any]:
+async def profile(
+    url: str, n: int, kind: str = "agent", keep: Path | None = None
+) -> dict[str, Any]:
     """One run of `kind` sampled by py-spy: where its per-job CPU goes, by stage."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "spy.txt"
@@ -157,7 +160,10 @@ async def profile(url: str, n: int, kind: str = "agent") -> dict[str, Any]:
                 await asyncio.to_thread(child.close)
             await drop_streams(nc, settings)
         cpu_us = done["cpu_s"] / n * 1e6
-        shares = stage_breakdown(out.read_text())
+        raw = await asyncio.to_thread(out.read_text)
+        shares = stage_breakdown(raw)
+        if keep is not None:
+            await asyncio.to_thread(keep.write_text, raw)
     return {
         "kind": kind,
         "jobs": n,
@@ -173,13 +179,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--profile", choices=KINDS, help="sample one contender with py-spy")
+    parser.add_argument("--profile-out", type=Path, help="keep py-spy's raw (collapsed) stacks")
     args = parser.parse_args()
 
     async def go() -> Any:
         with embedded_nats() as server:
             assert server.pid is not None
             if args.profile:
-                return await profile(server.url, args.jobs, args.profile)
+                return await profile(server.url, args.jobs, args.profile, args.profile_out)
             kinds = tuple(args.kinds.split(","))
             return await throughput(server.url, server.pid, args.jobs, args.reps, kinds)
 
