@@ -8,7 +8,10 @@ seen on a plain subscription) is taken on each side. The added latency of job i 
 shared machine, the server) cancels out, which the difference of two p99s does not.
 
 Levels: `serial` (one job at a time on each side) and fixed-rate runs at 25/50/75 % of the
-strong floor's jobs/s. Levels alternate over repetitions; each figure is the median and
+strong floor's jobs/s offered to each side; as both sides run at once, the machine carries
+twice that rate plus the driver (`sent_per_s_each_side` shows whether the driver kept
+its pace). On a small shared machine the upper levels measure CPU starvation.
+Levels alternate over repetitions; each figure is the median and
 IQR over repetitions of that level's per-job median (and p99) added latency.
 
     python -m bench.latency --floor-rate 8000 --seconds 3 --reps 3
@@ -51,6 +54,7 @@ class Driver:
         self.seen: dict[str, dict[str, float]] = {s: {} for s in SIDES}
         self._waiting: dict[tuple[str, str], asyncio.Event] = {}
         self._next = 0
+        self.achieved = 0.0
 
     async def listen(self, side: str, results_subject: str) -> None:
         async def cb(msg: Msg) -> None:
@@ -98,6 +102,8 @@ class Driver:
             if wait > 0.0005:
                 await asyncio.sleep(wait)
             out.append(await self.send(i))
+        elapsed = time.perf_counter() - t0
+        self.achieved = count / elapsed if elapsed > 0 and count > 1 else rate
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # noqa: ASYNC110 - waiting for results to arrive
             if all(j in self.seen[s] for s in SIDES for j in out[-50:]):
@@ -145,12 +151,13 @@ async def latency(
             await driver.fixed_rate(floor_rate * 0.25, 1.0)
             per_level: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
             for _rep, level in alternated(LEVELS, reps):
+                got = per_level[level]
                 if level == "serial":
                     ids = await driver.serial(serial_jobs)
                 else:
                     ids = await driver.fixed_rate(floor_rate * float(level), seconds)
+                    got["sent_per_s_each_side"].append(driver.achieved)
                 diffs, own, missing = driver.added(ids)
-                got = per_level[level]
                 got["added_p50_ms"].append(percentile(diffs, 0.5))
                 got["added_p99_ms"].append(percentile(diffs, 0.99))
                 for side in SIDES:
