@@ -5,6 +5,7 @@ through docker-py, and a supervised echo runtime for the pipeline benchmarks.
 """
 
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -55,7 +56,9 @@ async def supervised_echo(kind: str) -> AsyncIterator[Runtime]:
     with tempfile.TemporaryDirectory(prefix="rst-bench-rt-") as tmp:
         settings = _settings(Path(tmp), backend)
         launch = await echo_launch(Path(tmp), backend)
-        async with Supervisor(settings, create_backend(settings, node_id="bench"), launch) as sup:
+        async with Supervisor(
+            settings, create_backend(settings, node_id=f"bench-{os.getpid()}"), launch
+        ) as sup:
             yield sup
 
 
@@ -105,7 +108,9 @@ async def cold_start(runs: int = 10) -> dict[str, Any]:
         for rep, side in alternated(sides, runs):
             if side == "supervisor":
                 t0 = time.perf_counter()
-                sup = Supervisor(settings, create_backend(settings, node_id="bench-cold"), launch)
+                sup = Supervisor(
+                    settings, create_backend(settings, node_id=f"bench-cold-{os.getpid()}"), launch
+                )
                 await sup.__aenter__()
                 times[side].append(time.perf_counter() - t0)
                 await sup.aclose()
@@ -114,8 +119,8 @@ async def cold_start(runs: int = 10) -> dict[str, Any]:
                 kwargs = create_kwargs(
                     launch,
                     settings,
-                    node_id="bench-cold",
-                    name=f"resultity-bench-cold-{rep}",
+                    node_id=f"bench-cold-{os.getpid()}",
+                    name=f"resultity-bench-cold-{os.getpid()}-{rep}",
                     command=None,
                     extra_env={},
                 )

@@ -21,6 +21,7 @@ a mismatch is reported (`token_counts_match`).
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -73,7 +74,7 @@ async def supervised(
 ) -> list[tuple[int, float]]:
     from worker.runtime.supervisor import Supervisor, create_backend
 
-    backend = create_backend(settings, node_id="bench-vllm")
+    backend = create_backend(settings, node_id=f"bench-vllm-{os.getpid()}")
     async with Supervisor(settings, backend, launch) as sup:
         return await supervised_batches(sup, rounds)
 
@@ -88,7 +89,7 @@ def direct(settings: Settings, launch: LaunchSpec, rounds: int) -> list[tuple[in
     kwargs = create_kwargs(
         launch,
         settings,
-        node_id="bench-vllm-direct",
+        node_id=f"bench-vllm-direct-{os.getpid()}",
         name=f"resultity-bench-vllm-direct-{time.monotonic_ns()}",
         command=[json.dumps([PROMPTS, MAX_TOKENS, rounds, IGNORE_EOS])],
         extra_env={},
