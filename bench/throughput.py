@@ -5,8 +5,11 @@ process against one embedded nats-server, on the same N jobs stored beforehand i
 streams. The timed window runs from `GO` until the N-th result is stored (and, for the
 floors, its job acked). CPU per job is read over the same window for the contender
 process (its rusage), nats-server (/proc) and, for the agent, the runtime container
-(its cgroup). Repetitions alternate the order (ABBA); every figure is a median and IQR,
-and the ratios are taken within each repetition.
+(its cgroup); dockerd and containerd are reported apart, per job and per second of the
+window (the attach stream runs through dockerd, which every other container on the
+machine shares: the floors' figure, with no container, is the background level).
+Repetitions alternate the order (ABBA); every figure is a median and IQR, and the ratios
+are taken within each repetition.
 
     python -m bench.throughput --jobs 20000 --reps 5 [--profile]
 """
@@ -30,6 +33,8 @@ from bench.common import (
     embedded_nats,
     fill_jobs,
     fresh_streams,
+    pids_cpu_s,
+    pids_named,
     proc_cpu_s,
     record,
     summary,
@@ -41,6 +46,7 @@ TARGET = ">= 0.5 of the strong floor"
 
 async def one_run(url: str, server_pid: int, kind: str, prefix: str, n: int) -> dict[str, float]:
     """One contender, one run: jobs/s and CPU microseconds per job."""
+    docker = pids_named("dockerd", "containerd")
     async with connected(url) as nc:
         settings = await fresh_streams(nc, prefix)
         await fill_jobs(nc, settings, n)
@@ -50,10 +56,12 @@ async def one_run(url: str, server_pid: int, kind: str, prefix: str, n: int) -> 
             cid = ready.get("container_id")
             server0 = proc_cpu_s(server_pid)
             runtime0 = container_cpu_s(cid) if cid else None
+            docker0 = pids_cpu_s(docker)
             child.send("GO")
             done = await asyncio.to_thread(child.expect, "DONE", 900)
             server1 = proc_cpu_s(server_pid)
             runtime1 = container_cpu_s(cid) if cid else None
+            docker1 = pids_cpu_s(docker)
             child.send("BYE")
         finally:
             await asyncio.to_thread(child.close)
@@ -66,6 +74,11 @@ async def one_run(url: str, server_pid: int, kind: str, prefix: str, n: int) -> 
     if runtime0 is not None and runtime1 is not None:
         out["runtime_cpu_us_per_job"] = (runtime1 - runtime0) / n * 1e6
     out["total_cpu_us_per_job"] = sum(v for k, v in out.items() if k.endswith("cpu_us_per_job"))
+    if docker:
+        # dockerd proxies the runtime's attach stream; it is shared with everything else
+        # on the machine, so the floors' figure (no container) is the background level
+        out["dockerd_cpu_us_per_job"] = (docker1 - docker0) / n * 1e6
+        out["dockerd_cpu_s_per_s"] = (docker1 - docker0) / done["seconds"]
     return out
 
 
