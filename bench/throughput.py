@@ -1,197 +1,209 @@
-"""Jobs/s and added latency: the agent's pipeline vs a minimal nats-py loop (the floor).
+"""Jobs/s and CPU per job: the agent vs raw nats-py floors vs FastStream.
 
-Both run in one process against one embedded nats-server, on the same jobs:
-- floor: fetch 256, sign each result, publish them concurrently, ack each;
-- agent: the real `Pipeline` (intake, batcher, runtime, signing, publish, ack) with the
-  echo engine, in a real container when Docker answers (`--runtime container`).
-Latency is measured at low load, one job at a time: publish -> result stored and seen.
+Each contender (`bench.consumers`: strong, matched, faststream, agent) runs in its own
+process against one embedded nats-server, on the same N jobs stored beforehand in fresh
+streams. The timed window runs from `GO` until the N-th result is stored (and, for the
+floors, its job acked). CPU per job is read over the same window for the contender
+process (its rusage), nats-server (/proc) and, for the agent, the runtime container
+(its cgroup); dockerd and containerd are reported apart, per job and per second of the
+window (the attach stream runs through dockerd, which every other container on the
+machine shares: the floors' figure, with no container, is the background level).
+Repetitions alternate the order (ABBA); every figure is a median and IQR, and the ratios
+are taken within each repetition.
+
+    python -m bench.throughput --jobs 20000 --reps 5 [--profile]
 """
 
 import argparse
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+import signal
+import subprocess
+import tempfile
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import msgpack
-from nats.aio.client import Client
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from bench.common import (
+    Child,
+    alternated,
+    connected,
+    container_cpu_s,
+    drop_streams,
+    embedded_nats,
+    fill_jobs,
+    fresh_streams,
+    pids_cpu_s,
+    pids_named,
+    proc_cpu_s,
+    record,
+    summary,
+)
+from bench.consumers import KINDS
 
-from bench.common import connected, embedded_nats, percentile, publish_jobs, record
-from worker.core.settings import Settings
-from worker.core.signing import NodeKey
-from worker.jobs.pipeline import Pipeline, Serving
-from worker.jobs.provision import consumer_name, provision
-from worker.jobs.publisher import Publisher
-from worker.runtime.api import Runtime
-
-MODEL = "bench"
-RuntimeFactory = Callable[[], AbstractAsyncContextManager[Runtime]]
-
-
-def bench_settings(tmp: Path, prefix: str) -> Settings:
-    return Settings(
-        subject_prefix=prefix,
-        key_file=tmp / "k",
-        cache_dir=tmp / "c",
-        state_dir=tmp / "s",
-        max_in_flight=1024,
-        batch_max_size=128,
-        ack_wait_s=60,
-    )
+TARGET = ">= 0.5 of the strong floor"
 
 
-async def floor_loop(nc: Client, settings: Settings, n: int, key: NodeKey) -> None:
-    js = nc.jetstream()
-    psub = await js.pull_subscribe(
-        settings.subject("jobs", MODEL),
-        durable=consumer_name(settings, MODEL),
-        stream=settings.stream("JOBS"),
-    )
-    done = 0
-    while done < n:
-        try:
-            msgs = await psub.fetch(256, timeout=1)
-        except TimeoutError:
-            continue
-
-        async def one(msg: Any) -> None:
-            job = msgpack.unpackb(msg.data)
-            body = msgpack.packb({"job_id": job["job_id"], "node_id": key.node_id, "out": [1, 2]})
-            await js.publish(
-                settings.subject("results", job["job_id"]),
-                key.sign_bytes("result", body),
-                headers={"Nats-Msg-Id": job["job_id"]},
-            )
-            await msg.ack()
-
-        await asyncio.gather(*(one(m) for m in msgs))
-        done += len(msgs)
-    await psub.unsubscribe()
-
-
-async def run_pipeline_until(
-    nc: Client, settings: Settings, runtime: Runtime, key: NodeKey, n: int
-) -> None:
-    js = nc.jetstream()
-    serving = Serving(MODEL, "1", "0" * 64, "sha256:" + "0" * 64, 1)
-    async with Pipeline(nc, settings, Publisher(nc, js, key, settings), runtime, serving) as pipe:
-        while pipe.completed < n:  # noqa: ASYNC110 - polling a counter, not an event
-            await asyncio.sleep(0.005)
-
-
-async def throughput(
-    url: str, tmp: Path, n: int, runtime_factory: RuntimeFactory
-) -> dict[str, Any]:
-    key = NodeKey.generate()
-    figures: dict[str, Any] = {"jobs": n}
+async def one_run(url: str, server_pid: int, kind: str, prefix: str, n: int) -> dict[str, float]:
+    """One contender, one run: jobs/s and CPU microseconds per job."""
+    docker = pids_named("dockerd", "containerd")
     async with connected(url) as nc:
-        for which in ("floor", "agent"):
-            settings = bench_settings(tmp, f"b{which}")
-            await provision(nc.jetstream(), settings, [MODEL])
-            await publish_jobs(nc, settings.subject("jobs", MODEL), n, which)
-            started = time.perf_counter()
-            if which == "floor":
-                await floor_loop(nc, settings, n, key)
-            else:
-                async with runtime_factory() as runtime:
-                    started = time.perf_counter()
-                    await run_pipeline_until(nc, settings, runtime, key, n)
-            figures[f"{which}_jobs_per_s"] = round(n / (time.perf_counter() - started))
-    ratio = figures["agent_jobs_per_s"] / figures["floor_jobs_per_s"]
-    return record("throughput: agent vs raw nats-py loop", figures, round(ratio, 3), ">= 0.5")
-
-
-async def _latencies(nc: Client, settings: Settings, count: int, tag: str) -> list[float]:
-    js = nc.jetstream()
-    sub = await js.subscribe(
-        settings.subject("results", ">"), config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
-    )
-    out = []
-    for i in range(count):
-        job_id = f"{tag}-lat-{i}"
-        data = msgpack.packb(
-            {"job_id": job_id, "model_id": MODEL, "prompt": "x", "params": {"max_tokens": 8}}
-        )
-        t0 = time.perf_counter()
-        await js.publish(settings.subject("jobs", MODEL), data, headers={"Nats-Msg-Id": job_id})
-        msg = await sub.next_msg(timeout=10)
-        out.append(time.perf_counter() - t0)
-        await msg.ack()
-    await sub.unsubscribe()
+        settings = await fresh_streams(nc, prefix)
+        await fill_jobs(nc, settings, n)
+        child = Child("bench.consumers", kind, "--url", url, "--prefix", prefix, "--jobs", str(n))
+        try:
+            ready = await asyncio.to_thread(child.expect, "READY")
+            cid = ready.get("container_id")
+            server0 = proc_cpu_s(server_pid)
+            runtime0 = container_cpu_s(cid) if cid else None
+            docker0 = pids_cpu_s(docker)
+            child.send("GO")
+            done = await asyncio.to_thread(child.expect, "DONE", 900)
+            server1 = proc_cpu_s(server_pid)
+            runtime1 = container_cpu_s(cid) if cid else None
+            docker1 = pids_cpu_s(docker)
+            child.send("BYE")
+        finally:
+            await asyncio.to_thread(child.close)
+        await drop_streams(nc, settings)
+    out = {
+        "jobs_per_s": n / done["seconds"],
+        "client_cpu_us_per_job": done["cpu_s"] / n * 1e6,
+        "server_cpu_us_per_job": (server1 - server0) / n * 1e6,
+    }
+    if runtime0 is not None and runtime1 is not None:
+        out["runtime_cpu_us_per_job"] = (runtime1 - runtime0) / n * 1e6
+    out["total_cpu_us_per_job"] = sum(v for k, v in out.items() if k.endswith("cpu_us_per_job"))
+    if docker:
+        # dockerd proxies the runtime's attach stream; it is shared with everything else
+        # on the machine, so the floors' figure (no container) is the background level
+        out["dockerd_cpu_us_per_job"] = (docker1 - docker0) / n * 1e6
+        out["dockerd_cpu_s_per_s"] = (docker1 - docker0) / done["seconds"]
     return out
 
 
-async def latency(
-    url: str, tmp: Path, count: int, runtime_factory: RuntimeFactory
+async def throughput(
+    url: str, server_pid: int, n: int, reps: int, kinds: tuple[str, ...] = KINDS
 ) -> dict[str, Any]:
-    key = NodeKey.generate()
-    figures: dict[str, Any] = {"jobs": count}
-    async with connected(url) as nc:
-        settings = bench_settings(tmp, "lfloor")
-        await provision(nc.jetstream(), settings, [MODEL])
-        loop = asyncio.create_task(_floor_forever(nc, settings, key))
-        floor = await _latencies(nc, settings, count, "floor")
-        loop.cancel()
-        settings = bench_settings(tmp, "lagent")
-        await provision(nc.jetstream(), settings, [MODEL])
-        async with runtime_factory() as runtime:
-            js = nc.jetstream()
-            serving = Serving(MODEL, "1", "0" * 64, "sha256:" + "0" * 64, 1)
-            publisher = Publisher(nc, js, key, settings)
-            async with Pipeline(nc, settings, publisher, runtime, serving):
-                await _latencies(nc, settings, 20, "warm")
-                agent = await _latencies(nc, settings, count, "agent")
-    for name, values in (("floor", floor), ("agent", agent)):
-        figures[f"{name}_p50_ms"] = round(percentile(values, 0.5) * 1000, 3)
-        figures[f"{name}_p99_ms"] = round(percentile(values, 0.99) * 1000, 3)
-    figures["added_p50_ms"] = round(figures["agent_p50_ms"] - figures["floor_p50_ms"], 3)
-    figures["added_p99_ms"] = round(figures["agent_p99_ms"] - figures["floor_p99_ms"], 3)
-    return record("added latency at low load", figures, None, "p50 < 1 ms, p99 < 5 ms")
+    runs: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for rep, kind in alternated(kinds, reps):
+        got = await one_run(url, server_pid, kind, f"t{rep}{kind[:3]}", n)
+        for metric, value in got.items():
+            runs[kind][metric].append(value)
+    figures: dict[str, Any] = {"jobs": n, "reps": reps}
+    for kind in kinds:
+        for metric, values in runs[kind].items():
+            figures[f"{kind}_{metric}"] = summary(values, 1)
+    ratio = None
+    if "agent" in kinds:
+        agent = runs["agent"]["jobs_per_s"]
+        for base in kinds:
+            if base != "agent":
+                pairs = [a / b for a, b in zip(agent, runs[base]["jobs_per_s"], strict=True)]
+                figures[f"agent_vs_{base}"] = summary(pairs)
+        ratio = figures.get("agent_vs_strong")
+    return record(
+        "throughput: agent vs strong nats-py floor (jobs/s, CPU us/job)", figures, ratio, TARGET
+    )
 
 
-async def _floor_forever(nc: Client, settings: Settings, key: NodeKey) -> None:
-    await floor_loop(nc, settings, 1 << 62, key)
+# Where the agent's CPU goes, from py-spy samples of its process (idle threads are not
+# sampled, so samples are CPU time). Each sample goes to the innermost frame that names a
+# stage; a sample with no such frame is the event loop's own work.
+STAGES = [
+    ("signing (Ed25519)", ("sign_bytes (",)),
+    ("admit: decode, checks, input hash", ("admit (",)),
+    ("result body and runtime payload", ("_result_body (", "_payload (", "padded_body (")),
+    ("runtime: batch frame out, result frame in", ("worker/runtime/", "schemas/frames")),
+    ("result publish (nats-py)", ("publish_result (", "publish_async (")),
+    ("ack (nats-py)", ("_settle (", "ack (nats/aio/msg.py")),
+    ("pull requests", ("_pull_if_due (", "_request (", "settled (")),
+    ("nats-py read loop: parse, dispatch", ("_read_loop (",)),
+    ("nats-py flusher: socket writes", ("_flusher (",)),
+    ("batcher", ("_batch_loop (", "_run_batch (")),
+    ("intake callback", ("_deliver (", "_on_message (", "strong (", "with_agent_work (")),
+    ("JobSource loop (wake, wait_for)", ("jobs/intake.py",)),
+    ("pipeline, other", ("worker/jobs/pipeline",)),
+]
 
 
-def echo_factory(kind: str) -> RuntimeFactory:
-    """`container`: the supervisor with the echo image; `seam`: the in-process test runtime."""
+def stage_breakdown(raw: str) -> dict[str, float]:
+    """Share of samples per stage from py-spy's raw (collapsed) output."""
+    totals: dict[str, int] = defaultdict(int)
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        stage = "event loop, other"
+        for frame in reversed(stack.split(";")):
+            hit = next((s for s, needles in STAGES if any(n in frame for n in needles)), None)
+            if hit is not None:
+                stage = hit
+                break
+        totals[stage] += int(count)
+    total = sum(totals.values()) or 1
+    return {k: round(v / total, 3) for k, v in sorted(totals.items(), key=lambda x: -x[1])}
 
-    @asynccontextmanager
-    async def seam() -> AsyncIterator[Runtime]:
-        from tests.jobnet import EchoRuntime
 
-        yield EchoRuntime()
-
-    if kind == "seam":
-        return seam
-    from bench.runtime import supervised_echo
-
-    return lambda: supervised_echo(kind)
-
-
-async def main_async(n: int, lat: int, kind: str) -> list[dict[str, Any]]:
-    import tempfile
-
-    with embedded_nats() as server, tempfile.TemporaryDirectory() as tmp:
-        factory = echo_factory(kind)
-        out = [await throughput(server.url, Path(tmp), n, factory)]
-        out.append(await latency(server.url, Path(tmp), lat, factory))
-        for rec in out:
-            rec["figures"]["runtime"] = kind
-        return out
+async def profile(
+    url: str, n: int, kind: str = "agent", keep: Path | None = None
+) -> dict[str, Any]:
+    """One run of `kind` sampled by py-spy: where its per-job CPU goes, by stage."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "spy.txt"
+        async with connected(url) as nc:
+            settings = await fresh_streams(nc, "prof")
+            await fill_jobs(nc, settings, n)
+            child = Child(
+                "bench.consumers", kind, "--url", url, "--prefix", "prof", "--jobs", str(n)
+            )
+            try:
+                await asyncio.to_thread(child.expect, "READY")
+                spy = subprocess.Popen(  # noqa: ASYNC220 - py-spy runs beside us
+                    ["py-spy", "record", "--pid", str(child.pid), "--format", "raw", "--rate",
+                     "500", "--nonblocking", "-o", str(out)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                child.send("GO")
+                done = await asyncio.to_thread(child.expect, "DONE", 900)
+                spy.send_signal(signal.SIGINT)
+                await asyncio.to_thread(spy.wait, 30)
+                child.send("BYE")
+            finally:
+                await asyncio.to_thread(child.close)
+            await drop_streams(nc, settings)
+        cpu_us = done["cpu_s"] / n * 1e6
+        raw = await asyncio.to_thread(out.read_text)
+        shares = stage_breakdown(raw)
+        if keep is not None:
+            await asyncio.to_thread(keep.write_text, raw)
+    return {
+        "kind": kind,
+        "jobs": n,
+        "jobs_per_s": round(n / done["seconds"]),
+        "cpu_us_per_job": round(cpu_us, 1),
+        "cpu_us_per_job_by_stage": {k: round(v * cpu_us, 1) for k, v in shares.items()},
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--jobs", type=int, default=20000)
-    parser.add_argument("--latency-jobs", type=int, default=300)
-    parser.add_argument("--runtime", choices=["container", "process", "seam"], default="container")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--profile", choices=KINDS, help="sample one contender with py-spy")
+    parser.add_argument("--profile-out", type=Path, help="keep py-spy's raw (collapsed) stacks")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main_async(args.jobs, args.latency_jobs, args.runtime)), indent=2))
+
+    async def go() -> Any:
+        with embedded_nats() as server:
+            assert server.pid is not None
+            if args.profile:
+                return await profile(server.url, args.jobs, args.profile, args.profile_out)
+            kinds = tuple(args.kinds.split(","))
+            return await throughput(server.url, server.pid, args.jobs, args.reps, kinds)
+
+    print(json.dumps(asyncio.run(go()), indent=2))
 
 
 if __name__ == "__main__":
