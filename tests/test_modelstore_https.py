@@ -3,10 +3,10 @@ an overall deadline against a trickling server, cancellation, free disk space.""
 
 import asyncio
 import datetime
-import shutil
 import hashlib
 import ipaddress
 import os
+import shutil
 import ssl
 import threading
 from collections.abc import Iterator
