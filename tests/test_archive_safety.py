@@ -142,7 +142,9 @@ async def test_links_and_special_entries_are_refused(
     assert_nothing_prepared(store)
 
 
-@pytest.mark.parametrize("name", ["../up.txt", "/abs.txt", "a/../../up.txt", "a/./../../up.txt"])
+@pytest.mark.parametrize(
+    "name", ["../up.txt", "/abs.txt", "a/../../up.txt", "a/./../../up.txt", "a/" * 200 + "deep"]
+)
 async def test_names_leaving_the_directory_are_refused(
     store: ModelStore, tmp_path: Path, name: str
 ) -> None:
@@ -150,6 +152,16 @@ async def test_names_leaving_the_directory_are_refused(
     with pytest.raises(ModelInvalid, match="unsafe"):
         await store.prepare(spec)
     assert not (store.cache_dir / "models" / "up.txt").exists()
+    assert_nothing_prepared(store)
+
+
+async def test_huge_extended_header_is_refused(store: ModelStore) -> None:
+    """tarfile reads a pax header whole into memory: 32 MiB of it from a 40 KB archive."""
+    info = entry("w.bin")
+    info.pax_headers = {"comment": "x" * (32 << 20)}
+    spec = seed(store, make_tar([(info, b"w")], gz=True))
+    with pytest.raises(ModelInvalid, match="unsafe archive.*extended header"):
+        await store.prepare(spec)
     assert_nothing_prepared(store)
 
 

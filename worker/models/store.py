@@ -61,6 +61,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 UNPACK_FLOOR = 16 << 20  # a tiny archive of text may expand more than the ratio allows
 TAR_OVERHEAD_PER_ENTRY = 4096  # header, long-name and pax blocks, padding
 DISK_RESERVE = 64 << 20  # free space left after a download, for logs and state
+MAX_HEADER_BYTES = 64 << 10  # a pax or GNU long-name header (tarfile reads it into memory)
+MAX_DEPTH = 32  # directories in one member's name
 
 Progress = Callable[[int], None]
 T = TypeVar("T")
@@ -563,11 +565,33 @@ _ARCHIVE_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno
 
 def _parts(name: str) -> tuple[str, ...]:
     if name.startswith("/"):
-        raise _Unsafe(f"member {name!r} is an absolute path")
+        raise _Unsafe(f"member {name!r:.200} is an absolute path")
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise _Unsafe(f"member {name!r} climbs out with '..'")
+        raise _Unsafe(f"member {name!r:.200} climbs out with '..'")
+    if len(parts) > MAX_DEPTH:
+        raise _Unsafe(f"member {name!r:.200} is more than {MAX_DEPTH} directories deep")
     return parts
+
+
+_HEADER_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses a pax or GNU long-name header over `MAX_HEADER_BYTES` before tarfile reads
+    it whole into memory."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _HEADER_TYPES and self.size > MAX_HEADER_BYTES:
+            raise _Unsafe(f"a {self.size}-byte extended header (at most {MAX_HEADER_BYTES})")
+        member: tarfile.TarInfo = super()._proc_member(tar)  # type: ignore[misc]
+        return member
 
 
 class _Tree:
@@ -654,7 +678,9 @@ def _unpack(
     tree = _Tree(dest_fd)
     total = entries = 0
     try:
-        with tarfile.open(fileobj=capped, mode="r|", bufsize=READ_SIZE) as tar:  # type: ignore[call-overload]
+        with tarfile.open(  # type: ignore[call-overload]
+            fileobj=capped, mode="r|", bufsize=READ_SIZE, tarinfo=_BoundedTarInfo
+        ) as tar:
             for member in tar:
                 if abort.is_set():
                     raise _Aborted
