@@ -3,18 +3,23 @@ written outside the model directory, and no cached blob is extracted before its 
 matched. The archives are placed in the cache as the operator's disk would hold them, so
 no NATS is needed: `fetch` finds the blob of the right size and `prepare` does the rest."""
 
+import asyncio
 import gzip
 import hashlib
 import io
 import os
 import stat
 import tarfile
+import threading
 from pathlib import Path
+from threading import Event
+from typing import Any
 
 import pytest
 
 from schemas.snapshot import ModelSpec
 from worker.core.errors import ModelInvalid
+from worker.models import store as store_module
 from worker.models.store import ModelLimits, ModelStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -255,3 +260,29 @@ async def test_unsafe_archive_is_remembered_and_its_blob_kept(
     assert await store.prune([]) == []
     with pytest.raises(ModelInvalid, match="needs a NATS connection"):
         await store.fetch(spec)  # pruned: forgotten, so a new snapshot can name it again
+
+
+async def test_cancelled_prepare_stops_unpacking_and_leaves_nothing(
+    store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newer snapshot cancels an apply in progress: the unpacking thread stops at the
+    next entry and the half-written directory is removed after it stopped."""
+    started = threading.Event()
+    saw_abort: list[bool] = []
+    write_member = store_module._write_member
+
+    def first_then_wait(src: Any, parent: int, name: str, mode: int, abort: Event) -> None:
+        write_member(src, parent, name, mode, abort)
+        started.set()
+        saw_abort.append(abort.wait(10))
+
+    monkeypatch.setattr(store_module, "_write_member", first_then_wait)
+    spec = seed(store, make_tar([(entry(f"f{i}"), b"x" * 1000) for i in range(50)]))
+    task = asyncio.create_task(store.prepare(spec))
+    assert await asyncio.to_thread(started.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert saw_abort == [True]  # one entry written, then the thread saw the abort and ended
+    assert_nothing_prepared(store)
+    assert store.blob_path(spec.sha256).exists()  # nothing wrong with the blob
