@@ -95,6 +95,10 @@ class ModelLimits:
         return self.fetch_grace_s + size / self.fetch_min_bytes_per_s
 
 
+def _nothing() -> None:
+    """For a thread that ends soon by itself: cancellation just waits for it."""
+
+
 async def _in_thread(fn: Callable[[], T], abort: Callable[[], None]) -> T:
     """`fn()` in a worker thread; when the caller is cancelled, `abort()` makes the thread
     stop early and the cancellation waits for it, so nothing writes after cleanup."""
@@ -131,12 +135,15 @@ class _Download:
     def attach(self, sock: socket.socket | None) -> None:
         """The socket an https attempt reads from, to shut down on `abort`."""
         self._sock = sock
-        if sock is not None and self._aborted.is_set():
-            sock.shutdown(socket.SHUT_RDWR)
+        if self._aborted.is_set():
+            self._shut()
 
     def abort(self) -> None:
         """From any thread: make the thread writing this download stop at once."""
         self._aborted.set()
+        self._shut()
+
+    def _shut(self) -> None:
         sock = self._sock
         if sock is not None:
             try:
@@ -281,7 +288,11 @@ class ModelStore:
             started = time.monotonic()
             deadline_s = self._limits.fetch_deadline_s(spec.size)
             part = self._tmp / f"{spec.sha256}.{self._next()}.part"
-            dl = await asyncio.to_thread(_Download, spec, part)
+            try:
+                dl = await _in_thread(functools.partial(_Download, spec, part), _nothing)
+            except asyncio.CancelledError:
+                part.unlink(missing_ok=True)
+                raise
             try:
                 async with asyncio.timeout(deadline_s) as deadline:
                     retrying = AsyncRetrying(
@@ -296,7 +307,7 @@ class ModelStore:
                             if n > 1:
                                 log.info("model_fetch_retry model=%s attempt=%d", spec.id, n)
                             await self._download(spec, dl, progress)
-                await asyncio.to_thread(dl.finish, blob)
+                await _in_thread(functools.partial(dl.finish, blob), _nothing)
             except _Transient as exc:
                 await asyncio.to_thread(dl.discard)
                 raise ModelUnavailable(
