@@ -12,14 +12,37 @@ DEFAULT_MAX_BYTES = 1 << 20
 M = TypeVar("M", bound=BaseModel)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """msgpack's `object_pairs_hook`: a map that names a key twice is refused (a plain
+    decoder keeps the last value, another implementation may keep the first, so two
+    readers of one signed body could disagree on what it says)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[Any] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return value
+
+
 def unpack_map(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
-    """Decode one msgpack map with string keys; anything else is a `SchemaError`."""
+    """Decode one msgpack map with string keys, none of them twice in any map; anything
+    else is a `SchemaError`."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise SchemaError(f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise SchemaError(f"payload is {len(data)} bytes, the limit is {max_bytes}")
     try:
-        value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        value = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, object_pairs_hook=_unique_map
+        )
+    except _DuplicateKey as exc:
+        raise SchemaError(f"duplicate map key {exc.args[0]!r:.60}") from exc
     except msgpack.ExtraData as exc:
         raise SchemaError("trailing bytes after the msgpack map") from exc
     except UnicodeDecodeError as exc:

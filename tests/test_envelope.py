@@ -235,3 +235,38 @@ def test_pack_envelope_matches_sign_bytes() -> None:
     data = NODE.sign_bytes("event", body)
     env = fields(data)
     assert pack_envelope("event", body, NODE.public_key, env["sig"]) == data
+
+
+# -- duplicate map keys (issue 11, item 11) ------------------------------------------------
+
+
+def dup_map(*pairs: tuple[str, Any]) -> bytes:
+    """A msgpack map with the pairs as given, repeated keys included (msgpack.packb of a
+    dict cannot produce one)."""
+    packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack_map_header(len(pairs)) + b"".join(
+        packer.pack(k) + packer.pack(v) for k, v in pairs
+    )
+
+
+def test_signed_body_with_a_duplicate_key_is_rejected() -> None:
+    # Two readers of the same signed bytes must not see two different results.
+    body = dup_map(("node_id", NODE.node_id), ("output", "approved"), ("output", "other"))
+    with pytest.raises(SignatureError, match="duplicate map key 'output'"):
+        verify(NODE.sign_bytes("result", body))
+
+
+def test_duplicate_key_in_a_nested_map_is_rejected() -> None:
+    inner = dup_map(("a", 1), ("a", 2))
+    packer = msgpack.Packer()
+    body = packer.pack_map_header(2) + packer.pack("node_id") + packer.pack(NODE.node_id)
+    body += packer.pack("x") + inner
+    with pytest.raises(SignatureError, match="duplicate map key 'a'"):
+        verify(NODE.sign_bytes("result", body))
+
+
+def test_envelope_with_a_duplicate_field_is_rejected() -> None:
+    good = fields(signed(EnvelopeType.RESULT))
+    env = dup_map(*good.items(), ("body", msgpack.packb({"node_id": NODE.node_id, "n": 2})))
+    with pytest.raises(SchemaError, match="duplicate map key 'body'"):
+        unpack_envelope(env)

@@ -1,9 +1,12 @@
-"""Model downloads over https from a local TLS server: resume after a dropped connection."""
+"""Model downloads over https from a local TLS server: resume after a dropped connection,
+an overall deadline against a trickling server, cancellation, free disk space."""
 
+import asyncio
 import datetime
 import hashlib
 import ipaddress
 import os
+import shutil
 import ssl
 import threading
 from collections.abc import Iterator
@@ -18,7 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from schemas.snapshot import ModelSpec
 from worker.core.errors import ModelInvalid, ModelUnavailable
-from worker.models.store import ModelStore
+from worker.models.store import ModelLimits, ModelStore
 
 DATA = os.urandom(3_000_000)
 
@@ -60,6 +63,10 @@ class Server:
         self.ranges = True
         self.requests: list[str | None] = []
         self.body = DATA
+        self.trickle = False  # one byte at a time, each well within the idle timeout
+        self.stop = threading.Event()
+        self.sent_some = threading.Event()
+        self.client_gone = threading.Event()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -86,6 +93,17 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         part = body[start:]
+        if state.trickle:
+            try:
+                for i in range(len(part)):
+                    self.wfile.write(part[i : i + 1])
+                    self.wfile.flush()
+                    state.sent_some.set()
+                    if state.stop.wait(0.02):
+                        return
+            except OSError:
+                state.client_gone.set()
+            return
         if state.drop_once_at is not None:
             cut, state.drop_once_at = state.drop_once_at, None
             self.wfile.write(part[:cut])
@@ -114,6 +132,7 @@ def https(tmp_path: Path) -> Iterator[tuple[TLSServer, ssl.SSLContext]]:
     try:
         yield server, client_ctx
     finally:
+        server.state.stop.set()
         server.shutdown()
         server.server_close()
         thread.join(5)
@@ -197,3 +216,47 @@ async def test_untrusted_certificate_is_refused(
     with pytest.raises(ModelUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
         await store.fetch(spec_for(server))
     assert_clean(store)
+
+
+async def test_trickling_server_hits_the_overall_deadline(
+    tmp_path: Path, https: tuple[TLSServer, ssl.SSLContext]
+) -> None:
+    """Issue 11, item 10: bytes that keep coming, each within the idle timeout, no longer
+    keep a fetch alive forever: all attempts together end at grace + size / min rate."""
+    server, ctx = https
+    server.state.trickle = True
+    limits = ModelLimits(fetch_grace_s=0.5, fetch_min_bytes_per_s=1e12)
+    store = ModelStore(tmp_path / "cache", ssl_context=ctx, attempts=3, limits=limits)
+    with pytest.raises(ModelUnavailable, match="not fetched within"):
+        await store.fetch(spec_for(server))
+    assert_clean(store)
+    assert await asyncio.to_thread(server.state.client_gone.wait, 10)
+
+
+async def test_cancelled_fetch_stops_its_thread_and_removes_the_partial_file(
+    tmp_path: Path, https: tuple[TLSServer, ssl.SSLContext]
+) -> None:
+    """A newer snapshot cancels an apply in progress: the download thread must stop (its
+    connection closes) and nothing partial stays in the cache."""
+    server, ctx = https
+    server.state.trickle = True
+    store = store_for(tmp_path, ctx)
+    task = asyncio.create_task(store.fetch(spec_for(server)))
+    assert await asyncio.to_thread(server.state.sent_some.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert_clean(store)
+    assert await asyncio.to_thread(server.state.client_gone.wait, 10)
+
+
+async def test_no_download_without_room_on_disk(
+    tmp_path: Path, https: tuple[TLSServer, ssl.SSLContext]
+) -> None:
+    server, ctx = https
+    store = store_for(tmp_path, ctx)
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(ModelUnavailable, match="not enough disk space"):
+        await store.fetch(spec_for(server, size=free + 1))
+    assert_clean(store)
+    assert server.state.requests == []

@@ -235,3 +235,34 @@ def test_vectors_file_is_up_to_date() -> None:
         [sys.executable, str(script), "--check"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- the key file is opened once, then checked on the descriptor (issue 11, item 11) ------
+
+
+def test_load_refuses_a_key_file_owned_by_another_user(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file to another user")
+    path = tmp_path / "node.key"
+    write_key_file(path)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(KeyFileError, match="owned by uid 65534"):
+        load_key_file(path)
+
+
+@pytest.mark.timeout(10)
+def test_load_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    # A check on the path and a read of the path are two lookups; a fifo (or a swap of
+    # the file between them) must not reach the read. Today's code blocks here.
+    path = tmp_path / "node.key"
+    os.mkfifo(path, 0o600)
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        load_key_file(path)
+
+
+def test_load_reads_a_bounded_amount(tmp_path: Path) -> None:
+    path = tmp_path / "node.key"
+    path.write_text("ab" * 32 + "\n" + " " * (1 << 20))
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError, match="64 hex characters"):
+        load_key_file(path)

@@ -1,10 +1,25 @@
-"""Prometheus metrics: a small registry and a text-format HTTP endpoint on a local port."""
+"""Prometheus metrics: the node's figures, exposed through `prometheus_client` on a local
+port by a threaded HTTP server with a per-request deadline and a connection cap."""
 
 import asyncio
 import bisect
 import logging
+import socket
+import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +41,13 @@ LATENCY_BUCKETS = (
     30,
 )
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+REQUEST_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 8
 
 
 class Histogram:
+    """Observed on the event loop, read by the metrics server's thread."""
+
     __slots__ = ("buckets", "counts", "total", "count")
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
@@ -42,18 +61,22 @@ class Histogram:
         self.total += value
         self.count += 1
 
-    def render(self, name: str) -> list[str]:
-        lines, running = [], 0
-        for bound, n in zip(self.buckets, self.counts, strict=False):
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        counts = list(self.counts)
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip(self.buckets, counts, strict=False):
             running += n
-            lines.append(f'{name}_bucket{{le="{bound}"}} {running}')
-        lines.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-        lines += [f"{name}_sum {self.total}", f"{name}_count {self.count}"]
-        return lines
+            buckets.append((str(bound), running))
+        buckets.append(("+Inf", running + counts[-1]))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
 
 
 class Metrics:
-    """The node's counters, gauges and histograms (names prefixed `resultity_`)."""
+    """The node's counters, gauges and histograms (names prefixed `resultity_`).
+
+    Updated on the event loop as plain attributes; `registry` reads them at each scrape.
+    """
 
     def __init__(self) -> None:
         self.jobs_received = 0
@@ -66,54 +89,165 @@ class Metrics:
         self.job_latency_seconds = Histogram(LATENCY_BUCKETS)
         self.collect: Callable[[], None] | None = None
         """Called before each render, to copy in figures kept elsewhere."""
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Families(self))
 
-    def render(self) -> str:
+    def families(self) -> Iterator[Metric]:
         if self.collect is not None:
             self.collect()
-        lines = [
-            "# TYPE resultity_jobs_received_total counter",
-            f"resultity_jobs_received_total {self.jobs_received}",
-            "# TYPE resultity_jobs_succeeded_total counter",
-            f"resultity_jobs_succeeded_total {self.jobs_succeeded}",
-            "# TYPE resultity_jobs_failed_total counter",
-        ]
-        lines += [
-            f'resultity_jobs_failed_total{{code="{code}"}} {n}'
-            for code, n in sorted(self.jobs_failed.items())
-        ]
-        lines += [
-            "# TYPE resultity_runtime_restarts_total counter",
-            f"resultity_runtime_restarts_total {self.runtime_restarts}",
-            "# TYPE resultity_jobs_in_flight gauge",
-            f"resultity_jobs_in_flight {self.in_flight}",
-            "# TYPE resultity_batch_size histogram",
-            *self.batch_size.render("resultity_batch_size"),
-            "# TYPE resultity_engine_seconds histogram",
-            *self.engine_seconds.render("resultity_engine_seconds"),
-            "# TYPE resultity_job_latency_seconds histogram",
-            *self.job_latency_seconds.render("resultity_job_latency_seconds"),
-        ]
-        return "\n".join(lines) + "\n"
+        yield CounterMetricFamily(
+            "resultity_jobs_received", "jobs taken from the stream", value=self.jobs_received
+        )
+        yield CounterMetricFamily(
+            "resultity_jobs_succeeded", "jobs answered with a result", value=self.jobs_succeeded
+        )
+        failed = CounterMetricFamily(
+            "resultity_jobs_failed", "jobs answered with an error, by code", labels=["code"]
+        )
+        for code, n in sorted(dict(self.jobs_failed).items()):
+            failed.add_metric([code], n)
+        yield failed
+        yield CounterMetricFamily(
+            "resultity_runtime_restarts", "runtime restarts", value=self.runtime_restarts
+        )
+        yield GaugeMetricFamily(
+            "resultity_jobs_in_flight", "jobs fetched and not yet acked", value=self.in_flight
+        )
+        yield self.batch_size.family("resultity_batch_size", "jobs per runtime batch")
+        yield self.engine_seconds.family("resultity_engine_seconds", "runtime time per batch")
+        yield self.job_latency_seconds.family(
+            "resultity_job_latency_seconds", "time from receipt to result"
+        )
+
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+class _Families(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics.families()
+
+
+class _Handler(WSGIRequestHandler):
+    """wsgiref's request parsing (line and header limits answered with 414/431)."""
+
+    server_version = "resultity-node"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("metrics_request %s", format % args)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """One thread per connection, at most `max_connections` at once (more are closed
+    unanswered); each connection is cut `request_timeout_s` after it was accepted,
+    whatever it is doing (a client dripping bytes or not reading the answer)."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        family: socket.AddressFamily,
+        request_timeout_s: float,
+        max_connections: int,
+    ) -> None:
+        self.address_family = family
+        self.request_timeout_s = request_timeout_s
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("metrics_connection_refused peer=%s reason=too_many", client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        request.settimeout(self.request_timeout_s)
+        timer = threading.Timer(self.request_timeout_s, _cut, (request,))
+        timer.daemon = True
+        timer.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            timer.cancel()
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics_request_failed peer=%s", client_address, exc_info=True)
+
+
+def _cut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _family(host: str, port: int) -> socket.AddressFamily:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return infos[0][0]
 
 
 class MetricsServer:
-    """`GET /metrics` over plain HTTP/1.0 on a local port."""
+    """`GET /metrics` over HTTP/1.0 on a local port, served from a thread."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        *,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self._metrics = metrics
         self._host = host
         self._port = port
-        self._server: asyncio.Server | None = None
+        self._request_timeout_s = request_timeout_s
+        self._max_connections = max_connections
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
-        if self._server is None or not self._server.sockets:
+        if self._server is None:
             return self._port
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        return int(self._server.server_address[1])
 
     async def __aenter__(self) -> "MetricsServer":
-        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+        exposition = make_wsgi_app(self._metrics.registry)
+
+        def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") != "/metrics":
+                start_response("404 Not Found", [("Content-Type", "text/plain")])
+                return [b"not found\n"]
+            result: Iterable[bytes] = exposition(environ, start_response)
+            return result
+
+        server = await asyncio.to_thread(
+            _Server,
+            (self._host, self._port),
+            _family(self._host, self._port),
+            self._request_timeout_s,
+            self._max_connections,
+        )
+        server.set_app(app)
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(0.2,), name="metrics", daemon=True
+        )
+        self._thread.start()
         log.info("metrics_listening host=%s port=%d", self._host, self.port)
         return self
 
@@ -123,22 +257,5 @@ class MetricsServer:
     async def aclose(self) -> None:
         server, self._server = self._server, None
         if server is not None:
-            server.close()
-            await server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            if request.split(b" ")[1:2] == [b"/metrics"]:
-                body = self._metrics.render().encode()
-                head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-            else:
-                body, head = b"not found\n", b"HTTP/1.0 404 Not Found\r\n"
-            writer.write(head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, IndexError):
-            pass
-        finally:
-            writer.close()
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()

@@ -49,6 +49,21 @@ class Settings(BaseSettings):
     )
     cache_dir: Path = Field(DEFAULT_HOME / "cache", description="verified model cache")
     state_dir: Path = Field(DEFAULT_HOME / "state", description="last accepted snapshot")
+    model_unpack_ratio: float = Field(
+        4.0,
+        ge=1,
+        description="a model archive may unpack to this many times its size (at least 16 MiB)",
+    )
+    model_max_entries: int = Field(10_000, ge=1, description="entries a model archive may hold")
+    model_fetch_min_bytes_per_s: float = Field(
+        1_000_000.0,
+        gt=0,
+        description="slowest model download accepted: the deadline is the grace plus size "
+        "over this rate",
+    )
+    model_fetch_grace_s: float = Field(
+        120.0, gt=0, description="time a model download gets on top of its size over the rate"
+    )
 
     # serving
     model: str | None = Field(None, pattern=MODEL_ID_PATTERN, description="model id to serve")

@@ -25,6 +25,8 @@ from schemas.envelope import (
 from schemas.errors import SchemaError
 from worker.core.errors import KeyFileError, SignatureError
 
+MAX_KEY_FILE_BYTES = 4096
+
 
 class NodeKey:
     """An Ed25519 signing key; `node_id` is the hex of its public key."""
@@ -77,22 +79,45 @@ def write_key_file(path: Path, key: NodeKey | None = None) -> NodeKey:
 
 
 def load_key_file(path: Path) -> NodeKey:
-    """Load the node key; refuses a file readable or writable by group or others."""
+    """Load the node key.
+
+    The file is opened once (never blocking: a fifo is refused, not waited on) and every
+    check is made on that descriptor: a regular file, owned by the user the node runs
+    as, not readable or writable by group or others, at most `MAX_KEY_FILE_BYTES`.
+    """
     try:
-        st = path.stat()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise KeyFileError(
             f"key file {path} does not exist; create one with 'resultity-node keygen --out {path}'"
         ) from exc
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(
-            f"key file {path} is accessible by group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):o}); run 'chmod 600 {path}'"
-        )
-    text = path.read_text().strip()
+    except OSError as exc:
+        raise KeyFileError(f"key file {path} cannot be opened: {exc.strerror}") from exc
     try:
-        seed = bytes.fromhex(text)
-    except ValueError:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"key file {path} is not a regular file")
+        euid = os.geteuid()
+        if st.st_uid != euid:
+            raise KeyFileError(
+                f"key file {path} is owned by uid {st.st_uid}, not by uid {euid} that the "
+                f"node runs as; run 'chown {euid} {path}'"
+            )
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyFileError(
+                f"key file {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):o}); run 'chmod 600 {path}'"
+            )
+        data = b""
+        while len(data) <= MAX_KEY_FILE_BYTES and (chunk := os.read(fd, 4096)):
+            data += chunk
+    finally:
+        os.close(fd)
+    try:
+        seed = (
+            bytes.fromhex(data.decode("ascii").strip()) if len(data) <= MAX_KEY_FILE_BYTES else b""
+        )
+    except (UnicodeDecodeError, ValueError):
         seed = b""
     if len(seed) != 32:
         raise KeyFileError(f"key file {path} must hold 64 hex characters (an Ed25519 seed)")

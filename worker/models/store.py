@@ -8,24 +8,33 @@ Cache layout under `cache_dir`:
 
 A blob gets its content-addressed name only after its size and SHA-256 matched while it was
 being written; anything that fails is deleted. Because the cache lives on the operator's
-disk, `prepare` hashes the blob again before every runtime start, in the same pass that
-extracts it. Blocking file I/O and hashing run in worker threads.
+disk, `prepare` hashes the blob again before every runtime start, and only then unpacks it
+(see `_unpack` for what an archive may hold). A download has an overall deadline from its
+size and a minimum rate, and starts only with room on disk for it. Blocking file I/O and
+hashing run in worker threads; cancelling `fetch` or `prepare` stops the thread and
+removes what it wrote.
 """
 
 import asyncio
-import copy
+import errno
+import functools
+import gzip
 import hashlib
 import http.client
 import logging
 import os
 import shutil
+import socket
 import ssl
+import stat
 import tarfile
 import time
 import zlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from threading import Event
+from typing import IO, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from nats.errors import Error as NatsError
@@ -39,6 +48,7 @@ from tenacity import (
 
 from schemas.snapshot import ModelSpec
 from worker.core.errors import ModelInvalid, ModelUnavailable
+from worker.core.settings import Settings
 from worker.models import objectstore
 
 log = logging.getLogger(__name__)
@@ -47,8 +57,60 @@ READ_SIZE = 1 << 20
 MAX_REDIRECTS = 5
 PLAIN_FILE_NAME = "model.bin"
 KEEP_PREPARED = 2  # the directory a running runtime may still mount, and the new one
+GZIP_MAGIC = b"\x1f\x8b"
+UNPACK_FLOOR = 16 << 20  # a tiny archive of text may expand more than the ratio allows
+TAR_OVERHEAD_PER_ENTRY = 4096  # header, long-name and pax blocks, padding
+DISK_RESERVE = 64 << 20  # free space left after a download, for logs and state
+MAX_HEADER_BYTES = 64 << 10  # a pax or GNU long-name header (tarfile reads it into memory)
+MAX_DEPTH = 32  # directories in one member's name
 
 Progress = Callable[[int], None]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What one model may cost the node (defaults: those of `Settings`)."""
+
+    unpack_ratio: float = 4.0
+    """An archive may unpack to this many times its size (at least `UNPACK_FLOOR`)."""
+    max_entries: int = 10_000
+    fetch_min_bytes_per_s: float = 1_000_000.0
+    fetch_grace_s: float = 120.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ModelLimits":
+        return cls(
+            unpack_ratio=settings.model_unpack_ratio,
+            max_entries=settings.model_max_entries,
+            fetch_min_bytes_per_s=settings.model_fetch_min_bytes_per_s,
+            fetch_grace_s=settings.model_fetch_grace_s,
+        )
+
+    def max_unpacked(self, size: int) -> int:
+        return max(int(size * self.unpack_ratio), UNPACK_FLOOR)
+
+    def fetch_deadline_s(self, size: int) -> float:
+        """All attempts at a download of `size` bytes together end by then."""
+        return self.fetch_grace_s + size / self.fetch_min_bytes_per_s
+
+
+def _nothing() -> None:
+    """For a thread that ends soon by itself: cancellation just waits for it."""
+
+
+async def _in_thread(fn: Callable[[], T], abort: Callable[[], None]) -> T:
+    """`fn()` in a worker thread; when the caller is cancelled, `abort()` makes the thread
+    stop early and the cancellation waits for it, so nothing writes after cleanup."""
+    fut = asyncio.get_running_loop().run_in_executor(None, fn)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        abort()
+        await asyncio.wait([fut])
+        if not fut.cancelled():
+            fut.exception()  # retrieved: the thread's way out after `abort` is of no interest
+        raise
 
 
 class _Transient(Exception):
@@ -67,6 +129,27 @@ class _Download:
         self.written = 0
         self._hash = hashlib.sha256()
         self._file: IO[bytes] = path.open("wb")
+        self._aborted = Event()
+        self._sock: socket.socket | None = None
+
+    def attach(self, sock: socket.socket | None) -> None:
+        """The socket an https attempt reads from, to shut down on `abort`."""
+        self._sock = sock
+        if self._aborted.is_set():
+            self._shut()
+
+    def abort(self) -> None:
+        """From any thread: make the thread writing this download stop at once."""
+        self._aborted.set()
+        self._shut()
+
+    def _shut(self) -> None:
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def reset(self) -> None:
         self._file.seek(0)
@@ -75,6 +158,8 @@ class _Download:
         self._hash = hashlib.sha256()
 
     def write(self, chunks: list[bytes]) -> None:
+        if self._aborted.is_set():
+            raise _Aborted
         for data in chunks:
             self.written += len(data)
             if self.written > self.spec.size:
@@ -133,6 +218,7 @@ class ModelStore:
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
         idle_timeout_s: float = 30.0,
+        limits: ModelLimits | None = None,
     ) -> None:
         self.cache_dir = cache_dir
         self._js = js
@@ -141,7 +227,11 @@ class ModelStore:
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._idle_timeout_s = idle_timeout_s
+        self._limits = limits or ModelLimits()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._unsafe: dict[str, str] = {}
+        """SHA-256s of archives that matched their hash but are unsafe, with the reason:
+        not fetched or unpacked again until a prune forgets them."""
         self._counter = 0
         self._blobs = cache_dir / "blobs"
         self._tmp = cache_dir / "tmp"
@@ -163,13 +253,29 @@ class ModelStore:
         self._counter += 1
         return time.time_ns() + self._counter
 
+    def _check_known_unsafe(self, spec: ModelSpec) -> None:
+        reason = self._unsafe.get(spec.sha256)
+        if reason is not None:
+            raise ModelInvalid(reason)
+
+    def _check_disk(self, spec: ModelSpec) -> None:
+        free = shutil.disk_usage(self._tmp).free
+        if free < spec.size + DISK_RESERVE:
+            raise ModelUnavailable(
+                f"model {spec.id} {spec.version}: not enough disk space in {self.cache_dir} "
+                f"for {spec.size} bytes (+{DISK_RESERVE} spare): {free} free"
+            )
+
     async def fetch(self, spec: ModelSpec, *, progress: Progress | None = None) -> Path:
         """The blob for `spec`, downloading and verifying it if it is not cached.
 
-        Raises `ModelInvalid` when the bytes or size do not match (never retried) and
-        `ModelUnavailable` when the source is missing or keeps failing.
+        Raises `ModelInvalid` when the bytes or size do not match, or the archive was
+        found unsafe before (never retried), and `ModelUnavailable` when the source is
+        missing or keeps failing, the disk has no room for it, or all attempts together
+        pass the deadline from its size. Cancellation removes the partial file.
         """
         async with self._lock(spec.sha256):
+            self._check_known_unsafe(spec)
             blob = self.blob_path(spec.sha256)
             try:
                 if blob.stat().st_size == spec.size:
@@ -178,28 +284,44 @@ class ModelStore:
                 blob.unlink()
             except FileNotFoundError:
                 pass
+            self._check_disk(spec)
             started = time.monotonic()
+            deadline_s = self._limits.fetch_deadline_s(spec.size)
             part = self._tmp / f"{spec.sha256}.{self._next()}.part"
-            dl = await asyncio.to_thread(_Download, spec, part)
             try:
-                retrying = AsyncRetrying(
-                    stop=stop_after_attempt(self._attempts),
-                    wait=wait_exponential(multiplier=self._backoff_s, max=self._max_backoff_s),
-                    retry=retry_if_exception_type(_Transient),
-                    reraise=True,
-                )
-                async for attempt in retrying:
-                    with attempt:
-                        n = attempt.retry_state.attempt_number
-                        if n > 1:
-                            log.info("model_fetch_retry model=%s attempt=%d", spec.id, n)
-                        await self._download(spec, dl, progress)
-                await asyncio.to_thread(dl.finish, blob)
+                dl = await _in_thread(functools.partial(_Download, spec, part), _nothing)
+            except asyncio.CancelledError:
+                part.unlink(missing_ok=True)
+                raise
+            try:
+                async with asyncio.timeout(deadline_s) as deadline:
+                    retrying = AsyncRetrying(
+                        stop=stop_after_attempt(self._attempts),
+                        wait=wait_exponential(multiplier=self._backoff_s, max=self._max_backoff_s),
+                        retry=retry_if_exception_type(_Transient),
+                        reraise=True,
+                    )
+                    async for attempt in retrying:
+                        with attempt:
+                            n = attempt.retry_state.attempt_number
+                            if n > 1:
+                                log.info("model_fetch_retry model=%s attempt=%d", spec.id, n)
+                            await self._download(spec, dl, progress)
+                await _in_thread(functools.partial(dl.finish, blob), _nothing)
             except _Transient as exc:
                 await asyncio.to_thread(dl.discard)
                 raise ModelUnavailable(
                     f"model {spec.id} {spec.version}: {spec.source} failed after "
                     f"{self._attempts} attempts: {exc}"
+                ) from exc
+            except TimeoutError as exc:
+                await asyncio.to_thread(dl.discard)
+                if not deadline.expired():
+                    raise
+                raise ModelUnavailable(
+                    f"model {spec.id} {spec.version}: {spec.source} not fetched within "
+                    f"{deadline_s:.0f}s ({dl.written} of {spec.size} bytes; the deadline "
+                    f"allows {self._limits.fetch_min_bytes_per_s:g} bytes/s)"
                 ) from exc
             except BaseException:
                 await asyncio.to_thread(dl.discard)
@@ -219,8 +341,11 @@ class ModelStore:
         if spec.source.startswith("nats-object://"):
             await self._download_object(spec, dl, progress)
         elif spec.source.startswith("https://"):
-            await asyncio.to_thread(
-                _download_https, spec.source, dl, self._ssl, self._idle_timeout_s, progress
+            await _in_thread(
+                functools.partial(
+                    _download_https, spec.source, dl, self._ssl, self._idle_timeout_s, progress
+                ),
+                dl.abort,
             )
         else:
             raise ModelUnavailable(f"model {spec.id}: unsupported source {spec.source!r}")
@@ -256,20 +381,39 @@ class ModelStore:
     async def prepare(self, spec: ModelSpec) -> Path:
         """A fresh directory holding the model, to mount read-only at /model.
 
-        The blob is hashed again in the same pass that extracts a tar archive (or that
-        checks a plain file, placed as `model.bin`). A blob that no longer matches is
-        deleted with the directory and `ModelInvalid` is raised.
+        The blob is hashed again first; only a blob that matches is unpacked (a tar
+        archive) or linked as `model.bin` (a plain file). A blob that no longer matches is
+        deleted; an archive that is unsafe is kept, remembered and refused at once from
+        then on (until `prune` drops it). Both raise `ModelInvalid`.
         """
         blob = await self.fetch(spec)
         async with self._lock(spec.sha256):
+            self._check_known_unsafe(spec)
             dest = self._models / f"{spec.sha256}.{self._next()}"
+            abort = Event()
             try:
-                kind = await asyncio.to_thread(_materialise, spec, blob, dest)
+                kind = await _in_thread(
+                    functools.partial(_materialise, spec, blob, dest, self._limits, abort),
+                    abort.set,
+                )
+            except _Unsafe as exc:
+                await asyncio.to_thread(_remove_quietly, dest)
+                reason = f"model {spec.id} {spec.version}: unsafe archive: {exc}"
+                self._unsafe[spec.sha256] = reason
+                log.error(
+                    "model_archive_unsafe model=%s sha256=%s reason=%s", spec.id, spec.sha256, exc
+                )
+                raise ModelInvalid(reason) from exc
             except ModelInvalid:
                 await asyncio.to_thread(_remove_quietly, dest)
                 await asyncio.to_thread(blob.unlink, True)
                 log.error("model_cache_corrupt model=%s sha256=%s", spec.id, spec.sha256)
                 raise
+            except OSError as exc:
+                await asyncio.to_thread(_remove_quietly, dest)
+                raise ModelUnavailable(
+                    f"model {spec.id} {spec.version}: could not prepare {dest}: {exc}"
+                ) from exc
             except BaseException:
                 await asyncio.to_thread(_remove_quietly, dest)
                 raise
@@ -287,6 +431,8 @@ class ModelStore:
     async def prune(self, approved_sha256s: Iterable[str]) -> list[str]:
         """Delete every cached model not in `approved_sha256s`; returns the removed SHA-256s."""
         approved = set(approved_sha256s)
+        for sha in set(self._unsafe) - approved:
+            del self._unsafe[sha]
         return await asyncio.to_thread(self._prune_sync, approved)
 
     def _prune_sync(self, approved: set[str]) -> list[str]:
@@ -337,6 +483,7 @@ def _download_https(
             if dl.written:
                 headers["Range"] = f"bytes={dl.written}-"
             conn.request("GET", path, headers=headers)
+            dl.attach(conn.sock)
             resp = conn.getresponse()
             responses.append(resp)
             if resp.status in (301, 302, 303, 307, 308):
@@ -375,6 +522,7 @@ def _download_https(
         except (OSError, http.client.HTTPException) as exc:
             raise _Transient(f"{type(exc).__name__}: {exc}") from exc
         finally:
+            dl.attach(None)
             for resp in responses:
                 resp.close()
             conn.close()
@@ -390,29 +538,10 @@ def _range_start(content_range: str | None) -> int:
         return -1
 
 
-class _HashingReader:
-    """A read-only stream over a file that hashes and counts every byte it hands out."""
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f = f
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.hash.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(READ_SIZE):
-            pass
-
-
 def _looks_like_tar(head: bytes) -> bool:
     if head[257:262] == b"ustar":
         return True
-    if head[:2] == b"\x1f\x8b":
+    if head[:2] == GZIP_MAGIC:
         try:
             inner = zlib.decompressobj(wbits=31).decompress(head, 512)
         except zlib.error:
@@ -421,79 +550,231 @@ def _looks_like_tar(head: bytes) -> bool:
     return False
 
 
-# tarfile's extraction filters came in 3.11.4; Debian bookworm's python3 is 3.11.2.
-_HAS_DATA_FILTER = hasattr(tarfile, "data_filter")
-_FilterError: type[tarfile.TarError] = getattr(tarfile, "FilterError", tarfile.TarError)
+class _Unsafe(Exception):
+    """An archive whose bytes match its hash but which the node will not unpack."""
 
 
-def _data_filter_compat(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """What the "data" filter refuses, for Pythons without it: special files, and links
-    that leave `dest`; owners are not applied (extraction skips attributes)."""
-    if member.isdev():
-        raise _FilterError(f"member {member.name!r} is a device or fifo")
-    if member.issym() or member.islnk():
-        root = os.path.realpath(dest)
-        base = root if member.islnk() else os.path.join(root, os.path.dirname(member.name))
-        target = os.path.realpath(os.path.join(base, member.linkname))
-        if member.linkname.startswith("/") or os.path.commonpath([root, target]) != root:
-            raise _FilterError(f"link {member.name!r} points outside the model directory")
-    return copy.copy(member)
+class _Aborted(Exception):
+    """The coroutine waiting on a worker thread was cancelled; the thread stops early."""
 
 
-def _tar_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    # An archive that names an absolute path or ".." was made to escape: refuse it whole
-    # (tarfile's "data" filter would strip the leading "/"). The filter then refuses links
-    # leaving `dest` and device files; the runtime user must be able to read the rest.
-    if member.name.startswith("/") or ".." in member.name.split("/"):
-        raise _FilterError(f"member {member.name!r} points outside the model directory")
-    if not _HAS_DATA_FILTER:
-        safe = _data_filter_compat(member, dest)
-        safe.mode = 0o755 if safe.isdir() or (safe.mode or 0) & 0o111 else 0o644
-        return safe
-    safe = tarfile.data_filter(member, dest)
-    mode = 0o755 if safe.isdir() or (safe.mode or 0) & 0o111 else 0o644
-    return safe.replace(mode=mode, deep=False)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+_KINDS = {
+    tarfile.SYMTYPE: "a symlink",
+    tarfile.LNKTYPE: "a hardlink",
+    tarfile.CHRTYPE: "a device",
+    tarfile.BLKTYPE: "a device",
+    tarfile.FIFOTYPE: "a fifo",
+    tarfile.GNUTYPE_SPARSE: "a sparse file",
+}
+# errnos that only a hostile or broken archive causes while unpacking into a fresh
+# directory: a name twice, a file where a directory goes, a name too long.
+_ARCHIVE_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG}
 
 
-def _extract(tar: tarfile.TarFile, dest: Path) -> None:
-    if _HAS_DATA_FILTER:
-        tar.extractall(dest, filter=_tar_filter)
+def _parts(name: str) -> tuple[str, ...]:
+    if name.startswith("/"):
+        raise _Unsafe(f"member {name!r:.200} is an absolute path")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise _Unsafe(f"member {name!r:.200} climbs out with '..'")
+    if len(parts) > MAX_DEPTH:
+        raise _Unsafe(f"member {name!r:.200} is more than {MAX_DEPTH} directories deep")
+    return parts
+
+
+_HEADER_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses a pax or GNU long-name header over `MAX_HEADER_BYTES` before tarfile reads
+    it whole into memory."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _HEADER_TYPES and self.size > MAX_HEADER_BYTES:
+            raise _Unsafe(f"a {self.size}-byte extended header (at most {MAX_HEADER_BYTES})")
+        member: tarfile.TarInfo = super()._proc_member(tar)  # type: ignore[misc]
+        return member
+
+
+class _Tree:
+    """Directories under one root, each opened through its parent's descriptor with
+    `O_NOFOLLOW`: whatever the archive names, no write can leave the root. Keeps the
+    last directory used open (archives list a directory's files together)."""
+
+    def __init__(self, root_fd: int) -> None:
+        self._root = root_fd
+        self._last: tuple[tuple[str, ...], int] | None = None
+
+    def dir(self, parts: tuple[str, ...]) -> int:
+        if not parts:
+            return self._root
+        if self._last is not None and self._last[0] == parts:
+            return self._last[1]
+        fd = self._root
+        try:
+            for part in parts:
+                try:
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    os.fchmod(child, 0o755)
+                if fd != self._root:
+                    os.close(fd)
+                fd = child
+        except BaseException:
+            if fd != self._root:
+                os.close(fd)
+            raise
+        self.close()
+        self._last = (parts, fd)
+        return fd
+
+    def close(self) -> None:
+        if self._last is not None:
+            os.close(self._last[1])
+            self._last = None
+
+
+class _CappedReader:
+    """Hands out at most `limit` bytes of `f`; an archive that needs more is unsafe."""
+
+    def __init__(self, f: IO[bytes] | gzip.GzipFile, limit: int) -> None:
+        self._f = f
+        self._limit = limit
+        self._count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        room = self._limit - self._count + 1
+        data = self._f.read(room if n < 0 else min(n, room))
+        self._count += len(data)
+        if self._count > self._limit:
+            raise _Unsafe(f"the tar stream is longer than {self._limit} bytes")
+        return data
+
+
+def _write_member(src: IO[bytes], parent: int, name: str, mode: int, abort: Event) -> None:
+    fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
+    with os.fdopen(fd, "wb") as out:
+        while data := src.read(READ_SIZE):
+            if abort.is_set():
+                raise _Aborted
+            out.write(data)
+        os.fchmod(out.fileno(), mode)
+
+
+def _unpack(
+    f: IO[bytes], gz: bool, dest_fd: int, limits: "ModelLimits", size: int, abort: Event
+) -> None:
+    """Unpack the tar (or tar.gz) `f` into the directory `dest_fd`.
+
+    Only directories and regular files are written, each through a descriptor opened
+    under `dest_fd` (never a path), files with `O_EXCL`; modes are 0755 or 0644.
+    Links, devices, fifos, sparse and unknown entries, names with `..` or a leading `/`,
+    a name twice, more than `limits.max_entries` entries or more than
+    `limits.max_unpacked(size)` bytes: `_Unsafe`.
+    """
+    max_bytes = limits.max_unpacked(size)
+    stream: IO[bytes] | gzip.GzipFile = gzip.GzipFile(fileobj=f, mode="rb") if gz else f
+    capped = _CappedReader(stream, max_bytes + (limits.max_entries + 1) * TAR_OVERHEAD_PER_ENTRY)
+    tree = _Tree(dest_fd)
+    total = entries = 0
+    try:
+        with tarfile.open(  # type: ignore[call-overload]
+            fileobj=capped, mode="r|", bufsize=READ_SIZE, tarinfo=_BoundedTarInfo
+        ) as tar:
+            for member in tar:
+                if abort.is_set():
+                    raise _Aborted
+                entries += 1
+                if entries > limits.max_entries:
+                    raise _Unsafe(f"the archive has more than {limits.max_entries} entries")
+                parts = _parts(member.name)
+                if member.type == tarfile.DIRTYPE:
+                    tree.dir(parts)
+                    continue
+                if member.type not in _FILE_TYPES or member.sparse is not None:
+                    kind = _KINDS.get(member.type, f"an entry of type {member.type!r}")
+                    raise _Unsafe(f"member {member.name!r} is {kind}")
+                if not parts:
+                    raise _Unsafe("a file member has no name")
+                total += member.size
+                if total > max_bytes:
+                    raise _Unsafe(
+                        f"the archive unpacks to more than {max_bytes} bytes "
+                        f"({limits.unpack_ratio:g}x its size of {size})"
+                    )
+                src = tar.extractfile(member)
+                assert src is not None
+                mode = 0o755 if member.mode & 0o111 else 0o644
+                _write_member(src, tree.dir(parts[:-1]), parts[-1], mode, abort)
+    except OSError as exc:
+        if exc.errno in _ARCHIVE_ERRNOS:
+            raise _Unsafe(f"{exc.strerror}: {exc.filename!r}") from exc
+        raise
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise _Unsafe(f"broken archive: {exc}") from exc
+    finally:
+        tree.close()
+
+
+def _place_file(f: IO[bytes], dest_fd: int) -> None:
+    """The plain-file model as `model.bin`: a hard link to the very inode that was hashed
+    (through /proc), or a copy from the open descriptor."""
+    try:
+        os.link(f"/proc/self/fd/{f.fileno()}", PLAIN_FILE_NAME, dst_dir_fd=dest_fd)
         return
-    for member in tar:
-        safe = _tar_filter(member, str(dest))
-        tar.extract(safe, dest, set_attrs=False)
-        if not safe.issym():
-            os.chmod(dest / safe.name, safe.mode)
+    except OSError:
+        pass
+    f.seek(0)
+    fd = os.open(PLAIN_FILE_NAME, _FILE_FLAGS, 0o600, dir_fd=dest_fd)
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(f, out, READ_SIZE)
+        os.fchmod(out.fileno(), 0o644)
 
 
-def _materialise(spec: ModelSpec, blob: Path, dest: Path) -> str:
-    dest.mkdir(mode=0o755)
-    with blob.open("rb") as f:
+def _materialise(
+    spec: ModelSpec, blob: Path, dest: Path, limits: "ModelLimits", abort: Event
+) -> str:
+    """Hash the blob, and only if it matches, unpack (or link) it into a new `dest`.
+
+    The blob is opened once (`O_NOFOLLOW`); the same descriptor is hashed and then read
+    for extraction, and its size and mtime must not change in between.
+    """
+    fd = os.open(blob, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise ModelInvalid(f"model {spec.id} {spec.version}: the cached blob is not a file")
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        _check(spec, f.tell(), digest)
+        f.seek(0)
         head = f.read(512)
         f.seek(0)
-        reader = _HashingReader(f)
-        if _looks_like_tar(head):
-            kind = "tar"
-            try:
-                with tarfile.open(fileobj=reader, mode="r|*") as tar:  # type: ignore[call-overload]
-                    _extract(tar, dest)
-            except (tarfile.TarError, EOFError, zlib.error) as exc:
-                reader.drain()
-                try:
-                    _check(spec, reader.size, reader.hash.hexdigest())
-                except ModelInvalid as bad:
-                    raise bad from exc
-                raise ModelInvalid(
-                    f"model {spec.id} {spec.version}: unsafe or broken archive: {exc}"
-                ) from exc
-        else:
-            kind = "file"
-            target = dest / PLAIN_FILE_NAME
-            try:
-                os.link(blob, target)
-            except OSError:
-                shutil.copyfile(blob, target)
-                os.chmod(target, 0o644)
-        reader.drain()
-    _check(spec, reader.size, reader.hash.hexdigest())
+        os.mkdir(dest, 0o755)
+        dest_fd = os.open(dest, _DIR_FLAGS)
+        try:
+            os.fchmod(dest_fd, 0o755)
+            if _looks_like_tar(head):
+                kind = "tar"
+                _unpack(f, head[:2] == GZIP_MAGIC, dest_fd, limits, spec.size, abort)
+            else:
+                kind = "file"
+                _place_file(f, dest_fd)
+        finally:
+            os.close(dest_fd)
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            raise ModelInvalid(
+                f"model {spec.id} {spec.version}: the cached blob changed while it was unpacked"
+            )
     return kind

@@ -39,7 +39,7 @@ from worker.core.signing import NodeKey
 from worker.jobs.pipeline import Pipeline, Serving
 from worker.jobs.provision import ensure_consumer, ensure_streams
 from worker.jobs.publisher import Publisher
-from worker.models.store import ModelStore
+from worker.models.store import ModelLimits, ModelStore
 from worker.node.snapshots import ConfigWatcher
 from worker.node.validation import validate_model
 from worker.runtime.api import ItemOutcome, LaunchSpec, Runtime, RuntimeFacts, WorkItem
@@ -141,7 +141,9 @@ class Agent:
         if self.settings.provision:
             await _provision_at_start(js, self.settings)
 
-        self._store = ModelStore(self.settings.cache_dir, js=js)
+        self._store = ModelStore(
+            self.settings.cache_dir, js=js, limits=ModelLimits.from_settings(self.settings)
+        )
         await self._publisher.try_lifecycle(LifecycleKind.STARTED, version=_version())
         log.info("agent_started node_id=%s", self.key.node_id)
         return self
