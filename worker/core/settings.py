@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     runtime_memory: str = Field("8g", description="memory limit of the runtime container")
     runtime_pids: int = Field(512, ge=16, description="process limit of the runtime container")
     runtime_shm: str = Field("512m", description="shared memory size of the runtime container")
+    runtime_cpus: float = Field(
+        0.0, ge=0, description="CPU limit of the runtime container; 0: every CPU of the host"
+    )
     runtime_user: str = Field("65534:65534", description="uid:gid the runtime runs as")
     runtime_ready_timeout_s: float = Field(
         300.0, gt=0, description="how long the runtime may take to send `ready`"
