@@ -30,6 +30,7 @@ from worker.core.errors import IsolationError, RuntimeBroken, RuntimeEnded, Runt
 from worker.core.resource import finish_uncancellable
 from worker.core.settings import Settings
 from worker.runtime.api import LaunchSpec
+from worker.runtime.stderrlog import RuntimeLog
 from worker.runtime.transport import FrameInbox, call_blocking
 
 log = logging.getLogger(__name__)
@@ -438,6 +439,7 @@ class ContainerHandle:
         self._reader = reader
         self._writer = writer
         self._inbox = FrameInbox(container_id, max_frame_bytes=settings.runtime_max_frame_bytes)
+        self._stderr = RuntimeLog(container_id)
         self._closing: asyncio.Future[None] | None = None
 
     @property
@@ -470,9 +472,10 @@ class ContainerHandle:
                         for frame in self._inbox.stdout(payload):
                             deliver(frame)
                     else:
-                        self._inbox.stderr(payload)
+                        self._stderr.feed(payload)
         finally:
             self._inbox.flush()
+            self._stderr.flush()
 
     async def exit_status(self) -> str:
         """The container's state, for the log line that says why it ended."""
