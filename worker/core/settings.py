@@ -10,9 +10,11 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.job import MODEL_ID_PATTERN
+from schemas.result import NETWORK_PATTERN
 from worker.core.signing import parse_public_key
 
 DEFAULT_HOME = Path.home() / ".resultity"
+DEFAULT_NETWORK = "devnet"
 
 
 class Settings(BaseSettings):
@@ -21,6 +23,11 @@ class Settings(BaseSettings):
     # network
     nats_url: str = Field(
         "nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated"
+    )
+    network: str = Field(
+        DEFAULT_NETWORK,
+        pattern=NETWORK_PATTERN,
+        description="the network this node belongs to; snapshots for another are refused",
     )
     subject_prefix: str = Field(
         "rst",
@@ -65,6 +72,11 @@ class Settings(BaseSettings):
         20.0, ge=0, description="time to finish jobs in flight on shutdown"
     )
     heartbeat_interval_s: float = Field(5.0, gt=0, description="seconds between heartbeats")
+    apply_retry_s: float = Field(
+        5.0,
+        gt=0,
+        description="first delay before a failed snapshot apply is retried (doubles, to 10 min)",
+    )
     validation_interval_s: float = Field(
         3600.0, gt=0, description="seconds between reruns of validation vectors"
     )
