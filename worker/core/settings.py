@@ -55,7 +55,9 @@ class Settings(BaseSettings):
         DEFAULT_HOME / "node.key", description="node key file (Ed25519 seed, mode 0600)"
     )
     cache_dir: Path = Field(DEFAULT_HOME / "cache", description="verified model cache")
-    state_dir: Path = Field(DEFAULT_HOME / "state", description="last accepted snapshot")
+    state_dir: Path = Field(
+        DEFAULT_HOME / "state", description="snapshot in force and version floor"
+    )
 
     # serving
     model: str | None = Field(None, pattern=MODEL_ID_PATTERN, description="model id to serve")
