@@ -456,3 +456,40 @@ async def test_a_snapshot_the_runtime_could_not_be_given_is_refused_whole(
         )
         assert out.result.config_version == 1
         assert agent.node_state is NodeState.SERVING
+
+
+async def test_a_failed_switch_leaves_the_node_out_of_service_then_retries(
+    settings: Settings,
+    authority: NodeKey,
+    tmp_path: Path,
+    nc: Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any failure while switching (here not even a NodeError) leaves a node that says it
+    serves nothing, never one that says "serving" with its pipeline stopped; the apply is
+    retried and the snapshot served once the switch works."""
+    settings = settings.model_copy(update={"apply_retry_s": 0.2})
+    snapshot = await seeded(settings, authority, tmp_path)
+    launch = Agent._launch
+    failures: list[int] = []
+
+    async def flaky_launch(self: Agent, spec: Any) -> None:
+        if self.snapshot is not None and self.snapshot.version == 2 and not failures:
+            failures.append(1)
+            raise TypeError("Object of type bytes is not JSON serializable")
+        await launch(self, spec)
+
+    monkeypatch.setattr(Agent, "_launch", flaky_launch)
+    async with running(settings) as agent:
+        await serving(agent)
+        body = snapshot.model_dump(mode="json") | {"version": 2}
+        await publish_snapshot(
+            nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
+        )
+        await asyncio.wait_for(
+            agent.wait_until(lambda: agent.node_state is NodeState.OUT_OF_SERVICE), 30
+        )
+        assert agent.pipeline is None and agent.status().config_version == 2
+        await serving(agent, config_version=2)
+        out = await submit(nc, settings, job(snapshot.models[0].id, "x", "after-retry"), wait_s=30)
+    assert failures == [1] and out.result.config_version == 2
