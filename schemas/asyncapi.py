@@ -109,17 +109,26 @@ def document(prefix: str = "rst") -> dict[str, Any]:
             },
             f"{prefix}.nodes.{{node_id}}.heartbeat": {
                 "description": "Liveness heartbeat (core NATS, not stored): a signed `event` "
-                "envelope whose body has node_id, kind = heartbeat, at, details.",
+                "envelope whose body is a heartbeat (kind = heartbeat).",
                 "parameters": {"node_id": node},
                 "publish": {
-                    "message": _message("heartbeat", "Heartbeat", "envelope", "a signed heartbeat")
+                    "message": _signed(
+                        EnvelopeType.EVENT, "heartbeat", "Heartbeat", "a signed heartbeat"
+                    )
                 },
             },
             f"{prefix}.nodes.{{node_id}}.status": {
-                "description": "Request/reply status endpoint (NATS micro service "
-                "`resultity-node`); the reply is a msgpack map of the node's state.",
+                "description": "Request/reply status endpoint, answered by the node itself "
+                "(no queue group); the reply is a plain msgpack status map.",
                 "parameters": {"node_id": node},
-                "subscribe": {"message": {"name": "status_request", "payload": {}}},
+                "subscribe": {
+                    "message": {"name": "status_request", "payload": {}},
+                },
+                "publish": {
+                    "message": _message(
+                        "status_reply", "Status reply", "status_reply", "the node's state"
+                    )
+                },
             },
             f"$KV.{prefix}_config.snapshot": {
                 "description": "The configuration snapshot: key `snapshot` of the key-value "

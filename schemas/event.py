@@ -6,7 +6,7 @@ from typing import Annotated, Any
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from schemas.job import JobId, Number, Wire
-from schemas.result import NodeId
+from schemas.result import Network, NodeId
 
 MAX_MESSAGE_CHARS = 2048
 
@@ -35,6 +35,7 @@ class LifecycleKind(StrEnum):
 
 class ErrorEvent(Wire):
     node_id: NodeId
+    network: Network
     code: ErrorCode
     message: Annotated[StrictStr, Field(max_length=MAX_MESSAGE_CHARS)]
     retryable: StrictBool
@@ -45,6 +46,7 @@ class ErrorEvent(Wire):
 
 class LifecycleEvent(Wire):
     node_id: NodeId
+    network: Network
     kind: LifecycleKind
     at: Number
     details: dict[str, Any] = {}

@@ -19,6 +19,7 @@ from schemas import asyncapi
 from schemas.envelope import ENVELOPE_VERSION, EnvelopeType
 from schemas.event import ErrorEvent, LifecycleEvent
 from schemas.job import Job, Params
+from schemas.node import Heartbeat, NodeStatus, StatusReply
 from schemas.result import ResultBody
 from schemas.snapshot import ModelSpec, RuntimeSpec, Snapshot, ValidationVector
 
@@ -33,6 +34,9 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     "result_body": ResultBody,
     "error_event": ErrorEvent,
     "lifecycle_event": LifecycleEvent,
+    "heartbeat": Heartbeat,
+    "node_status": NodeStatus,
+    "status_reply": StatusReply,
     "snapshot": Snapshot,
     "model_spec": ModelSpec,
     "runtime_spec": RuntimeSpec,

@@ -8,9 +8,12 @@ from schemas.job import JobId, ModelId, Number, TokenId, Wire
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 NODE_ID_PATTERN = r"^[0-9a-f]{64}$"
+NETWORK_PATTERN = r"^[a-z0-9-]{1,64}$"
 
 Sha256 = Annotated[StrictStr, Field(pattern=SHA256_PATTERN)]
 NodeId = Annotated[StrictStr, Field(pattern=NODE_ID_PATTERN)]
+Network = Annotated[StrictStr, Field(pattern=NETWORK_PATTERN)]
+"""The network a node belongs to (PROTOCOL.md, "Network identity")."""
 Count = Annotated[StrictInt, Field(ge=0)]
 FinishReason = Literal["stop", "length"]
 
@@ -44,6 +47,7 @@ class Usage(Wire):
 class ResultBody(Wire):
     job_id: JobId
     node_id: NodeId
+    network: Network
     model: ModelRef
     runtime: RuntimeRef
     config_version: Annotated[StrictInt, Field(ge=0)]

@@ -1,18 +1,51 @@
-"""Configuration snapshots: the approved runtime and models (PROTOCOL.md, "Configuration")."""
+"""Configuration snapshots: the approved runtime and models (PROTOCOL.md, "Configuration").
+
+`engine_args` reach the engine's constructor, so only the keys listed per engine in
+`ENGINE_ARGS` pass, with scalar values: a snapshot can tune the engine, never point it at
+another model, tokenizer, download directory or remote code (the engine loads the mounted,
+verified model and nothing else).
+"""
 
 import re
-from typing import Annotated, Any, Self
+from typing import Annotated, Self
 
-from pydantic import Field, StrictInt, StrictStr, model_validator
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from schemas.job import ModelId, Number, Prompted, Wire
-from schemas.result import Sha256
+from schemas.result import Network, Sha256
 
 IMAGE_DIGEST_PATTERN = r"^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$"
 IMAGE_ID_PATTERN = r"^sha256:[0-9a-f]{64}$"
 SOURCE_PATTERN = r"^(nats-object://[A-Za-z0-9_-]+/[^\s]+|https://[^\s]+)$"
 MAX_MODELS = 64
 MAX_VECTORS = 32
+MAX_ENGINE_ARGS = 32
+
+ENGINE_ARGS: dict[str, frozenset[str]] = {
+    "echo": frozenset({"slow_ms", "fault"}),
+    "vllm": frozenset(
+        {
+            "dtype",
+            "max_model_len",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "gpu_memory_utilization",
+            "kv_cache_memory_bytes",
+            "kv_cache_dtype",
+            "block_size",
+            "swap_space",
+            "enforce_eager",
+            "enable_prefix_caching",
+            "enable_chunked_prefill",
+            "tensor_parallel_size",
+            "quantization",
+            "seed",
+        }
+    ),
+}
+"""The `engine_args` keys each engine accepts; an engine not listed accepts none."""
+
+EngineArg = Annotated[StrictStr, Field(max_length=128)] | StrictBool | StrictInt | StrictFloat
 
 
 class ValidationVector(Prompted):
@@ -34,7 +67,18 @@ class RuntimeSpec(Wire):
     name: Annotated[StrictStr, Field(min_length=1, max_length=128)]
     image: Annotated[StrictStr, Field(max_length=512)]
     engine: Annotated[StrictStr, Field(pattern=r"^[a-z0-9_-]{1,32}$")]
-    engine_args: dict[StrictStr, Any] = {}
+    engine_args: Annotated[dict[StrictStr, EngineArg], Field(max_length=MAX_ENGINE_ARGS)] = {}
+
+    @model_validator(mode="after")
+    def _allowed_args(self) -> Self:
+        allowed = ENGINE_ARGS.get(self.engine, frozenset())
+        refused = sorted(set(self.engine_args) - allowed)
+        if refused:
+            raise ValueError(
+                f"engine_args {refused} are not allowed for engine {self.engine!r} "
+                f"(allowed: {sorted(allowed)})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _pinned(self) -> Self:
@@ -49,6 +93,7 @@ class RuntimeSpec(Wire):
 
 
 class Snapshot(Wire):
+    network: Network
     version: Annotated[StrictInt, Field(ge=1)]
     issued_at: Number
     runtime: RuntimeSpec

@@ -32,6 +32,7 @@ def result_body() -> dict[str, Any]:
     return {
         "job_id": "job-1",
         "node_id": NODE_ID,
+        "network": "devnet",
         "model": {"id": "tiny", "version": "1", "sha256": SHA},
         "runtime": {
             "image": IMAGE_ID,
@@ -52,6 +53,7 @@ def result_body() -> dict[str, Any]:
 def error_event() -> dict[str, Any]:
     return {
         "node_id": NODE_ID,
+        "network": "devnet",
         "code": "BAD_REQUEST",
         "message": "job_id: String should match pattern",
         "retryable": False,
@@ -64,6 +66,7 @@ def error_event() -> dict[str, Any]:
 def lifecycle_event() -> dict[str, Any]:
     return {
         "node_id": NODE_ID,
+        "network": "devnet",
         "kind": "model_ready",
         "at": 1_700_000_000.0,
         "details": {"model": "tiny", "sha256": SHA},
@@ -86,12 +89,18 @@ def model_spec() -> dict[str, Any]:
 
 
 def runtime_spec() -> dict[str, Any]:
-    return {"name": "cpu", "image": IMAGE_DIGEST, "engine": "echo", "engine_args": {"n": 1}}
+    return {
+        "name": "cpu",
+        "image": IMAGE_DIGEST,
+        "engine": "echo",
+        "engine_args": {"slow_ms": 1},
+    }
 
 
 def snapshot() -> dict[str, Any]:
     second = model_spec() | {"id": "other", "source": "https://models.example/other.bin"}
     return {
+        "network": "devnet",
         "version": 1,
         "issued_at": 1_700_000_000.0,
         "runtime": runtime_spec(),

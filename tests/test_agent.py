@@ -17,9 +17,10 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from schemas.codec import validate
+from schemas.codec import decode, validate
 from schemas.envelope import EnvelopeType
 from schemas.event import ErrorCode, LifecycleEvent
+from schemas.node import Heartbeat, NodeState, StatusReply
 from schemas.snapshot import Snapshot
 from tests.jobnet import errors, read_all, results, wait_for
 from worker.client import JobFailed, submit
@@ -27,7 +28,8 @@ from worker.core.settings import Settings
 from worker.core.signing import NodeKey, verify, write_key_file
 from worker.devtools.devnet import DevPlan, seed_network
 from worker.devtools.natsd import NatsServer
-from worker.node.agent import Agent, AgentState
+from worker.models.objectstore import put_file
+from worker.node.agent import Agent
 from worker.node.snapshots import config_bucket, publish_snapshot
 
 pytestmark = pytest.mark.nats
@@ -74,11 +76,8 @@ async def seeded(settings: Settings, authority: NodeKey, tmp_path: Path) -> Snap
     return await seed_network(settings, authority, plan, version=1)
 
 
-async def serving(agent: Agent, timeout: float = 60) -> None:
-    async def ready() -> bool:
-        return agent.state is AgentState.SERVING
-
-    await wait_for(ready, timeout)
+async def serving(agent: Agent, timeout: float = 60, config_version: int = 0) -> None:
+    await asyncio.wait_for(agent.wait_serving(config_version), timeout)
 
 
 def job(model: str, text: str, job_id: str) -> dict[str, Any]:
@@ -109,7 +108,8 @@ async def test_snapshot_to_verified_result(
     assert r.config_version == snapshot.version
     assert r.input_sha256 == hashlib.sha256(out.job_bytes).hexdigest()
     assert r.runtime.engine == "echo" and r.runtime.image == snapshot.runtime.image
-    assert status["validation"] == "passed" and status["completed"] == 1
+    assert status.validation == "passed" and status.completed == 1
+    assert r.network == settings.network == status.network
     kinds = await lifecycle(nc, settings)
     for kind in (
         "started",
@@ -131,13 +131,16 @@ async def test_status_endpoint_and_heartbeat(
         await serving(agent)
         beat = await nc.subscribe(settings.subject("nodes", agent.key.node_id, "heartbeat"))
         msg = await beat.next_msg(timeout=5)
-        assert verify(msg.data).body["node_id"] == agent.key.node_id
+        heartbeat = validate(Heartbeat, verify(msg.data).body)
+        assert heartbeat.node_id == agent.key.node_id and heartbeat.network == settings.network
+        assert heartbeat.details.state == "serving"
         reply = await nc.request(
             settings.subject("nodes", agent.key.node_id, "status"), b"", timeout=5
         )
-        state = msgpack.unpackb(reply.data)
-    assert state["state"] == "serving" and state["config_version"] == 1
-    assert state["runtime"]["backend"] == "process"
+        state = decode(StatusReply, reply.data)
+    assert state.state == "serving" and state.config_version == 1
+    assert state.node_id == agent.key.node_id
+    assert state.runtime["backend"] == "process"
     assert "resultity_runtime_restarts_total 0" in agent.metrics.render()
 
 
@@ -169,7 +172,7 @@ async def test_rejected_snapshot_changes_nothing(
 
         await wait_for(rejected, 30)
         assert agent.snapshot is not None and agent.snapshot.version == 1
-        assert agent.state is AgentState.SERVING
+        assert agent.node_state is NodeState.SERVING
         out = await submit(
             nc, settings, job(snapshot.models[0].id, "still", "after-forgery"), wait_s=30
         )
@@ -192,7 +195,7 @@ async def test_failing_vector_never_serves(
             )
 
         await wait_for(invalid, 60)
-        assert agent.state is AgentState.OUT_OF_SERVICE
+        assert agent.node_state is NodeState.OUT_OF_SERVICE
         with pytest.raises(TimeoutError):
             await submit(nc, settings, job(snapshot.models[0].id, "x", "never"), wait_s=3)
     assert await results(nc.jetstream(), settings) == []
@@ -229,14 +232,7 @@ async def test_removed_model_leaves_the_disk_and_new_model_serves(
             nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
         )
 
-        async def switched() -> bool:
-            return (
-                agent.snapshot is not None
-                and agent.snapshot.version == 2
-                and (agent.state is AgentState.SERVING)
-            )
-
-        await wait_for(switched, 60)
+        await serving(agent, config_version=2)
         assert not (settings.cache_dir / "blobs" / old_sha).exists()
         out = await submit(nc, settings, job("second", "new", "on-second"), wait_s=30)
         assert out.result.model.sha256 == sha and out.result.config_version == 2
@@ -344,3 +340,156 @@ async def test_metrics_endpoint_serves_prometheus_text() -> None:
     assert "resultity_jobs_received_total 3" in text
     assert 'resultity_jobs_failed_total{code="BAD_REQUEST"} 1' in text
     assert 'resultity_batch_size_bucket{le="4"} 1' in text
+
+
+async def test_status_requests_reach_the_node_despite_a_queue_group_impostor(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    """A client that joins a queue group on the node's status subject takes nothing away."""
+    await seeded(settings, authority, tmp_path)
+    async with running(settings) as agent:
+        await serving(agent)
+        subject = settings.subject("nodes", agent.key.node_id, "status")
+        swallowed: list[bytes] = []
+
+        async def swallow(msg: Any) -> None:
+            swallowed.append(msg.data)
+
+        impostor = await nc.subscribe(subject, queue="q", cb=swallow)
+        try:
+            for i in range(20):
+                reply = await nc.request(subject, b"", timeout=5)
+                assert decode(StatusReply, reply.data).node_id == agent.key.node_id, i
+        finally:
+            await impostor.unsubscribe()
+
+
+def second_snapshot(
+    snapshot: Snapshot, settings: Settings, model_bytes: bytes, *, source: str
+) -> dict[str, Any]:
+    """Version 2 of `snapshot`: the same model id, new bytes (no vectors: echo's output
+    depends on the model's hash)."""
+    body = snapshot.model_dump(mode="json")
+    body["version"] = 2
+    body["models"] = [
+        body["models"][0]
+        | {
+            "version": "2",
+            "sha256": hashlib.sha256(model_bytes).hexdigest(),
+            "size": len(model_bytes),
+            "source": f"nats-object://{settings.models_bucket}/{source}",
+            "validation": [],
+        }
+    ]
+    return body
+
+
+async def put_model(nc: Client, settings: Settings, tmp_path: Path, name: str, data: bytes) -> None:
+    path = tmp_path / f"{name}.bin"
+    path.write_bytes(data)
+    await put_file(nc.jetstream(), settings.models_bucket, name, path)
+
+
+async def test_a_revoked_model_stops_serving_when_its_successor_fails(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    """A newer, validly signed snapshot that approves only v2 of the model is in force even
+    though v2's bytes fail their SHA-256: v1 is no longer served nor kept; v2 is retried
+    with backoff and served once its source holds the right bytes."""
+    settings = settings.model_copy(update={"apply_retry_s": 0.2})
+    snapshot = await seeded(settings, authority, tmp_path)
+    model, old_sha = snapshot.models[0].id, snapshot.models[0].sha256
+    good = b"model v2 " * 1000
+    await put_model(nc, settings, tmp_path, "m-v2", b"tampered " * 1000)
+    body = second_snapshot(snapshot, settings, good, source="m-v2")
+    async with running(settings) as agent:
+        await serving(agent)
+        await publish_snapshot(
+            nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
+        )
+
+        async def revoked() -> bool:
+            return (
+                any(
+                    e.code == ErrorCode.MODEL_INVALID
+                    for e in await errors(nc.jetstream(), settings)
+                )
+                and agent.node_state is NodeState.OUT_OF_SERVICE
+            )
+
+        await wait_for(revoked, 60)
+        assert agent.snapshot is not None and agent.snapshot.version == 2
+        assert agent.status().config_version == 2 and agent.status().model is None
+        assert not (settings.cache_dir / "blobs" / old_sha).exists()
+        with pytest.raises(TimeoutError):
+            await submit(nc, settings, job(model, "old", "on-revoked"), wait_s=3)
+        await put_model(nc, settings, tmp_path, "m-v2", good)
+        await serving(agent, config_version=2)
+        out = await submit(nc, settings, job(model, "new", "on-v2"), wait_s=30)
+    assert out.result.model.version == "2" and out.result.config_version == 2
+    assert out.result.model.sha256 == hashlib.sha256(good).hexdigest()
+
+
+async def test_a_snapshot_the_runtime_could_not_be_given_is_refused_whole(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    """A `bin` engine argument once passed verification and broke the switch half-way
+    (pipeline stopped, runtime gone, state still serving): now the body is refused and the
+    node goes on serving the snapshot in force."""
+    snapshot = await seeded(settings, authority, tmp_path)
+    body = snapshot.model_dump(mode="json") | {"version": 2}
+    body["runtime"]["engine_args"] = {"slow_ms": b"\x00"}
+    async with running(settings) as agent:
+        await serving(agent)
+        await publish_snapshot(
+            nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
+        )
+
+        async def rejected() -> bool:
+            return any(
+                e.code == ErrorCode.CONFIG_REJECTED for e in await errors(nc.jetstream(), settings)
+            )
+
+        await wait_for(rejected, 30)
+        out = await submit(
+            nc, settings, job(snapshot.models[0].id, "still", "after-bin-args"), wait_s=30
+        )
+        assert out.result.config_version == 1
+        assert agent.node_state is NodeState.SERVING
+
+
+async def test_a_failed_switch_leaves_the_node_out_of_service_then_retries(
+    settings: Settings,
+    authority: NodeKey,
+    tmp_path: Path,
+    nc: Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any failure while switching (here not even a NodeError) leaves a node that says it
+    serves nothing, never one that says "serving" with its pipeline stopped; the apply is
+    retried and the snapshot served once the switch works."""
+    settings = settings.model_copy(update={"apply_retry_s": 0.2})
+    snapshot = await seeded(settings, authority, tmp_path)
+    launch = Agent._launch
+    failures: list[int] = []
+
+    async def flaky_launch(self: Agent, spec: Any) -> None:
+        if self.snapshot is not None and self.snapshot.version == 2 and not failures:
+            failures.append(1)
+            raise TypeError("Object of type bytes is not JSON serializable")
+        await launch(self, spec)
+
+    monkeypatch.setattr(Agent, "_launch", flaky_launch)
+    async with running(settings) as agent:
+        await serving(agent)
+        body = snapshot.model_dump(mode="json") | {"version": 2}
+        await publish_snapshot(
+            nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
+        )
+        await asyncio.wait_for(
+            agent.wait_until(lambda: agent.node_state is NodeState.OUT_OF_SERVICE), 30
+        )
+        assert agent.pipeline is None and agent.status().config_version == 2
+        await serving(agent, config_version=2)
+        out = await submit(nc, settings, job(snapshot.models[0].id, "x", "after-retry"), wait_s=30)
+    assert failures == [1] and out.result.config_version == 2

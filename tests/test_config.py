@@ -15,24 +15,30 @@ from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 from worker.devtools.natsd import NatsServer
 from worker.node.snapshots import (
+    FLOOR_NAME,
     SAVED_NAME,
     AcceptedSnapshot,
     ConfigWatcher,
+    Floor,
     check_snapshot,
     publish_snapshot,
+    read_floor,
+    write_floor,
 )
 
 pytestmark = pytest.mark.nats
 
 AUTHORITY = NodeKey.generate()
 BUCKET = "rst_config"
+RUNTIME = {"name": "echo", "image": "sha256:" + "a" * 64, "engine": "echo"}
 
 
 def body(version: int, **over: Any) -> dict[str, Any]:
     value: dict[str, Any] = {
+        "network": "devnet",
         "version": version,
         "issued_at": time.time(),
-        "runtime": {"name": "echo", "image": "sha256:" + "a" * 64, "engine": "echo"},
+        "runtime": dict(RUNTIME),
         "models": [
             {
                 "id": "m1",
@@ -129,6 +135,28 @@ BAD: dict[str, tuple[Callable[[], bytes], str]] = {
         "pinned",
     ),
     "truncated envelope": (lambda: signed(5)[:-7], "not a valid envelope"),
+    "other network": (lambda: signed(5, network="mainnet"), "network 'mainnet'"),
+    "no network": (lambda: AUTHORITY.sign("config", body(5) | {"network": None}), "network"),
+    "engine args name a model": (
+        lambda: signed(5, runtime={**RUNTIME, "engine": "vllm", "engine_args": {"model": "/x"}}),
+        "not allowed",
+    ),
+    "engine args trust remote code": (
+        lambda: signed(
+            5, runtime={**RUNTIME, "engine": "vllm", "engine_args": {"trust_remote_code": True}}
+        ),
+        "not allowed",
+    ),
+    "engine args download dir": (
+        lambda: signed(
+            5, runtime={**RUNTIME, "engine": "vllm", "engine_args": {"download_dir": "/tmp"}}
+        ),
+        "not allowed",
+    ),
+    "engine arg not a scalar": (
+        lambda: signed(5, runtime={**RUNTIME, "engine_args": {"slow_ms": b"\x00"}}),
+        "engine_args",
+    ),
     "wrong type": (lambda: AUTHORITY.sign("event", body(5)), "expected a config envelope"),
 }
 
@@ -187,18 +215,85 @@ async def test_tampered_saved_snapshot_is_refused_at_load(nc: Client, settings: 
     assert (settings.state_dir / (SAVED_NAME + ".rejected")).exists()
 
 
-async def test_failed_apply_keeps_old_version_and_is_retried(
+async def test_a_verified_snapshot_is_in_force_even_when_its_apply_fails(
     nc: Client, settings: Settings
 ) -> None:
-    await publish_snapshot(nc, BUCKET, signed(7))
+    """Only a refused snapshot leaves the previous one in force; retrying a failed apply
+    is the agent's business (with backoff), not a reason to fall back to an older one."""
+    await publish_snapshot(nc, BUCKET, signed(6))
+    rec = Recorder()
+    async with watcher(nc, settings, rec) as config:
+        await asyncio.wait_for(config.wait_current(), 10)
+        rec.fail_times = 1
+        env7 = signed(7)
+        await publish_snapshot(nc, BUCKET, env7)
+        assert (await asyncio.wait_for(config.wait_current(newer_than=6), 10)).version == 7
+        assert rec.fail_times == 0
+        assert (settings.state_dir / SAVED_NAME).read_bytes() == env7
+        await publish_snapshot(nc, BUCKET, signed(6, issued_at=2.0))
+        await rec.until(lambda: bool(rec.rejected))
+        assert "version 6 is not newer than version 7" in rec.rejected[0]
+    assert [a.version for a in rec.applied] == [6]
+
+
+async def restarted_with_older_on_network(
+    nc: Client, settings: Settings, *, break_saved: Callable[[Path], None]
+) -> Recorder:
+    """v5 is applied and saved; the node restarts, its saved copy fails (`break_saved`),
+    and the network's history offers an older, validly signed v3."""
+    await publish_snapshot(nc, BUCKET, signed(5))
+    async with watcher(nc, settings, Recorder()) as config:
+        await asyncio.wait_for(config.wait_current(), 10)
+    break_saved(settings.state_dir / SAVED_NAME)
+    await publish_snapshot(nc, BUCKET, signed(3))
     rec = Recorder(fail_times=1)
-    async with watcher(nc, settings, rec, resync=0.3) as config:
-        await rec.until(lambda: rec.fail_times == 0)
-        assert config.current is None
-        assert not (settings.state_dir / SAVED_NAME).exists()
-        accepted = await asyncio.wait_for(config.wait_current(), 10)
-        assert accepted.version == 7
-    assert rec.rejected == []
+    async with watcher(nc, settings, rec) as config:
+        await rec.until(lambda: any("version 3" in r for r in rec.rejected))
+        assert config.current is None or config.current.version == 5
+    return rec
+
+
+async def test_rollback_refused_after_a_restart_whose_first_apply_fails(
+    nc: Client, settings: Settings
+) -> None:
+    rec = await restarted_with_older_on_network(nc, settings, break_saved=lambda path: None)
+    assert all(a.version != 3 for a in rec.applied)
+    assert "not newer than version 5" in rec.rejected[-1]
+
+
+async def test_rollback_refused_after_the_saved_snapshot_is_lost(
+    nc: Client, settings: Settings
+) -> None:
+    rec = await restarted_with_older_on_network(nc, settings, break_saved=Path.unlink)
+    assert rec.applied == []
+    assert "not newer than version 5" in rec.rejected[-1]
+
+
+async def test_the_same_snapshot_comes_back_after_the_saved_copy_is_damaged(
+    nc: Client, settings: Settings
+) -> None:
+    env = signed(5)
+    await publish_snapshot(nc, BUCKET, env)
+    async with watcher(nc, settings, Recorder()) as config:
+        await asyncio.wait_for(config.wait_current(), 10)
+    (settings.state_dir / SAVED_NAME).write_bytes(env[:-3])
+    rec = Recorder()
+    async with watcher(nc, settings, rec) as config:
+        again = await asyncio.wait_for(config.wait_current(), 10)
+        assert again.version == 5 and again.origin == "network"
+        await publish_snapshot(nc, BUCKET, signed(5, issued_at=3.0))  # same version, other bytes
+        await rec.until(lambda: len(rec.rejected) == 2)
+    assert "saved" in rec.rejected[0] and "not newer than version 5" in rec.rejected[1]
+
+
+def test_floor_is_kept_apart_from_the_saved_snapshot(tmp_path: Path) -> None:
+    assert read_floor(tmp_path) == Floor()
+    write_floor(tmp_path, Floor(12, "e" * 64))
+    assert read_floor(tmp_path) == Floor(12, "e" * 64)
+    assert not (tmp_path / SAVED_NAME).exists()
+    (tmp_path / FLOOR_NAME).write_text("garbage")
+    with pytest.raises(ValueError):
+        read_floor(tmp_path)
 
 
 async def test_watch_survives_server_restart(
@@ -220,7 +315,9 @@ async def test_watch_survives_server_restart(
 
 
 def test_check_snapshot_is_pure() -> None:
-    snapshot, signer = check_snapshot(signed(9), {AUTHORITY.public_key})
+    snapshot, signer = check_snapshot(signed(9), {AUTHORITY.public_key}, network="devnet")
     assert snapshot.version == 9 and signer == AUTHORITY.node_id
     with pytest.raises(ConfigRejected, match="not newer"):
-        check_snapshot(signed(9), {AUTHORITY.public_key}, in_force=9)
+        check_snapshot(signed(9), {AUTHORITY.public_key}, network="devnet", floor=9)
+    with pytest.raises(ConfigRejected, match="for network 'devnet', not 'testnet'"):
+        check_snapshot(signed(9), {AUTHORITY.public_key}, network="testnet")

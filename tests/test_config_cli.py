@@ -20,6 +20,7 @@ pytestmark = pytest.mark.nats
 
 def snapshot_body(version: int) -> dict[str, object]:
     return {
+        "network": "devnet",
         "version": version,
         "issued_at": 1.5,
         "runtime": {"name": "echo", "image": "sha256:" + "a" * 64, "engine": "echo"},
@@ -45,7 +46,7 @@ def test_sign_and_publish_snapshot(
     body.write_text(json.dumps(snapshot_body(3)))
     out = tmp_path / "snapshot.env"
     assert main(["config", "sign", str(body), "--key", str(key_file), "--out", str(out)]) == 0
-    snapshot, signer = check_snapshot(out.read_bytes(), {authority.public_key})
+    snapshot, signer = check_snapshot(out.read_bytes(), {authority.public_key}, network="devnet")
     assert snapshot.version == 3 and signer == authority.node_id
 
     url = ["--nats-url", nats_server.url]

@@ -3,7 +3,9 @@ leftover removal, and no container left behind when cancelled at any await point
 
 import asyncio
 import dataclasses
+import io
 import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,13 @@ async def test_isolation_seen_from_inside(
         {"user": "0:0"},
         {"privileged": True},
         {"pids_limit": None},
+        {"security_opt": ["no-new-privileges", "seccomp=unconfined"]},
+        {"tmpfs": {"/tmp": "rw,exec,nosuid,nodev,size=64m"}},
+        {"memswap_limit": -1},
+        {"shm_size": "1g"},
+        {"nano_cpus": None},
+        {"ulimits": None},
+        {"environment": {"LD_PRELOAD": "/tmp/x.so"}},
     ],
     ids=lambda w: ",".join(w),
 )
@@ -139,6 +148,8 @@ async def test_isolation_check_fails_closed(
         for key, value in weaken.items():
             if value is None:
                 created.pop(key, None)
+            elif key == "environment":
+                created[key] = created[key] | value
             else:
                 created[key] = value
         return created
@@ -149,6 +160,29 @@ async def test_isolation_check_fails_closed(
     with pytest.raises(IsolationError, match="not isolated"):
         async with Supervisor(settings, backend, spec):
             pass
+
+
+async def test_image_declared_volume_fails_closed(docker_client: Any, spec: LaunchSpec) -> None:
+    """A `VOLUME` in the image adds a writable mount seen only in the inspection's `Mounts`."""
+    image = await asyncio.to_thread(volume_image, docker_client, spec.image)
+    settings = make_settings()
+    backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client)
+    with pytest.raises(IsolationError, match="unexpected mount /data"):
+        async with Supervisor(settings, backend, dataclasses.replace(spec, image=image)):
+            pass
+
+
+def volume_image(client: Any, base: str) -> str:
+    dockerfile = f"FROM {base}\nVOLUME /data\n".encode()
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        tar.addfile(info, io.BytesIO(dockerfile))
+    context.seek(0)
+    tag = f"rst-test-volume:{base.split(':')[-1][:16]}"
+    image, _ = client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
+    return str(image.id)
 
 
 async def test_leftovers_removed_at_start(docker_client: Any, spec: LaunchSpec) -> None:

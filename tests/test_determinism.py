@@ -89,18 +89,14 @@ async def test_token_ids_survive_batching_replacement_and_restart(
             first = await alone(nc, settings, model, "alone")
             assert all(first), "every fixed job produced tokens"
             assert await mixed(nc, settings, model, "mixed") == first
-            runtime_before = agent.status()["runtime"]["runtime_id"]
+            runtime_before = agent.status().runtime["runtime_id"]
             body = snapshot.model_dump(mode="json") | {"version": 2}
             await publish_snapshot(
                 nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
             )
 
-            async def replaced() -> bool:
-                status = agent.status()
-                return status["config_version"] == 2 and status["state"] == "serving"
-
-            await wait_for(replaced, timeout=600, interval=1)
-            assert agent.status()["runtime"]["runtime_id"] != runtime_before
+            await serving(agent, timeout=600, config_version=2)
+            assert agent.status().runtime["runtime_id"] != runtime_before
             assert await alone(nc, settings, model, "replaced") == first
         # the node restarts and the network has forgotten the snapshot: it resumes from disk
         await nc.jetstream().delete_key_value(config_bucket(settings))

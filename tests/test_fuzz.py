@@ -219,7 +219,8 @@ async def _payload_round(url: str, tmp: Path, jobs: list[tuple[str, str, bytes]]
         js = nc.jetstream()
         await provision(js, settings, ["demo"])
         key = NodeKey.generate()
-        valid = sorted(j for j, _, data in jobs if expects_result(data))
+        # named by the job id in the body (a drawn body may name another id than its key)
+        valid = sorted(decode(Job, data).job_id for _, _, data in jobs if expects_result(data))
         bad = sorted(j for j, _, data in jobs if not expects_result(data))
         for job_id, _, data in jobs:
             await publish_job(js, settings, "demo", data, job_id)
@@ -275,6 +276,7 @@ IN_FORCE = 10
 
 def snapshot_body(version: int, **over: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
+        "network": "devnet",
         "version": version,
         "issued_at": 1.0,
         "runtime": {
@@ -318,6 +320,7 @@ def forged_snapshot(draw: st.DrawFn) -> tuple[str, bytes, int]:
                 "wrong_typ",
                 "body_swap",
                 "invalid_body",
+                "other_network",
                 "random_bytes",
             ]
         )
@@ -365,8 +368,19 @@ def forged_snapshot(draw: st.DrawFn) -> tuple[str, bytes, int]:
         env = msgpack.unpackb(GOOD)
         env["body"] = msgpack.packb(mutated)
         return kind, msgpack.packb(env, use_bin_type=True), IN_FORCE
+    if kind == "other_network":
+        network = draw(
+            st.from_regex(r"[a-z0-9-]{1,64}", fullmatch=True).filter(lambda n: n != "devnet")
+        )
+        return (
+            kind,
+            AUTHORITY.sign(EnvelopeType.CONFIG, snapshot_body(version, network=network)),
+            IN_FORCE,
+        )
     if kind == "invalid_body":
-        field = draw(st.sampled_from(["version", "issued_at", "runtime", "models", "extra"]))
+        field = draw(
+            st.sampled_from(["network", "version", "issued_at", "runtime", "models", "extra"])
+        )
         broken = snapshot_body(version) | {field: draw(msgpack_values)}
         return kind, AUTHORITY.sign(EnvelopeType.CONFIG, broken), IN_FORCE
     return kind, draw(st.binary(max_size=600)), IN_FORCE
@@ -380,7 +394,7 @@ def test_forged_or_rolled_back_snapshots_are_never_accepted(
     kind, data, in_force = case
     accepted: Snapshot | None = None
     try:
-        accepted, _ = check_snapshot(data, TRUSTED, in_force=in_force)
+        accepted, _ = check_snapshot(data, TRUSTED, network="devnet", floor=in_force)
     except ConfigRejected:
         pass
     if kind == "invalid_body" and accepted is not None:
@@ -393,7 +407,8 @@ def test_forged_or_rolled_back_snapshots_are_never_accepted(
 
 
 def test_snapshot_fuzz_report(capsys: pytest.CaptureFixture[str]) -> None:
-    assert check_snapshot(GOOD, TRUSTED, in_force=IN_FORCE)[0].version == IN_FORCE + 1
+    good = check_snapshot(GOOD, TRUSTED, network="devnet", floor=IN_FORCE)
+    assert good[0].version == IN_FORCE + 1
     _report(capsys, "snapshot", SNAPSHOT_COUNTS)
 
 

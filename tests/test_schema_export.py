@@ -18,6 +18,9 @@ EXPECTED = {
     "result_body",
     "error_event",
     "lifecycle_event",
+    "heartbeat",
+    "node_status",
+    "status_reply",
     "snapshot",
     "model_spec",
     "runtime_spec",
@@ -73,6 +76,10 @@ def test_schemas_state_the_protocol_rules() -> None:
     assert envelope["required"] == ["v", "typ", "body", "key", "sig"]
     assert envelope["properties"]["key"]["x-msgpack-size"] == 32
     assert envelope["properties"]["sig"]["x-msgpack-size"] == 64
+    heartbeat = export.schemas()["heartbeat"]
+    assert heartbeat["properties"]["kind"]["const"] == "heartbeat"
+    for name in ("result_body", "error_event", "lifecycle_event", "heartbeat", "snapshot"):
+        assert "network" in export.schemas()[name]["required"], name
     for name in EXPECTED:
         text = (ROOT / "schemas" / "json" / f"{name}.json").read_text()
         assert json.loads(text)["$id"].endswith(f"/{name}.json")

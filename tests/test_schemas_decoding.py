@@ -91,7 +91,13 @@ def test_deeply_nested_payloads() -> None:
         decode(LifecycleEvent, nested_maps)
     # nesting that msgpack accepts is still validated
     shallow = packed(
-        {"node_id": "a" * 64, "kind": "started", "at": 1, "details": {"k": [[[[{"x": 1}]]]]}}
+        {
+            "node_id": "a" * 64,
+            "network": "devnet",
+            "kind": "started",
+            "at": 1,
+            "details": {"k": [[[[{"x": 1}]]]]},
+        }
     )
     assert decode(LifecycleEvent, shallow).details == {"k": [[[[{"x": 1}]]]]}
 

@@ -59,6 +59,7 @@ async def _play_network(
         vector_prompt = "validation vector"
         expected = hashlib.sha256(msgpack.packb(_reference(model, vector_prompt))).hexdigest()
         body = {
+            "network": settings.network,
             "version": int(time.time()),
             "issued_at": time.time(),
             "runtime": {"name": "echo", "image": image, "engine": "echo", "engine_args": {}},

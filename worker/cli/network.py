@@ -79,7 +79,7 @@ def cmd_config_publish(args: argparse.Namespace) -> int:
             raise CliError(f"{args.envelope} is a {env.typ.value} envelope, not a config one")
         check_signature(env)
         if args.authority:
-            check_snapshot(data, {parse_public_key(k) for k in args.authority})
+            check_snapshot(data, {parse_public_key(k) for k in args.authority}, network=None)
     except (SchemaError, SignatureError, ConfigRejected) as exc:
         raise CliError(
             f"{args.envelope}: {exc}; sign it with 'resultity-node config sign'"

@@ -10,9 +10,11 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.job import MODEL_ID_PATTERN
+from schemas.result import NETWORK_PATTERN
 from worker.core.signing import parse_public_key
 
 DEFAULT_HOME = Path.home() / ".resultity"
+DEFAULT_NETWORK = "devnet"
 
 
 class Settings(BaseSettings):
@@ -21,6 +23,11 @@ class Settings(BaseSettings):
     # network
     nats_url: str = Field(
         "nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated"
+    )
+    network: str = Field(
+        DEFAULT_NETWORK,
+        pattern=NETWORK_PATTERN,
+        description="the network this node belongs to; snapshots for another are refused",
     )
     subject_prefix: str = Field(
         "rst",
@@ -48,7 +55,9 @@ class Settings(BaseSettings):
         DEFAULT_HOME / "node.key", description="node key file (Ed25519 seed, mode 0600)"
     )
     cache_dir: Path = Field(DEFAULT_HOME / "cache", description="verified model cache")
-    state_dir: Path = Field(DEFAULT_HOME / "state", description="last accepted snapshot")
+    state_dir: Path = Field(
+        DEFAULT_HOME / "state", description="snapshot in force and version floor"
+    )
     model_unpack_ratio: float = Field(
         4.0,
         ge=1,
@@ -80,6 +89,11 @@ class Settings(BaseSettings):
         20.0, ge=0, description="time to finish jobs in flight on shutdown"
     )
     heartbeat_interval_s: float = Field(5.0, gt=0, description="seconds between heartbeats")
+    apply_retry_s: float = Field(
+        5.0,
+        gt=0,
+        description="first delay before a failed snapshot apply is retried (doubles, to 10 min)",
+    )
     validation_interval_s: float = Field(
         3600.0, gt=0, description="seconds between reruns of validation vectors"
     )
@@ -96,6 +110,9 @@ class Settings(BaseSettings):
     runtime_memory: str = Field("8g", description="memory limit of the runtime container")
     runtime_pids: int = Field(512, ge=16, description="process limit of the runtime container")
     runtime_shm: str = Field("512m", description="shared memory size of the runtime container")
+    runtime_cpus: float = Field(
+        0.0, ge=0, description="CPU limit of the runtime container; 0: every CPU of the host"
+    )
     runtime_user: str = Field("65534:65534", description="uid:gid the runtime runs as")
     runtime_ready_timeout_s: float = Field(
         300.0, gt=0, description="how long the runtime may take to send `ready`"

@@ -19,6 +19,7 @@ from typing import Any
 import nats
 
 from schemas.envelope import EnvelopeType
+from schemas.node import NodeState
 from schemas.snapshot import Snapshot
 from worker.client import Outcome, new_job_id, submit
 from worker.core.errors import NodeError
@@ -30,7 +31,7 @@ from worker.devtools.natsd import NatsServer
 from worker.jobs.provision import ensure_streams
 from worker.models.objectstore import put_file
 from worker.models.store import ModelStore
-from worker.node.agent import Agent, AgentState, handle_signals
+from worker.node.agent import Agent, handle_signals
 from worker.node.snapshots import config_bucket, publish_snapshot
 from worker.node.validation import token_ids_sha256
 from worker.runtime.api import Completion, LaunchSpec, WorkItem
@@ -180,12 +181,19 @@ async def seed_network(
             "engine_args": {},
         }
         model_spec = Snapshot.model_validate(
-            {"version": 1, "issued_at": 0.0, "runtime": runtime, "models": [spec]}
+            {
+                "network": settings.network,
+                "version": 1,
+                "issued_at": 0.0,
+                "runtime": runtime,
+                "models": [spec],
+            }
         ).models[0]
         model_dir = await ModelStore(settings.cache_dir / "reference", js=js).prepare(model_spec)
         launch = LaunchSpec(plan.engine, image, model_dir, sha256, {})
         spec["validation"] = await _expected_vectors(settings, launch, plan.home)
         body = {
+            "network": settings.network,
             "version": version or int(time.time()),
             "issued_at": time.time(),
             "runtime": runtime,
@@ -241,13 +249,21 @@ async def _serve(
     async with agent:
         serving = asyncio.create_task(agent.serve(stop))
         try:
-            while agent.state is not AgentState.SERVING:
-                if serving.done() or stop.is_set():
-                    break
-                if agent.state is AgentState.OUT_OF_SERVICE:
-                    raise NodeError("the node took the demo model out of service; see the log")
-                await asyncio.sleep(0.2)
-            if agent.state is AgentState.SERVING:
+            settled = asyncio.create_task(
+                agent.wait_until(
+                    lambda: agent.node_state in (NodeState.SERVING, NodeState.OUT_OF_SERVICE)
+                )
+            )
+            stopped = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait([settled, serving, stopped], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in (settled, stopped):
+                    waiter.cancel()
+                await asyncio.gather(settled, stopped, return_exceptions=True)
+            if agent.node_state is NodeState.OUT_OF_SERVICE:
+                raise NodeError("the node took the demo model out of service; see the log")
+            if agent.node_state is NodeState.SERVING:
                 nc = await nats.connect(settings.nats_url.split(","))
                 try:
                     job = {

@@ -22,7 +22,14 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from worker.core.errors import DeadlineExceeded, NodeError, RuntimeFailure, error_code
+from schemas.result import ResultBody
+from worker.core.errors import (
+    DeadlineExceeded,
+    NodeError,
+    OutputMalformed,
+    RuntimeFailure,
+    error_code,
+)
 from worker.core.metrics import Metrics
 from worker.core.settings import Settings
 from worker.jobs.intake import InFlight, JobSource, admit
@@ -258,21 +265,34 @@ class Pipeline:
     async def _succeed(
         self, record: InFlight, done: Completion, started_at: float, finished_at: float
     ) -> None:
-        body = self._result_body(record, done, started_at, finished_at)
-        assert record.job is not None
+        try:
+            # Validated against the schema before signing; one that fails, or that is too
+            # large to publish, ends the job with a final OUTPUT_MALFORMED.
+            body = self._result_body(record, done, started_at, finished_at)
+        except OutputMalformed as exc:
+            await self._fail(record, exc, final=True)
+            return
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             try:
-                await self._publisher.publish_result(record.job.job_id, body)
+                await self._publisher.publish_result(body)
                 break
+            except OutputMalformed as exc:
+                await self._fail(record, exc, final=True)
+                return
             except Exception as exc:
                 log.warning(
                     "result_publish_failed job_id=%s try=%d error=%r",
-                    record.job.job_id,
+                    record.job_id,
                     attempt,
                     exc,
                 )
                 if attempt == PUBLISH_ATTEMPTS or self.state is PipelineState.CLOSED:
-                    await self._settle(record, "nak")
+                    if record.attempt >= self._settings.max_deliver:
+                        # The last delivery always ends the job.
+                        failure = RuntimeFailure(f"result not published: {exc!r}")
+                        await self._fail(record, failure, final=False)
+                    else:
+                        await self._settle(record, "nak")
                     return
                 await asyncio.sleep(0.2 * attempt)
         self.metrics.jobs_succeeded += 1
@@ -282,12 +302,11 @@ class Pipeline:
 
     def _result_body(
         self, record: InFlight, done: Completion, started_at: float, finished_at: float
-    ) -> dict[str, Any]:
+    ) -> ResultBody:
         facts = self._runtime.facts
         assert record.job is not None
-        return {
+        fields = {
             "job_id": record.job.job_id,
-            "node_id": self._publisher.node_id,
             "model": {
                 "id": self.serving.model_id,
                 "version": self.serving.model_version,
@@ -314,6 +333,7 @@ class Pipeline:
             "started_at": started_at,
             "finished_at": finished_at,
         }
+        return self._publisher.result_body(fields)
 
     async def _fail(self, record: InFlight, error: NodeError, final: bool) -> None:
         code = error_code(error)
@@ -337,7 +357,10 @@ class Pipeline:
             )
         except Exception as exc:
             log.warning("error_publish_failed job_id=%s error=%r", record.job_id, exc)
-            await self._settle(record, "nak")
+            # A nak runs the job again and reports it then; but a nak on the last delivery
+            # would leave the job in the stream for ever: that one terminates unreported.
+            last = record.attempt >= self._settings.max_deliver
+            await self._settle(record, "term" if last else "nak")
             return
         self.metrics.jobs_failed[code.value] += 1
         if final:

@@ -1,25 +1,47 @@
 """Signs and publishes what the node says: results, error events, lifecycle events, heartbeats.
 
+Every body is a schema model (`ResultBody`, `ErrorEvent`, `LifecycleEvent`, `Heartbeat`),
+validated before it is signed, with this node's `node_id` and `network` filled in here: a
+value the runtime returned that the contract does not allow (a token id of 2^31, a 10 KB
+device string) is `OutputMalformed`, never a signed result. So is an envelope larger than
+the server's `max_payload`, which no retry could ever publish.
+
 Results and events go to JetStream and are only reported published once the stream has
 acknowledged them; `Nats-Msg-Id` makes a repeated publish (a job run twice) a no-op.
 """
 
 import logging
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
-import msgpack
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from pydantic import BaseModel
 
+from schemas.codec import encode, validate
 from schemas.envelope import EnvelopeType
-from schemas.event import ErrorCode, LifecycleKind
+from schemas.errors import SchemaError
+from schemas.event import MAX_MESSAGE_CHARS, ErrorCode, ErrorEvent, LifecycleEvent, LifecycleKind
+from schemas.node import Heartbeat, NodeStatus
+from schemas.result import ResultBody
+from worker.core.errors import OutputMalformed
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT_S = 10.0
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def checked(model: type[M], body: Mapping[str, Any]) -> M:
+    """`body` as `model`, or `OutputMalformed` naming what the schema refuses."""
+    try:
+        return validate(model, dict(body))
+    except SchemaError as exc:
+        raise OutputMalformed(f"{model.__name__} refused before signing: {exc}") from exc
 
 
 class Publisher:
@@ -28,19 +50,39 @@ class Publisher:
         self._js = js
         self._key = key
         self.node_id = key.node_id
+        self.network = settings.network
         self._results = settings.subject("results")
         self._errors = settings.subject("events", "error", key.node_id)
         self._lifecycle = settings.subject("events", "node", key.node_id)
         self._heartbeat = settings.subject("nodes", key.node_id, "heartbeat")
 
-    async def publish_result(self, job_id: str, body: dict[str, Any]) -> bool:
-        """Sign and store a result; True if it was new, False if the stream had it already."""
-        envelope = self._key.sign_bytes(EnvelopeType.RESULT, msgpack.packb(body))
+    def _ours(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return {**body, "node_id": self.node_id, "network": self.network}
+
+    def result_body(self, fields: Mapping[str, Any]) -> ResultBody:
+        """A result body from the pipeline's fields, this node's identity filled in,
+        validated: raises `OutputMalformed` when the runtime's values break the schema."""
+        return checked(ResultBody, self._ours(fields))
+
+    def _seal(self, typ: EnvelopeType, body: BaseModel) -> bytes:
+        envelope = self._key.sign_bytes(typ, encode(body))
+        limit = self._nc.max_payload
+        if limit and len(envelope) > limit:
+            raise OutputMalformed(
+                f"{typ.value} envelope is {len(envelope)} bytes, over the server's "
+                f"max_payload of {limit}"
+            )
+        return envelope
+
+    async def publish_result(self, body: ResultBody) -> bool:
+        """Sign and store a result; True if it was new, False if the stream had it already.
+        `OutputMalformed` when it can never be published (too large)."""
+        envelope = self._seal(EnvelopeType.RESULT, body)
         ack = await self._js.publish(
-            f"{self._results}.{job_id}",
+            f"{self._results}.{body.job_id}",
             envelope,
             timeout=PUBLISH_TIMEOUT_S,
-            headers={"Nats-Msg-Id": job_id},
+            headers={"Nats-Msg-Id": body.job_id},
         )
         return not ack.duplicate
 
@@ -54,18 +96,18 @@ class Publisher:
         attempt: int | None = None,
         msg_id: str | None = None,
     ) -> None:
-        body: dict[str, Any] = {
-            "node_id": self.node_id,
+        fields: dict[str, Any] = {
             "code": code.value,
-            "message": message[:2048],
+            "message": message[:MAX_MESSAGE_CHARS],
             "retryable": retryable,
             "at": time.time(),
         }
         if job_id is not None:
-            body["job_id"] = job_id
+            fields["job_id"] = job_id
         if attempt is not None:
-            body["attempt"] = attempt
-        envelope = self._key.sign_bytes(EnvelopeType.ERROR, msgpack.packb(body))
+            fields["attempt"] = attempt
+        event = checked(ErrorEvent, self._ours(fields))
+        envelope = self._seal(EnvelopeType.ERROR, event)
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         await self._js.publish(self._errors, envelope, timeout=PUBLISH_TIMEOUT_S, headers=headers)
         log.info(
@@ -77,9 +119,12 @@ class Publisher:
         )
 
     async def publish_lifecycle(self, kind: LifecycleKind, **details: Any) -> None:
-        body = {"node_id": self.node_id, "kind": kind.value, "at": time.time(), "details": details}
-        envelope = self._key.sign_bytes(EnvelopeType.EVENT, msgpack.packb(body))
-        await self._js.publish(self._lifecycle, envelope, timeout=PUBLISH_TIMEOUT_S)
+        event = checked(
+            LifecycleEvent, self._ours({"kind": kind.value, "at": time.time(), "details": details})
+        )
+        await self._js.publish(
+            self._lifecycle, self._seal(EnvelopeType.EVENT, event), timeout=PUBLISH_TIMEOUT_S
+        )
         log.info("lifecycle_published kind=%s", kind.value)
 
     async def try_lifecycle(self, kind: LifecycleKind, **details: Any) -> None:
@@ -89,8 +134,6 @@ class Publisher:
         except Exception as exc:
             log.warning("lifecycle_publish_failed kind=%s error=%r", kind.value, exc)
 
-    async def heartbeat(self, **state: Any) -> None:
-        body = {"node_id": self.node_id, "kind": "heartbeat", "at": time.time(), "details": state}
-        await self._nc.publish(
-            self._heartbeat, self._key.sign_bytes(EnvelopeType.EVENT, msgpack.packb(body))
-        )
+    async def heartbeat(self, status: NodeStatus) -> None:
+        beat = checked(Heartbeat, self._ours({"at": time.time(), "details": status}))
+        await self._nc.publish(self._heartbeat, self._seal(EnvelopeType.EVENT, beat))

@@ -1,46 +1,51 @@
 """The agent: connects to NATS, follows signed snapshots, keeps one runtime, runs the pipeline.
 
-Agent
+Agent (an AsyncResource)
 ├── NATS connection (reconnects forever; pull requests are re-issued after a reconnect)
-├── ConfigWatcher  --accepted snapshot-->  apply()
-│                                           ├── ModelStore.fetch / prune / prepare
-│                                           ├── Supervisor.replace (one runtime)
-│                                           ├── validation vectors
-│                                           └── Pipeline for the served model
-├── heartbeat, periodic validation, status endpoint, metrics
-└── shutdown sequence (see `aclose`)
+├── ConfigWatcher  --verified snapshot, now in force-->  apply()
+│                                   ├── prepare: ModelStore.fetch / prepare, image check
+│                                   │   (nothing running is touched until this succeeds)
+│                                   ├── switch: stop pipeline, prune, Supervisor.replace
+│                                   ├── validation vectors
+│                                   └── Pipeline for the served model
+│       a failed prepare or switch: serve nothing under the snapshot in force, remove
+│       what it does not list, retry with backoff until it works or a newer one comes
+├── heartbeat, status endpoint (worker.node.services), periodic validation, metrics
+└── shutdown sequence (see `_close`)
 """
 
 import asyncio
-import enum
 import logging
 import signal
 import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
+from types import TracebackType
 from typing import Any
 
-import msgpack
 import nats
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import ServiceUnavailableError
-from nats.micro import add_service
-from nats.micro.request import Request
 
 from schemas.event import ErrorCode, LifecycleKind
+from schemas.node import NodeState, NodeStatus, StatusReply, ValidationState
 from schemas.snapshot import ModelSpec, Snapshot
-from worker.core.errors import ModelInvalid, NodeError, RuntimeFailure
+from worker.core.errors import ModelInvalid, NodeError, ResourceClosed, RuntimeFailure
 from worker.core.metrics import Metrics, MetricsServer
 from worker.core.progress import ProgressReport
+from worker.core.resource import AsyncResource
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 from worker.jobs.pipeline import Pipeline, Serving
 from worker.jobs.provision import ensure_consumer, ensure_streams
 from worker.jobs.publisher import Publisher
 from worker.models.store import ModelLimits, ModelStore
-from worker.node.snapshots import ConfigWatcher
+from worker.node.services import heartbeat_loop, status_endpoint
+from worker.node.snapshots import AcceptedSnapshot, ConfigWatcher
 from worker.node.validation import validate_model
 from worker.runtime.api import ItemOutcome, LaunchSpec, Runtime, RuntimeFacts, WorkItem
 from worker.runtime.imagepin import ensure_image
@@ -52,15 +57,10 @@ VALIDATION_ATTEMPTS = 3
 
 STARTUP_PROVISION_ATTEMPTS = 12
 
+APPLY_RETRY_MAX_S = 600.0
 
-class AgentState(enum.Enum):
-    NEW = "new"
-    STARTING = "starting"
-    WAITING_CONFIG = "waiting_config"
-    SERVING = "serving"
-    OUT_OF_SERVICE = "out_of_service"
-    STOPPING = "stopping"
-    CLOSED = "closed"
+AgentState = NodeState
+"""The node's state (`Agent.node_state`), as its heartbeat and status reply say it."""
 
 
 class ValidatedRuntime:
@@ -94,35 +94,75 @@ class ValidatedRuntime:
         return outcomes
 
 
-class Agent:
+class Agent(AsyncResource):
     """One node. `async with Agent(...) as agent: await agent.serve(stop)`."""
 
     def __init__(self, settings: Settings, key: NodeKey) -> None:
+        super().__init__()
         self.settings = settings
         self.key = key
         self.metrics = Metrics()
-        self.state = AgentState.NEW
+        self._node_state = NodeState.NEW
+        self._state_changed = asyncio.Event()
         self.started_at = time.time()
         self.snapshot: Snapshot | None = None
         self.model: ModelSpec | None = None
-        self.validation_state = "none"
+        self.validation_state = ValidationState.NONE
         self.pipeline: Pipeline | None = None
         self.completed_before = 0
         self._nc: Client | None = None
         self._publisher: Publisher | None = None
         self._supervisor: Supervisor | None = None
+        self._runtime_stack: AsyncExitStack | None = None
+        self._pipeline_stack: AsyncExitStack | None = None
         self._store: ModelStore | None = None
         self._apply_lock = asyncio.Lock()
+        self._forced = False
         self.force = asyncio.Event()
+        # A snapshot in force whose apply failed, retried by `_retry_loop` with backoff.
+        self._retry_wanted = asyncio.Event()
+        self._retry_delay_s = settings.apply_retry_s
         # Failures found inside the pipeline's own tasks; handled by `_trouble_loop`, since
         # the pipeline cannot drain itself from within.
         self._troubles: asyncio.Queue[ModelInvalid] = asyncio.Queue()
         self.metrics.collect = self._collect_metrics
 
+    # state
+
+    @property
+    def node_state(self) -> NodeState:
+        return self._node_state
+
+    def _set_state(self, state: NodeState) -> None:
+        self._node_state = state
+        changed, self._state_changed = self._state_changed, asyncio.Event()
+        changed.set()
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Return once `condition()` holds; it is checked at every change of state.
+        Raises `ResourceClosed` if the agent stops first."""
+        while not condition():
+            if self._node_state in (NodeState.STOPPING, NodeState.CLOSED):
+                raise ResourceClosed(f"agent is {self._node_state.value}")
+            await self._state_changed.wait()
+
+    async def wait_serving(self, config_version: int = 0) -> None:
+        """Return once the node serves jobs under a snapshot of at least `config_version`."""
+
+        def serving() -> bool:
+            pipeline = self.pipeline
+            return (
+                self._node_state is NodeState.SERVING
+                and pipeline is not None
+                and pipeline.serving.config_version >= config_version
+            )
+
+        await self.wait_until(serving)
+
     # lifecycle
 
-    async def __aenter__(self) -> "Agent":
-        self.state = AgentState.STARTING
+    async def _open(self, stack: AsyncExitStack) -> None:
+        self._set_state(NodeState.STARTING)
         # A runtime left by a previous agent of this node (killed, not stopped) goes first:
         # this agent may be stopped again before it ever starts a supervisor of its own.
         await self._remove_leftover_runtimes()
@@ -136,6 +176,9 @@ class Agent:
             disconnected_cb=self._on_disconnected,
             error_cb=self._on_error,
         )
+        stack.push_async_callback(self._close_nats)
+        # Unwound before NATS closes (the stack runs in reverse).
+        stack.push_async_callback(self._close_runtime)
         js = self._nc.jetstream()
         self._publisher = Publisher(self._nc, js, self.key, self.settings)
         if self.settings.provision:
@@ -145,43 +188,50 @@ class Agent:
             self.settings.cache_dir, js=js, limits=ModelLimits.from_settings(self.settings)
         )
         await self._publisher.try_lifecycle(LifecycleKind.STARTED, version=_version())
-        log.info("agent_started node_id=%s", self.key.node_id)
-        return self
+        log.info("agent_started node_id=%s network=%s", self.key.node_id, self.settings.network)
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose(force=exc[0] is not None)
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._forced = self._forced or exc_type is not None
+        await self.aclose()
 
-    async def aclose(self, *, force: bool = False) -> None:
+    async def _close(self) -> None:
         """Shutdown, in this order:
 
         1. announce `stopping` (best effort) so the network stops expecting work here;
         2. drain the pipeline: stop pulling, finish in-flight jobs for `shutdown_grace_s`
            (0 when forced), nak the rest so another node takes them at once;
         3. close the supervisor: `shutdown` frame, then kill and remove the container,
-           so no runtime outlives the agent;
+           so no runtime outlives the agent (the exit stack, after this);
         4. flush and close NATS last, so the acks and naks of step 2 reach the server.
         """
-        if self.state is AgentState.CLOSED:
-            return
-        self.state = AgentState.STOPPING
-        if self._publisher is not None and not force:
+        forced = self._forced or self.force.is_set()
+        self._set_state(NodeState.STOPPING)
+        if self._publisher is not None and not forced:
             await self._publisher.try_lifecycle(LifecycleKind.STOPPING)
-        await self._stop_pipeline(0 if force else self.settings.shutdown_grace_s)
-        if self._supervisor is not None:
-            await self._supervisor.aclose()
+        await self._stop_pipeline(0 if forced else self.settings.shutdown_grace_s)
+
+    async def _close_runtime(self) -> None:
+        if self._runtime_stack is not None:
+            await self._stop_runtime()
         else:
             await self._remove_leftover_runtimes()
+
+    async def _close_nats(self) -> None:
         if self._nc is not None and not self._nc.is_closed:
             try:
                 await asyncio.wait_for(self._nc.drain(), 5)
             except Exception as exc:
                 log.warning("nats_drain_failed error=%r", exc)
                 await self._nc.close()
-        self.state = AgentState.CLOSED
+        self._set_state(NodeState.CLOSED)
         log.info("agent_stopped node_id=%s", self.key.node_id)
 
     async def _remove_leftover_runtimes(self) -> None:
-
         backend = create_backend(self.settings, node_id=self.key.node_id)
         try:
             removed = await backend.remove_leftovers()
@@ -197,17 +247,26 @@ class Agent:
     async def serve(self, stop: asyncio.Event) -> None:
         """Follow snapshots and serve until `stop` is set."""
 
-        assert self._nc is not None
-        self.state = AgentState.WAITING_CONFIG
+        self.check_open()
+        assert self._nc is not None and self._publisher is not None
+        self._set_state(NodeState.WAITING_CONFIG)
         watcher = ConfigWatcher(
             self._nc, self.settings, apply=self._apply_accepted, on_rejected=self._report_rejected
         )
-        async with watcher, asyncio.TaskGroup() as tg:
+        status_subject = self.settings.subject("nodes", self.key.node_id, "status")
+        heartbeats = heartbeat_loop(
+            self._publisher, self.node_status, self.settings.heartbeat_interval_s
+        )
+        async with (
+            status_endpoint(self._nc, status_subject, self.status),
+            watcher,
+            asyncio.TaskGroup() as tg,
+        ):
             duties = [
-                tg.create_task(self._heartbeat_loop(), name="heartbeat"),
+                tg.create_task(heartbeats, name="heartbeat"),
                 tg.create_task(self._validation_loop(), name="validation"),
                 tg.create_task(self._trouble_loop(), name="troubles"),
-                tg.create_task(self._status_service(stop), name="status"),
+                tg.create_task(self._retry_loop(), name="apply-retry"),
             ]
             if self.settings.metrics_port is not None:
                 duties.append(tg.create_task(self._metrics_server(stop), name="metrics"))
@@ -217,80 +276,144 @@ class Agent:
 
     # config
 
-    async def _apply_accepted(self, accepted: Any) -> None:
+    async def _apply_accepted(self, accepted: AcceptedSnapshot) -> None:
         await self.apply(accepted.snapshot)
 
     async def apply(self, snapshot: Snapshot) -> None:
-        """Fetch and verify first, then switch the runtime, validate, then consume.
+        """Bring `snapshot` (verified: it is in force from now on) into service.
 
-        Raising leaves the previous snapshot in force (the watcher retries it later); until
-        the fetch and checks succeed the node keeps serving what it served. A model that
-        fails validation is out of service under the new snapshot: that does not raise."""
+        Everything the new snapshot needs (model fetched and verified, image present, model
+        directory prepared) is made ready while the old runtime still serves; only then is
+        the old one stopped and the new one started and validated. When any of that fails,
+        the node serves nothing under this snapshot (it no longer approves the old setup),
+        removes the models it does not list, and retries with backoff until it succeeds or
+        a newer snapshot comes; the failure is raised too (the watcher logs it). A model
+        whose validation vectors fail is out of service until a newer snapshot: no retry.
+        """
         async with self._apply_lock:
-            assert self._publisher is not None and self._store is not None
-            spec = snapshot.model(self.settings.model)
-            if spec is None:
-                await self._config_rejected(
-                    f"snapshot {snapshot.version} does not approve model {self.settings.model!r}"
-                    " (RESULTITY_MODEL); this node serves nothing until one does"
+            if snapshot is not self.snapshot:
+                self._retry_delay_s = self.settings.apply_retry_s
+            self.snapshot = snapshot
+            self._retry_wanted.clear()
+            try:
+                await self._bring_into_service(snapshot)
+            except Exception as exc:
+                log.error(
+                    "apply_failed version=%d error=%r retry_in_s=%.1f",
+                    snapshot.version,
+                    exc,
+                    self._retry_delay_s,
                 )
-                await self._take_out_of_service("model not approved")
-                self.snapshot, self.model = snapshot, None
-                return
-            try:
-                await self._store.fetch(spec, progress=ProgressReport(spec.size, "model_download"))
-                await self._check_image(snapshot.runtime.image)
-            except NodeError as exc:
-                await self._publish_error(exc, retryable=exc.retryable)
+                await self._serve_nothing(snapshot, f"snapshot {snapshot.version}: {exc}")
+                self._retry_wanted.set()
                 raise
-            old_snapshot, self.snapshot = self.snapshot, snapshot
-            await self._stop_pipeline(self.settings.shutdown_grace_s)
-            approved = [m.sha256 for m in snapshot.models]
-            for removed in await self._store.prune(approved):
-                await self._publisher.try_lifecycle(LifecycleKind.MODEL_REMOVED, sha256=removed)
-            try:
-                model_dir = await self._store.prepare(spec)
-                launch = LaunchSpec(
-                    engine=snapshot.runtime.engine,
-                    image=snapshot.runtime.image,
-                    model_dir=model_dir,
-                    model_sha256=spec.sha256,
-                    engine_args=dict(snapshot.runtime.engine_args),
-                )
-                await self._launch(launch)
-            except NodeError as exc:
-                await self._publish_error(exc, retryable=True)
-                await self._take_out_of_service(str(exc))
-                raise
-            kind = LifecycleKind.RUNTIME_REPLACED if old_snapshot else LifecycleKind.RUNTIME_STARTED
-            await self._publisher.try_lifecycle(kind, image=launch.image, engine=launch.engine)
-            await self._publisher.try_lifecycle(
-                LifecycleKind.CONFIG_APPLIED, version=snapshot.version
+
+    async def _bring_into_service(self, snapshot: Snapshot) -> None:
+        assert self._publisher is not None and self._store is not None
+        spec = snapshot.model(self.settings.model)
+        if spec is None:
+            await self._config_rejected(
+                f"snapshot {snapshot.version} does not approve model {self.settings.model!r}"
+                " (RESULTITY_MODEL); this node serves nothing until one does"
             )
-            self.model = spec
+            await self._serve_nothing(snapshot, "model not approved")
+            return
+        # 1. Prepare, touching nothing that runs.
+        try:
+            await self._store.fetch(spec, progress=ProgressReport(spec.size, "model_download"))
+            await self._check_image(snapshot.runtime.image)
+            model_dir = await self._store.prepare(spec)
+        except NodeError as exc:
+            await self._publish_error(exc, retryable=True)
+            raise
+        launch = LaunchSpec(
+            engine=snapshot.runtime.engine,
+            image=snapshot.runtime.image,
+            model_dir=model_dir,
+            model_sha256=spec.sha256,
+            engine_args=dict(snapshot.runtime.engine_args),
+        )
+        # 2. Switch.
+        await self._stop_pipeline(self.settings.shutdown_grace_s)
+        self.model = None
+        await self._prune(snapshot)
+        replacing = self._supervisor is not None
+        try:
+            await self._launch(launch)
+        except NodeError as exc:
+            await self._publish_error(exc, retryable=True)
+            raise
+        kind = LifecycleKind.RUNTIME_REPLACED if replacing else LifecycleKind.RUNTIME_STARTED
+        await self._publisher.try_lifecycle(kind, image=launch.image, engine=launch.engine)
+        await self._publisher.try_lifecycle(LifecycleKind.CONFIG_APPLIED, version=snapshot.version)
+        self.model = spec
+        # 3. Validate, then serve.
+        try:
+            valid = await self._validate()
+        except RuntimeFailure as exc:
+            await self._publish_error(exc, retryable=True)
+            raise
+        if not valid:
+            return
+        await self._publisher.try_lifecycle(
+            LifecycleKind.MODEL_READY, id=spec.id, version=spec.version, sha256=spec.sha256
+        )
+        await self._start_pipeline(snapshot, spec)
+
+    async def _serve_nothing(self, snapshot: Snapshot, why: str) -> None:
+        """Under `snapshot`, nothing runs: no pipeline, no runtime, no unlisted model."""
+        await self._take_out_of_service(why)
+        await self._stop_runtime()
+        self.model = None
+        try:
+            await self._prune(snapshot)
+        except Exception as exc:
+            log.error("model_prune_failed error=%r", exc)
+
+    async def _prune(self, snapshot: Snapshot) -> None:
+        assert self._store is not None and self._publisher is not None
+        approved = [m.sha256 for m in snapshot.models]
+        for removed in await self._store.prune(approved):
+            await self._publisher.try_lifecycle(LifecycleKind.MODEL_REMOVED, sha256=removed)
+
+    async def _retry_loop(self) -> None:
+        """Re-apply the snapshot in force after a failed apply, with a doubling delay."""
+        while True:
+            await self._retry_wanted.wait()
+            snapshot, delay = self.snapshot, self._retry_delay_s
+            await asyncio.sleep(delay)
+            if snapshot is not self.snapshot or not self._retry_wanted.is_set():
+                continue  # a newer snapshot came meanwhile: its own apply decides
+            assert snapshot is not None
+            self._retry_delay_s = min(delay * 2, APPLY_RETRY_MAX_S)
+            log.info("apply_retry version=%d", snapshot.version)
             try:
-                valid = await self._validate()
-            except RuntimeFailure as exc:
-                await self._publish_error(exc, retryable=True)
-                await self._take_out_of_service(str(exc))
-                raise
-            if not valid:
-                return
-            await self._publisher.try_lifecycle(
-                LifecycleKind.MODEL_READY, id=spec.id, version=spec.version, sha256=spec.sha256
-            )
-            await self._start_pipeline(snapshot, spec)
+                await self.apply(snapshot)
+            except Exception:
+                pass  # logged by `apply`, which asked for the next retry
 
     async def _launch(self, launch: LaunchSpec) -> None:
         """Start the one runtime, or replace it; the supervisor removes the old container."""
 
         if self._supervisor is None:
+            stack = AsyncExitStack()
             backend = create_backend(self.settings, node_id=self.key.node_id)
-            supervisor = Supervisor(self.settings, backend, launch)
-            await supervisor.__aenter__()
-            self._supervisor = supervisor
+            try:
+                self._supervisor = await stack.enter_async_context(
+                    Supervisor(self.settings, backend, launch)
+                )
+            except BaseException:
+                await stack.aclose()
+                raise
+            self._runtime_stack = stack
         else:
             await self._supervisor.replace(launch)
+
+    async def _stop_runtime(self) -> None:
+        stack, self._runtime_stack = self._runtime_stack, None
+        self._supervisor = None
+        if stack is not None:
+            await stack.aclose()
 
     async def _check_image(self, image: str) -> None:
         if self.settings.runtime_backend != "docker":
@@ -307,7 +430,7 @@ class Agent:
 
         assert self.model is not None and self._publisher is not None
         assert self._supervisor is not None
-        self.validation_state = "running"
+        self.validation_state = ValidationState.RUNNING
         for attempt in range(1, VALIDATION_ATTEMPTS + 1):
             try:
                 await validate_model(self._supervisor, self.model)
@@ -320,9 +443,9 @@ class Agent:
                 # the supervisor has started a fresh one, so try again, then give up for now.
                 log.warning("validation_runtime_failed try=%d error=%s", attempt, exc)
                 if attempt == VALIDATION_ATTEMPTS:
-                    self.validation_state = "not_run"
+                    self.validation_state = ValidationState.NOT_RUN
                     raise
-        self.validation_state = "passed"
+        self.validation_state = ValidationState.PASSED
         await self._publisher.try_lifecycle(
             LifecycleKind.VALIDATION_PASSED,
             id=self.model.id,
@@ -331,14 +454,14 @@ class Agent:
         return True
 
     async def _model_invalid(self, exc: ModelInvalid) -> None:
-        self.validation_state = "failed"
+        self.validation_state = ValidationState.FAILED
         await self._publish_error(exc, retryable=False)
         await self._take_out_of_service(str(exc))
 
     async def _take_out_of_service(self, why: str) -> None:
         log.warning("out_of_service reason=%s", why)
-        self.state = AgentState.OUT_OF_SERVICE
         await self._stop_pipeline(self.settings.shutdown_grace_s)
+        self._set_state(NodeState.OUT_OF_SERVICE)
 
     async def _start_pipeline(self, snapshot: Snapshot, spec: ModelSpec) -> None:
         assert self._nc is not None and self._publisher is not None
@@ -347,18 +470,22 @@ class Agent:
             spec.id, spec.version, spec.sha256, snapshot.runtime.image, snapshot.version
         )
         runtime: Runtime = ValidatedRuntime(self._supervisor, spec, self._troubles.put_nowait)
-        self.pipeline = Pipeline(
-            self._nc, self.settings, self._publisher, runtime, serving, self.metrics
+        stack = AsyncExitStack()
+        self.pipeline = await stack.enter_async_context(
+            Pipeline(self._nc, self.settings, self._publisher, runtime, serving, self.metrics)
         )
-        await self.pipeline.__aenter__()
-        self.state = AgentState.SERVING
+        self._pipeline_stack = stack
+        self._set_state(NodeState.SERVING)
         log.info("serving model=%s version=%s config=%d", spec.id, spec.version, snapshot.version)
 
     async def _stop_pipeline(self, grace_s: float) -> None:
         pipeline, self.pipeline = self.pipeline, None
+        stack, self._pipeline_stack = self._pipeline_stack, None
         if pipeline is not None:
             await pipeline.drain(grace_s, abort=self.force)
             self.completed_before += pipeline.completed
+        if stack is not None:
+            await stack.aclose()  # drained already: this only marks it closed
 
     async def _report_rejected(self, exc: NodeError) -> None:
         await self._config_rejected(str(exc))
@@ -380,19 +507,10 @@ class Agent:
 
     # background duties
 
-    async def _heartbeat_loop(self) -> None:
-        assert self._publisher is not None
-        while True:
-            try:
-                await self._publisher.heartbeat(**self.status())
-            except Exception as exc:
-                log.debug("heartbeat_failed error=%r", exc)
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
-
     async def _validation_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.validation_interval_s)
-            if self.state is AgentState.SERVING and self.model is not None:
+            if self._node_state is NodeState.SERVING and self.model is not None:
                 async with self._apply_lock:
                     try:
                         await self._validate()
@@ -403,28 +521,8 @@ class Agent:
         while True:
             exc = await self._troubles.get()
             async with self._apply_lock:
-                if self.state is AgentState.SERVING:
+                if self._node_state is NodeState.SERVING:
                     await self._model_invalid(exc)
-
-    async def _status_service(self, stop: asyncio.Event) -> None:
-
-        assert self._nc is not None
-
-        async def handle(request: Request) -> None:
-            await request.respond(msgpack.packb(self.status()))
-
-        service = await add_service(
-            self._nc, name="resultity-node", version=_version(), description="Resultity node"
-        )
-        await service.add_endpoint(
-            name="status",
-            subject=self.settings.subject("nodes", self.key.node_id, "status"),
-            handler=handle,
-        )
-        try:
-            await stop.wait()
-        finally:
-            await service.stop()
 
     async def _metrics_server(self, stop: asyncio.Event) -> None:
         port = self.settings.metrics_port
@@ -436,12 +534,21 @@ class Agent:
         if self._supervisor is not None:
             self.metrics.runtime_restarts = self._supervisor.stats().restarts
 
-    def status(self) -> dict[str, Any]:
+    def node_status(self) -> NodeStatus:
+        """The state the heartbeat's `details` carry."""
+        return NodeStatus.model_validate(self._status_fields())
+
+    def status(self) -> StatusReply:
+        """The answer of the status endpoint."""
+        fields = self._status_fields()
+        fields.update(node_id=self.key.node_id, network=self.settings.network)
+        return StatusReply.model_validate(fields)
+
+    def _status_fields(self) -> dict[str, Any]:
         sup = asdict(self._supervisor.stats()) if self._supervisor is not None else {}
         pipeline = self.pipeline
         return {
-            "node_id": self.key.node_id,
-            "state": self.state.value,
+            "state": self._node_state.value,
             "uptime_s": round(time.time() - self.started_at, 1),
             "config_version": self.snapshot.version if self.snapshot else None,
             "model": (
@@ -449,7 +556,7 @@ class Agent:
                 if self.model
                 else None
             ),
-            "validation": self.validation_state,
+            "validation": self.validation_state.value,
             "runtime": _plain(sup),
             "pipeline": pipeline.state.value if pipeline else None,
             "in_flight": pipeline.in_flight if pipeline else 0,

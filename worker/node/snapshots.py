@@ -1,16 +1,23 @@
 """Signed configuration snapshots: watch the KV key, verify, hand over in order, persist.
 
 A snapshot is accepted only if its envelope is a `config` signed by a pinned authority key,
-its body is a valid `Snapshot`, and its version is newer than the one in force. The agent
-applies it (fetch, switch runtime, validate); only once that succeeds does its version come
-into force and its envelope get saved to `state_dir`, so a restarted node resumes from the
-last snapshot it actually ran, re-verified when loaded.
+its body is a valid `Snapshot` for this node's network, and its version is above the floor:
+the highest version this node has ever verified. The floor is written to `state_dir` as
+soon as a snapshot verifies, in its own file, so neither a restart whose first apply fails
+nor a lost or damaged saved snapshot lets an older signed snapshot back in.
+
+A verified snapshot is in force from then on, whether or not the agent manages to apply it
+(a model that fails to fetch or validate is the agent's to retry; it serves nothing
+meanwhile). Its envelope is saved to `state_dir` and re-verified when loaded at the next
+start. Only a refused snapshot leaves the previous one in force.
 """
 
 import asyncio
 import enum
+import hashlib
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_KEY = "snapshot"
 SAVED_NAME = "snapshot.msgpack"
+FLOOR_NAME = "snapshot.floor"
 REJECTED_SUFFIX = ".rejected"
 MAX_SNAPSHOT_BYTES = 1 << 20
 
@@ -54,7 +62,8 @@ class AcceptedSnapshot:
 
 
 ApplySnapshot = Callable[[AcceptedSnapshot], Awaitable[None]]
-"""Makes the snapshot real (models, runtime, validation); raising leaves the old one in force."""
+"""Makes the snapshot real (models, runtime, validation). It is in force even if this raises:
+the agent then serves nothing under it and retries."""
 
 ReportRejected = Callable[[ConfigRejected], Awaitable[None]]
 """Publishes `CONFIG_REJECTED` (the exception's text is the reason)."""
@@ -64,13 +73,34 @@ def config_bucket(settings: Settings) -> str:
     return f"{settings.subject_prefix}_config"
 
 
+@dataclass(frozen=True, slots=True)
+class Floor:
+    """The highest snapshot version verified here, and the SHA-256 of that envelope (the
+    same envelope may come again, for example after the saved copy was lost)."""
+
+    version: int = 0
+    sha256: str | None = None
+
+    def admits(self, version: int, data: bytes) -> bool:
+        if version == self.version and self.sha256 is not None:
+            return hashlib.sha256(data).hexdigest() == self.sha256
+        return version > self.version
+
+
 def check_snapshot(
-    data: bytes, authority_keys: Collection[bytes], *, in_force: int = 0
+    data: bytes,
+    authority_keys: Collection[bytes],
+    *,
+    network: str | None,
+    floor: Floor | int = 0,
 ) -> tuple[Snapshot, str]:
     """Verify an envelope and its body; returns the snapshot and the signer's hex key.
 
-    Pure: raises `ConfigRejected` saying why (signature, key, body, or version).
+    Pure: raises `ConfigRejected` saying why (signature, key, body, network, or version).
+    `network=None` skips the network check (for tools that only verify a file).
     """
+    if isinstance(floor, int):
+        floor = Floor(floor)
     try:
         verified = verify(
             data,
@@ -84,23 +114,50 @@ def check_snapshot(
         snapshot = validate(Snapshot, verified.body)
     except SchemaError as exc:
         raise ConfigRejected(f"snapshot refused: invalid body: {exc}") from exc
-    if snapshot.version <= in_force:
+    if network is not None and snapshot.network != network:
+        raise ConfigRejected(
+            f"snapshot refused: it is for network {snapshot.network!r}, not {network!r} "
+            "(RESULTITY_NETWORK)"
+        )
+    if not floor.admits(snapshot.version, data):
         raise ConfigRejected(
             f"snapshot refused: version {snapshot.version} is not newer than "
-            f"version {in_force} in force"
+            f"version {floor.version}, the highest this node has verified"
         )
     return snapshot, verified.signer
 
 
 def save_snapshot(state_dir: Path, envelope: bytes) -> Path:
     """Write the envelope atomically (temp file, fsync, rename, fsync the directory)."""
+    return _write_atomically(state_dir, SAVED_NAME, envelope)
+
+
+def write_floor(state_dir: Path, floor: Floor) -> Path:
+    """Record the floor (atomically, like the snapshot): `<version> <sha256>`."""
+    return _write_atomically(state_dir, FLOOR_NAME, f"{floor.version} {floor.sha256}\n".encode())
+
+
+def read_floor(state_dir: Path) -> Floor:
+    """The recorded floor; version 0 when there is none. `ValueError` when it is damaged."""
+    try:
+        text = (state_dir / FLOOR_NAME).read_text()
+    except FileNotFoundError:
+        return Floor()
+    version, sha256 = text.split()
+    floor = Floor(int(version), sha256)
+    if floor.version < 0 or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError(f"malformed floor {text.strip()!r}")
+    return floor
+
+
+def _write_atomically(state_dir: Path, name: str, data: bytes) -> Path:
     state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / SAVED_NAME
-    tmp = state_dir / f".{SAVED_NAME}.{os.getpid()}.tmp"
+    path = state_dir / name
+    tmp = state_dir / f".{name}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(envelope)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -115,7 +172,9 @@ def save_snapshot(state_dir: Path, envelope: bytes) -> Path:
     return path
 
 
-def load_saved(state_dir: Path, authority_keys: Collection[bytes]) -> AcceptedSnapshot | None:
+def load_saved(
+    state_dir: Path, authority_keys: Collection[bytes], *, network: str
+) -> AcceptedSnapshot | None:
     """The saved snapshot, re-verified; None if there is none.
 
     A saved file that no longer verifies is renamed to `*.rejected` (kept for the operator,
@@ -127,7 +186,7 @@ def load_saved(state_dir: Path, authority_keys: Collection[bytes]) -> AcceptedSn
     except FileNotFoundError:
         return None
     try:
-        snapshot, signer = check_snapshot(data, authority_keys)
+        snapshot, signer = check_snapshot(data, authority_keys, network=network)
     except ConfigRejected as exc:
         os.replace(path, path.with_name(SAVED_NAME + REJECTED_SUFFIX))
         raise ConfigRejected(f"saved {path} refused: {exc}") from exc
@@ -148,11 +207,11 @@ class ConfigWatcher:
         async with ConfigWatcher(nc, settings, apply=..., on_rejected=...) as config:
             current = await config.wait_current()
 
-    On entry the saved snapshot (if any) is loaded and applied first, then the KV key is
-    watched (its current value included). Every `resync_interval_s` the watch is re-created
-    and the current value offered again: that survives watchers lost on reconnect, and
-    retries a snapshot whose `apply` failed. A value identical to the one in force, or to
-    the last one rejected, is ignored silently so a rejection is reported once.
+    On entry the floor is read and the saved snapshot (if any) loaded and applied first,
+    then the KV key is watched (its current value included). Every `resync_interval_s` the
+    watch is re-created and the current value offered again: that survives watchers lost on
+    reconnect. A value identical to the one in force, or to the last one rejected, is
+    ignored silently so a rejection is reported once.
     """
 
     def __init__(
@@ -173,6 +232,7 @@ class ConfigWatcher:
         self._bucket = config_bucket(settings)
         self._state = WatcherState.NEW
         self._current: AcceptedSnapshot | None = None
+        self._floor = Floor()
         self._last_rejected: bytes | None = None
         self._changed = asyncio.Condition()
         self._tg: asyncio.TaskGroup | None = None
@@ -190,6 +250,12 @@ class ConfigWatcher:
     @property
     def version(self) -> int:
         return self._current.version if self._current else 0
+
+    @property
+    def floor(self) -> Floor:
+        """The highest version ever verified here: nothing below it is accepted, and at it
+        only the very same envelope."""
+        return self._floor
 
     async def wait_current(self, newer_than: int = 0) -> AcceptedSnapshot:
         """Block until a snapshot with version > `newer_than` is in force."""
@@ -229,8 +295,16 @@ class ConfigWatcher:
         await self._tg.__aexit__(None, None, None)
 
     async def _run(self) -> None:
+        state_dir = self._settings.state_dir
         try:
-            saved = await asyncio.to_thread(load_saved, self._settings.state_dir, self._keys)
+            self._floor = await asyncio.to_thread(read_floor, state_dir)
+        except (OSError, ValueError) as exc:
+            # Damaged: the saved snapshot's version (below) is the floor then.
+            log.error("config_floor_unreadable error=%s", exc)
+        try:
+            saved = await asyncio.to_thread(
+                load_saved, state_dir, self._keys, network=self._settings.network
+            )
         except ConfigRejected as exc:
             log.error("config_saved_rejected reason=%s", exc)
             await self._report(exc)
@@ -302,7 +376,9 @@ class ConfigWatcher:
         if data == self._last_rejected:
             return
         try:
-            snapshot, signer = check_snapshot(data, self._keys, in_force=self.version)
+            snapshot, signer = check_snapshot(
+                data, self._keys, network=self._settings.network, floor=self.floor
+            )
         except ConfigRejected as exc:
             self._last_rejected = data
             log.warning("config_rejected reason=%s", exc)
@@ -311,6 +387,19 @@ class ConfigWatcher:
         await self._accept(AcceptedSnapshot(snapshot, data, signer, "network"))
 
     async def _accept(self, accepted: AcceptedSnapshot) -> None:
+        """Verified: raise the floor, bring it into force, save it, then let the agent apply it."""
+        if accepted.version > self._floor.version:
+            floor = Floor(accepted.version, hashlib.sha256(accepted.envelope).hexdigest())
+            try:
+                await asyncio.to_thread(write_floor, self._settings.state_dir, floor)
+            except OSError as exc:
+                log.error("config_floor_save_failed version=%d error=%s", accepted.version, exc)
+            self._floor = floor
+        if accepted.origin == "network":
+            try:
+                await asyncio.to_thread(save_snapshot, self._settings.state_dir, accepted.envelope)
+            except OSError as exc:
+                log.error("config_save_failed version=%d error=%s", accepted.version, exc)
         log.info("config_applying version=%d origin=%s", accepted.version, accepted.origin)
         try:
             await self._apply(accepted)
@@ -318,20 +407,15 @@ class ConfigWatcher:
             raise
         except Exception as exc:
             log.error(
-                "config_apply_failed version=%d error=%r; the previous snapshot stays in force",
+                "config_apply_failed version=%d error=%r; it stays in force, serving nothing",
                 accepted.version,
                 exc,
             )
-            return
-        if accepted.origin == "network":
-            try:
-                await asyncio.to_thread(save_snapshot, self._settings.state_dir, accepted.envelope)
-            except OSError as exc:
-                log.error("config_save_failed version=%d error=%s", accepted.version, exc)
+        else:
+            log.info("config_applied version=%d", accepted.version)
         async with self._changed:
             self._current = accepted
             self._changed.notify_all()
-        log.info("config_applied version=%d", accepted.version)
 
     async def _report(self, exc: ConfigRejected) -> None:
         try:

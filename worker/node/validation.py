@@ -4,10 +4,9 @@ A vector's `expected_sha256` is the SHA-256 of `msgpack.packb(token_ids)` (PROTO
 "Configuration snapshots"). A model is served only while its vectors pass.
 """
 
-import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,23 +116,3 @@ async def validate_model(runtime: Runtime, spec: ModelSpec) -> ValidationReport:
     if not report.passed:
         raise ModelInvalid(report.summary())
     return report
-
-
-async def revalidate_periodically(
-    runtime: Runtime,
-    spec: ModelSpec,
-    interval_s: float,
-    on_failure: Callable[[ModelInvalid], Awaitable[None]],
-) -> None:
-    """Re-run the vectors every `interval_s` until cancelled; on a failure, await
-    `on_failure` (take the model out of service, publish MODEL_INVALID) and return.
-
-    Meant to run as a task in the agent's task group, for the life of one runtime.
-    """
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await validate_model(runtime, spec)
-        except ModelInvalid as exc:
-            await on_failure(exc)
-            return

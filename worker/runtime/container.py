@@ -21,7 +21,7 @@ from typing import Any
 
 import docker
 import docker.errors
-from docker.types import DeviceRequest, LogConfig, Mount
+from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from docker.utils import parse_bytes
 
 from schemas import frames
@@ -30,6 +30,7 @@ from worker.core.errors import IsolationError, RuntimeBroken, RuntimeEnded, Runt
 from worker.core.resource import finish_uncancellable
 from worker.core.settings import Settings
 from worker.runtime.api import LaunchSpec
+from worker.runtime.stderrlog import RuntimeLog
 from worker.runtime.transport import FrameInbox, call_blocking
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ LABEL_ROLE = "resultity.role"
 ROLE_RUNTIME = "runtime"
 MODEL_MOUNT = "/model"
 TMPFS_OPTIONS = "rw,noexec,nosuid,nodev,size=64m"
+RUNTIME_NOFILE = 4096
 READ_CHUNK = 1 << 16
 
 STDOUT = 1
@@ -86,6 +88,27 @@ def runtime_env(spec: LaunchSpec, settings: Settings, *, model_dir: str) -> dict
     }
 
 
+def expected_env(
+    spec: LaunchSpec, settings: Settings, *, extra_env: Mapping[str, str]
+) -> dict[str, str]:
+    """The environment the agent gives a runtime container (added to the image's own)."""
+    return runtime_env(spec, settings, model_dir=MODEL_MOUNT) | dict(extra_env)
+
+
+def runtime_cpus(settings: Settings) -> float:
+    """The runtime's CPU limit: the setting, or else every CPU of the host."""
+    return settings.runtime_cpus or float(os.cpu_count() or 1)
+
+
+def runtime_ulimits(settings: Settings) -> list[Ulimit]:
+    """Open files bounded, processes bounded like the pids limit, no core dumps."""
+    return [
+        Ulimit(name="nofile", soft=RUNTIME_NOFILE, hard=RUNTIME_NOFILE),
+        Ulimit(name="nproc", soft=settings.runtime_pids, hard=settings.runtime_pids),
+        Ulimit(name="core", soft=0, hard=0),
+    ]
+
+
 def create_kwargs(
     spec: LaunchSpec,
     settings: Settings,
@@ -96,7 +119,7 @@ def create_kwargs(
     extra_env: Mapping[str, str],
 ) -> dict[str, Any]:
     """Arguments of `containers.create` for a hardened runtime container."""
-    env = runtime_env(spec, settings, model_dir=MODEL_MOUNT) | dict(extra_env)
+    env = expected_env(spec, settings, extra_env=extra_env)
     kwargs: dict[str, Any] = {
         "image": spec.image,
         "name": name,
@@ -116,6 +139,9 @@ def create_kwargs(
         "pids_limit": settings.runtime_pids,
         "mem_limit": settings.runtime_memory,
         "memswap_limit": settings.runtime_memory,
+        "oom_kill_disable": False,
+        "nano_cpus": int(runtime_cpus(settings) * 1e9),
+        "ulimits": runtime_ulimits(settings),
         "mounts": [
             Mount(target=MODEL_MOUNT, source=str(spec.model_dir), type="bind", read_only=True)
         ],
@@ -130,8 +156,18 @@ def create_kwargs(
     return kwargs
 
 
-def check_isolation(attrs: Mapping[str, Any], settings: Settings) -> None:
-    """Raise `IsolationError` naming every hardening setting the inspected container lacks."""
+def check_isolation(
+    attrs: Mapping[str, Any],
+    settings: Settings,
+    *,
+    expected_env: Mapping[str, str],
+    image_env: Sequence[str] = (),
+) -> None:
+    """Raise `IsolationError` naming every hardening setting the inspected container lacks.
+
+    `attrs` is the container's inspection; `expected_env` what the agent set, `image_env`
+    the image's own `Config.Env` (the container may carry those two and nothing else).
+    """
     host = attrs.get("HostConfig") or {}
     config = attrs.get("Config") or {}
     problems: list[str] = []
@@ -145,36 +181,74 @@ def check_isolation(attrs: Mapping[str, Any], settings: Settings) -> None:
     need(host.get("Privileged") is False, "container is privileged")
     need("ALL" in (host.get("CapDrop") or []), "capabilities are not all dropped")
     need(not host.get("CapAdd"), f"capabilities added: {host.get('CapAdd')}")
+    security = [str(o) for o in host.get("SecurityOpt") or []]
     need(
-        any(
-            o.startswith("no-new-privileges") and not o.endswith("false")
-            for o in host.get("SecurityOpt") or []
-        ),
+        any(o.startswith("no-new-privileges") and not o.endswith("false") for o in security),
         "no-new-privileges is not set",
+    )
+    need(
+        not any(o.replace(":", "=", 1) == "seccomp=unconfined" for o in security),
+        "seccomp is unconfined",
+    )
+    need(
+        not any(o.replace(":", "=", 1) == "apparmor=unconfined" for o in security)
+        and attrs.get("AppArmorProfile") != "unconfined",
+        "AppArmor is unconfined",
     )
     user = str(config.get("User") or "")
     uid = user.split(":", 1)[0]
     need(user == settings.runtime_user, f"user is {user!r}, not {settings.runtime_user!r}")
     need(uid not in ("", "0", "root"), f"runs as root (user {user!r})")
     need((host.get("PidsLimit") or 0) > 0, "no pids limit")
+    memory = parse_bytes(settings.runtime_memory)
     need(
-        host.get("Memory") == parse_bytes(settings.runtime_memory),
+        host.get("Memory") == memory,
         f"memory limit is {host.get('Memory')}, not {settings.runtime_memory}",
     )
+    need(
+        host.get("MemorySwap") == memory,
+        f"swap is allowed (MemorySwap {host.get('MemorySwap')}, memory {memory})",
+    )
+    shm = host.get("ShmSize")
+    need(
+        isinstance(shm, int) and 0 < shm <= parse_bytes(settings.runtime_shm),
+        f"shm size is {shm}, more than {settings.runtime_shm}",
+    )
+    need(host.get("OomKillDisable") is not True, "the OOM killer is disabled")
+    cpus = int(runtime_cpus(settings) * 1e9)
+    need(host.get("NanoCpus") == cpus, f"CPU limit is {host.get('NanoCpus')} nano-CPUs, not {cpus}")
+    ulimits = {
+        str(u.get("Name")): (u.get("Soft"), u.get("Hard")) for u in host.get("Ulimits") or []
+    }
+    for wanted in runtime_ulimits(settings):
+        got = ulimits.get(wanted.name)
+        need(
+            got == (wanted.soft, wanted.hard),
+            f"ulimit {wanted.name} is {got}, not {(wanted.soft, wanted.hard)}",
+        )
     for mode in ("PidMode", "IpcMode", "UTSMode", "UsernsMode", "CgroupnsMode"):
         need(host.get(mode) != "host", f"{mode} is host")
     need(not host.get("Devices"), f"host devices passed: {host.get('Devices')}")
     need(not host.get("Binds"), f"bind volumes present: {host.get('Binds')}")
     need(not host.get("VolumesFrom"), "volumes from another container")
-    mounts = host.get("Mounts") or []
-    for mount in mounts:
+    requested = host.get("Mounts") or []
+    for mount in requested:
         need(mount.get("ReadOnly") is True, f"mount {mount.get('Target')} is writable")
+    # What the container really has mounted, volumes its image declares included.
+    mounted = attrs.get("Mounts") or []
+    for mount in mounted:
+        where = mount.get("Destination")
+        need(where == MODEL_MOUNT, f"unexpected mount {where} ({mount.get('Type')})")
+        need(mount.get("RW") is False, f"mount {where} is writable")
     need(
-        any(m.get("Target") == MODEL_MOUNT for m in mounts),
+        any(m.get("Destination") == MODEL_MOUNT for m in mounted),
         f"model is not mounted at {MODEL_MOUNT}",
     )
     tmpfs = host.get("Tmpfs") or {}
     need(set(tmpfs) <= {"/tmp"}, f"unexpected tmpfs mounts {sorted(tmpfs)}")
+    if "/tmp" in tmpfs:
+        problems.extend(_tmpfs_problems(str(tmpfs["/tmp"])))
+    problems.extend(_env_problems(config.get("Env") or [], expected_env, image_env))
     gpus = host.get("DeviceRequests") or []
     need(settings.gpus or not gpus, "GPUs passed although the node is not configured for them")
     need(config.get("Tty") is False, "container has a tty (frames need a multiplexed stream)")
@@ -183,6 +257,45 @@ def check_isolation(attrs: Mapping[str, Any], settings: Settings) -> None:
             f"runtime container {str(attrs.get('Id', '?'))[:12]} is not isolated: "
             + "; ".join(problems)
         )
+
+
+def _tmpfs_problems(options: str) -> list[str]:
+    """/tmp must be noexec, nosuid, nodev and sized (mount options: the last one wins)."""
+    flags: dict[str, bool] = {}
+    sized = False
+    for option in options.split(","):
+        option = option.strip()
+        if option.startswith("size="):
+            sized = True
+        for flag in ("exec", "suid", "dev"):
+            if option == flag:
+                flags[flag] = True
+            elif option == f"no{flag}":
+                flags[flag] = False
+    problems = [f"/tmp allows {flag}" for flag in ("exec", "suid", "dev") if flags.get(flag, True)]
+    if not sized:
+        problems.append("/tmp has no size limit")
+    return problems
+
+
+def _env_problems(
+    env: Sequence[str], expected: Mapping[str, str], image_env: Sequence[str]
+) -> list[str]:
+    allowed = dict(_env_pair(e) for e in image_env) | dict(expected)
+    actual = dict(_env_pair(str(e)) for e in env)
+    problems = [f"unexpected env {name}" for name in sorted(set(actual) - set(allowed))]
+    problems += [
+        f"env {name} differs from what the agent set"
+        for name in sorted(set(actual) & set(allowed))
+        if actual[name] != allowed[name]
+    ]
+    problems += [f"env {name} is missing" for name in sorted(set(expected) - set(actual))]
+    return problems
+
+
+def _env_pair(entry: str) -> tuple[str, str]:
+    name, _, value = entry.partition("=")
+    return name, value
 
 
 def runtime_containers(client: Any, node_id: str) -> list[Any]:
@@ -248,7 +361,13 @@ class DockerBackend:
         attached: list[socket.socket] = []  # filled in the thread: survives a cancellation
         try:
             container = await call_blocking(self._create_blocking, client, kwargs)
-            check_isolation(container.attrs, self._settings)
+            image = await call_blocking(client.api.inspect_image, spec.image)
+            check_isolation(
+                container.attrs,
+                self._settings,
+                expected_env=expected_env(spec, self._settings, extra_env=self._extra_env),
+                image_env=(image.get("Config") or {}).get("Env") or [],
+            )
             await call_blocking(self._attach_blocking, container, attached)
             await call_blocking(container.start)
             log.info(
@@ -320,6 +439,7 @@ class ContainerHandle:
         self._reader = reader
         self._writer = writer
         self._inbox = FrameInbox(container_id, max_frame_bytes=settings.runtime_max_frame_bytes)
+        self._stderr = RuntimeLog(container_id)
         self._closing: asyncio.Future[None] | None = None
 
     @property
@@ -352,9 +472,10 @@ class ContainerHandle:
                         for frame in self._inbox.stdout(payload):
                             deliver(frame)
                     else:
-                        self._inbox.stderr(payload)
+                        self._stderr.feed(payload)
         finally:
             self._inbox.flush()
+            self._stderr.flush()
 
     async def exit_status(self) -> str:
         """The container's state, for the log line that says why it ended."""

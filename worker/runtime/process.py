@@ -20,6 +20,7 @@ from worker.core.resource import finish_uncancellable
 from worker.core.settings import Settings
 from worker.runtime.api import LaunchSpec
 from worker.runtime.container import runtime_env
+from worker.runtime.stderrlog import RuntimeLog
 from worker.runtime.transport import FrameInbox
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class ProcessHandle:
         self._proc = proc
         self._ident = f"pid:{proc.pid}"
         self._inbox = FrameInbox(self._ident, max_frame_bytes=settings.runtime_max_frame_bytes)
+        self._stderr = RuntimeLog(self._ident)
         self._closing: asyncio.Future[None] | None = None
 
     @property
@@ -120,10 +122,11 @@ class ProcessHandle:
             raise group.exceptions[0] from None
         finally:
             self._inbox.flush()
+            self._stderr.flush()
 
     async def _forward(self, stderr: asyncio.StreamReader) -> None:
         while data := await stderr.read(READ_CHUNK):
-            self._inbox.stderr(data)
+            self._stderr.feed(data)
 
     async def exit_status(self) -> str:
         return f"exit_code={self._proc.returncode}"
