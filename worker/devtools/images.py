@@ -21,12 +21,13 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -290,17 +291,30 @@ def resolve_base(recipe: Recipe, client: Any, base: str | None = None) -> str:
     return debian_image(client)
 
 
-def ensure_image(engine: str, *, client: Any | None = None, base: str | None = None) -> str:
+BuildStep = Callable[[int, int, str], None]
+"""Told each build step as it starts: its number, the step count, the instruction."""
+STEP_LINE = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
+
+
+def ensure_image(
+    engine: str,
+    *,
+    client: Any | None = None,
+    base: str | None = None,
+    on_step: BuildStep | None = None,
+) -> str:
     """The id ("sha256:...") of the runtime image for `engine`, built only if its build key
     has no image yet. Blocking (downloads and builds can take minutes)."""
     known = recipes()
     if engine not in known:
         raise ImageBuildError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     with docker_client(client) as docker:
-        return _ensure_image(known[engine], docker, base)
+        return _ensure_image(known[engine], docker, base, on_step)
 
 
-def _ensure_image(recipe: Recipe, client: Any, base: str | None) -> str:
+def _ensure_image(
+    recipe: Recipe, client: Any, base: str | None, on_step: BuildStep | None = None
+) -> str:
     engine = recipe.engine
     base_id = resolve_base(recipe, client, base)
     wheels = wheelhouse(recipe)
@@ -313,14 +327,23 @@ def _ensure_image(recipe: Recipe, client: Any, base: str | None) -> str:
         with tempfile.TemporaryDirectory(prefix=f"resultity-{engine}-") as tmp:
             context = Path(tmp)
             _assemble_context(recipe, wheels, context)
-            return build_tagged(client, context, tag, key, {"BASE": base_id}, engine)
+            return build_tagged(
+                client, context, tag, key, {"BASE": base_id}, engine, on_step=on_step
+            )
 
 
 def build_tagged(
-    client: Any, context: Path, tag: str, key: str, buildargs: dict[str, str], what: str
+    client: Any,
+    context: Path,
+    tag: str,
+    key: str,
+    buildargs: dict[str, str],
+    what: str,
+    *,
+    on_step: BuildStep | None = None,
 ) -> str:
-    """Build `context` as `tag` (labelled with its build key), logging the build's output;
-    returns the image id. Blocking."""
+    """Build `context` as `tag` (labelled with its build key), logging the build's output
+    and telling `on_step` each step; returns the image id. Blocking."""
     log.info("image_building image=%s tag=%s args=%s", what, tag, buildargs)
     started = time.monotonic()
     stream = client.api.build(
@@ -338,6 +361,8 @@ def build_tagged(
         line = str(chunk.get("stream", "")).strip()
         if line:
             log.info("image_build image=%s %s", what, line)
+            if on_step is not None and (step := STEP_LINE.match(line)):
+                on_step(int(step.group(1)), int(step.group(2)), step.group(3))
     built = image_id(client, tag)
     if built is None:
         raise ImageBuildError(f"building the {what} image produced no image {tag}")
@@ -352,7 +377,12 @@ def build_tagged(
 
 
 async def ensure_image_async(
-    engine: str, *, client: Any | None = None, base: str | None = None
+    engine: str,
+    *,
+    client: Any | None = None,
+    base: str | None = None,
+    on_step: BuildStep | None = None,
 ) -> str:
-    """`ensure_image` in a worker thread, so the event loop keeps running."""
-    return await asyncio.to_thread(ensure_image, engine, client=client, base=base)
+    """`ensure_image` in a worker thread, so the event loop keeps running (`on_step` is
+    called from that thread)."""
+    return await asyncio.to_thread(ensure_image, engine, client=client, base=base, on_step=on_step)
