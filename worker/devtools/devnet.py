@@ -138,7 +138,9 @@ async def _image_for(plan: DevPlan) -> str:
     if plan.backend != "docker":
         return "sha256:" + hashlib.sha256(f"process:{plan.engine}".encode()).hexdigest()
     image = "vllm-cpu" if plan.engine == "vllm" else "echo"
-    step = Step()
+    step = Step(
+        f"image: the {image} runtime (built once per recipe; the first build takes minutes)"
+    )
     found = await ensure_image_async(image, on_step=plan.on_build_step)
     step.done(f"image: {image} runtime {found[:19]}")
     return found
