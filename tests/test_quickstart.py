@@ -27,6 +27,8 @@ from worker.runtime.container import runtime_containers
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 NO_TRACEBACK = ("Traceback", "never retrieved", "Exception ignored")
+EXITED = r"^quickstart-exit=(\d+)"
+NEVER = r"(?!)"
 
 
 class Terminal:
@@ -53,12 +55,13 @@ class Terminal:
     def text(self) -> str:
         return self.output.read_text(errors="replace").replace("\r", "")
 
-    def wait_for(self, pattern: str, timeout_s: float) -> re.Match[str]:
-        """The first match of `pattern` in the output, once the terminal has written it."""
+    def wait_for(self, pattern: str, timeout_s: float, *, unless: str = EXITED) -> re.Match[str]:
+        """The first match of `pattern` in the output, once the terminal has written it;
+        fails at once when `unless` shows up first (the quick start ended)."""
         deadline = time.monotonic() + timeout_s
-        while (found := re.search(pattern, self.text(), re.MULTILINE)) is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {pattern!r} within {timeout_s:.0f}s:\n{self.text()}")
+        while (found := re.search(pattern, text := self.text(), re.MULTILINE)) is None:
+            if time.monotonic() > deadline or re.search(unless, text, re.MULTILINE):
+                raise AssertionError(f"no {pattern!r} within {timeout_s:.0f}s:\n{text}")
             time.sleep(0.2)  # polling the terminal's output for the pattern, with a deadline
         return found
 
@@ -148,7 +151,7 @@ def test_quick_start_in_a_terminal(docker_client: Any, terminal: Terminal, home:
     assert f"network: dev at {dev['nats_url']}" in status.stderr
 
     terminal.interrupt()
-    code = terminal.wait_for(r"^quickstart-exit=(\d+)", 120).group(1)
+    code = terminal.wait_for(EXITED, 120, unless=NEVER).group(1)
     out = terminal.text()
     assert code in ("0", "130"), out
     assert "node stopped" in out
