@@ -19,6 +19,7 @@ pytestmark = pytest.mark.docker
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 PIP_CONF = Path("/etc/pip.conf")
+HOST_CA = "/etc/resultity-host-ca.pem"
 
 
 def _checkout(target: Path) -> None:
@@ -37,19 +38,22 @@ def _checkout(target: Path) -> None:
 
 
 def _package_config() -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-    """This machine's pip configuration, passed on as its apt sources are: the PIP_*
-    variables, /etc/pip.conf and the CA bundle they name."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("PIP_") and k != "PIP_FIND_LINKS"}
+    """This machine's pip configuration, passed on as its apt sources are: the PIP_* and
+    proxy variables, and the CA bundle pip trusts here (mounted beside the container's own
+    bundle, which its ca-certificates package writes)."""
+    skip = ("PIP_FIND_LINKS", "PIP_CERT")
+    env = {k: v for k, v in os.environ.items() if k.startswith("PIP_") and k not in skip}
     env |= {k: v for k, v in os.environ.items() if k.lower().endswith("_proxy")}
-    files = [PIP_CONF] if PIP_CONF.is_file() else []
-    files += [Path(v) for k, v in env.items() if k == "PIP_CERT" and Path(v).is_file()]
-    if PIP_CONF.is_file():
+    cert = os.environ.get("PIP_CERT", "")
+    if not cert and PIP_CONF.is_file():
         for line in PIP_CONF.read_text().splitlines():
             key, _, value = line.partition("=")
-            if key.strip() == "cert" and Path(value.strip()).is_file():
-                files.append(Path(value.strip()))
-    volumes = {str(f): {"bind": str(f), "mode": "ro"} for f in files}
-    return env, volumes
+            if key.strip() == "cert":
+                cert = value.strip()
+    if not cert or not Path(cert).is_file():
+        return env, {}
+    env["PIP_CERT"] = HOST_CA
+    return env, {cert: {"bind": HOST_CA, "mode": "ro"}}
 
 
 @pytest.mark.timeout(1200)
