@@ -358,7 +358,10 @@ async def _serve(
                 if serving.done() or stop.is_set():
                     break
                 if agent.state is AgentState.OUT_OF_SERVICE:
-                    raise NodeError("the node took the demo model out of service; see the log")
+                    raise NodeError(
+                        f"the node took {snapshot.models[0].id} out of service (the "
+                        "out_of_service warning above says why)"
+                    )
                 await asyncio.sleep(0.2)
             if agent.state is AgentState.SERVING:
                 step.done(f"node serving {snapshot.models[0].id} (runtime loaded, validated)")
