@@ -6,10 +6,12 @@ terminal (a tmux session), the printed client commands typed in a second shell w
 real engine on the demo model and on a model directory of the user's (`dev --model DIR`).
 """
 
+import contextlib
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -133,7 +135,7 @@ def test_quick_start_in_a_terminal(docker_client: Any, terminal: Terminal, home:
     assert "image_build" not in out and "INFO" not in out, "the console is not quiet"
     log_file = Path(terminal.wait_for(r"full log in (\S+)", 1).group(1))
     assert log_file.parent == home / ".resultity" / "dev"
-    assert "agent_serving" in log_file.read_text() or "INFO" in log_file.read_text()
+    assert "dev_client_file_written" in log_file.read_text()  # the events the console hides
 
     dev = json.loads((log_file.parent / CLIENT_FILE).read_text())
     node_id = dev["node_id"]
@@ -157,11 +159,63 @@ def test_quick_start_in_a_terminal(docker_client: Any, terminal: Terminal, home:
     assert "node stopped" in out
     docker_client.ping()  # the Docker daemon still answers after the terminal's Ctrl-C
     assert runtime_containers(docker_client, node_id) == []
+    assert "runtime_container_removed" in log_file.read_text()
     assert not (log_file.parent / CLIENT_FILE).exists()
     for bad in NO_TRACEBACK:
         assert bad not in out, out
     gone = second_shell(commands[0].replace(' "Hello"', " Hi --timeout 5"), home)
     assert gone.returncode == 2 and "no running dev network" in gone.stderr, gone.stderr
+
+
+FAKE_DOCKERD = """#!{python}
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # as Go's runtime does for dockerd
+with open(os.environ["FAKE_DOCKERD_PID"], "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(600)
+"""
+FAKE_DOCKER = """#!/bin/sh
+[ "$1" = info ] && [ -s "$FAKE_DOCKERD_PID" ] && kill -0 "$(cat "$FAKE_DOCKERD_PID")"
+"""
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_ctrl_c_in_the_setup_terminal_spares_the_docker_daemon(
+    terminal: Terminal, tmp_path: Path
+) -> None:
+    """scripts/setup starts dockerd when none answers (here a stand-in that, like dockerd,
+    dies of SIGINT); a Ctrl-C in that terminal afterwards must not reach it."""
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    (fakes / "dockerd").write_text(FAKE_DOCKERD.format(python=sys.executable))
+    (fakes / "docker").write_text(FAKE_DOCKER)
+    for fake in fakes.iterdir():
+        fake.chmod(0o755)
+    pid_file = tmp_path / "dockerd.pid"
+    terminal.type(
+        f"export PATH={shlex.quote(str(fakes))}:$PATH FAKE_DOCKERD_PID={pid_file} "
+        f"DOCKERD_LOG={tmp_path / 'dockerd.log'}; cd {shlex.quote(str(REPO))}; "
+        "bash -c 'scripts/setup && echo setup-done && exec sleep 600'"
+    )
+    terminal.wait_for(r"^setup-done", 600)
+    assert "starting dockerd detached" in terminal.text()
+    pid = int(pid_file.read_text())
+    try:
+        terminal.interrupt()
+        terminal.type("echo quickstart-exit=$?")  # the shell reads it once the job has ended
+        assert terminal.wait_for(EXITED, 60, unless=NEVER).group(1) == "130"
+        assert alive(pid), "the terminal's Ctrl-C reached the Docker daemon"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
 
 def run_dev(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
