@@ -1,12 +1,14 @@
 """How client commands find a dev network: its `client.json`, unless RESULTITY_* says
 otherwise (pure; the terminal test in test_quickstart.py runs it for real)."""
 
+import json
 from pathlib import Path
 
 import pytest
 
+from worker.cli.main import main
 from worker.core.settings import Settings
-from worker.core.signing import write_key_file
+from worker.core.signing import load_key_file, write_key_file
 from worker.devtools.devhome import (
     CLIENT_FILE,
     HOME_VARIABLE,
@@ -58,3 +60,17 @@ def test_no_dev_network_says_so(dev_home: Path) -> None:
     network = client_settings()
     assert network.settings.nats_url == Settings().nats_url
     assert "no running dev network" in network.describe()
+
+
+def test_verify_trusts_the_dev_networks_authority(
+    dev_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = load_key_file(dev_home / "authority.key").sign("config", {"version": 1})
+    (dev_home / "config.msgpack").write_bytes(config)
+    assert main(["verify", str(dev_home / "config.msgpack")]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["body"] == {"version": 1}
+    assert err.startswith("network: dev at nats://127.0.0.1:4999")
+    remove_client_file(dev_home)
+    assert main(["verify", str(dev_home / "config.msgpack")]) == 2
+    assert "not a trusted authority key" in capsys.readouterr().err

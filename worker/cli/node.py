@@ -9,6 +9,7 @@ from typing import Any
 
 import msgpack
 
+from schemas.envelope import EnvelopeType
 from worker.cli.base import CliError, add_command, jsonable
 from worker.client import connect
 from worker.core.settings import Settings
@@ -27,14 +28,15 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
     keys = args.authority
+    network = None
     if not keys:
         # No key given: the authority keys of the network client commands talk to.
         network = client_settings()
         keys = list(network.settings.authority_keys)
-        if keys:
-            print(f"{network.describe()}: trusting its authority keys", file=sys.stderr)
     authorities = [parse_public_key(k) for k in keys]
     verified = verify(data, authority_keys=authorities)
+    if network is not None and verified.typ is EnvelopeType.CONFIG:
+        print(f"{network.describe()}: its authority keys trusted", file=sys.stderr)
     print(
         json.dumps(
             {
