@@ -7,6 +7,7 @@ envelope against the body's `node_id`, and check `input_sha256` against the byte
 
 import asyncio
 import hashlib
+import logging
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -18,13 +19,16 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from schemas.codec import validate
 from schemas.envelope import EnvelopeType
+from schemas.errors import SchemaError
 from schemas.event import ErrorEvent
 from schemas.job import Job
 from schemas.result import ResultBody
 from schemas.snapshot import Snapshot
-from worker.core.errors import NodeError
+from worker.core.errors import NodeError, SignatureError
 from worker.core.settings import Settings
 from worker.core.signing import verify
+
+log = logging.getLogger(__name__)
 
 
 class JobFailed(NodeError):
@@ -109,17 +113,41 @@ async def submit(
 
 async def _outcome(results: Any, errors: Any, job_id: str, data: bytes) -> Outcome:
     result_task = asyncio.ensure_future(results.next_msg(timeout=None))
-    while True:
-        error_task = asyncio.ensure_future(errors.next_msg(timeout=None))
-        done, _ = await asyncio.wait({result_task, error_task}, return_when=asyncio.FIRST_COMPLETED)
-        if result_task in done:
-            error_task.cancel()
-            envelope = result_task.result().data
-            body = validate(ResultBody, verify(envelope, expect=EnvelopeType.RESULT).body)
-            if body.input_sha256 != hashlib.sha256(data).hexdigest():
-                raise JobFailed(f"result for {job_id} attests other input bytes")
-            return Outcome(body, envelope, data)
-        event = validate(ErrorEvent, verify(error_task.result().data).body)
-        if event.job_id == job_id and not event.retryable:
-            result_task.cancel()
-            raise JobFailed(f"{event.code.value}: {event.message}")
+    error_task: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            error_task = asyncio.ensure_future(errors.next_msg(timeout=None))
+            done, _ = await asyncio.wait(
+                {result_task, error_task}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if result_task in done:
+                envelope = result_task.result().data
+                body = validate(ResultBody, verify(envelope, expect=EnvelopeType.RESULT).body)
+                if body.input_sha256 != hashlib.sha256(data).hexdigest():
+                    raise JobFailed(f"result for {job_id} attests other input bytes")
+                return Outcome(body, envelope, data)
+            event = _error_event(error_task.result().data)
+            if event is not None and event.job_id == job_id and not event.retryable:
+                raise JobFailed(f"{event.code.value}: {event.message}")
+    finally:
+        await _reap(result_task, error_task)
+
+
+def _error_event(data: bytes) -> ErrorEvent | None:
+    """The signed error event in `data`, or None for anything else on the events subject
+    (anyone may publish there: garbage is skipped, never raised)."""
+    try:
+        return validate(ErrorEvent, verify(data, expect=EnvelopeType.ERROR).body)
+    except (SignatureError, SchemaError) as exc:
+        log.debug("events_message_skipped reason=%s", exc)
+        return None
+
+
+async def _reap(*tasks: "asyncio.Future[Any] | None") -> None:
+    """Cancel and await the `next_msg` tasks still pending, so that none ends later with an
+    exception nobody retrieves (nats-py turns their cancellation into ConnectionClosedError
+    once the connection is closed)."""
+    pending = [t for t in tasks if t is not None]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)

@@ -2,29 +2,84 @@
 
 import argparse
 import asyncio
+import shlex
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 from worker.cli.base import add_command
 from worker.cli.submit import print_outcome
-from worker.devtools.devnet import DevPlan, choose, run_dev
+from worker.core.logs import quiet_console
+from worker.devtools.devhome import DEFAULT_DEV_HOME, HOME_VARIABLE
+from worker.devtools.devnet import DevPlan, choose, result_note, run_dev
+
+BAR_WIDTH = 30
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    engine, backend = choose(args.engine, args.backend)
-    plan = DevPlan(Path(args.home).expanduser(), args.port, engine, backend, args.prompt)
+    home = Path(args.home).expanduser().resolve()
+    log_file = home / "dev.log"
+    quiet_console(log_file, verbose=args.verbose or args.dev_verbose)
+    print(f"resultity-node dev: full log in {log_file}", file=sys.stderr, flush=True)
+    model_dir = Path(args.model).expanduser().resolve() if args.model else None
+    engine, backend = choose(args.engine, args.backend, model_dir)
+    plan = DevPlan(
+        home, args.port, engine, backend, args.prompt, model_dir, on_build_step=build_bar()
+    )
 
     def show(outcome: Any) -> None:
         print("\n=== verified signed result ===", flush=True)
         print_outcome(outcome)
+        note = result_note(plan)
+        if note is not None:
+            print(f"\n{note}")
         if not args.once:
-            print(
-                '\nthe node keeps serving; try: resultity-node submit "Hello"  (Ctrl-C stops)',
-                flush=True,
-            )
+            print("\nThe node keeps serving (Ctrl-C stops it). In another shell:")
+            for command in client_commands(home):
+                print(f"  {command}")
+            print(f"Full log: {log_file}", flush=True)
 
     asyncio.run(run_dev(plan, on_result=show, serve_forever=not args.once))
     return 0
+
+
+def client_commands(home: Path) -> list[str]:
+    """The client commands that reach this dev network, exactly as they can be typed."""
+    program = _program()
+    if home != DEFAULT_DEV_HOME.resolve():
+        program = f"{HOME_VARIABLE}={shlex.quote(str(home))} {program}"
+    return [f'{program} submit "Hello"', f"{program} status"]
+
+
+def _program() -> str:
+    """`resultity-node` when the shell finds this very one, else its full path."""
+    beside = Path(sys.executable).parent / "resultity-node"
+    if not beside.exists():
+        return f"{shlex.quote(sys.executable)} -m worker.cli.main"
+    found = shutil.which("resultity-node")
+    if found is not None and Path(found).resolve() == beside.resolve():
+        return "resultity-node"
+    return shlex.quote(str(beside))
+
+
+def build_bar() -> Any:
+    """Show a runtime image build's steps: a bar on a terminal, one line each otherwise."""
+    tty = sys.stderr.isatty()
+
+    def on_step(number: int, total: int, instruction: str) -> None:
+        if tty:
+            filled = "#" * (BAR_WIDTH * number // max(total, 1))
+            width = shutil.get_terminal_size().columns
+            line = f"  build [{filled:<{BAR_WIDTH}}] {number}/{total} {instruction}"
+            sys.stderr.write("\r" + line[: width - 1].ljust(width - 1))
+            if number == total:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(f"  build step {number}/{total}: {instruction[:100]}\n")
+        sys.stderr.flush()
+
+    return on_step
 
 
 def register(sub: Any) -> None:
@@ -34,7 +89,7 @@ def register(sub: Any) -> None:
         "run the whole network locally and print one verified signed result",
         "resultity-node dev            # then, in another shell: resultity-node submit Hi",
     )
-    p.add_argument("--home", default="~/.resultity/dev", help="keys, NATS data, model cache")
+    p.add_argument("--home", default=str(DEFAULT_DEV_HOME), help="keys, NATS data, models, log")
     p.add_argument("--port", type=int, default=4222, help="NATS client port (0: any free)")
     p.add_argument(
         "--engine",
@@ -48,6 +103,18 @@ def register(sub: Any) -> None:
         default="auto",
         help="auto: docker when a Docker engine answers, else a local process",
     )
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        help="serve this Hugging Face model directory (config, tokenizer, safetensors) "
+        "instead of the demo model",
+    )
     p.add_argument("--prompt", default="Resultity nodes sign every result", help="demo prompt")
     p.add_argument("--once", action="store_true", help="exit after the demo result")
+    p.add_argument(
+        "--verbose",
+        dest="dev_verbose",
+        action="store_true",
+        help="stream every log event to the console (it always goes to the log file)",
+    )
     p.set_defaults(handler=cmd_dev)

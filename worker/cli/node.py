@@ -9,10 +9,12 @@ from typing import Any
 
 import msgpack
 
+from schemas.envelope import EnvelopeType
 from worker.cli.base import CliError, add_command, jsonable
 from worker.client import connect
 from worker.core.settings import Settings
 from worker.core.signing import load_key_file, parse_public_key, verify, write_key_file
+from worker.devtools.devhome import client_settings
 from worker.jobs.provision import provision
 from worker.node.agent import run_until_signalled
 
@@ -25,8 +27,16 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
-    authorities = [parse_public_key(k) for k in args.authority]
+    keys = args.authority
+    network = None
+    if not keys:
+        # No key given: the authority keys of the network client commands talk to.
+        network = client_settings()
+        keys = list(network.settings.authority_keys)
+    authorities = [parse_public_key(k) for k in keys]
     verified = verify(data, authority_keys=authorities)
+    if network is not None and verified.typ is EnvelopeType.CONFIG:
+        print(f"{network.describe()}: its authority keys trusted", file=sys.stderr)
     print(
         json.dumps(
             {
@@ -63,8 +73,10 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    settings = Settings()
-    node_id = args.node or load_key_file(settings.key_file).node_id
+    network = client_settings()
+    print(network.describe(), file=sys.stderr)
+    settings = network.settings
+    node_id = args.node or network.node_id or load_key_file(settings.key_file).node_id
 
     async def go() -> Any:
         nc = await connect(settings.nats_url)
@@ -101,7 +113,8 @@ def register(sub: Any) -> None:
         "--authority",
         action="append",
         default=[],
-        help="trusted authority public key (hex) for config envelopes; repeatable",
+        help="trusted authority public key (hex) for config envelopes; repeatable "
+        "(default: RESULTITY_AUTHORITY_KEYS, or the running dev network's)",
     )
     p.set_defaults(handler=cmd_verify)
 
@@ -125,5 +138,7 @@ def register(sub: Any) -> None:
     p = add_command(
         sub, "status", "ask a running node for its state", "resultity-node status --node <node id>"
     )
-    p.add_argument("--node", help="node id (default: the one of RESULTITY_KEY_FILE)")
+    p.add_argument(
+        "--node", help="node id (default: the running dev network's, or RESULTITY_KEY_FILE's)"
+    )
     p.set_defaults(handler=cmd_status)

@@ -3,15 +3,18 @@
 import argparse
 import asyncio
 import json
+import sys
 from typing import Any
 
 from worker.cli.base import CliError, add_command
 from worker.client import connect, current_snapshot, new_job_id, submit
-from worker.core.settings import Settings
+from worker.devtools.devhome import client_settings
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    settings = Settings()
+    network = client_settings()
+    print(network.describe(), file=sys.stderr)
+    settings = network.settings
     params: dict[str, Any] = {"max_tokens": args.max_tokens}
     if args.seed is not None:
         params["seed"] = args.seed

@@ -82,8 +82,9 @@ def _tokenizer() -> Any:
     )
 
 
-def make_tiny_llama(directory: Path) -> Path:
-    """Write the tiny Llama (hidden 128, 2 layers) into `directory`; same bytes every run."""
+def make_tiny_llama(directory: Path, *, seed: int = SEED, layers: int = 2) -> Path:
+    """Write the tiny Llama (hidden 128, 2 layers) into `directory`; same bytes every run
+    (another `seed` or `layers` makes another model, for tests that need a second one)."""
     torch = _optional("torch")
     transformers = _optional("transformers")
 
@@ -93,7 +94,7 @@ def make_tiny_llama(directory: Path) -> Path:
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=512,
@@ -101,9 +102,9 @@ def make_tiny_llama(directory: Path) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config)
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         # A wider init than the default (0.02) so that greedy text is not one repeated token.
         for name, param in sorted(model.named_parameters()):

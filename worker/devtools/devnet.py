@@ -1,9 +1,14 @@
 """`resultity-node dev`: the whole network on one machine, for a first signed result.
 
 It plays both sides. As the network: an embedded nats-server, an authority key, the
-streams, the demo model in the object store, a signed snapshot in the config bucket. As the
+streams, a model in the object store (the demo model, or the user's `--model DIR`) with
+validation vectors from a reference run, a signed snapshot in the config bucket. As the
 operator: a node key and the agent itself. Once the node serves, it submits one job as a
-client would and prints the verified result; then the node keeps serving until Ctrl-C.
+client would and prints the verified result; then the node keeps serving until Ctrl-C,
+and client commands find it through `client.json` in its home (`worker.devtools.devhome`).
+
+Each step is one line on the `STEP_LOGGER` logger, with its duration: the console of a
+quiet `dev` shows those and warnings only.
 """
 
 import asyncio
@@ -11,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +25,17 @@ from typing import Any
 import nats
 
 from schemas.envelope import EnvelopeType
+from schemas.job import MODEL_ID_PATTERN
 from schemas.node import NodeState
 from schemas.snapshot import Snapshot
 from worker.client import Outcome, new_job_id, submit
 from worker.core.errors import NodeError
+from worker.core.logs import STEP_LOGGER
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, load_key_file, write_key_file
-from worker.devtools.demomodel import make_demo_model
-from worker.devtools.images import ensure_image_async
+from worker.devtools.demomodel import ModelKind, make_demo_model, write_archive
+from worker.devtools.devhome import remove_client_file, write_client_file
+from worker.devtools.images import BuildStep, ensure_image_async
 from worker.devtools.natsd import NatsServer
 from worker.jobs.provision import ensure_streams
 from worker.models.objectstore import put_file
@@ -38,6 +47,7 @@ from worker.runtime.api import Completion, LaunchSpec, WorkItem
 from worker.runtime.supervisor import Supervisor, create_backend
 
 log = logging.getLogger(__name__)
+steps = logging.getLogger(STEP_LOGGER)
 
 DEMO_PROMPTS = ("The node signs", "Resultity runs jobs")
 DEMO_PARAMS = {"max_tokens": 12, "temperature": 0}
@@ -50,6 +60,35 @@ class DevPlan:
     engine: str  # echo | vllm
     backend: str  # docker | process
     prompt: str
+    model_dir: Path | None = None
+    """A Hugging Face model directory to serve instead of the demo model."""
+    on_build_step: BuildStep | None = None
+    """Told each step of a runtime image build (from a worker thread)."""
+
+
+class Step:
+    """One step of the dev start: `done(text)` logs it on the step logger with its time."""
+
+    def __init__(self, announce: str | None = None) -> None:
+        self.started = time.monotonic()
+        if announce is not None:
+            steps.info("%8s  %s ...", "", announce)
+
+    def done(self, text: str) -> None:
+        steps.info("%7.1fs  %s", time.monotonic() - self.started, text)
+
+
+def result_note(plan: DevPlan) -> str | None:
+    """What to say next to the demo result, so that nobody takes the demo text for a bug."""
+    if plan.model_dir is not None:
+        return None
+    if plan.engine == "vllm":
+        return (
+            "note: the demo model has random weights (made here, never trained), so its text "
+            "is noise; what counts is the signed, verified result. To serve a real model: "
+            "resultity-node dev --model DIR"
+        )
+    return "note: the echo engine runs no model; it answers with words derived from the input"
 
 
 def docker_answers() -> bool:
@@ -65,7 +104,7 @@ def docker_answers() -> bool:
         return False
 
 
-def choose(engine: str, backend: str) -> tuple[str, str]:
+def choose(engine: str, backend: str, model_dir: Path | None = None) -> tuple[str, str]:
     """Pick the engine and backend, saying why."""
     if backend == "auto":
         backend = "docker" if docker_answers() else "process"
@@ -76,6 +115,8 @@ def choose(engine: str, backend: str) -> tuple[str, str]:
             )
     if engine == "auto":
         engine = "vllm" if backend == "docker" or _vllm_importable() else "echo"
+        if model_dir is not None:
+            engine = "vllm"
     if engine == "vllm" and backend == "process" and not _vllm_importable():
         raise NodeError(
             "the vllm engine needs Docker (the vllm-cpu image) or vllm installed here; "
@@ -94,20 +135,74 @@ def _key(path: Path) -> NodeKey:
     return load_key_file(path) if path.exists() else write_key_file(path)
 
 
-async def _image_for(engine: str, backend: str) -> str:
-    if backend != "docker":
-        return "sha256:" + hashlib.sha256(f"process:{engine}".encode()).hexdigest()
+async def _image_for(plan: DevPlan) -> str:
+    if plan.backend != "docker":
+        return "sha256:" + hashlib.sha256(f"process:{plan.engine}".encode()).hexdigest()
+    image = "vllm-cpu" if plan.engine == "vllm" else "echo"
+    step = Step(
+        f"image: the {image} runtime (built once per recipe; the first build takes minutes)"
+    )
+    found = await ensure_image_async(image, on_step=plan.on_build_step)
+    step.done(f"image: {image} runtime {found[:19]}")
+    return found
 
-    return await ensure_image_async("vllm-cpu" if engine == "vllm" else "echo")
+
+@dataclass(frozen=True, slots=True)
+class PackedModel:
+    id: str
+    archive: Path
+    sha256: str
+    size: int
 
 
-async def _demo_model(home: Path, engine: str) -> tuple[Path, str, int]:
+def model_id_for(directory: Path) -> str:
+    """A model id (`MODEL_ID_PATTERN`) from a model directory's name."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", directory.resolve().name).strip("-")[:64]
+    if not re.match(MODEL_ID_PATTERN, name):
+        raise NodeError(f"cannot make a model id from the directory name {directory.name!r}")
+    return name
 
-    if engine == "vllm":
-        model = await asyncio.to_thread(make_demo_model, home / "models", "llama")
+
+def check_model_dir(directory: Path) -> None:
+    """A Hugging Face model directory: a config, a tokenizer and safetensors weights."""
+    if not directory.is_dir():
+        raise NodeError(f"--model {directory}: not a directory")
+    missing = [
+        what
+        for what, patterns in (
+            ("config.json", ("config.json",)),
+            ("a tokenizer", ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")),
+            ("*.safetensors weights", ("*.safetensors",)),
+        )
+        if not any(any(directory.glob(p)) for p in patterns)
+    ]
+    if missing:
+        raise NodeError(
+            f"--model {directory}: not a Hugging Face model directory (missing "
+            f"{', '.join(missing)})"
+        )
+
+
+async def _model(plan: DevPlan) -> PackedModel:
+    """The model to serve, packed as the network distributes models."""
+    step = Step()
+    if plan.model_dir is not None:
+        check_model_dir(plan.model_dir)
+        model_id = model_id_for(plan.model_dir)
+        archive = plan.home / "models" / f"{model_id}.tar"
+        sha256 = await asyncio.to_thread(write_archive, plan.model_dir, archive)
+        packed = PackedModel(model_id, archive, sha256, archive.stat().st_size)
+        what = f"from {plan.model_dir}"
     else:
-        model = await asyncio.to_thread(make_demo_model, home / "models", "echo")
-    return model.archive, model.sha256, model.size
+        kind: ModelKind = "llama" if plan.engine == "vllm" else "echo"
+        demo = await asyncio.to_thread(make_demo_model, plan.home / "models", kind)
+        model_id = "tiny-llama" if kind == "llama" else "echo-demo"
+        packed = PackedModel(model_id, demo.archive, demo.sha256, demo.size)
+        what = "demo, random weights" if kind == "llama" else "demo blob for the echo engine"
+    step.done(
+        f"model {packed.id} ({what}): {packed.size / 1e6:.1f} MB, sha256 {packed.sha256[:16]}..."
+    )
+    return packed
 
 
 async def _expected_vectors(
@@ -119,7 +214,9 @@ async def _expected_vectors(
     path = cache / f"vectors-{key.hexdigest()[:16]}.json"
     if path.exists():
         cached: list[dict[str, Any]] = json.loads(path.read_text())
+        Step().done(f"validation vectors: {len(cached)} (cached from an earlier reference run)")
         return cached
+    step = Step(f"validation vectors: reference run of {len(DEMO_PROMPTS)} prompts")
 
     items = [
         WorkItem(f"vector-{i}", {"prompt": p, "params": DEMO_PARAMS})
@@ -143,6 +240,7 @@ async def _expected_vectors(
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(vectors, indent=2))
+    step.done(f"validation vectors: {len(vectors)} from the reference run")
     return vectors
 
 
@@ -154,17 +252,19 @@ async def seed_network(
     version: int | None = None,
     image: str | None = None,
 ) -> Snapshot:
-    """Provision, upload the demo model and publish a signed snapshot naming it (and `image`,
-    or the runtime image built here for the plan's engine)."""
+    """Provision, upload the plan's model and publish a signed snapshot naming it (and
+    `image`, or the runtime image built here for the plan's engine)."""
 
-    archive, sha256, size = await _demo_model(plan.home, plan.engine)
-    image = image or await _image_for(plan.engine, plan.backend)
-    model_id = "tiny-llama" if plan.engine == "vllm" else "echo-demo"
+    model = await _model(plan)
+    image = image or await _image_for(plan)
+    model_id, archive, sha256, size = model.id, model.archive, model.sha256, model.size
     nc = await nats.connect(settings.nats_url.split(","))
     try:
         js = nc.jetstream()
         await ensure_streams(js, settings)
+        step = Step()
         await put_file(js, settings.models_bucket, f"{model_id}-{sha256[:12]}", archive)
+        step.done(f"model published to the object store bucket {settings.models_bucket}")
         source = f"nats-object://{settings.models_bucket}/{model_id}-{sha256[:12]}"
         spec: dict[str, Any] = {
             "id": model_id,
@@ -203,6 +303,7 @@ async def seed_network(
         envelope = authority.sign(EnvelopeType.CONFIG, body)
         await publish_snapshot(nc, config_bucket(settings), envelope)
         log.info("dev_snapshot_published version=%d model=%s", snapshot.version, model_id)
+        Step().done(f"snapshot v{snapshot.version} signed by the authority key and published")
         return snapshot
     finally:
         await nc.close()
@@ -211,11 +312,18 @@ async def seed_network(
 async def run_dev(plan: DevPlan, *, on_result: Any, serve_forever: bool = True) -> Outcome:
     """Start everything, print one verified result through `on_result`, serve until stopped."""
     plan.home.mkdir(parents=True, exist_ok=True)
-    node_key = _key(plan.home / "node.key")
-    authority = _key(plan.home / "authority.key")
+    step = Step()
     server = NatsServer(plan.home / "nats", port=plan.port or -1, sync_always=True)
     await asyncio.to_thread(server.start)
+    step.done(f"NATS up at {server.url} (JetStream store {plan.home / 'nats'})")
     try:
+        step = Step()
+        node_key = _key(plan.home / "node.key")
+        authority = _key(plan.home / "authority.key")
+        step.done(
+            f"keys: node {node_key.node_id[:16]}..., authority {authority.node_id[:16]}... "
+            f"(in {plan.home})"
+        )
         settings = Settings(
             nats_url=server.url,
             key_file=plan.home / "node.key",
@@ -229,7 +337,11 @@ async def run_dev(plan: DevPlan, *, on_result: Any, serve_forever: bool = True) 
         )
         log.info("dev_nats url=%s store=%s", server.url, plan.home / "nats")
         snapshot = await seed_network(settings, authority, plan)
-        return await _serve(settings, node_key, snapshot, plan, on_result, serve_forever)
+        write_client_file(plan.home, settings, node_key.node_id)
+        try:
+            return await _serve(settings, node_key, snapshot, plan, on_result, serve_forever)
+        finally:
+            remove_client_file(plan.home)
     finally:
         await asyncio.to_thread(server.stop)
 
@@ -246,6 +358,7 @@ async def _serve(
     agent = Agent(settings, key)
     handle_signals(agent, stop)
     outcome: Outcome | None = None
+    step = Step(f"node {key.node_id[:16]}...: fetching the model, loading the runtime")
     async with agent:
         serving = asyncio.create_task(agent.serve(stop))
         try:
@@ -262,8 +375,13 @@ async def _serve(
                     waiter.cancel()
                 await asyncio.gather(settled, stopped, return_exceptions=True)
             if agent.node_state is NodeState.OUT_OF_SERVICE:
-                raise NodeError("the node took the demo model out of service; see the log")
+                raise NodeError(
+                    f"the node took {snapshot.models[0].id} out of service (the "
+                    "out_of_service warning above says why)"
+                )
             if agent.node_state is NodeState.SERVING:
+                step.done(f"node serving {snapshot.models[0].id} (runtime loaded, validated)")
+                step = Step()
                 nc = await nats.connect(settings.nats_url.split(","))
                 try:
                     job = {
@@ -275,6 +393,7 @@ async def _serve(
                     outcome = await submit(nc, settings, job, wait_s=300)
                 finally:
                     await nc.close()
+                step.done("first result: signed by the node, verified here")
                 on_result(outcome)
             if not serve_forever:
                 stop.set()
@@ -283,6 +402,8 @@ async def _serve(
             stop.set()
             if not serving.done():
                 serving.cancel()
+        step = Step("stopping: jobs in flight, the runtime container")
+    step.done("node stopped")
     if outcome is None:
         raise NodeError("the dev node stopped before it served the demo job; see the log")
     return outcome

@@ -12,7 +12,7 @@ Settings (environment):
     RESULTITY_BUILD_CACHE   where wheelhouses and locks live (default ~/.cache/resultity)
     RESULTITY_IMAGE_BASE    auto (default: the public base if present or pullable, else
                             mmdebstrap), pull, mmdebstrap, or an image reference to use
-    RESULTITY_DEBIAN_MIRROR the mirror mmdebstrap uses (default http://deb.debian.org/debian)
+    RESULTITY_DEBIAN_MIRROR a mirror for mmdebstrap; unset: the host's own apt sources
 """
 
 import asyncio
@@ -21,12 +21,13 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -95,7 +96,7 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
+def locked(name: str) -> Iterator[None]:
     """Serialize builds of one thing across processes (parallel test runs, a dev stack)."""
     locks = cache_dir() / "locks"
     locks.mkdir(exist_ok=True)
@@ -108,7 +109,7 @@ def _locked(name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _docker(client: Any | None) -> Iterator[Any]:
+def docker_client(client: Any | None) -> Iterator[Any]:
     """The caller's client, or a new one closed on exit."""
     if client is not None:
         yield client
@@ -122,14 +123,14 @@ def _docker(client: Any | None) -> Iterator[Any]:
         own.close()
 
 
-def _image_id(client: Any, ref: str) -> str | None:
+def image_id(client: Any, ref: str) -> str | None:
     import docker.errors
 
     try:
-        image_id: str = client.images.get(ref).id
+        found: str = client.images.get(ref).id
     except docker.errors.ImageNotFound:
         return None
-    return image_id
+    return found
 
 
 def wheelhouse(recipe: Recipe) -> Path:
@@ -137,7 +138,7 @@ def wheelhouse(recipe: Recipe) -> Path:
     key = hashlib.sha256("\n".join((*recipe.requirements, *EXCLUDED_WHEELS)).encode())
     path = cache_dir() / "wheelhouse" / f"{recipe.engine}-{key.hexdigest()[:16]}"
     done = path / ".complete"
-    with _locked(f"wheelhouse-{recipe.engine}"):
+    with locked(f"wheelhouse-{recipe.engine}"):
         if done.is_file():
             return path
         shutil.rmtree(path, ignore_errors=True)
@@ -213,34 +214,39 @@ def _assemble_context(recipe: Recipe, wheels: Path, context: Path) -> None:
         shutil.copy2(path, target)
 
 
-def make_debian_base(client: Any | None = None) -> str:
-    """A Debian base image with Python, made by mmdebstrap and `docker import`; cached by tag."""
-    with _docker(client) as docker_client:
-        return _make_debian_base(docker_client)
+def debian_image(
+    client: Any,
+    *,
+    packages: tuple[str, ...] = BASE_PACKAGES,
+    variant: str = "essential",
+    name: str = "resultity/base",
+) -> str:
+    """A Debian image made by mmdebstrap and `docker import`, cached by a tag that hashes
+    the suite, mirror, variant and packages; returns its id. Blocking.
 
-
-def _make_debian_base(client: Any) -> str:
-    mirror = os.environ.get("RESULTITY_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-    key = hashlib.sha256(f"{DEBIAN_SUITE}\0{mirror}\0{','.join(BASE_PACKAGES)}".encode())
-    tag = f"resultity/base:{DEBIAN_SUITE}-{key.hexdigest()[:12]}"
-    with _locked("base"):
-        existing = _image_id(client, tag)
+    With no RESULTITY_DEBIAN_MIRROR, mmdebstrap reads this host's apt sources."""
+    mirror = os.environ.get("RESULTITY_DEBIAN_MIRROR", "")
+    recipe = f"{DEBIAN_SUITE}\0{mirror}\0{variant}\0{','.join(packages)}"
+    key = hashlib.sha256(recipe.encode())
+    tag = f"{name}:{DEBIAN_SUITE}-{key.hexdigest()[:12]}"
+    with locked(name.replace("/", "-")):
+        existing = image_id(client, tag)
         if existing is not None:
             return existing
         if shutil.which("mmdebstrap") is None:
             raise ImageBuildError("no registry answers and mmdebstrap is not installed")
-        log.info("base_building tag=%s packages=%s", tag, ",".join(BASE_PACKAGES))
+        log.info("base_building tag=%s variant=%s packages=%s", tag, variant, ",".join(packages))
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="resultity-base-") as tmp:
             rootfs = Path(tmp) / "rootfs.tar"
             command = [
                 "mmdebstrap",
-                "--variant=essential",
+                f"--variant={variant}",
                 "--quiet",
-                f"--include={','.join(BASE_PACKAGES)}",
+                *([f"--include={','.join(packages)}"] if packages else []),
                 DEBIAN_SUITE,
                 str(rootfs),
-                mirror,
+                *([mirror] if mirror else []),
             ]
             proc = subprocess.run(command, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
@@ -252,11 +258,11 @@ def _make_debian_base(client: Any) -> str:
                 tag=version,
                 changes=[f"LABEL {BASE_KEY_LABEL}={key.hexdigest()}", 'CMD ["python3"]'],
             )
-        image_id = _image_id(client, tag)
-        if image_id is None:
+        made = image_id(client, tag)
+        if made is None:
             raise ImageBuildError(f"docker import produced no image {tag}")
-        log.info("base_built tag=%s id=%s seconds=%.1f", tag, image_id, time.monotonic() - started)
-        return image_id
+        log.info("base_built tag=%s id=%s seconds=%.1f", tag, made, time.monotonic() - started)
+        return made
 
 
 def resolve_base(recipe: Recipe, client: Any, base: str | None = None) -> str:
@@ -265,12 +271,12 @@ def resolve_base(recipe: Recipe, client: Any, base: str | None = None) -> str:
 
     choice = base or os.environ.get("RESULTITY_IMAGE_BASE", "auto")
     if choice not in ("auto", "pull", "mmdebstrap"):
-        found = _image_id(client, choice)
+        found = image_id(client, choice)
         if found is None:
             raise ImageBuildError(f"base image {choice} is not present locally")
         return found
     if choice in ("auto", "pull"):
-        found = _image_id(client, recipe.public_base)
+        found = image_id(client, recipe.public_base)
         if found is not None:
             return found
         try:
@@ -282,40 +288,62 @@ def resolve_base(recipe: Recipe, client: Any, base: str | None = None) -> str:
                     f"cannot pull {recipe.public_base} for {recipe.engine}: {exc}"
                 ) from exc
             log.info("base_unpullable image=%s using=mmdebstrap", recipe.public_base)
-    return _make_debian_base(client)
+    return debian_image(client)
 
 
-def ensure_image(engine: str, *, client: Any | None = None, base: str | None = None) -> str:
+BuildStep = Callable[[int, int, str], None]
+"""Told each build step as it starts: its number, the step count, the instruction."""
+STEP_LINE = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
+
+
+def ensure_image(
+    engine: str,
+    *,
+    client: Any | None = None,
+    base: str | None = None,
+    on_step: BuildStep | None = None,
+) -> str:
     """The id ("sha256:...") of the runtime image for `engine`, built only if its build key
     has no image yet. Blocking (downloads and builds can take minutes)."""
     known = recipes()
     if engine not in known:
         raise ImageBuildError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
-    with _docker(client) as docker_client:
-        return _ensure_image(known[engine], docker_client, base)
+    with docker_client(client) as docker:
+        return _ensure_image(known[engine], docker, base, on_step)
 
 
-def _ensure_image(recipe: Recipe, client: Any, base: str | None) -> str:
+def _ensure_image(
+    recipe: Recipe, client: Any, base: str | None, on_step: BuildStep | None = None
+) -> str:
     engine = recipe.engine
     base_id = resolve_base(recipe, client, base)
     wheels = wheelhouse(recipe)
     key = build_key(recipe, base_id, wheels)
     tag = f"resultity/runtime-{engine}:{key[:20]}"
-    with _locked(f"image-{engine}"):
-        if (existing := _image_id(client, tag)) is not None:
+    with locked(f"image-{engine}"):
+        if (existing := image_id(client, tag)) is not None:
             log.info("image_cached image=%s tag=%s id=%s", engine, tag, existing)
             return existing
         with tempfile.TemporaryDirectory(prefix=f"resultity-{engine}-") as tmp:
             context = Path(tmp)
             _assemble_context(recipe, wheels, context)
-            return build_tagged(client, context, tag, key, {"BASE": base_id}, engine)
+            return build_tagged(
+                client, context, tag, key, {"BASE": base_id}, engine, on_step=on_step
+            )
 
 
 def build_tagged(
-    client: Any, context: Path, tag: str, key: str, buildargs: dict[str, str], what: str
+    client: Any,
+    context: Path,
+    tag: str,
+    key: str,
+    buildargs: dict[str, str],
+    what: str,
+    *,
+    on_step: BuildStep | None = None,
 ) -> str:
-    """Build `context` as `tag` (labelled with its build key), logging the build's output;
-    returns the image id. Blocking."""
+    """Build `context` as `tag` (labelled with its build key), logging the build's output
+    and telling `on_step` each step; returns the image id. Blocking."""
     log.info("image_building image=%s tag=%s args=%s", what, tag, buildargs)
     started = time.monotonic()
     stream = client.api.build(
@@ -333,21 +361,28 @@ def build_tagged(
         line = str(chunk.get("stream", "")).strip()
         if line:
             log.info("image_build image=%s %s", what, line)
-    image_id = _image_id(client, tag)
-    if image_id is None:
+            if on_step is not None and (step := STEP_LINE.match(line)):
+                on_step(int(step.group(1)), int(step.group(2)), step.group(3))
+    built = image_id(client, tag)
+    if built is None:
         raise ImageBuildError(f"building the {what} image produced no image {tag}")
     log.info(
         "image_built image=%s tag=%s id=%s seconds=%.1f",
         what,
         tag,
-        image_id,
+        built,
         time.monotonic() - started,
     )
-    return image_id
+    return built
 
 
 async def ensure_image_async(
-    engine: str, *, client: Any | None = None, base: str | None = None
+    engine: str,
+    *,
+    client: Any | None = None,
+    base: str | None = None,
+    on_step: BuildStep | None = None,
 ) -> str:
-    """`ensure_image` in a worker thread, so the event loop keeps running."""
-    return await asyncio.to_thread(ensure_image, engine, client=client, base=base)
+    """`ensure_image` in a worker thread, so the event loop keeps running (`on_step` is
+    called from that thread)."""
+    return await asyncio.to_thread(ensure_image, engine, client=client, base=base, on_step=on_step)

@@ -78,10 +78,6 @@ class Stack:
     def cache_dir(self) -> Path:
         return self.dir / "cache"
 
-    @property
-    def node_key_file(self) -> Path:
-        return self.dir / "secrets" / "node_key"
-
 
 def _hash_files(digest: "hashlib._Hash", files: list[tuple[str, Path]]) -> None:
     for rel, path in files:
@@ -107,7 +103,7 @@ def _fill_context(context: Path, files: list[tuple[str, Path]]) -> None:
 def _build(
     client: Any, context: Path, tag: str, key: str, buildargs: dict[str, str], what: str
 ) -> BuiltImage:
-    existing = images._image_id(client, tag)
+    existing = images.image_id(client, tag)
     if existing is not None:
         log.info("image_cached image=%s tag=%s id=%s", what, tag, existing)
         return BuiltImage(tag, existing)
@@ -126,13 +122,13 @@ def _nats_files() -> list[tuple[str, Path]]:
 def ensure_nats_image(*, client: Any | None = None, context: Path | None = None) -> BuiltImage:
     """The NATS image (`FROM scratch`), built only if its content hash has no image yet.
     `context`: where to leave the build context (default: a temporary directory)."""
-    with images._docker(client) as client:
+    with images.docker_client(client) as client:
         files = _nats_files()
         digest = hashlib.sha256(b"resultity-nats\0")
         _hash_files(digest, files)
         key = digest.hexdigest()
         tag = f"resultity/nats:{key[:20]}"
-        with images._locked("image-nats"), tempfile.TemporaryDirectory(prefix="rst-nats-") as tmp:
+        with images.locked("image-nats"), tempfile.TemporaryDirectory(prefix="rst-nats-") as tmp:
             where = context or Path(tmp) / "context"
             _fill_context(where, files)
             (where / "data").mkdir()
@@ -174,7 +170,7 @@ def ensure_agent_image(
 ) -> tuple[BuiltImage, str]:
     """The agent image and the base it was built on (`images.resolve_base` picks it: the
     public python:3.11-slim when present, else the mmdebstrap base)."""
-    with images._docker(client) as client:
+    with images.docker_client(client) as client:
         recipe = agent_recipe()
         base_id = images.resolve_base(recipe, client, base)
         wheels = images.wheelhouse(recipe)
@@ -184,7 +180,7 @@ def ensure_agent_image(
         _hash_files(digest, files)
         key = digest.hexdigest()
         tag = f"resultity/agent:{key[:20]}"
-        with images._locked("image-agent"), tempfile.TemporaryDirectory(prefix="rst-agent-") as tmp:
+        with images.locked("image-agent"), tempfile.TemporaryDirectory(prefix="rst-agent-") as tmp:
             where = context or Path(tmp) / "context"
             _fill_context(where, files)
             # setuptools wants the readme pyproject names; the image does not need the real one.
@@ -204,7 +200,7 @@ def prepare(
     stack_dir: Path = DEFAULT_STACK_DIR, *, base: str | None = None, client: Any | None = None
 ) -> Stack:
     """Keys, env files and images for `docker-compose.yml`; idempotent, keys are kept."""
-    with images._docker(client) as client:
+    with images.docker_client(client) as client:
         stack_dir = stack_dir.expanduser().resolve()
         secrets = stack_dir / "secrets"
         secrets.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,76 @@
+"""How client commands find a dev network: its `client.json`, unless RESULTITY_* says
+otherwise (pure; the terminal test in test_quickstart.py runs it for real)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from worker.cli.main import main
+from worker.core.settings import Settings
+from worker.core.signing import load_key_file, write_key_file
+from worker.devtools.devhome import (
+    CLIENT_FILE,
+    HOME_VARIABLE,
+    client_settings,
+    remove_client_file,
+    write_client_file,
+)
+
+
+@pytest.fixture
+def dev_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in ("NATS_URL", "AUTHORITY_KEYS", "KEY_FILE", "SUBJECT_PREFIX"):
+        monkeypatch.delenv(f"RESULTITY_{name}", raising=False)
+    monkeypatch.setenv(HOME_VARIABLE, str(tmp_path))
+    authority = write_key_file(tmp_path / "authority.key")
+    settings = Settings(
+        nats_url="nats://127.0.0.1:4999",
+        authority_keys=(authority.node_id,),
+        key_file=tmp_path / "node.key",
+        subject_prefix="devnet",
+    )
+    write_client_file(tmp_path, settings, "ab" * 32)
+    return tmp_path
+
+
+def test_client_commands_use_the_running_dev_network(dev_home: Path) -> None:
+    network = client_settings()
+    assert network.settings.nats_url == "nats://127.0.0.1:4999"
+    assert network.settings.subject_prefix == "devnet"
+    assert len(network.settings.authority_keys) == 1
+    assert network.node_id == "ab" * 32
+    expected = f"network: dev at nats://127.0.0.1:4999 (from {dev_home / CLIENT_FILE})"
+    assert network.describe() == expected
+
+
+def test_a_variable_wins_over_the_dev_file(dev_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESULTITY_SUBJECT_PREFIX", "mine")
+    assert client_settings().settings.subject_prefix == "mine"
+    monkeypatch.setenv("RESULTITY_NATS_URL", "nats://10.0.0.5:4222")
+    network = client_settings()
+    assert network.settings.nats_url == "nats://10.0.0.5:4222"
+    assert network.settings.authority_keys == ()  # another network: nothing from the dev file
+    assert network.node_id is None
+    assert network.describe() == "network: nats://10.0.0.5:4222 (RESULTITY_NATS_URL)"
+
+
+def test_no_dev_network_says_so(dev_home: Path) -> None:
+    remove_client_file(dev_home)
+    network = client_settings()
+    assert network.settings.nats_url == Settings().nats_url
+    assert "no running dev network" in network.describe()
+
+
+def test_verify_trusts_the_dev_networks_authority(
+    dev_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = load_key_file(dev_home / "authority.key").sign("config", {"version": 1})
+    (dev_home / "config.msgpack").write_bytes(config)
+    assert main(["verify", str(dev_home / "config.msgpack")]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["body"] == {"version": 1}
+    assert err.startswith("network: dev at nats://127.0.0.1:4999")
+    remove_client_file(dev_home)
+    assert main(["verify", str(dev_home / "config.msgpack")]) == 2
+    assert "not a trusted authority key" in capsys.readouterr().err

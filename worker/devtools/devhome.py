@@ -1,0 +1,107 @@
+"""How client commands find a running `dev` network with no environment set.
+
+`resultity-node dev` writes `client.json` under its home (default `~/.resultity/dev`) once
+its network is up, and removes it when it stops:
+
+    {"network": "dev", "nats_url": "nats://127.0.0.1:4222", "authority_keys": ["<hex>"],
+     "node_id": "<hex>", "key_file": "<home>/node.key", "subject_prefix": "rst"}
+
+Every client command (`submit`, `status`, `verify`, the gateway) takes its settings from
+`client_settings()`: when `RESULTITY_NATS_URL` is unset and that file exists, its values
+fill every setting no `RESULTITY_*` variable gives; otherwise the environment (and the
+defaults) alone. `RESULTITY_DEV_HOME` points at a dev home other than the default. The
+returned `ClientNetwork.describe()` is the one line a command prints on stderr to say
+which network it talks to.
+"""
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.core.settings import DEFAULT_HOME, Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEV_HOME = DEFAULT_HOME / "dev"
+CLIENT_FILE = "client.json"
+HOME_VARIABLE = "RESULTITY_DEV_HOME"
+SHARED_SETTINGS = ("nats_url", "authority_keys", "key_file", "subject_prefix")
+"""The settings a dev network hands to its clients."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientNetwork:
+    """The settings a client command uses, where they came from, and the dev node's id."""
+
+    settings: Settings
+    dev_file: Path | None
+    """The dev network's `client.json` the settings came from, if any."""
+    node_id: str | None
+
+    def describe(self) -> str:
+        url = self.settings.nats_url
+        if self.dev_file is not None:
+            return f"network: dev at {url} (from {self.dev_file})"
+        if "RESULTITY_NATS_URL" in os.environ:
+            return f"network: {url} (RESULTITY_NATS_URL)"
+        return f"network: {url} (default; no running dev network at {dev_home() / CLIENT_FILE})"
+
+
+def dev_home() -> Path:
+    configured = os.environ.get(HOME_VARIABLE)
+    return Path(configured).expanduser() if configured else DEFAULT_DEV_HOME
+
+
+def write_client_file(home: Path, settings: Settings, node_id: str) -> Path:
+    """Tell client commands how to reach the dev network whose home is `home`."""
+    path = home / CLIENT_FILE
+    body = {
+        "network": "dev",
+        "nats_url": settings.nats_url,
+        "authority_keys": list(settings.authority_keys),
+        "node_id": node_id,
+        "key_file": str(settings.key_file),
+        "subject_prefix": settings.subject_prefix,
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=2) + "\n")
+    tmp.replace(path)
+    log.info("dev_client_file_written path=%s", path)
+    return path
+
+
+def remove_client_file(home: Path) -> None:
+    (home / CLIENT_FILE).unlink(missing_ok=True)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        body = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("dev_client_file_unreadable path=%s error=%s", path, exc)
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def client_settings() -> ClientNetwork:
+    """The settings of a client command: the environment's, completed by a running dev
+    network's `client.json` when `RESULTITY_NATS_URL` does not name another network."""
+    if "RESULTITY_NATS_URL" not in os.environ:
+        path = dev_home() / CLIENT_FILE
+        body = _read(path)
+        if body is not None:
+            given = {
+                name: body[name]
+                for name in SHARED_SETTINGS
+                if name in body and f"RESULTITY_{name.upper()}" not in os.environ
+            }
+            node_id = body.get("node_id")
+            return ClientNetwork(
+                Settings(**given), path, node_id if isinstance(node_id, str) else None
+            )
+    return ClientNetwork(Settings(), None, None)
