@@ -44,6 +44,7 @@ async def test_garbage_on_the_events_subject_is_skipped_and_leaves_no_task_behin
     await nc.publish(subject, msgpack.packb({"not": "an envelope"}))
     body = {
         "node_id": node.node_id,
+        "network": settings.network,
         "code": "BAD_REQUEST",
         "message": "no such thing",
         "retryable": False,
