@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DEMO_PROMPTS = ("The node signs", "Resultity runs jobs")
 DEMO_PARAMS = {"max_tokens": 12, "temperature": 0}
+DEMO_CHAT = [{"role": "user", "content": "Who signs the results?"}]
 
 
 @dataclass(frozen=True)
@@ -114,15 +115,15 @@ async def _expected_vectors(
 ) -> list[dict[str, Any]]:
     """Validation vectors for the demo model: a reference run, as the network would author
     them, cached per model and image."""
-    key = hashlib.sha256(f"{launch.model_sha256}\0{launch.image}\0{launch.engine}".encode())
+    key = hashlib.sha256(f"{launch.model_sha256}\0{launch.image}\0{launch.engine}\0chat".encode())
     path = cache / f"vectors-{key.hexdigest()[:16]}.json"
     if path.exists():
         cached: list[dict[str, Any]] = json.loads(path.read_text())
         return cached
 
+    inputs = [{"prompt": p} for p in DEMO_PROMPTS] + [{"messages": DEMO_CHAT}]
     items = [
-        WorkItem(f"vector-{i}", {"prompt": p, "params": DEMO_PARAMS})
-        for i, p in enumerate(DEMO_PROMPTS)
+        WorkItem(f"vector-{i}", {**given, "params": DEMO_PARAMS}) for i, given in enumerate(inputs)
     ]
     log.info("dev_reference_run engine=%s: computing validation vectors", launch.engine)
     async with Supervisor(
@@ -133,13 +134,7 @@ async def _expected_vectors(
     for item, outcome in zip(items, outcomes, strict=True):
         if not isinstance(outcome, Completion):
             raise NodeError(f"reference run of the demo model failed: {outcome}")
-        vectors.append(
-            {
-                "prompt": item.payload["prompt"],
-                "params": DEMO_PARAMS,
-                "expected_sha256": token_ids_sha256(outcome.token_ids),
-            }
-        )
+        vectors.append({**item.payload, "expected_sha256": token_ids_sha256(outcome.token_ids)})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(vectors, indent=2))
     return vectors
