@@ -18,7 +18,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from schemas.codec import validate
 from schemas.envelope import EnvelopeType
-from schemas.event import ErrorEvent
+from schemas.event import ErrorCode, ErrorEvent
 from schemas.job import Job
 from schemas.result import ResultBody
 from schemas.snapshot import Snapshot
@@ -28,7 +28,12 @@ from worker.core.signing import verify
 
 
 class JobFailed(NodeError):
-    """The node reported a final error for the submitted job."""
+    """The node reported a final error for the submitted job (its code in `code`), or the
+    result did not attest the bytes sent."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.INTERNAL) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class NatsUnreachable(NodeError):
@@ -122,4 +127,10 @@ async def _outcome(results: Any, errors: Any, job_id: str, data: bytes) -> Outco
         event = validate(ErrorEvent, verify(error_task.result().data).body)
         if event.job_id == job_id and not event.retryable:
             result_task.cancel()
-            raise JobFailed(f"{event.code.value}: {event.message}")
+            raise JobFailed(f"{event.code.value}: {event.message}", event.code)
+
+
+async def cancel(nc: Client, settings: Settings, job_id: str) -> None:
+    """Ask the node holding `job_id` to abort it (PROTOCOL.md v2, "Cancellation")."""
+    await nc.publish(settings.subject("cancel", job_id), msgpack.packb({"job_id": job_id}))
+    await nc.flush()

@@ -12,7 +12,10 @@ from worker.devtools.devnet import DevPlan, choose, run_dev
 
 def cmd_dev(args: argparse.Namespace) -> int:
     engine, backend = choose(args.engine, args.backend)
-    plan = DevPlan(Path(args.home).expanduser(), args.port, engine, backend, args.prompt)
+    gateway_port = None if args.no_gateway else args.gateway_port
+    plan = DevPlan(
+        Path(args.home).expanduser(), args.port, engine, backend, args.prompt, gateway_port
+    )
 
     def show(outcome: Any) -> None:
         print("\n=== verified signed result ===", flush=True)
@@ -50,4 +53,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--prompt", default="Resultity nodes sign every result", help="demo prompt")
     p.add_argument("--once", action="store_true", help="exit after the demo result")
+    p.add_argument(
+        "--gateway-port", type=int, default=8000, help="port of the OpenAI gateway on 127.0.0.1"
+    )
+    p.add_argument("--no-gateway", action="store_true", help="do not start the OpenAI gateway")
     p.set_defaults(handler=cmd_dev)

@@ -7,11 +7,13 @@ client would and prints the verified result; then the node keeps serving until C
 """
 
 import asyncio
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ class DevPlan:
     engine: str  # echo | vllm
     backend: str  # docker | process
     prompt: str
+    gateway_port: int | None = None  # the OpenAI gateway on 127.0.0.1:<port>; None: none
 
 
 def docker_answers() -> bool:
@@ -216,9 +219,23 @@ async def run_dev(plan: DevPlan, *, on_result: Any, serve_forever: bool = True) 
         )
         log.info("dev_nats url=%s store=%s", server.url, plan.home / "nats")
         snapshot = await seed_network(settings, authority, plan)
-        return await _serve(settings, node_key, snapshot, plan, on_result, serve_forever)
+        async with _gateway(settings, plan.gateway_port):
+            return await _serve(settings, node_key, snapshot, plan, on_result, serve_forever)
     finally:
         await asyncio.to_thread(server.stop)
+
+
+@contextlib.asynccontextmanager
+async def _gateway(settings: Settings, port: int | None) -> AsyncIterator[None]:
+    """The OpenAI-compatible gateway in front of the dev network, if asked for."""
+    if port is None:
+        yield
+        return
+    from worker.gateway.app import running  # the optional `gateway` extra
+
+    async with running(settings, host="127.0.0.1", port=port) as url:
+        log.info("dev_gateway url=%s/v1 (OpenAI API; try: curl %s/v1/models)", url, url)
+        yield
 
 
 async def _serve(
