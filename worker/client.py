@@ -114,20 +114,27 @@ async def submit(
 
 async def _outcome(results: Any, errors: Any, job_id: str, data: bytes) -> Outcome:
     result_task = asyncio.ensure_future(results.next_msg(timeout=None))
-    while True:
-        error_task = asyncio.ensure_future(errors.next_msg(timeout=None))
-        done, _ = await asyncio.wait({result_task, error_task}, return_when=asyncio.FIRST_COMPLETED)
-        if result_task in done:
-            error_task.cancel()
-            envelope = result_task.result().data
-            body = validate(ResultBody, verify(envelope, expect=EnvelopeType.RESULT).body)
-            if body.input_sha256 != hashlib.sha256(data).hexdigest():
-                raise JobFailed(f"result for {job_id} attests other input bytes")
-            return Outcome(body, envelope, data)
-        event = validate(ErrorEvent, verify(error_task.result().data).body)
-        if event.job_id == job_id and not event.retryable:
-            result_task.cancel()
-            raise JobFailed(f"{event.code.value}: {event.message}", event.code)
+    error_task: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            error_task = asyncio.ensure_future(errors.next_msg(timeout=None))
+            done, _ = await asyncio.wait(
+                {result_task, error_task}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if result_task in done:
+                envelope = result_task.result().data
+                body = validate(ResultBody, verify(envelope, expect=EnvelopeType.RESULT).body)
+                if body.input_sha256 != hashlib.sha256(data).hexdigest():
+                    raise JobFailed(f"result for {job_id} attests other input bytes")
+                return Outcome(body, envelope, data)
+            event = validate(ErrorEvent, verify(error_task.result().data).body)
+            if event.job_id == job_id and not event.retryable:
+                raise JobFailed(f"{event.code.value}: {event.message}", event.code)
+    finally:
+        # Also when cancelled (a deadline, a client gone): no read is left pending.
+        for task in (result_task, error_task):
+            if task is not None and not task.done():
+                task.cancel()
 
 
 async def cancel(nc: Client, settings: Settings, job_id: str) -> None:

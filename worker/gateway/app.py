@@ -220,6 +220,7 @@ class Gateway:
         parts = StreamParts(job_id)
         sub = await self.nc.subscribe(self.settings.subject("stream", job_id))
         running = asyncio.ensure_future(self._run(job, spec))
+        message: asyncio.Future[Any] | None = None
         finished = False
         try:
             yield _sse(shapes.chunk(kind, job_id, spec.id, created, "", first=True))
@@ -263,6 +264,8 @@ class Gateway:
             yield b"data: [DONE]\n\n"
         finally:
             self.busy -= 1
+            if message is not None:
+                message.cancel()
             with anyio.CancelScope(shield=True):
                 if not finished:
                     log.info("gateway_client_gone job_id=%s: cancelling", job_id)
