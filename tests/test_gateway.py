@@ -69,7 +69,7 @@ async def snapshot(settings: Settings, authority: NodeKey, tmp_path: Path) -> Sn
 
 
 @contextlib.asynccontextmanager
-async def serving_node(settings: Settings) -> AsyncIterator[Agent]:
+async def serving_node(settings: Settings, timeout: float = 60) -> AsyncIterator[Agent]:
     stop = asyncio.Event()
     agent = Agent(settings, load_key_file(settings.key_file))
     async with agent:
@@ -79,7 +79,7 @@ async def serving_node(settings: Settings) -> AsyncIterator[Agent]:
             async def ready() -> bool:
                 return agent.state is AgentState.SERVING
 
-            await wait_for(ready, 60)
+            await wait_for(ready, timeout)
             yield agent
         finally:
             stop.set()

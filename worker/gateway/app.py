@@ -27,6 +27,7 @@ import uvicorn
 from nats.aio.client import Client
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -122,11 +123,14 @@ class Gateway:
             log.info("gateway_job job_id=%s model=%s kind=%s", job_id, spec.id, kind)
             if stream.stream:
                 usage = bool(stream.stream_options and stream.stream_options.include_usage)
+                slot = Slot(self)
                 streaming = True
                 return StreamingResponse(
-                    self._stream(kind, job, spec, usage),
+                    self._stream(kind, job, spec, usage, slot),
                     media_type="text/event-stream",
                     headers={f"{shapes.HEADER_PREFIX}Job-Id": job_id},
+                    # Frees the slot also when the client left before the stream started.
+                    background=BackgroundTask(slot.release),
                 )
             outcome = await self._run(job, spec)
             created = int(time.time())
@@ -214,7 +218,7 @@ class Gateway:
     # -- streaming -----------------------------------------------------------------------
 
     async def _stream(
-        self, kind: Kind, job: dict[str, Any], spec: ModelSpec, include_usage: bool
+        self, kind: Kind, job: dict[str, Any], spec: ModelSpec, include_usage: bool, slot: "Slot"
     ) -> AsyncIterator[bytes]:
         job_id, created = job["job_id"], int(time.time())
         parts = StreamParts(job_id)
@@ -263,7 +267,7 @@ class Gateway:
                 yield _sse(shapes.usage_chunk(kind, outcome.result, created))
             yield b"data: [DONE]\n\n"
         finally:
-            self.busy -= 1
+            slot.release()
             if message is not None:
                 message.cancel()
             with anyio.CancelScope(shield=True):
@@ -274,6 +278,19 @@ class Gateway:
                 await sub.unsubscribe()
             if running.done() and not running.cancelled():
                 running.exception()  # retrieved, so asyncio does not log it again
+
+
+class Slot:
+    """One request's place among `gateway_max_concurrent`, released exactly once."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._gateway.busy -= 1
 
 
 class StreamParts:
