@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -305,3 +306,19 @@ async def test_readme_curl_examples_run(settings: Settings, snapshot: Snapshot, 
             out, err = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode == 0, (example, out, err)
             assert out.strip(), example
+
+
+async def test_a_port_in_use_is_an_os_error_and_dev_goes_on_without_gateway(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker.devtools.devnet import _gateway
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            async with gateway(settings, port=port):
+                pass
+        async with _gateway(settings, port):
+            assert "dev_gateway_unavailable" in caplog.text

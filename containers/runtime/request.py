@@ -187,12 +187,16 @@ def prompt_token_ids(req: Request, tokenizer: Any) -> list[int]:
 
 
 def structured_outputs(response_format: Mapping[str, Any]) -> dict[str, Any]:
-    """vLLM's `StructuredOutputsParams` keyword arguments for an OpenAI `response_format`."""
+    """vLLM's `StructuredOutputsParams` keyword arguments for an OpenAI `response_format`.
+
+    JSON without free whitespace: a model allowed any may spend `max_tokens` on it (the
+    random-weight demo model does), leaving an unfinished document."""
     if response_format["type"] == "json_object":
-        return {"json_object": True}
+        return {"json_object": True, "disable_any_whitespace": True}
     schema = response_format["json_schema"]["schema"]
     # vLLM hashes the spec as a cache key; a canonical string keeps equal schemas equal.
-    return {"json": json.dumps(schema, sort_keys=True, separators=(",", ":"))}
+    canonical = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    return {"json": canonical, "disable_any_whitespace": True}
 
 
 def sampling_kwargs(req: Request) -> dict[str, Any]:

@@ -233,8 +233,12 @@ async def _gateway(settings: Settings, port: int | None) -> AsyncIterator[None]:
         return
     from worker.gateway.app import running  # the optional `gateway` extra
 
-    async with running(settings, host="127.0.0.1", port=port) as url:
-        log.info("dev_gateway url=%s/v1 (OpenAI API; try: curl %s/v1/models)", url, url)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            url = await stack.enter_async_context(running(settings, host="127.0.0.1", port=port))
+            log.info("dev_gateway url=%s/v1 (OpenAI API; try: curl %s/v1/models)", url, url)
+        except OSError as exc:
+            log.warning("dev_gateway_unavailable port=%d error=%s: pass --gateway-port", port, exc)
         yield
 
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Literal
@@ -347,7 +348,19 @@ async def running(
     """Serve the gateway while the context is open; yields its base URL (`http://h:p`)."""
     host = host or settings.gateway_host
     port = settings.gateway_port if port is None else port
-    nc = await connect(settings.nats_url)
+    # Bound here, so that a port in use is an OSError (uvicorn would exit the process).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    try:
+        nc = await connect(settings.nats_url)
+    except BaseException:
+        sock.close()
+        raise
     config = uvicorn.Config(
         Gateway(settings, nc).app(),
         host=host,
@@ -358,21 +371,21 @@ async def running(
         timeout_graceful_shutdown=5,
     )
     server = _Server(config)
-    serving = asyncio.create_task(server.serve())
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:
             if serving.done():
                 serving.result()
-                raise OSError(f"the gateway could not listen on {host}:{port}")
+                raise OSError(f"the gateway could not serve on {host}:{port}")
             await asyncio.sleep(0.05)
-        bound = server.servers[0].sockets[0].getsockname()[1]
-        url = f"http://{host}:{bound}"
+        url = f"http://{host}:{sock.getsockname()[1]}"
         log.info("gateway_listening url=%s", url)
         yield url
     finally:
         server.should_exit = True
         with contextlib.suppress(Exception):
             await serving
+        sock.close()
         await nc.close()
 
 
