@@ -46,10 +46,7 @@ def test_new_params_reach_the_sampling_arguments() -> None:
 
 
 def test_response_format_maps_to_structured_outputs() -> None:
-    assert structured_outputs({"type": "json_object"}) == {
-        "json_object": True,
-        "disable_any_whitespace": True,
-    }
+    assert structured_outputs({"type": "json_object"}) == {"json_object": True}
     schema = {"type": "object", "required": ["a"], "properties": {"a": {"type": "integer"}}}
     fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
     req = parse_request("j", {"prompt": "x", "params": {"response_format": fmt}})

@@ -132,9 +132,20 @@ async def _outcome(results: Any, errors: Any, job_id: str, data: bytes) -> Outco
                 raise JobFailed(f"{event.code.value}: {event.message}", event.code)
     finally:
         # Also when cancelled (a deadline, a client gone): no read is left pending.
-        for task in (result_task, error_task):
-            if task is not None and not task.done():
-                task.cancel()
+        await drop(result_task, error_task)
+
+
+async def drop(*tasks: "asyncio.Future[Any] | None") -> None:
+    """Cancel pending reads and wait until they are done, their outcome consumed (nats-py
+    turns a cancelled read on a closed connection into an error nobody would retrieve)."""
+    pending = [t for t in tasks if t is not None and not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
+    for task in pending:
+        if not task.cancelled():
+            task.exception()
 
 
 async def cancel(nc: Client, settings: Settings, job_id: str) -> None:

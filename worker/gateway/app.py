@@ -42,6 +42,7 @@ from worker.client import (
     cancel,
     connect,
     current_snapshot,
+    drop,
     new_job_id,
     submit,
 )
@@ -233,7 +234,6 @@ class Gateway:
                 message = asyncio.ensure_future(sub.next_msg(timeout=None))
                 await asyncio.wait({running, message}, return_when=asyncio.FIRST_COMPLETED)
                 if not message.done():
-                    message.cancel()
                     break
                 piece = parts.add(message.result().data)
                 if piece:
@@ -269,13 +269,11 @@ class Gateway:
             yield b"data: [DONE]\n\n"
         finally:
             slot.release()
-            if message is not None:
-                message.cancel()
             with anyio.CancelScope(shield=True):
                 if not finished:
                     log.info("gateway_client_gone job_id=%s: cancelling", job_id)
-                    running.cancel()
                     await cancel(self.nc, self.settings, job_id)
+                await drop(message, running)
                 await sub.unsubscribe()
             if running.done() and not running.cancelled():
                 running.exception()  # retrieved, so asyncio does not log it again

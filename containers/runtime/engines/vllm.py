@@ -27,6 +27,11 @@ CPU_DEFAULTS: dict[str, Any] = {
     "kv_cache_memory_bytes": 256 << 20,
 }
 
+STRUCTURED_OUTPUTS: dict[str, Any] = {"backend": "xgrammar", "disable_any_whitespace": True}
+"""JSON output (`response_format`) by xgrammar (vLLM's default; a schema it cannot compile
+fails its job), without free whitespace: a model allowed any may spend its `max_tokens` on it
+(the random-weight demo model does), leaving an unfinished document."""
+
 
 def prepare_environment() -> None:
     """Offline hubs, no telemetry, every cache under /tmp (the root filesystem is read-only)."""
@@ -93,7 +98,11 @@ class VllmEngine:
         vllm = importlib.import_module("vllm")
         torch = importlib.import_module("torch")
         device = _device(torch)
-        kwargs: dict[str, Any] = {"model": str(config.model_dir), "seed": 0}
+        kwargs: dict[str, Any] = {
+            "model": str(config.model_dir),
+            "seed": 0,
+            "structured_outputs_config": STRUCTURED_OUTPUTS,
+        }
         if device == "cpu":
             kwargs.update(CPU_DEFAULTS)
         kwargs.update(config.engine_args)
