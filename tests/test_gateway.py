@@ -7,7 +7,9 @@ import base64
 import contextlib
 import hashlib
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -42,20 +44,22 @@ def authority() -> NodeKey:
     return NodeKey.generate()
 
 
-def make_settings(nats_server: NatsServer, tmp_path: Path, authority: NodeKey, **extra: Any):  # type: ignore[no-untyped-def]
+def make_settings(
+    nats_server: NatsServer, tmp_path: Path, authority: NodeKey, **extra: Any
+) -> Settings:
     if not (tmp_path / "node.key").exists():
         write_key_file(tmp_path / "node.key")
-    return Settings(
-        nats_url=nats_server.url,
-        key_file=tmp_path / "node.key",
-        authority_keys=(authority.node_id,),
-        cache_dir=tmp_path / "cache",
-        state_dir=tmp_path / "state",
-        runtime_backend="process",
-        ack_wait_s=10,
-        shutdown_grace_s=5,
-        **extra,
-    )
+    values: dict[str, Any] = {
+        "nats_url": nats_server.url,
+        "key_file": tmp_path / "node.key",
+        "authority_keys": (authority.node_id,),
+        "cache_dir": tmp_path / "cache",
+        "state_dir": tmp_path / "state",
+        "runtime_backend": "process",
+        "ack_wait_s": 10,
+        "shutdown_grace_s": 5,
+    }
+    return Settings(**(values | extra))
 
 
 @pytest.fixture
@@ -322,3 +326,33 @@ async def test_a_port_in_use_is_an_os_error_and_dev_goes_on_without_gateway(
                 pass
         async with _gateway(settings, port):
             assert "dev_gateway_unavailable" in caplog.text
+
+
+async def test_gateway_command_serves_until_sigterm(settings: Settings, snapshot: Snapshot) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESULTITY_")}
+    env |= {
+        "RESULTITY_NATS_URL": settings.nats_url,
+        "RESULTITY_AUTHORITY_KEYS": ",".join(settings.authority_keys),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "gateway",
+        "--port",
+        "0",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        url = re.search(r"(http://\S+)/v1 ", line)
+        assert url, line
+        async with httpx.AsyncClient(base_url=url.group(1)) as http:
+            models = (await http.get("/v1/models")).json()
+        assert [m["id"] for m in models["data"]] == [snapshot.models[0].id]
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0

@@ -26,12 +26,11 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        print(
-            f"gateway on http://{settings.gateway_host}:{settings.gateway_port}/v1 "
-            f"for NATS {settings.nats_url} (Ctrl-C stops)",
-            flush=True,
-        )
-        await serve_until(settings, stop.wait)
+
+        def ready(url: str) -> None:
+            print(f"gateway on {url}/v1 for NATS {settings.nats_url} (Ctrl-C stops)", flush=True)
+
+        await serve_until(settings, stop.wait, ready)
 
     asyncio.run(go())
     return 0

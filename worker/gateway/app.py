@@ -387,7 +387,11 @@ async def running(
         await nc.close()
 
 
-async def serve_until(settings: Settings, stop: Callable[[], Awaitable[Any]]) -> None:
-    """Serve until `stop()` returns (the command's signal handling)."""
-    async with running(settings):
+async def serve_until(
+    settings: Settings, stop: Callable[[], Awaitable[Any]], on_ready: Callable[[str], Any]
+) -> None:
+    """Serve until `stop()` returns (the command's signal handling); `on_ready(url)` once
+    listening."""
+    async with running(settings) as url:
+        on_ready(url)
         await stop()
