@@ -1,7 +1,9 @@
-"""Jobs: what the network asks a node to run (PROTOCOL.md, "Jobs")."""
+"""Jobs: what the network asks a node to run (PROTOCOL.md, "Jobs" and "v2 additions")."""
 
-from typing import Annotated, Self
+import math
+from typing import Annotated, Any, Literal, Self
 
+import msgpack
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -9,6 +11,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    field_validator,
     model_validator,
 )
 
@@ -20,6 +23,11 @@ MAX_PROMPT_TOKENS = 128 * 1024
 MAX_NEW_TOKENS = 1 << 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_MESSAGES = 256
+MAX_LOGPROBS = 20
+MAX_SCHEMA_BYTES = 16 * 1024
+MAX_SCHEMA_DEPTH = 32
+SCHEMA_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 JobId = Annotated[StrictStr, Field(pattern=JOB_ID_PATTERN)]
 ModelId = Annotated[StrictStr, Field(pattern=MODEL_ID_PATTERN)]
@@ -31,6 +39,70 @@ class Wire(BaseModel):
     """Base of every payload: unknown keys are rejected; fields use strict types, never coerced."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+Penalty = Annotated[Number, Field(ge=-2, le=2)]
+
+
+def _json_depth(value: Any, depth: int = 0) -> int:
+    """Nesting depth of a JSON value; raises `ValueError` on anything JSON cannot hold."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                raise ValueError("schema keys must be strings")
+        return max((_json_depth(v, depth + 1) for v in value.values()), default=depth)
+    if isinstance(value, list):
+        return max((_json_depth(v, depth + 1) for v in value), default=depth)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("schema numbers must be finite")
+    if value is None or isinstance(value, bool | int | float | str):
+        return depth
+    raise ValueError(f"schema holds a {type(value).__name__}, which JSON cannot")
+
+
+class JsonSchemaSpec(Wire):
+    """A named JSON Schema the output must satisfy (OpenAI's `json_schema` shape)."""
+
+    name: Annotated[StrictStr, Field(pattern=SCHEMA_NAME_PATTERN)]
+    schema_: Annotated[dict[StrictStr, Any], Field(alias="schema")]
+    description: Annotated[StrictStr, Field(max_length=1024)] | None = None
+    strict: bool | None = None
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _json_depth(value)
+        size = len(msgpack.packb(value))
+        if size > MAX_SCHEMA_BYTES:
+            raise ValueError(f"schema is {size} bytes encoded, the limit is {MAX_SCHEMA_BYTES}")
+        return value
+
+
+class JsonObjectFormat(Wire):
+    """Output is any JSON object."""
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(Wire):
+    """Output is JSON valid against `json_schema.schema`."""
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+class Message(Wire):
+    """One chat turn, rendered by the model's own chat template on the node."""
+
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)]
 
 
 class Params(Wire):
@@ -48,21 +120,36 @@ class Params(Wire):
         ]
         | None
     ) = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    response_format: ResponseFormat | None = None
 
 
 class Prompted(Wire):
-    """Exactly one of a text prompt and a list of token ids, plus sampling parameters."""
+    """Exactly one of a text prompt, a list of token ids and chat messages, plus sampling
+    parameters."""
 
     prompt: Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)] | None = None
     prompt_token_ids: (
         Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_TOKENS)] | None
     ) = None
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
     params: Params = Params()
 
     @model_validator(mode="after")
     def _one_prompt(self) -> Self:
-        if (self.prompt is None) == (self.prompt_token_ids is None):
-            raise ValueError("exactly one of 'prompt' and 'prompt_token_ids' must be given")
+        given = [x is not None for x in (self.prompt, self.prompt_token_ids, self.messages)]
+        if sum(given) != 1:
+            raise ValueError(
+                "exactly one of 'prompt', 'prompt_token_ids' and 'messages' must be given"
+            )
+        if self.messages is not None:
+            chars = sum(len(m.content) for m in self.messages)
+            if chars > MAX_PROMPT_CHARS:
+                raise ValueError(
+                    f"messages hold {chars} characters, the limit is {MAX_PROMPT_CHARS}"
+                )
         return self
 
 

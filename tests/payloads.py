@@ -28,6 +28,33 @@ def job() -> dict[str, Any]:
     }
 
 
+def chat_job() -> dict[str, Any]:
+    return {
+        "job_id": "chat-1",
+        "model_id": "tiny-model_1",
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi."},
+            {"role": "user", "content": "Again"},
+        ],
+        "params": {"max_tokens": 8, "logprobs": 3, "presence_penalty": 0.5},
+    }
+
+
+def json_schema_format(schema: Any, **extra: Any) -> dict[str, Any]:
+    """A `response_format` of type `json_schema`; `extra` keys go into `json_schema`."""
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, **extra}}
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """A JSON Schema-like map nested `depth` levels deep."""
+    value: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        value = {"type": "object", "properties": {"a": value}}
+    return value
+
+
 def result_body() -> dict[str, Any]:
     return {
         "job_id": "job-1",

@@ -1,6 +1,7 @@
 """Fuzzing with hypothesis, at volume:
 
 - job payloads (random bytes, type confusion, huge values, deep nesting, wrong model, bad
+  chat messages, hostile response_format schemas, bad
   UTF-8, oversize) mixed with valid jobs into a running pipeline on a real nats-server:
   the pipeline stays up, each bad job gets exactly one signed final error event, each valid
   job exactly one verified result;
@@ -74,7 +75,31 @@ valid_params = st.fixed_dictionaries(
         "top_k": st.integers(-1, 100),
         "seed": st.integers(0, (1 << 63) - 1),
         "stop": st.lists(st.text(min_size=1, max_size=8), max_size=3),
+        "logprobs": st.integers(0, 20),
+        "presence_penalty": st.floats(-2, 2) | st.integers(-2, 2),
+        "frequency_penalty": st.floats(-2, 2),
+        "response_format": st.sampled_from(
+            [
+                {"type": "json_object"},
+                {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}},
+                {
+                    "type": "json_schema",
+                    "json_schema": {"name": "b", "schema": {"type": "object"}, "strict": True},
+                },
+            ]
+        ),
     },
+)
+
+valid_messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["system", "user", "assistant"]),
+            "content": st.text(max_size=40),
+        }
+    ),
+    min_size=1,
+    max_size=6,
 )
 
 
@@ -82,12 +107,42 @@ def _valid(job_id: str, prompt: Any, params: dict[str, Any]) -> dict[str, Any]:
     body: dict[str, Any] = {"job_id": job_id, "model_id": "demo", "params": params}
     if isinstance(prompt, str):
         body["prompt"] = prompt
+    elif prompt and isinstance(prompt[0], dict):
+        body["messages"] = prompt
     else:
         body["prompt_token_ids"] = prompt
     return body
 
 
-valid_prompt = st.text(max_size=200) | st.lists(st.integers(0, (1 << 31) - 1), min_size=1)
+valid_prompt = (
+    st.text(max_size=200) | st.lists(st.integers(0, (1 << 31) - 1), min_size=1) | valid_messages
+)
+
+
+def _schema(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        value = {"type": "object", "properties": {"a": value}}
+    return value
+
+
+hostile_schemas = st.one_of(
+    st.builds(_schema, st.integers(17, 300)),  # nested deeper than the limit
+    st.builds(lambda n: {"enum": ["x" * 64] * n}, st.integers(300, 2000)),  # over 16 KiB
+    st.builds(lambda b: {"const": b}, st.binary(max_size=8)),  # not JSON
+    st.builds(lambda k: {k: 1}, st.integers()),  # a non-string key
+    msgpack_values.filter(lambda v: not isinstance(v, dict)),  # not a map at all
+)
+
+hostile_messages = st.one_of(
+    st.just([]),
+    st.lists(st.just({"role": "user", "content": "x"}), min_size=257, max_size=300),
+    st.builds(lambda r: [{"role": r, "content": "x"}], st.text(max_size=12)),
+    st.builds(lambda c: [{"role": "user", "content": c}], msgpack_values),
+    st.builds(lambda v: [v], msgpack_values),
+    st.just([{"role": "user", "content": "x", "name": "tool"}]),
+    st.just([{"role": "user", "content": "x" * (100 * 1024)}] * 3),
+)
 
 
 def _nest(depth: int) -> Any:
@@ -104,8 +159,21 @@ def _bad_utf8(body: dict[str, Any], junk: bytes) -> bytes:
     return packed.replace(marker.encode(), junk, 1)
 
 
-FIELDS = ["job_id", "model_id", "prompt", "prompt_token_ids", "params", "deadline"]
-PARAMS = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stop"]
+FIELDS = ["job_id", "model_id", "prompt", "prompt_token_ids", "messages", "params", "deadline"]
+PARAMS = [
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+]
+HUGE_FIELDS = ["max_tokens", "seed", "token", "temperature", "deadline", "logprobs"]
+HUGE_FIELDS += ["presence_penalty", "frequency_penalty"]
 
 
 @st.composite
@@ -129,6 +197,8 @@ def job_payload(draw: st.DrawFn, job_id: str) -> tuple[str, bytes]:
                 "oversize",
                 "extra_key",
                 "expired",
+                "bad_messages",
+                "hostile_schema",
             ]
         )
     )
@@ -141,10 +211,11 @@ def job_payload(draw: st.DrawFn, job_id: str) -> tuple[str, bytes]:
     elif kind == "params_confusion":
         base["params"] = {draw(st.sampled_from(PARAMS)): draw(msgpack_values)}
     elif kind == "huge_values":
-        field = draw(st.sampled_from(["max_tokens", "seed", "token", "temperature", "deadline"]))
+        field = draw(st.sampled_from(HUGE_FIELDS))
         huge = draw(st.integers(1 << 31, (1 << 64) - 1) | st.just(1e308) | st.just(-(1 << 63)))
         if field == "token":
             base.pop("prompt", None)
+            base.pop("messages", None)
             base["prompt_token_ids"] = [1, huge]
         elif field == "deadline":
             base["deadline"] = -float(huge)
@@ -164,12 +235,21 @@ def job_payload(draw: st.DrawFn, job_id: str) -> tuple[str, bytes]:
     elif kind == "bad_utf8":
         junk = draw(st.binary(min_size=1, max_size=12).filter(_not_utf8))
         base.pop("prompt_token_ids", None)
+        base.pop("messages", None)
         return kind, _bad_utf8(base, junk)
     elif kind == "oversize":
         base.pop("prompt_token_ids", None)
+        base.pop("messages", None)
         base["prompt"] = "o" * draw(st.integers(MAX_JOB_BYTES, 4 * MAX_JOB_BYTES))
     elif kind == "extra_key":
         base[draw(st.text(min_size=1, max_size=10).filter(lambda k: k not in FIELDS))] = 1
+    elif kind == "bad_messages":
+        base.pop("prompt", None)
+        base.pop("prompt_token_ids", None)
+        base["messages"] = draw(hostile_messages)
+    elif kind == "hostile_schema":
+        spec = {"name": "s", "schema": draw(hostile_schemas)}
+        base["params"] = {"response_format": {"type": "json_schema", "json_schema": spec}}
     elif kind == "expired":
         base["deadline"] = time.time() - draw(st.floats(1, 1e9))
     return kind, msgpack.packb(base)

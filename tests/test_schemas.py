@@ -11,10 +11,13 @@ from payloads import (
     NODE_ID,
     SHA,
     changed,
+    chat_job,
     error_event,
     job,
+    json_schema_format,
     lifecycle_event,
     model_spec,
+    nested,
     result_body,
     runtime_spec,
     snapshot,
@@ -47,7 +50,13 @@ VALID = [
     (Job, changed(changed(job(), "prompt", DELETE), "prompt_token_ids", [0, 5, 2**31 - 1])),
     (Job, {"job_id": "a", "model_id": "m", "prompt": ""}),
     (Job, {"job_id": "a" * 128, "model_id": "m" * 64, "prompt": "x", "params": {}}),
+    (Job, chat_job()),
+    (Job, changed(chat_job(), "messages", [{"role": "user", "content": ""}] * 256)),
     (Params, {"temperature": 0, "top_p": 1}),
+    (Params, {"logprobs": 0, "presence_penalty": -2, "frequency_penalty": 2.0}),
+    (Params, {"logprobs": 20, "response_format": {"type": "json_object"}}),
+    (Params, {"response_format": json_schema_format({"type": "object"})}),
+    (Params, {"response_format": json_schema_format({}, strict=True, description="d")}),
     (Params, {"temperature": 2.0, "top_p": 1e-9, "max_tokens": 1, "top_k": -1, "seed": 0}),
     (ResultBody, result_body()),
     (ResultBody, changed(result_body(), "output.finish_reason", "stop")),
@@ -175,7 +184,46 @@ JOB_REJECTS = [
     ("deadline", float("inf"), "deadline"),
     ("deadline", [1.0], "deadline"),
     ("priority", 1, "priority"),
+    ("params.logprobs", -1, "logprobs"),
+    ("params.logprobs", 21, "logprobs"),
+    ("params.logprobs", True, "logprobs"),
+    ("params.logprobs", 1.0, "logprobs"),
+    ("params.presence_penalty", -2.01, "presence_penalty"),
+    ("params.presence_penalty", 2.5, "presence_penalty"),
+    ("params.presence_penalty", "0", "presence_penalty"),
+    ("params.frequency_penalty", 3, "frequency_penalty"),
+    ("params.frequency_penalty", float("nan"), "frequency_penalty"),
+    ("params.response_format", "json_object", "response_format"),
+    ("params.response_format", {"type": "text"}, "response_format"),
+    ("params.response_format", {"type": "json_object", "schema": {}}, "schema"),
+    ("params.response_format", {"type": "json_schema"}, "json_schema"),
+    ("params.response_format", json_schema_format([]), "schema"),
+    ("params.response_format", json_schema_format({"a": b"bin"}), "JSON cannot"),
+    ("params.response_format", json_schema_format({"a": "x" * 16 * 1024}), "16384"),
+    ("params.response_format", json_schema_format(nested(33)), "nested deeper"),
+    ("params.response_format", json_schema_format({}, name="a b"), "name"),
+    ("params.response_format", json_schema_format({}, extra=1), "extra"),
+    ("messages", [{"role": "user", "content": "x"}], "exactly one"),
 ]
+
+# (bad messages, what the error must name), on a job with no prompt
+MESSAGES_REJECTS = [
+    ([], "messages"),
+    ("hello", "messages"),
+    ([{"role": "user", "content": "x"}] * 257, "messages"),
+    ([{"role": "tool", "content": "x"}], "role"),
+    ([{"role": "user"}], "content"),
+    ([{"role": "user", "content": 5}], "content"),
+    ([{"role": "user", "content": [{"type": "text", "text": "x"}]}], "content"),
+    ([{"role": "user", "content": "x", "name": "bob"}], "name"),
+    ([{"role": "user", "content": "x" * (256 * 1024 + 1)}], "content"),
+    ([{"role": "user", "content": "x" * (128 * 1024)}] * 3, "characters"),
+]
+
+
+@pytest.mark.parametrize(("value", "field"), MESSAGES_REJECTS)
+def test_job_rejects_bad_messages(value: Any, field: str) -> None:
+    rejects(Job, changed(chat_job(), "messages", value), field)
 
 
 @pytest.mark.parametrize(("path", "value", "field"), JOB_REJECTS)
@@ -206,6 +254,8 @@ def test_job_rejects_both_and_neither_prompt() -> None:
     neither = changed(job(), "prompt", DELETE)
     assert "exactly one" in str(rejects(Job, both, "prompt_token_ids"))
     assert "exactly one" in str(rejects(Job, neither, "prompt_token_ids"))
+    chat_and_tokens = changed(chat_job(), "prompt_token_ids", [1])
+    assert "exactly one" in str(rejects(Job, chat_and_tokens, "messages"))
     rejects(Job, changed(job(), "prompt", None), "prompt_token_ids")
 
 

@@ -20,7 +20,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from schemas.codec import validate
 from schemas.envelope import EnvelopeType
 from schemas.errors import SchemaError
-from schemas.event import ErrorEvent
+from schemas.event import ErrorCode, ErrorEvent
 from schemas.job import Job
 from schemas.result import ResultBody
 from schemas.snapshot import Snapshot
@@ -32,7 +32,12 @@ log = logging.getLogger(__name__)
 
 
 class JobFailed(NodeError):
-    """The node reported a final error for the submitted job."""
+    """The node reported a final error for the submitted job (its code in `code`), or the
+    result did not attest the bytes sent."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.INTERNAL) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class NatsUnreachable(NodeError):
@@ -128,9 +133,10 @@ async def _outcome(results: Any, errors: Any, job_id: str, data: bytes) -> Outco
                 return Outcome(body, envelope, data)
             event = _error_event(error_task.result().data)
             if event is not None and event.job_id == job_id and not event.retryable:
-                raise JobFailed(f"{event.code.value}: {event.message}")
+                raise JobFailed(f"{event.code.value}: {event.message}", event.code)
     finally:
-        await _reap(result_task, error_task)
+        # Also when cancelled (a deadline, a client gone): no read is left pending.
+        await drop(result_task, error_task)
 
 
 def _error_event(data: bytes) -> ErrorEvent | None:
@@ -143,11 +149,20 @@ def _error_event(data: bytes) -> ErrorEvent | None:
         return None
 
 
-async def _reap(*tasks: "asyncio.Future[Any] | None") -> None:
-    """Cancel and await the `next_msg` tasks still pending, so that none ends later with an
-    exception nobody retrieves (nats-py turns their cancellation into ConnectionClosedError
-    once the connection is closed)."""
-    pending = [t for t in tasks if t is not None]
+async def drop(*tasks: "asyncio.Future[Any] | None") -> None:
+    """Cancel pending reads and wait until they are done, their outcome consumed (nats-py
+    turns a cancelled read on a closed connection into an error nobody would retrieve)."""
+    pending = [t for t in tasks if t is not None and not t.done()]
     for task in pending:
         task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    if pending:
+        await asyncio.wait(pending)
+    for task in pending:
+        if not task.cancelled():
+            task.exception()
+
+
+async def cancel(nc: Client, settings: Settings, job_id: str) -> None:
+    """Ask the node holding `job_id` to abort it (PROTOCOL.md v2, "Cancellation")."""
+    await nc.publish(settings.subject("cancel", job_id), msgpack.packb({"job_id": job_id}))
+    await nc.flush()

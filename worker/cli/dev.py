@@ -25,7 +25,14 @@ def cmd_dev(args: argparse.Namespace) -> int:
     model_dir = Path(args.model).expanduser().resolve() if args.model else None
     engine, backend = choose(args.engine, args.backend, model_dir)
     plan = DevPlan(
-        home, args.port, engine, backend, args.prompt, model_dir, on_build_step=build_bar()
+        home,
+        args.port,
+        engine,
+        backend,
+        args.prompt,
+        model_dir,
+        on_build_step=build_bar(),
+        gateway_port=None if args.no_gateway else args.gateway_port,
     )
 
     def show(outcome: Any) -> None:
@@ -117,4 +124,8 @@ def register(sub: Any) -> None:
         action="store_true",
         help="stream every log event to the console (it always goes to the log file)",
     )
+    p.add_argument(
+        "--gateway-port", type=int, default=8000, help="port of the OpenAI gateway on 127.0.0.1"
+    )
+    p.add_argument("--no-gateway", action="store_true", help="do not start the OpenAI gateway")
     p.set_defaults(handler=cmd_dev)

@@ -127,6 +127,19 @@ class Settings(BaseSettings):
     )
     runtime_max_frame_bytes: int = Field(64 << 20, ge=1024, description="largest runtime frame")
 
+    # gateway (OpenAI-compatible HTTP front door of the network, `resultity-node gateway`)
+    gateway_host: str = Field("127.0.0.1", description="address the gateway binds")
+    gateway_port: int = Field(8000, ge=0, le=65535, description="port the gateway listens on")
+    gateway_max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="largest request body the gateway accepts"
+    )
+    gateway_max_concurrent: int = Field(
+        64, ge=1, description="requests the gateway serves at once; more get 429"
+    )
+    gateway_timeout_s: float = Field(
+        120.0, gt=0, description="deadline of a gateway request (and of its job)"
+    )
+
     @field_validator("authority_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

@@ -34,6 +34,12 @@ CORPUS = (
     "once upon a time there was a tiny language model that only knew a few sentences",
 )
 
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}"
+    "\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""The demo model's chat template (Jinja, as `tokenizer_config.json` ships it)."""
+
 ModelKind = Literal["llama", "echo"]
 TORCH_WHEEL_HINT = "/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
 
@@ -115,11 +121,22 @@ def make_tiny_llama(directory: Path, *, seed: int = SEED, layers: int = 2) -> Pa
     transformers.utils.logging.disable_progress_bar()
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    _ship_chat_template(directory)
     for path in directory.rglob("*"):
         # Readable by the runtime's unprivileged user when mounted as is.
         path.chmod(0o755 if path.is_dir() else 0o644)
     log.info("demo_model_written kind=llama dir=%s", directory)
     return directory
+
+
+def _ship_chat_template(directory: Path) -> None:
+    """Put the chat template into `tokenizer_config.json` (where the node's runtime reads it),
+    not in a separate file, and write that file in one canonical form."""
+    (directory / "chat_template.jinja").unlink(missing_ok=True)
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def make_echo_model(directory: Path, size: int = 64 << 10) -> Path:

@@ -12,12 +12,14 @@ quiet `dev` shows those and warnings only.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ steps = logging.getLogger(STEP_LOGGER)
 
 DEMO_PROMPTS = ("The node signs", "Resultity runs jobs")
 DEMO_PARAMS = {"max_tokens": 12, "temperature": 0}
+DEMO_CHAT = [{"role": "user", "content": "Who signs the results?"}]
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class DevPlan:
     """A Hugging Face model directory to serve instead of the demo model."""
     on_build_step: BuildStep | None = None
     """Told each step of a runtime image build (from a worker thread)."""
+
+    gateway_port: int | None = None  # the OpenAI gateway on 127.0.0.1:<port>; None: none
 
 
 class Step:
@@ -205,12 +210,27 @@ async def _model(plan: DevPlan) -> PackedModel:
     return packed
 
 
+def _has_chat_template(model_dir: Path | None) -> bool:
+    """Whether a chat vector can be made: the demo model ships a template; a user's model
+    directory only when its tokenizer_config.json names one."""
+    if model_dir is None:
+        return True
+    try:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))
+
+
 async def _expected_vectors(
-    settings: Settings, launch: LaunchSpec, cache: Path
+    settings: Settings, launch: LaunchSpec, cache: Path, *, chat: bool = True
 ) -> list[dict[str, Any]]:
     """Validation vectors for the demo model: a reference run, as the network would author
     them, cached per model and image."""
-    key = hashlib.sha256(f"{launch.model_sha256}\0{launch.image}\0{launch.engine}".encode())
+    flavour = "chat" if chat else "plain"
+    key = hashlib.sha256(
+        f"{launch.model_sha256}\0{launch.image}\0{launch.engine}\0{flavour}".encode()
+    )
     path = cache / f"vectors-{key.hexdigest()[:16]}.json"
     if path.exists():
         cached: list[dict[str, Any]] = json.loads(path.read_text())
@@ -218,9 +238,11 @@ async def _expected_vectors(
         return cached
     step = Step(f"validation vectors: reference run of {len(DEMO_PROMPTS)} prompts")
 
+    inputs: list[dict[str, Any]] = [{"prompt": p} for p in DEMO_PROMPTS]
+    if chat:
+        inputs.append({"messages": DEMO_CHAT})
     items = [
-        WorkItem(f"vector-{i}", {"prompt": p, "params": DEMO_PARAMS})
-        for i, p in enumerate(DEMO_PROMPTS)
+        WorkItem(f"vector-{i}", {**given, "params": DEMO_PARAMS}) for i, given in enumerate(inputs)
     ]
     log.info("dev_reference_run engine=%s: computing validation vectors", launch.engine)
     async with Supervisor(
@@ -231,13 +253,7 @@ async def _expected_vectors(
     for item, outcome in zip(items, outcomes, strict=True):
         if not isinstance(outcome, Completion):
             raise NodeError(f"reference run of the demo model failed: {outcome}")
-        vectors.append(
-            {
-                "prompt": item.payload["prompt"],
-                "params": DEMO_PARAMS,
-                "expected_sha256": token_ids_sha256(outcome.token_ids),
-            }
-        )
+        vectors.append({**item.payload, "expected_sha256": token_ids_sha256(outcome.token_ids)})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(vectors, indent=2))
     step.done(f"validation vectors: {len(vectors)} from the reference run")
@@ -291,7 +307,9 @@ async def seed_network(
         ).models[0]
         model_dir = await ModelStore(settings.cache_dir / "reference", js=js).prepare(model_spec)
         launch = LaunchSpec(plan.engine, image, model_dir, sha256, {})
-        spec["validation"] = await _expected_vectors(settings, launch, plan.home)
+        spec["validation"] = await _expected_vectors(
+            settings, launch, plan.home, chat=_has_chat_template(plan.model_dir)
+        )
         body = {
             "network": settings.network,
             "version": version or int(time.time()),
@@ -339,11 +357,29 @@ async def run_dev(plan: DevPlan, *, on_result: Any, serve_forever: bool = True) 
         snapshot = await seed_network(settings, authority, plan)
         write_client_file(plan.home, settings, node_key.node_id)
         try:
-            return await _serve(settings, node_key, snapshot, plan, on_result, serve_forever)
+            async with _gateway(settings, plan.gateway_port):
+                return await _serve(settings, node_key, snapshot, plan, on_result, serve_forever)
         finally:
             remove_client_file(plan.home)
     finally:
         await asyncio.to_thread(server.stop)
+
+
+@contextlib.asynccontextmanager
+async def _gateway(settings: Settings, port: int | None) -> AsyncIterator[None]:
+    """The OpenAI-compatible gateway in front of the dev network, if asked for."""
+    if port is None:
+        yield
+        return
+    from worker.gateway.app import running  # the optional `gateway` extra
+
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            url = await stack.enter_async_context(running(settings, host="127.0.0.1", port=port))
+            log.info("dev_gateway url=%s/v1 (OpenAI API; try: curl %s/v1/models)", url, url)
+        except OSError as exc:
+            log.warning("dev_gateway_unavailable port=%d error=%s: pass --gateway-port", port, exc)
+        yield
 
 
 async def _serve(

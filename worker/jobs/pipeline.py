@@ -409,6 +409,8 @@ def _payload(record: InFlight) -> dict[str, Any]:
     payload: dict[str, Any] = {"params": job.params.model_dump(exclude_none=True)}
     if job.prompt is not None:
         payload["prompt"] = job.prompt
+    elif job.messages is not None:
+        payload["messages"] = [m.model_dump() for m in job.messages]
     else:
         payload["prompt_token_ids"] = job.prompt_token_ids
     return payload

@@ -15,7 +15,7 @@ from typing import Any
 
 from containers.runtime.config import RuntimeConfig
 from containers.runtime.engines import EngineError
-from containers.runtime.request import Request
+from containers.runtime.request import Request, RequestError, to_vllm, wire_logprobs
 from schemas.frames import Frame, failed, ok
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,11 @@ CPU_DEFAULTS: dict[str, Any] = {
     "enforce_eager": True,
     "kv_cache_memory_bytes": 256 << 20,
 }
+
+STRUCTURED_OUTPUTS: dict[str, Any] = {"backend": "xgrammar", "disable_any_whitespace": True}
+"""JSON output (`response_format`) by xgrammar (vLLM's default; a schema it cannot compile
+fails its job), without free whitespace: a model allowed any may spend its `max_tokens` on it
+(the random-weight demo model does), leaving an unfinished document."""
 
 
 def prepare_environment() -> None:
@@ -67,10 +72,16 @@ class VllmEngine:
     name = "vllm"
 
     def __init__(
-        self, llm: Any, sampling_params: Any, *, version: str, device: str, model_sha256: str
+        self,
+        llm: Any,
+        client_error: type[Exception],
+        *,
+        version: str,
+        device: str,
+        model_sha256: str,
     ) -> None:
         self._llm = llm
-        self._sampling_params = sampling_params
+        self._client_error = client_error
         self.version = version
         self.device = device
         self.model_sha256 = model_sha256
@@ -87,7 +98,11 @@ class VllmEngine:
         vllm = importlib.import_module("vllm")
         torch = importlib.import_module("torch")
         device = _device(torch)
-        kwargs: dict[str, Any] = {"model": str(config.model_dir), "seed": 0}
+        kwargs: dict[str, Any] = {
+            "model": str(config.model_dir),
+            "seed": 0,
+            "structured_outputs_config": STRUCTURED_OUTPUTS,
+        }
         if device == "cpu":
             kwargs.update(CPU_DEFAULTS)
         kwargs.update(config.engine_args)
@@ -95,7 +110,7 @@ class VllmEngine:
         llm = vllm.LLM(**kwargs)
         return cls(
             llm,
-            vllm.SamplingParams,
+            importlib.import_module("vllm.exceptions").VLLMClientError,
             version=str(vllm.__version__),
             device=config.device or device,
             model_sha256=config.model_sha256,
@@ -127,32 +142,15 @@ class VllmEngine:
             shutdown()
 
     def _prepare(self, req: Request) -> tuple[dict[str, Any], Any]:
-        if req.prompt_token_ids is not None:
-            token_ids = req.prompt_token_ids
-            if max(token_ids) >= self._vocab_size:
-                raise ValueError(f"token id {max(token_ids)} is outside the vocabulary")
-            prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
-        else:
-            assert req.prompt is not None
-            token_ids = self._tokenizer.encode(req.prompt)
-            prompt = {"prompt": req.prompt}
+        token_ids, sampling = to_vllm(req, self._tokenizer)
+        if token_ids and max(token_ids) >= self._vocab_size:
+            raise RequestError(f"token id {max(token_ids)} is outside the vocabulary")
         if len(token_ids) >= self._max_model_len:
-            raise ValueError(
+            raise RequestError(
                 f"prompt of {len(token_ids)} tokens does not fit max_model_len "
                 f"{self._max_model_len}"
             )
-        kwargs: dict[str, Any] = {
-            "n": 1,
-            "max_tokens": req.max_tokens,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-            "seed": req.seed,
-        }
-        if req.top_k is not None:
-            kwargs["top_k"] = req.top_k
-        if req.stop:
-            kwargs["stop"] = list(req.stop)
-        return prompt, self._sampling_params(**kwargs)
+        return {"prompt_token_ids": token_ids}, sampling
 
     def _generate(
         self, requests: list[Request], prompts: list[dict[str, Any]], params: list[Any]
@@ -165,7 +163,7 @@ class VllmEngine:
             log.info(
                 "vllm_generate items=%d seconds=%.4f", len(prompts), time.perf_counter() - started
             )
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, self._client_error) as exc:
             if len(requests) == 1:
                 return [failed(requests[0].job_id, f"{type(exc).__name__}: {exc}")]
             # vLLM rejects the whole call for one bad request: find it, run the rest.
@@ -184,10 +182,13 @@ class VllmEngine:
         reason = "stop" if completion.finish_reason == "stop" else "length"
         if completion.finish_reason not in ("stop", "length"):
             return failed(req.job_id, f"generation ended: {completion.finish_reason}")
-        return ok(
+        frame = ok(
             req.job_id,
             completion.text,
             list(completion.token_ids),
             reason,
             len(output.prompt_token_ids or []),
         )
+        if req.logprobs is not None:
+            frame["logprobs"] = wire_logprobs(completion, req.logprobs)
+        return frame

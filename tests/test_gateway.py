@@ -1,0 +1,358 @@
+"""The OpenAI-compatible gateway, driven by the official `openai` client (and curl, from the
+README), in front of a real nats-server and a real agent running the echo engine as a local
+process. The vLLM features (logprobs, JSON output) are in tests/test_gateway_vllm.py."""
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import openai
+import pytest
+from nats.aio.client import Client
+
+from schemas.envelope import EnvelopeType
+from schemas.snapshot import Snapshot
+from tests.jobnet import wait_for
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey, load_key_file, write_key_file
+from worker.devtools.devnet import DevPlan, seed_network
+from worker.devtools.natsd import NatsServer
+from worker.gateway.app import running as gateway
+from worker.node.agent import Agent, AgentState
+
+pytestmark = pytest.mark.nats
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+HAS_STREAM_TYPE = "stream" in {t.value for t in EnvelopeType}
+
+
+@pytest.fixture
+def authority() -> NodeKey:
+    return NodeKey.generate()
+
+
+def make_settings(
+    nats_server: NatsServer, tmp_path: Path, authority: NodeKey, **extra: Any
+) -> Settings:
+    if not (tmp_path / "node.key").exists():
+        write_key_file(tmp_path / "node.key")
+    values: dict[str, Any] = {
+        "nats_url": nats_server.url,
+        "key_file": tmp_path / "node.key",
+        "authority_keys": (authority.node_id,),
+        "cache_dir": tmp_path / "cache",
+        "state_dir": tmp_path / "state",
+        "runtime_backend": "process",
+        "ack_wait_s": 10,
+        "shutdown_grace_s": 5,
+    }
+    return Settings(**(values | extra))
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer, tmp_path: Path, authority: NodeKey) -> Settings:
+    return make_settings(nats_server, tmp_path, authority)
+
+
+@pytest.fixture
+async def snapshot(settings: Settings, authority: NodeKey, tmp_path: Path) -> Snapshot:
+    plan = DevPlan(tmp_path / "dev", 0, "echo", "process", "hi")
+    return await seed_network(settings, authority, plan, version=1)
+
+
+@contextlib.asynccontextmanager
+async def serving_node(settings: Settings, timeout: float = 60) -> AsyncIterator[Agent]:
+    stop = asyncio.Event()
+    agent = Agent(settings, load_key_file(settings.key_file))
+    async with agent:
+        task = asyncio.create_task(agent.serve(stop))
+        try:
+
+            async def ready() -> bool:
+                return agent.state is AgentState.SERVING
+
+            await wait_for(ready, timeout)
+            yield agent
+        finally:
+            stop.set()
+            await task
+
+
+def client(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def verify_cli(envelope_b64: str) -> dict[str, Any]:
+    """`resultity-node verify` on the answer's envelope: the body it prints."""
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "verify", "-"],
+        input=base64.b64decode(envelope_b64),
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    verified: dict[str, Any] = json.loads(done.stdout)
+    assert verified["typ"] == "result"
+    body: dict[str, Any] = verified["body"]
+    assert verified["signer"] == body["node_id"]
+    return body
+
+
+def check_provenance(resultity: dict[str, Any], snapshot: Snapshot, text: str) -> dict[str, Any]:
+    body = verify_cli(resultity["envelope"])
+    assert body["job_id"] == resultity["job_id"] and body["node_id"] == resultity["node_id"]
+    assert body["model"]["sha256"] == resultity["model_sha256"] == snapshot.models[0].sha256
+    assert body["input_sha256"] == resultity["input_sha256"]
+    assert body["output"]["text"] == text
+    return body
+
+
+async def test_openai_client_through_gateway_and_node(
+    settings: Settings, snapshot: Snapshot, nc: Client
+) -> None:
+    model = snapshot.models[0].id
+    async with serving_node(settings), gateway(settings, port=0) as url, client(url) as api:
+        assert [m.id for m in (await api.models.list()).data] == [model]
+
+        chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        raw = await api.chat.completions.with_raw_response.create(
+            model=model,
+            messages=chat,
+            max_tokens=8,
+            seed=3,  # type: ignore[arg-type]
+        )
+        answer = raw.parse()
+        text = answer.choices[0].message.content
+        assert text and answer.choices[0].finish_reason in ("stop", "length")
+        assert answer.usage is not None and answer.usage.completion_tokens > 0
+        resultity = (answer.model_extra or {})["resultity"]
+        body = check_provenance(resultity, snapshot, text)
+        assert raw.headers["x-resultity-job-id"] == resultity["job_id"]
+        assert raw.headers["x-resultity-node-id"] == body["node_id"]
+        assert raw.headers["x-resultity-input-sha256"] == body["input_sha256"]
+        envelope = base64.b64decode(resultity["envelope"])
+        assert raw.headers["x-resultity-envelope-sha256"] == hashlib.sha256(envelope).hexdigest()
+        # The node saw the messages (the echo engine runs their plain rendering).
+        assert body["usage"]["prompt_tokens"] == len("<|system|>\nBe brief.\n<|user|>\nHi\n")
+
+        # The same chat streamed: the chunks add up to the signed text, usage comes last.
+        pieces, last, usage = [], None, None
+        stream = await api.chat.completions.create(
+            model=model,
+            messages=chat,  # type: ignore[arg-type]
+            max_tokens=8,
+            seed=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for c in stream:
+            if c.usage is not None:
+                usage = c.usage
+            for choice in c.choices:
+                pieces.append(choice.delta.content or "")
+                if choice.finish_reason is not None:
+                    last = c
+        assert last is not None and usage is not None
+        streamed = "".join(pieces)
+        assert streamed == text  # same job inputs, same seed: the same (deterministic) answer
+        check_provenance((last.model_extra or {})["resultity"], snapshot, streamed)
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+        done = await api.completions.create(model=model, prompt="hello", max_tokens=5)
+        assert done.choices[0].text and len(done.choices[0].text.split()) == 5
+        check_provenance((done.model_extra or {})["resultity"], snapshot, done.choices[0].text)
+        tokens = await api.completions.create(model=model, prompt=[1, 2, 3], max_tokens=2)
+        assert (tokens.model_extra or {})["resultity"]["job_id"] != (done.model_extra or {})[
+            "resultity"
+        ]["job_id"]
+        texts = [
+            c.choices[0].text
+            async for c in await api.completions.create(
+                model=model, prompt="hello", max_tokens=5, stream=True
+            )
+            if c.choices
+        ]
+        assert "".join(texts) == done.choices[0].text
+
+        # Errors, in OpenAI's shape and status codes.
+        with pytest.raises(openai.NotFoundError) as missing:
+            await api.chat.completions.create(model="no-such-model", messages=chat)  # type: ignore[arg-type]
+        assert missing.value.code == "model_not_found"
+        with pytest.raises(openai.BadRequestError):
+            await api.chat.completions.create(model=model, messages=chat, n=2)  # type: ignore[arg-type]
+        with pytest.raises(openai.BadRequestError, match="temperature"):
+            await api.chat.completions.create(model=model, messages=chat, temperature=5)  # type: ignore[arg-type]
+        with pytest.raises(openai.BadRequestError, match="role"):
+            await api.chat.completions.create(
+                model=model,
+                messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}],  # type: ignore[list-item]
+            )
+        with pytest.raises(openai.APIStatusError) as failed:
+            await api.completions.create(model=model, prompt="!fault:error", max_tokens=4)
+        assert failed.value.status_code == 502
+        assert failed.value.code == "RUNTIME_FAILURE"
+
+        async with httpx.AsyncClient(base_url=url) as http:
+            bad_json = await http.post("/v1/completions", content=b"{not json")
+            assert bad_json.status_code == 400 and "error" in bad_json.json()
+            huge = await http.post(
+                "/v1/completions", content=b"x" * (settings.gateway_max_body_bytes + 1)
+            )
+            assert huge.status_code == 413
+
+
+async def test_deadline_is_504_and_cancels_the_job(
+    nats_server: NatsServer, tmp_path: Path, authority: NodeKey, nc: Client
+) -> None:
+    settings = make_settings(nats_server, tmp_path, authority, gateway_timeout_s=1.0)
+    plan = DevPlan(tmp_path / "dev", 0, "echo", "process", "hi")
+    snapshot = await seed_network(settings, authority, plan, version=1)
+    cancels = await nc.subscribe(settings.subject("cancel", ">"))
+    # No node serves: the job waits in the queue past the request's deadline.
+    async with gateway(settings, port=0) as url, client(url) as api:
+        with pytest.raises(openai.APIStatusError) as late:
+            await api.completions.create(model=snapshot.models[0].id, prompt="x")
+        assert late.value.status_code == 504
+    msg = await cancels.next_msg(timeout=10)
+    assert msgpack.unpackb(msg.data) == {"job_id": msg.subject.rsplit(".", 1)[1]}
+
+
+async def test_client_gone_mid_stream_cancels_its_job_and_frees_its_slot(
+    nats_server: NatsServer, tmp_path: Path, authority: NodeKey, nc: Client
+) -> None:
+    settings = make_settings(nats_server, tmp_path, authority, gateway_max_concurrent=1)
+    plan = DevPlan(tmp_path / "dev", 0, "echo", "process", "hi")
+    snapshot = await seed_network(settings, authority, plan, version=1)
+    model = snapshot.models[0].id
+    cancels = await nc.subscribe(settings.subject("cancel", ">"))
+    body = {"model": model, "prompt": "x", "stream": True}
+    async with gateway(settings, port=0) as url, httpx.AsyncClient(base_url=url) as http:
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            job_id = response.headers["x-resultity-job-id"]
+            lines = response.aiter_lines()
+            first = await anext(lines)
+            assert first.startswith("data: ") and json.loads(first[6:])["id"] == f"cmpl-{job_id}"
+            # The one slot is taken while this stream is open.
+            busy = await http.post("/v1/completions", json={"model": model, "prompt": "y"})
+            assert busy.status_code == 429
+        # Leaving the block closed the connection mid-stream.
+        msg = await cancels.next_msg(timeout=20)
+        assert msg.subject == settings.subject("cancel", job_id)
+        assert msgpack.unpackb(msg.data) == {"job_id": job_id}
+
+        async def slot_free() -> bool:
+            answer = await http.get("/v1/models")
+            return answer.status_code == 200
+
+        await wait_for(slot_free, 10)
+
+
+@pytest.mark.skipif(not HAS_STREAM_TYPE, reason="needs the v2 `stream` envelope type")
+async def test_stream_follows_the_nodes_signed_partial_output(
+    settings: Settings, snapshot: Snapshot, nc: Client
+) -> None:
+    """The gateway forwards verified `stream` envelopes of the highest attempt, drops forged
+    ones, and completes from the signed result (the node played at the NATS seam)."""
+    from tests.gateway_node import play_node
+
+    model = snapshot.models[0]
+    async with gateway(settings, port=0) as url, client(url) as api:
+        node = asyncio.create_task(play_node(nc, settings, model))
+        stream = await api.chat.completions.create(
+            model=model.id,
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+        )
+        deltas = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        final_text = await node
+    assert "".join(deltas) == final_text
+    assert "forged" not in "".join(deltas)
+
+
+def readme_curl_examples() -> list[str]:
+    text = README.read_text()
+    section = text.split("## Gateway", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(curl .*?)```", section, flags=re.S)
+
+
+def test_readme_has_curl_examples() -> None:
+    assert len(readme_curl_examples()) >= 3
+
+
+async def test_readme_curl_examples_run(settings: Settings, snapshot: Snapshot, nc: Client) -> None:
+    model = snapshot.models[0].id
+    async with serving_node(settings), gateway(settings, port=0) as url:
+        for example in readme_curl_examples():
+            command = example.replace("http://127.0.0.1:8000", url).replace("tiny-llama", model)
+            proc = await asyncio.create_subprocess_exec(
+                "bash",
+                "-euo",
+                "pipefail",
+                "-c",
+                command,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, (example, out, err)
+            assert out.strip(), example
+
+
+async def test_a_port_in_use_is_an_os_error_and_dev_goes_on_without_gateway(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker.devtools.devnet import _gateway
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            async with gateway(settings, port=port):
+                pass
+        async with _gateway(settings, port):
+            assert "dev_gateway_unavailable" in caplog.text
+
+
+async def test_gateway_command_serves_until_sigterm(settings: Settings, snapshot: Snapshot) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESULTITY_")}
+    env |= {
+        "RESULTITY_NATS_URL": settings.nats_url,
+        "RESULTITY_AUTHORITY_KEYS": ",".join(settings.authority_keys),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "gateway",
+        "--port",
+        "0",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        url = re.search(r"(http://\S+)/v1 ", line)
+        assert url, line
+        async with httpx.AsyncClient(base_url=url.group(1)) as http:
+            models = (await http.get("/v1/models")).json()
+        assert [m["id"] for m in models["data"]] == [snapshot.models[0].id]
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0

@@ -1,0 +1,397 @@
+"""The gateway's HTTP side: `GET /v1/models`, `POST /v1/chat/completions`,
+`POST /v1/completions`, served by uvicorn, answered from the network's signed results.
+
+Each request becomes one job published to `rst.jobs.<model>` (`Nats-Msg-Id`: the job id) and
+waits, as `worker.client.submit` does, for the signed result or the node's final error. No
+answer is passed on before the result's signature and its `input_sha256` (over the bytes
+published) verify, and its model is the one the verified snapshot approves (else 502). With
+`stream: true` the answer is server-sent events in OpenAI's chunk format, fed from the
+node's signed `stream` envelopes on `rst.stream.<job_id>` (following the highest attempt),
+and completed from the result; a node that does not stream gives one chunk with the whole
+text. A client that goes away mid-stream gets its job cancelled on `rst.cancel.<job_id>`.
+
+Bounds: the body size, the requests served at once (429 past it) and each request's
+deadline (the job's `deadline` too; 504 past it), all from `Settings.gateway_*`.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, Literal
+
+import anyio
+import uvicorn
+from nats.aio.client import Client
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from schemas.event import ErrorCode
+from schemas.result import ResultBody
+from schemas.snapshot import ModelSpec, Snapshot
+from worker.client import (
+    JobFailed,
+    Outcome,
+    cancel,
+    connect,
+    current_snapshot,
+    drop,
+    new_job_id,
+    submit,
+)
+from worker.core.errors import SignatureError
+from worker.core.settings import Settings
+from worker.core.signing import verify
+from worker.gateway import shapes
+from worker.gateway.shapes import ApiError, ChatRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["chat", "text"]
+STREAM_TYP = "stream"
+
+
+def _error(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class Gateway:
+    """The ASGI app over one NATS connection; `app()` builds the Starlette application."""
+
+    def __init__(self, settings: Settings, nc: Client) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.busy = 0
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+            ]
+        )
+
+    async def models(self, request: Request) -> Response:
+        snapshot = await self._snapshot()
+        data = [] if snapshot is None else snapshot.models
+        created = 0 if snapshot is None else int(snapshot.issued_at)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"id": m.id, "object": "model", "created": created, "owned_by": "resultity"}
+                    for m in data
+                ],
+            }
+        )
+
+    async def chat(self, request: Request) -> Response:
+        return await self._serve(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, "text")
+
+    # -- one request ---------------------------------------------------------------------
+
+    async def _serve(self, request: Request, kind: Kind) -> Response:
+        if self.busy >= self.settings.gateway_max_concurrent:
+            return _error(ApiError(429, "too many requests in flight", kind="rate_limit_error"))
+        self.busy += 1
+        streaming = False
+        try:
+            body = await self._body(request)
+            job_id = new_job_id()
+            deadline = time.time() + self.settings.gateway_timeout_s
+            if kind == "chat":
+                chat = shapes.parse(ChatRequest, body)
+                spec = await self._model(chat.model)
+                job, stream = shapes.chat_job(chat, job_id, deadline), chat
+            else:
+                text = shapes.parse(CompletionRequest, body)
+                spec = await self._model(text.model)
+                job, stream = shapes.completion_job(text, job_id, deadline), text
+            log.info("gateway_job job_id=%s model=%s kind=%s", job_id, spec.id, kind)
+            if stream.stream:
+                usage = bool(stream.stream_options and stream.stream_options.include_usage)
+                slot = Slot(self)
+                streaming = True
+                return StreamingResponse(
+                    self._stream(kind, job, spec, usage, slot),
+                    media_type="text/event-stream",
+                    headers={f"{shapes.HEADER_PREFIX}Job-Id": job_id},
+                    # Frees the slot also when the client left before the stream started.
+                    background=BackgroundTask(slot.release),
+                )
+            outcome = await self._run(job, spec)
+            created = int(time.time())
+            answer = (shapes.chat_completion if kind == "chat" else shapes.text_completion)(
+                outcome.result, outcome.envelope, created
+            )
+            return JSONResponse(
+                answer, headers=shapes.provenance_headers(outcome.result, outcome.envelope)
+            )
+        except ApiError as exc:
+            return _error(exc)
+        finally:
+            if not streaming:
+                self.busy -= 1
+
+    async def _body(self, request: Request) -> Any:
+        limit = self.settings.gateway_max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body is over {limit} bytes")
+        data = bytearray()
+        try:
+            async for piece in request.stream():
+                data += piece
+                if len(data) > limit:
+                    raise ApiError(413, f"request body is over {limit} bytes")
+        except ClientDisconnect as exc:
+            raise ApiError(400, "the client went away while sending") from exc
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise ApiError(400, f"the request body is not JSON: {exc}") from exc
+
+    async def _snapshot(self) -> Snapshot | None:
+        try:
+            return await current_snapshot(self.nc, self.settings)
+        except (SignatureError, ValidationError, ValueError) as exc:
+            log.warning("gateway_snapshot_unverified error=%s", exc)
+            return None
+
+    async def _model(self, model_id: str) -> ModelSpec:
+        snapshot = await self._snapshot()
+        for spec in snapshot.models if snapshot is not None else []:
+            if spec.id == model_id:
+                return spec
+        raise ApiError(
+            404, f"the model {model_id!r} does not exist", param="model", code="model_not_found"
+        )
+
+    async def _run(self, job: dict[str, Any], spec: ModelSpec) -> Outcome:
+        """The job's verified outcome, or the `ApiError` that answers instead."""
+        job_id = job["job_id"]
+        try:
+            outcome = await submit(
+                self.nc, self.settings, job, wait_s=self.settings.gateway_timeout_s
+            )
+        except TimeoutError as exc:
+            await cancel(self.nc, self.settings, job_id)
+            raise ApiError(
+                504, f"no result for {job_id} before the deadline", kind="timeout", code="timeout"
+            ) from exc
+        except JobFailed as exc:
+            if exc.code is ErrorCode.DEADLINE_EXCEEDED:
+                raise ApiError(504, str(exc), kind="timeout", code=exc.code.value) from exc
+            raise ApiError(502, str(exc), kind="node_error", code=exc.code.value) from exc
+        except SignatureError as exc:
+            raise ApiError(
+                502, f"the result does not verify: {exc}", kind="node_error", code="signature"
+            ) from exc
+        self._check(outcome.result, job_id, spec)
+        log.info("gateway_result job_id=%s node_id=%s", job_id, outcome.result.node_id)
+        return outcome
+
+    @staticmethod
+    def _check(result: ResultBody, job_id: str, spec: ModelSpec) -> None:
+        # `submit` verified the signature and input_sha256; the model must be the approved one.
+        if result.job_id != job_id or result.model.sha256 != spec.sha256:
+            raise ApiError(
+                502,
+                f"the result for {job_id} names another job or model",
+                kind="node_error",
+                code="provenance",
+            )
+
+    # -- streaming -----------------------------------------------------------------------
+
+    async def _stream(
+        self, kind: Kind, job: dict[str, Any], spec: ModelSpec, include_usage: bool, slot: "Slot"
+    ) -> AsyncIterator[bytes]:
+        job_id, created = job["job_id"], int(time.time())
+        parts = StreamParts(job_id)
+        sub = await self.nc.subscribe(self.settings.subject("stream", job_id))
+        running = asyncio.ensure_future(self._run(job, spec))
+        message: asyncio.Future[Any] | None = None
+        finished = False
+        try:
+            yield _sse(shapes.chunk(kind, job_id, spec.id, created, "", first=True))
+            while not running.done():
+                message = asyncio.ensure_future(sub.next_msg(timeout=None))
+                await asyncio.wait({running, message}, return_when=asyncio.FIRST_COMPLETED)
+                if not message.done():
+                    break
+                piece = parts.add(message.result().data)
+                if piece:
+                    yield _sse(shapes.chunk(kind, job_id, spec.id, created, piece))
+            try:
+                outcome = running.result()
+            except ApiError as exc:
+                finished = True
+                yield _sse(exc.body())
+                return
+            rest = parts.rest(outcome.result.output.text)
+            if rest is None:
+                log.error("gateway_stream_diverged job_id=%s", job_id)
+                finished = True
+                error = ApiError(502, "the stream diverged from the signed result", code="stream")
+                yield _sse(error.body())
+                return
+            if rest:
+                yield _sse(shapes.chunk(kind, job_id, spec.id, created, rest))
+            last = shapes.chunk(
+                kind,
+                job_id,
+                spec.id,
+                created,
+                None,
+                finish_reason=outcome.result.output.finish_reason,
+            )
+            last["resultity"] = shapes.provenance(outcome.result, outcome.envelope)
+            finished = True
+            yield _sse(last)
+            if include_usage:
+                yield _sse(shapes.usage_chunk(kind, outcome.result, created))
+            yield b"data: [DONE]\n\n"
+        finally:
+            slot.release()
+            with anyio.CancelScope(shield=True):
+                if not finished:
+                    log.info("gateway_client_gone job_id=%s: cancelling", job_id)
+                    await cancel(self.nc, self.settings, job_id)
+                await drop(message, running)
+                await sub.unsubscribe()
+            if running.done() and not running.cancelled():
+                running.exception()  # retrieved, so asyncio does not log it again
+
+
+class Slot:
+    """One request's place among `gateway_max_concurrent`, released exactly once."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._gateway.busy -= 1
+
+
+class StreamParts:
+    """The verified partial output of one job: text per attempt, and what was sent."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.texts: dict[int, list[str]] = {}
+        self.sent = ""
+
+    def add(self, data: bytes) -> str:
+        """Take one `stream` envelope; return the new text to send (maybe empty). Envelopes
+        that do not verify, or concern another job, are dropped."""
+        try:
+            verified = verify(data)
+        except SignatureError as exc:
+            log.warning("gateway_stream_dropped job_id=%s error=%s", self.job_id, exc)
+            return ""
+        body = verified.body
+        attempt, text = body.get("attempt"), body.get("text")
+        if verified.typ.value != STREAM_TYP or body.get("job_id") != self.job_id:
+            return ""
+        if not isinstance(attempt, int) or not isinstance(text, str):
+            return ""
+        self.texts.setdefault(attempt, []).append(text)
+        current = "".join(self.texts[max(self.texts)])
+        if len(current) > len(self.sent) and current.startswith(self.sent):
+            piece, self.sent = current[len(self.sent) :], current
+            return piece
+        return ""
+
+    def rest(self, final: str) -> str | None:
+        """What the signed text adds to what was sent; None if it does not extend it."""
+        if not final.startswith(self.sent):
+            return None
+        return final[len(self.sent) :]
+
+
+# -- serving ---------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the caller owns the process's signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def running(
+    settings: Settings, *, host: str | None = None, port: int | None = None
+) -> AsyncIterator[str]:
+    """Serve the gateway while the context is open; yields its base URL (`http://h:p`)."""
+    host = host or settings.gateway_host
+    port = settings.gateway_port if port is None else port
+    # Bound here, so that a port in use is an OSError (uvicorn would exit the process).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    try:
+        nc = await connect(settings.nats_url)
+    except BaseException:
+        sock.close()
+        raise
+    config = uvicorn.Config(
+        Gateway(settings, nc).app(),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
+    server = _Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if serving.done():
+                serving.result()
+                raise OSError(f"the gateway could not serve on {host}:{port}")
+            await asyncio.sleep(0.05)
+        url = f"http://{host}:{sock.getsockname()[1]}"
+        log.info("gateway_listening url=%s", url)
+        yield url
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await serving
+        sock.close()
+        await nc.close()
+
+
+async def serve_until(
+    settings: Settings, stop: Callable[[], Awaitable[Any]], on_ready: Callable[[str], Any]
+) -> None:
+    """Serve until `stop()` returns (the command's signal handling); `on_ready(url)` once
+    listening."""
+    async with running(settings) as url:
+        on_ready(url)
+        await stop()
