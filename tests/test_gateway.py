@@ -24,6 +24,7 @@ import pytest
 from nats.aio.client import Client
 
 from schemas.envelope import EnvelopeType
+from schemas.node import NodeState
 from schemas.snapshot import Snapshot
 from tests.jobnet import wait_for
 from worker.core.settings import Settings
@@ -31,7 +32,7 @@ from worker.core.signing import NodeKey, load_key_file, write_key_file
 from worker.devtools.devnet import DevPlan, seed_network
 from worker.devtools.natsd import NatsServer
 from worker.gateway.app import running as gateway
-from worker.node.agent import Agent, AgentState
+from worker.node.agent import Agent
 
 pytestmark = pytest.mark.nats
 
@@ -82,7 +83,7 @@ async def serving_node(settings: Settings, timeout: float = 60) -> AsyncIterator
         try:
 
             async def ready() -> bool:
-                return agent.state is AgentState.SERVING
+                return agent.node_state is NodeState.SERVING
 
             await wait_for(ready, timeout)
             yield agent
