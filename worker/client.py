@@ -22,17 +22,9 @@ from schemas.event import ErrorEvent
 from schemas.job import Job
 from schemas.result import ResultBody
 from schemas.snapshot import Snapshot
-from worker.core.errors import NodeError
+from worker.core.errors import JobFailed, NatsUnreachable
 from worker.core.settings import Settings
 from worker.core.signing import verify
-
-
-class JobFailed(NodeError):
-    """The node reported a final error for the submitted job."""
-
-
-class NatsUnreachable(NodeError):
-    """No NATS server answered at the given URL."""
 
 
 async def connect(url: str, *, hint: str = "start it or set RESULTITY_NATS_URL") -> Client:
