@@ -162,7 +162,7 @@ def echo_factory(kind: str) -> RuntimeFactory:
 
     @asynccontextmanager
     async def seam() -> AsyncIterator[Runtime]:
-        from tests.jobnet import EchoRuntime
+        from tests.support.jobnet import EchoRuntime
 
         yield EchoRuntime()
 
