@@ -39,20 +39,23 @@ def ensure_base(client: Any) -> None:
         return
     except Exception:
         pass
-    debootstrap = subprocess.Popen(
-        [
-            "mmdebstrap",
-            "--variant=essential",
-            "--include=python3-minimal,python3-msgpack",
-            "bookworm",
-            "-",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+    pipe(
+        ["mmdebstrap", "--variant=essential", "--include=python3-minimal,python3-msgpack"]
+        + ["bookworm", "-"],
+        ["docker", "import", "-", BASE],
     )
-    subprocess.run(["docker", "import", "-", BASE], stdin=debootstrap.stdout, check=True)
-    if debootstrap.wait() != 0:
-        raise RuntimeError("mmdebstrap failed")
+
+
+def pipe(producer: list[str], consumer: list[str]) -> None:
+    """Run `producer | consumer`; `RuntimeError` if either fails.
+
+    Leaves nothing open: leaving the `with` closes our end of the pipe (which also ends a
+    producer whose consumer failed) and reaps the producer.
+    """
+    with subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as source:
+        subprocess.run(consumer, stdin=source.stdout, check=True, stdout=subprocess.DEVNULL)
+    if source.returncode != 0:
+        raise RuntimeError(f"{producer[0]} failed")
 
 
 def echo_image(client: Any) -> str:
