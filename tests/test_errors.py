@@ -116,3 +116,14 @@ def test_no_code_sets_wire_code_or_retryability_on_an_instance() -> None:
                     if isinstance(target, ast.Attribute) and target.attr in {"code", "retryable"}:
                         offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders
+
+
+def test_no_class_overrides_the_table() -> None:
+    import_every_worker_module()
+    todo, overriding = list(NodeError.__subclasses__()), []
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if {"code", "retryable"} & set(vars(cls)):
+            overriding.append(cls.__name__)
+    assert not overriding, "put their wire code and retryability in WIRE"
