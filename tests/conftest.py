@@ -12,17 +12,10 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+from tests.support.edges import unavailable
 from worker.devtools.natsd import NatsServer, find_binary
 
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
-
-
-def unavailable(reason: str) -> None:
-    """Skip locally, fail in CI."""
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: this test must run in CI)")
-    pytest.skip(reason)
 
 
 @pytest.fixture

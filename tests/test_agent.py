@@ -5,10 +5,8 @@ without Docker; `tests/test_agent_docker.py` repeats the core path in a containe
 """
 
 import asyncio
-import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +20,14 @@ from schemas.envelope import EnvelopeType
 from schemas.event import ErrorCode, LifecycleEvent
 from schemas.node import Heartbeat, NodeState, StatusReply
 from schemas.snapshot import Snapshot
-from tests.jobnet import errors, read_all, results, wait_for
-from worker.client import JobFailed, submit
+from tests.support.agent import running, serving
+from tests.support.jobnet import errors, read_all, results
+from tests.support.polling import wait_for
+from tests.support.settings import make_settings
+from worker.client import submit
+from worker.core.errors import JobFailed
 from worker.core.settings import Settings
-from worker.core.signing import NodeKey, verify, write_key_file
+from worker.core.signing import NodeKey, verify
 from worker.devtools.devnet import DevPlan, seed_network
 from worker.devtools.natsd import NatsServer
 from worker.models.objectstore import put_file
@@ -42,13 +44,10 @@ def authority() -> NodeKey:
 
 @pytest.fixture
 def settings(nats_server: NatsServer, tmp_path: Path, authority: NodeKey) -> Settings:
-    write_key_file(tmp_path / "node.key")
-    return Settings(
+    return make_settings(
+        tmp_path,
         nats_url=nats_server.url,
-        key_file=tmp_path / "node.key",
         authority_keys=(authority.node_id,),
-        cache_dir=tmp_path / "cache",
-        state_dir=tmp_path / "state",
         runtime_backend="process",
         ack_wait_s=10,
         shutdown_grace_s=5,
@@ -56,28 +55,9 @@ def settings(nats_server: NatsServer, tmp_path: Path, authority: NodeKey) -> Set
     )
 
 
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Agent]:
-    from worker.core.signing import load_key_file
-
-    stop = asyncio.Event()
-    agent = Agent(settings, load_key_file(settings.key_file))
-    async with agent:
-        task = asyncio.create_task(agent.serve(stop))
-        try:
-            yield agent
-        finally:
-            stop.set()
-            await task
-
-
 async def seeded(settings: Settings, authority: NodeKey, tmp_path: Path) -> Snapshot:
     plan = DevPlan(tmp_path / "dev", 0, "echo", "process", "hi")
     return await seed_network(settings, authority, plan, version=1)
-
-
-async def serving(agent: Agent, timeout: float = 60, config_version: int = 0) -> None:
-    await asyncio.wait_for(agent.wait_serving(config_version), timeout)
 
 
 def job(model: str, text: str, job_id: str) -> dict[str, Any]:
@@ -271,10 +251,9 @@ async def test_agent_rides_out_a_nats_restart(
         await asyncio.to_thread(nats_server.restart)
         nc = await nats.connect(nats_server.url)
         try:
-            started = time.monotonic()
+            # How fast it recovers is measured in bench/, not asserted here.
             out = await submit(nc, settings, job(model, "after restart", "post-restart"), wait_s=60)
             assert out.result.job_id == "post-restart"
-            assert time.monotonic() - started < 60
         finally:
             await nc.close()
 

@@ -1,7 +1,8 @@
 """The agent as the process an operator runs: SIGKILL mid-run, SIGTERM mid-batch.
 
 Every valid job must end with exactly one result in the stream (redelivery plus the
-stream's dedupe), none lost; a SIGTERM drains within the deadline and leaves no runtime.
+stream's dedupe), none lost; a SIGTERM mid-batch finishes that batch, hands back the rest
+and leaves no runtime.
 """
 
 import asyncio
@@ -9,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,9 +19,11 @@ from nats.aio.client import Client
 
 from schemas.envelope import EnvelopeType
 from schemas.snapshot import Snapshot
-from tests.jobnet import read_all, results, wait_for
+from tests.support.jobnet import read_all, results
+from tests.support.polling import wait_for
+from tests.support.settings import make_settings
 from worker.core.settings import Settings
-from worker.core.signing import NodeKey, verify, write_key_file
+from worker.core.signing import NodeKey, verify
 from worker.devtools.devnet import DevPlan, seed_network
 from worker.devtools.natsd import NatsServer
 from worker.node.snapshots import config_bucket, publish_snapshot
@@ -63,18 +65,6 @@ async def slow_snapshot(
     await publish_snapshot(nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body))
 
 
-def make_settings(nats_server: NatsServer, tmp_path: Path, backend: str, **kw: object) -> Settings:
-    write_key_file(tmp_path / "node.key")
-    return Settings(
-        nats_url=nats_server.url,
-        key_file=tmp_path / "node.key",
-        cache_dir=tmp_path / "cache",
-        state_dir=tmp_path / "state",
-        runtime_backend=backend,  # type: ignore[arg-type]
-        **kw,  # type: ignore[arg-type]
-    )
-
-
 async def publish(nc: Client, settings: Settings, model: str, n: int, prefix: str) -> list[str]:
     js = nc.jetstream()
     ids = [f"{prefix}-{i}" for i in range(n)]
@@ -88,7 +78,13 @@ async def test_sigkill_mid_run_loses_and_duplicates_nothing(
     nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> None:
     authority = NodeKey.generate()
-    settings = make_settings(nats_server, tmp_path, "process", ack_wait_s=2.0, shutdown_grace_s=5)
+    settings = make_settings(
+        tmp_path,
+        nats_url=nats_server.url,
+        runtime_backend="process",
+        ack_wait_s=2.0,
+        shutdown_grace_s=5,
+    )
     snapshot = await seed_network(
         settings, authority, DevPlan(tmp_path / "dev", 0, "echo", "process", "x"), version=1
     )
@@ -129,11 +125,17 @@ async def test_sigkill_mid_run_loses_and_duplicates_nothing(
     assert (await js.stream_info(settings.stream("JOBS"))).state.messages == 0
 
 
-async def test_sigterm_mid_batch_drains_within_deadline(
+async def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(
     docker_client: object, nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> None:
     authority = NodeKey.generate()
-    settings = make_settings(nats_server, tmp_path, "docker", ack_wait_s=30.0, shutdown_grace_s=3)
+    settings = make_settings(
+        tmp_path,
+        nats_url=nats_server.url,
+        runtime_backend="docker",
+        ack_wait_s=30.0,
+        shutdown_grace_s=3,
+    )
     snapshot = await seed_network(
         settings, authority, DevPlan(tmp_path / "dev", 0, "echo", "docker", "x"), version=1
     )
@@ -153,17 +155,20 @@ async def test_sigterm_mid_batch_drains_within_deadline(
 
         await wait_for(warmed, timeout=120, interval=0.2)
         ids = await publish(nc, settings, model, 20, "t")
-        await asyncio.sleep(1.0)  # mid-batch: the slow runtime holds a batch now
-        started = time.monotonic()
+
+        async def holds_a_batch() -> bool:
+            # Pulled and not yet acked: the agent holds a batch of the slow runtime now.
+            info = await js.consumer_info(settings.stream("JOBS"), f"rst-jobs-{model}")
+            return info.num_ack_pending > 0
+
+        await wait_for(holds_a_batch, timeout=60)
         proc.send_signal(signal.SIGTERM)
+        # How long the drain takes is measured in bench/, not asserted here.
         code = await asyncio.to_thread(proc.wait, 60)
-        took = time.monotonic() - started
     finally:
         if proc.poll() is None:
             proc.kill()
     assert code == 0, log.read_text()[-3000:]
-    # grace (3 s) + runtime stop (5 s) + NATS drain: well inside the bound
-    assert took < 3 + 5 + 10, f"SIGTERM took {took:.1f}s"
     done = {r.job_id for r in await results(js, settings)} - {"warm-0"}
     info = await js.consumer_info(settings.stream("JOBS"), f"rst-jobs-{model}")
     handed_back = info.num_pending + info.num_ack_pending + info.num_redelivered
@@ -183,7 +188,13 @@ async def test_runtime_left_by_a_killed_agent_is_removed_at_the_next_start(
     docker_client: object, nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> None:
     authority = NodeKey.generate()
-    settings = make_settings(nats_server, tmp_path, "docker", ack_wait_s=10.0, shutdown_grace_s=3)
+    settings = make_settings(
+        tmp_path,
+        nats_url=nats_server.url,
+        runtime_backend="docker",
+        ack_wait_s=10.0,
+        shutdown_grace_s=3,
+    )
     await seed_network(
         settings, authority, DevPlan(tmp_path / "dev", 0, "echo", "docker", "x"), version=1
     )

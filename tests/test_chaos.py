@@ -21,7 +21,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js import api
 
-from tests.chaoskit import (
+from tests.support.chaoskit import (
     AgentProc,
     Cluster,
     LoadPublisher,
@@ -30,7 +30,7 @@ from tests.chaoskit import (
     judge,
     runtime_containers_of,
 )
-from tests.conftest import unavailable
+from tests.support.edges import unavailable
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, write_key_file
 from worker.devtools.devnet import DevPlan, seed_network

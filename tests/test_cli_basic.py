@@ -27,12 +27,26 @@ def cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
     return result
 
 
-def subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
+def children(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    # argparse has no public way to list subparsers.
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)
-    raise AssertionError("resultity-node has no subcommands")
+    return {}
+
+
+def command_paths(
+    parser: argparse.ArgumentParser | None = None, prefix: tuple[str, ...] = ()
+) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """Every subcommand and sub-subcommand, by its words (`("config", "sign")`)."""
+    found = {}
+    for name, child in children(parser or build_parser()).items():
+        found[(*prefix, name)] = child
+        found |= command_paths(child, (*prefix, name))
+    return found
+
+
+COMMANDS = command_paths()
 
 
 def test_keygen_writes_a_private_key_file_and_prints_the_node_id(tmp_path: Path) -> None:
@@ -131,15 +145,17 @@ def test_verify_failures_exit_non_zero_with_one_line(
     one_line_failure(cli("verify", "--authority", "xyz", stdin=data), "Ed25519 public key")
 
 
-def test_there_are_subcommands() -> None:
-    assert {"keygen", "verify"} <= set(subcommands())
+def test_the_walk_finds_subcommands_and_their_subcommands() -> None:
+    assert {("keygen",), ("verify",), ("run",), ("config",), ("config", "sign")} <= set(COMMANDS)
+    assert {path for path in COMMANDS if len(path) == 2} >= {("stack", "seed"), ("images", "build")}
 
 
-@pytest.mark.parametrize("name", sorted(subcommands()))
-def test_every_subcommand_help_has_an_example(name: str) -> None:
-    help_text = subcommands()[name].format_help()
-    assert "example" in help_text.lower(), f"'resultity-node {name} --help' shows no example"
-    assert "resultity-node" in help_text.split("example", 1)[1]
+@pytest.mark.parametrize("path", sorted(COMMANDS), ids=" ".join)
+def test_every_command_help_has_an_example(path: tuple[str, ...]) -> None:
+    help_text = COMMANDS[path].format_help()
+    command = " ".join(path)
+    assert "example" in help_text.lower(), f"'resultity-node {command} --help' shows no example"
+    assert "resultity-node" in help_text.lower().split("example", 1)[1]
 
 
 def test_top_level_help_runs() -> None:
@@ -149,11 +165,12 @@ def test_top_level_help_runs() -> None:
     assert "keygen" in result.stdout and "verify" in result.stdout
 
 
-def test_help_of_every_subcommand_as_a_process() -> None:
-    for name in sorted(subcommands()):
-        result = cli(name, "--help")
-        assert result.returncode == 0, (name, result.stderr)
-        assert "example" in result.stdout.lower(), name
+@pytest.mark.parametrize("path", sorted(COMMANDS), ids=" ".join)
+def test_help_of_every_command_as_a_process(path: tuple[str, ...]) -> None:
+    result = cli(*path, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: resultity-node {' '.join(path)} ")
+    assert "example" in result.stdout.lower()
 
 
 def test_console_script_is_installed() -> None:

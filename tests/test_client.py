@@ -12,7 +12,8 @@ import msgpack
 import pytest
 from nats.aio.client import Client
 
-from worker.client import JobFailed, connect, submit
+from worker.client import connect, submit
+from worker.core.errors import JobFailed
 from worker.core.settings import Settings
 from worker.core.signing import write_key_file
 from worker.devtools.natsd import NatsServer

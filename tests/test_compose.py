@@ -11,7 +11,7 @@ from typing import Any
 import nats
 import pytest
 
-from tests.conftest import unavailable
+from tests.support.edges import unavailable
 from worker.client import Outcome, new_job_id, submit
 from worker.core.settings import Settings
 from worker.devtools.stack import COMPOSE_FILE, Stack, prepare

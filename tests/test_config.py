@@ -10,6 +10,8 @@ import msgpack
 import pytest
 from nats.aio.client import Client
 
+from tests.support.polling import wait_for
+from tests.support.settings import make_settings
 from worker.core.errors import ConfigRejected
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
@@ -85,12 +87,7 @@ class Recorder:
 
 @pytest.fixture
 def settings(tmp_path: Path, nats_server: NatsServer) -> Settings:
-    return Settings(
-        nats_url=nats_server.url,
-        authority_keys=(AUTHORITY.node_id,),
-        state_dir=tmp_path / "state",
-        cache_dir=tmp_path / "cache",
-    )
+    return make_settings(tmp_path, nats_url=nats_server.url, authority_keys=(AUTHORITY.node_id,))
 
 
 def watcher(nc: Client, settings: Settings, rec: Recorder, resync: float = 30.0) -> ConfigWatcher:
@@ -304,13 +301,16 @@ async def test_watch_survives_server_restart(
     async with watcher(nc, settings, rec, resync=0.5) as config:
         await asyncio.wait_for(config.wait_current(), 10)
         await asyncio.to_thread(nats_server.restart)
-        await asyncio.sleep(0.5)
-        for _ in range(50):
+
+        async def published() -> bool:
+            # Refused until the client has reconnected and JetStream has recovered.
             try:
                 await publish_snapshot(nc, BUCKET, signed(2))
-                break
             except Exception:
-                await asyncio.sleep(0.2)
+                return False
+            return True
+
+        await wait_for(published, timeout=30)
         assert (await asyncio.wait_for(config.wait_current(newer_than=1), 15)).version == 2
 
 

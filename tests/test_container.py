@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 import worker.runtime.container
-from tests.fake_runtime_image import echo_image
-from tests.test_supervisor_protocol import MODEL_SHA, NODE_ID, make_settings
+from tests.support.fake_runtime_image import echo_image
+from tests.support.polling import wait_for
+from tests.support.settings import MODEL_SHA, NODE_ID, make_settings
 from worker.core.errors import IsolationError, RuntimeBroken
 from worker.runtime.api import Completion, LaunchSpec, WorkItem
 from worker.runtime.container import (
@@ -75,6 +76,11 @@ def ours(client: Any) -> list[Any]:
     return list(client.containers.list(all=True, filters={"label": f"{LABEL_NODE}={NODE_ID}"}))
 
 
+def runtime_logged(client: Any, text: str) -> bool:
+    """Whether one of our runtime containers wrote `text` to its stderr log."""
+    return any(text.encode() in c.logs(stdout=False, stderr=True) for c in ours(client))
+
+
 @pytest.fixture(autouse=True)
 def no_leftovers(docker_client: Any) -> Any:
     for container in ours(docker_client):
@@ -88,7 +94,7 @@ async def test_isolation_seen_from_inside(
 ) -> None:
     key_file = tmp_path / "node.key"
     key_file.write_bytes(b"\0" * 32)
-    settings = make_settings(key_file=key_file, nats_url="nats://10.0.0.1:4222")
+    settings = make_settings(fast_runtime=True, key_file=key_file, nats_url="nats://10.0.0.1:4222")
     backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client)
     async with Supervisor(settings, backend, spec) as sup:
         ident = sup.stats().runtime_id
@@ -155,7 +161,7 @@ async def test_isolation_check_fails_closed(
         return created
 
     monkeypatch.setattr(worker.runtime.container, "create_kwargs", weakened)
-    settings = make_settings()
+    settings = make_settings(fast_runtime=True)
     backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client)
     with pytest.raises(IsolationError, match="not isolated"):
         async with Supervisor(settings, backend, spec):
@@ -189,7 +195,7 @@ async def test_leftovers_removed_at_start(docker_client: Any, spec: LaunchSpec) 
     stale = docker_client.containers.create(
         spec.image, labels={LABEL_NODE: NODE_ID, LABEL_ROLE: ROLE_RUNTIME}, network_mode="none"
     )
-    settings = make_settings()
+    settings = make_settings(fast_runtime=True)
     backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client)
     async with Supervisor(settings, backend, spec) as sup:
         assert [c.id for c in ours(docker_client)] == [sup.stats().runtime_id]
@@ -201,7 +207,7 @@ async def test_cancel_at_each_docker_call(
 ) -> None:
     """Cancel the task entering the supervisor right at its n-th Docker call, for every n
     until the supervisor opens without being cancelled."""
-    settings = make_settings()
+    settings = make_settings(fast_runtime=True)
 
     async def open_cancelled_at(n: int) -> bool:
         calls = 0
@@ -239,7 +245,7 @@ async def test_cancel_at_each_docker_call(
 async def test_cancel_outer_task_leaves_nothing(
     docker_client: Any, spec: LaunchSpec, phase: str
 ) -> None:
-    settings = make_settings(runtime_ready_timeout_s=30.0, batch_timeout_s=30.0)
+    settings = make_settings(fast_runtime=True, runtime_ready_timeout_s=30.0, batch_timeout_s=30.0)
     env = {"RESULTITY_ECHO_FAULT": "noready"} if phase == "waiting_ready" else {}
     backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client, extra_env=env)
     if phase == "mid_batch":
@@ -251,16 +257,17 @@ async def test_cancel_outer_task_leaves_nothing(
             started.set()
             if phase == "mid_batch":
                 await sup.run([WorkItem(job_id="j", payload={"prompt": "slow"})])
-            await asyncio.sleep(60)
+            await asyncio.Event().wait()  # idle until cancelled
 
     task = asyncio.ensure_future(body())
     if phase == "waiting_ready":
-        while not ours(docker_client):
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: asyncio.to_thread(runtime_logged, docker_client, "fault=noready"))
+    elif phase == "mid_batch":
+        await wait_for(
+            lambda: asyncio.to_thread(runtime_logged, docker_client, "echo_batch_received")
+        )
     else:
-        await started.wait()
-        await asyncio.sleep(0.5)
+        await started.wait()  # the body is parked on its idle wait now
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -10,11 +10,13 @@ import nats
 import pytest
 
 from schemas.envelope import EnvelopeType
-from tests.jobnet import results, wait_for
-from tests.test_agent import running, serving
+from tests.support.agent import running, serving
+from tests.support.jobnet import results
+from tests.support.polling import wait_for
+from tests.support.settings import make_settings
 from worker.client import submit
 from worker.core.settings import Settings
-from worker.core.signing import NodeKey, write_key_file
+from worker.core.signing import NodeKey
 from worker.devtools.devnet import DevPlan, seed_network
 from worker.devtools.natsd import NatsServer
 from worker.node.snapshots import config_bucket, publish_snapshot
@@ -66,13 +68,10 @@ async def test_token_ids_survive_batching_replacement_and_restart(
     docker_client: object, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     authority = NodeKey.generate()
-    write_key_file(tmp_path / "node.key")
-    settings = Settings(
+    settings = make_settings(
+        tmp_path,
         nats_url=nats_server.url,
-        key_file=tmp_path / "node.key",
         authority_keys=(authority.node_id,),
-        cache_dir=tmp_path / "cache",
-        state_dir=tmp_path / "state",
         runtime_backend="docker",
         runtime_memory="4g",
         batch_timeout_s=600,

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.fake_runtime_image import echo_image
-from tests.test_supervisor_protocol import MODEL_SHA, NODE_ID, make_settings
+from tests.support.fake_runtime_image import echo_image
+from tests.support.settings import MODEL_SHA, NODE_ID, make_settings
 from worker.runtime.api import LaunchSpec
 from worker.runtime.container import LABEL_NODE, DockerBackend
 from worker.runtime.supervisor import Supervisor
@@ -178,7 +178,7 @@ async def test_nothing_escapes_the_runtime_container(
     model.chmod(0o755)
     key_file = tmp_path / "node.key"
     key_file.write_bytes(b"\0" * 32)
-    settings = make_settings(key_file=key_file, cache_dir=tmp_path / "cache")
+    settings = make_settings(fast_runtime=True, key_file=key_file, cache_dir=tmp_path / "cache")
     spec = LaunchSpec("echo", echo_image(docker_client), model, MODEL_SHA, {})
     targets = {
         "tcp": [[h, host_listener] for h in host_addresses()]

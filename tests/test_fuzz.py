@@ -8,11 +8,14 @@
 - forged, mutated and rolled-back snapshots against `check_snapshot`: none accepted;
 - tampered model bytes behind a `nats-object://` source: never returned, cache left clean.
 
-Each test prints its case counts.
+Each fuzz test asserts that it drew every kind of case it knows (so a fuzz that did not
+run, or drew one kind only, fails) and logs its case counts.
 """
 
 import asyncio
 import hashlib
+import itertools
+import logging
 import random
 import time
 from collections import Counter
@@ -29,9 +32,10 @@ from schemas.codec import decode
 from schemas.envelope import EnvelopeType, pack_envelope
 from schemas.job import Job
 from schemas.snapshot import ModelSpec, Snapshot
-from tests.jobnet import EchoRuntime, errors, publish_job, results, wait_for
+from tests.support.jobnet import EchoRuntime, errors, publish_job, results
+from tests.support.polling import wait_for
+from tests.support.settings import make_settings
 from worker.core.errors import ModelInvalid
-from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 from worker.devtools.natsd import NatsServer
 from worker.jobs.pipeline import Pipeline, PipelineState, Serving
@@ -41,14 +45,16 @@ from worker.models import objectstore
 from worker.models.store import ModelStore
 from worker.node.snapshots import ConfigRejected, check_snapshot
 
+log = logging.getLogger(__name__)
 SLOW = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
 MAX_JOB_BYTES = 16 * 1024
 SERVING = Serving("demo", "1", "a" * 64, "sha256:" + "1" * 64, 3)
 
 
-def _report(capsys: pytest.CaptureFixture[str], name: str, counts: Counter[str]) -> None:
-    with capsys.disabled():
-        print(f"\n{name} fuzz counts: {dict(sorted(counts.items()))}")  # noqa: T201
+def _check_coverage(name: str, counts: Counter[str], kinds: list[str]) -> None:
+    log.info("fuzz_counts fuzz=%s counts=%s", name, dict(sorted(counts.items())))
+    missing = sorted(set(kinds) - {k.removeprefix("kind_") for k in counts})
+    assert not missing, f"the {name} fuzz never drew {missing}: {dict(counts)}"
 
 
 # -- job payloads -----------------------------------------------------------------------
@@ -176,32 +182,29 @@ HUGE_FIELDS = ["max_tokens", "seed", "token", "temperature", "deadline", "logpro
 HUGE_FIELDS += ["presence_penalty", "frequency_penalty"]
 
 
+JOB_KINDS = [
+    *["valid"] * 3,
+    "random_bytes",
+    "not_a_map",
+    "type_confusion",
+    "params_confusion",
+    "huge_values",
+    "deep_nesting",
+    "wrong_model",
+    "bad_utf8",
+    "oversize",
+    "extra_key",
+    "expired",
+    "bad_messages",
+    "hostile_schema",
+]
+
+
 @st.composite
 def job_payload(draw: st.DrawFn, job_id: str) -> tuple[str, bytes]:
     """(category, bytes) for one job published under `job_id`."""
     base = _valid(job_id, draw(valid_prompt), draw(valid_params))
-    kind = draw(
-        st.sampled_from(
-            [
-                "valid",
-                "valid",
-                "valid",
-                "random_bytes",
-                "not_a_map",
-                "type_confusion",
-                "params_confusion",
-                "huge_values",
-                "deep_nesting",
-                "wrong_model",
-                "bad_utf8",
-                "oversize",
-                "extra_key",
-                "expired",
-                "bad_messages",
-                "hostile_schema",
-            ]
-        )
-    )
+    kind = draw(st.sampled_from(JOB_KINDS))
     if kind == "random_bytes":
         return kind, draw(st.binary(max_size=400))
     if kind == "not_a_map":
@@ -278,17 +281,13 @@ def job_batch(draw: st.DrawFn) -> list[tuple[str, str, bytes]]:
     return [(f"f{i}", *draw(job_payload(f"f{i}"))) for i in range(size)]
 
 
-PAYLOAD_COUNTS: Counter[str] = Counter()
-
-
-async def _payload_round(url: str, tmp: Path, jobs: list[tuple[str, str, bytes]]) -> None:
-    n = PAYLOAD_COUNTS["examples"]
-    settings = Settings(
+async def _payload_round(
+    url: str, tmp: Path, prefix: str, jobs: list[tuple[str, str, bytes]], counts: Counter[str]
+) -> None:
+    settings = make_settings(
+        tmp,
         nats_url=url,
-        subject_prefix=f"fz{n}",
-        key_file=tmp / "node.key",
-        cache_dir=tmp / "cache",
-        state_dir=tmp / "state",
+        subject_prefix=prefix,
         ack_wait_s=10,
         max_deliver=3,
         max_job_bytes=MAX_JOB_BYTES,
@@ -319,31 +318,32 @@ async def _payload_round(url: str, tmp: Path, jobs: list[tuple[str, str, bytes]]
         assert all(r.node_id == key.node_id for r in got)
         assert Counter(e.job_id for e in errs) == Counter(bad), "one error event per bad job"
         assert all(not e.retryable and e.node_id == key.node_id for e in errs)
-        PAYLOAD_COUNTS["jobs"] += len(jobs)
-        PAYLOAD_COUNTS["valid_completed"] += len(valid)
-        PAYLOAD_COUNTS["bad_with_one_error"] += len(bad)
+        counts["jobs"] += len(jobs)
+        counts["valid_completed"] += len(valid)
+        counts["bad_with_one_error"] += len(bad)
         for _, kind, _data in jobs:
-            PAYLOAD_COUNTS[f"kind_{kind}"] += 1
+            counts[f"kind_{kind}"] += 1
         for e in errs:
-            PAYLOAD_COUNTS[f"code_{e.code.value}"] += 1
-        PAYLOAD_COUNTS["examples"] += 1
+            counts[f"code_{e.code.value}"] += 1
+        counts["examples"] += 1
     finally:
         await nc.close()
 
 
 @pytest.mark.nats
 @pytest.mark.timeout(600)
-@settings(max_examples=30, deadline=None, suppress_health_check=SLOW)
-@given(jobs=job_batch())
-def test_fuzzed_jobs_each_get_one_outcome(
-    nats_server: NatsServer, tmp_path: Path, jobs: list[tuple[str, str, bytes]]
-) -> None:
-    asyncio.run(_payload_round(nats_server.url, tmp_path, jobs))
+def test_fuzzed_jobs_each_get_one_outcome(nats_server: NatsServer, tmp_path: Path) -> None:
+    counts: Counter[str] = Counter()
+    prefixes = (f"fz{n}" for n in itertools.count())
 
+    @settings(max_examples=30, deadline=None, suppress_health_check=SLOW)
+    @given(jobs=job_batch())
+    def one_round(jobs: list[tuple[str, str, bytes]]) -> None:
+        asyncio.run(_payload_round(nats_server.url, tmp_path, next(prefixes), jobs, counts))
 
-@pytest.mark.nats
-def test_payload_fuzz_report(capsys: pytest.CaptureFixture[str]) -> None:
-    _report(capsys, "job payload", PAYLOAD_COUNTS)
+    one_round()
+    _check_coverage("job payload", counts, JOB_KINDS)
+    assert counts["valid_completed"] and counts["bad_with_one_error"], dict(counts)
 
 
 # -- snapshots --------------------------------------------------------------------------
@@ -381,30 +381,26 @@ def snapshot_body(version: int, **over: Any) -> dict[str, Any]:
 
 
 GOOD = AUTHORITY.sign(EnvelopeType.CONFIG, snapshot_body(IN_FORCE + 1))
-SNAPSHOT_COUNTS: Counter[str] = Counter()
+SNAPSHOT_KINDS = [
+    "byte_flips",
+    "truncated",
+    "extended",
+    "other_signer",
+    "claims_authority_key",
+    "rollback",
+    "replay",
+    "wrong_typ",
+    "body_swap",
+    "invalid_body",
+    "other_network",
+    "random_bytes",
+]
 
 
 @st.composite
 def forged_snapshot(draw: st.DrawFn) -> tuple[str, bytes, int]:
     """(category, envelope, version in force) that must be rejected."""
-    kind = draw(
-        st.sampled_from(
-            [
-                "byte_flips",
-                "truncated",
-                "extended",
-                "other_signer",
-                "claims_authority_key",
-                "rollback",
-                "replay",
-                "wrong_typ",
-                "body_swap",
-                "invalid_body",
-                "other_network",
-                "random_bytes",
-            ]
-        )
-    )
+    kind = draw(st.sampled_from(SNAPSHOT_KINDS))
     if kind == "byte_flips":
         data = bytearray(GOOD)
         for pos, xor in draw(
@@ -466,30 +462,35 @@ def forged_snapshot(draw: st.DrawFn) -> tuple[str, bytes, int]:
     return kind, draw(st.binary(max_size=600)), IN_FORCE
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=SLOW)
-@given(case=forged_snapshot())
-def test_forged_or_rolled_back_snapshots_are_never_accepted(
-    case: tuple[str, bytes, int],
-) -> None:
-    kind, data, in_force = case
-    accepted: Snapshot | None = None
-    try:
-        accepted, _ = check_snapshot(data, TRUSTED, network="devnet", floor=in_force)
-    except ConfigRejected:
-        pass
-    if kind == "invalid_body" and accepted is not None:
-        # a drawn value that happens to be valid for its field is an honest snapshot
-        SNAPSHOT_COUNTS["invalid_body_valid_by_chance"] += 1
-        return
-    assert accepted is None, (kind, accepted)
-    SNAPSHOT_COUNTS[kind] += 1
-    SNAPSHOT_COUNTS["rejected"] += 1
+def test_forged_or_rolled_back_snapshots_are_never_accepted() -> None:
+    counts: Counter[str] = Counter()
+
+    @settings(max_examples=1000, deadline=None, suppress_health_check=SLOW)
+    @given(case=forged_snapshot())
+    def one_case(case: tuple[str, bytes, int]) -> None:
+        kind, data, in_force = case
+        counts[f"kind_{kind}"] += 1
+        accepted: Snapshot | None = None
+        try:
+            accepted, _ = check_snapshot(data, TRUSTED, network="devnet", floor=in_force)
+        except ConfigRejected:
+            pass
+        if kind == "invalid_body" and accepted is not None:
+            # a drawn value that happens to be valid for its field is an honest snapshot
+            counts["invalid_body_valid_by_chance"] += 1
+            return
+        assert accepted is None, (kind, accepted)
+        counts["rejected"] += 1
+
+    one_case()
+    _check_coverage("snapshot", counts, SNAPSHOT_KINDS)
 
 
-def test_snapshot_fuzz_report(capsys: pytest.CaptureFixture[str]) -> None:
-    good = check_snapshot(GOOD, TRUSTED, network="devnet", floor=IN_FORCE)
-    assert good[0].version == IN_FORCE + 1
-    _report(capsys, "snapshot", SNAPSHOT_COUNTS)
+def test_the_unforged_snapshot_is_accepted() -> None:
+    """The snapshot fuzzer's oracle is sound: what it mutates passes untouched."""
+    assert (
+        check_snapshot(GOOD, TRUSTED, network="devnet", floor=IN_FORCE)[0].version == IN_FORCE + 1
+    )
 
 
 # -- model bytes ------------------------------------------------------------------------
@@ -504,12 +505,12 @@ MODEL_SPEC = ModelSpec.model_validate(
         "source": "nats-object://rst_models/m1",
     }
 )
-MODEL_COUNTS: Counter[str] = Counter()
+MODEL_KINDS = ["flips", "truncated", "extended", "replaced", "mixed"]
 
 
 @st.composite
 def tampered_model(draw: st.DrawFn) -> tuple[str, bytes]:
-    kind = draw(st.sampled_from(["flips", "truncated", "extended", "replaced", "mixed"]))
+    kind = draw(st.sampled_from(MODEL_KINDS))
     data = bytearray(MODEL)
     if kind in ("flips", "mixed"):
         for pos, xor in draw(
@@ -527,7 +528,9 @@ def tampered_model(draw: st.DrawFn) -> tuple[str, bytes]:
     return kind, bytes(data)
 
 
-async def _fetch_tampered(url: str, tmp: Path, kind: str, data: bytes) -> None:
+async def _fetch_tampered(
+    url: str, tmp: Path, kind: str, data: bytes, counts: Counter[str]
+) -> None:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
@@ -540,27 +543,29 @@ async def _fetch_tampered(url: str, tmp: Path, kind: str, data: bytes) -> None:
         assert store.cached() == set()
         assert not store.blob_path(MODEL_SPEC.sha256).exists()
         assert list((store.cache_dir / "tmp").iterdir()) == []
-        MODEL_COUNTS[kind] += 1
-        MODEL_COUNTS["rejected"] += 1
+        counts[f"kind_{kind}"] += 1
+        counts["rejected"] += 1
     finally:
         await nc.close()
 
 
 @pytest.mark.nats
 @pytest.mark.timeout(300)
-@settings(max_examples=100, deadline=None, suppress_health_check=SLOW)
-@given(case=tampered_model())
-def test_tampered_model_bytes_are_never_returned(
-    nats_server: NatsServer, tmp_path: Path, case: tuple[str, bytes]
-) -> None:
-    asyncio.run(_fetch_tampered(nats_server.url, tmp_path, *case))
+def test_tampered_model_bytes_are_never_returned(nats_server: NatsServer, tmp_path: Path) -> None:
+    counts: Counter[str] = Counter()
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=SLOW)
+    @given(case=tampered_model())
+    def one_case(case: tuple[str, bytes]) -> None:
+        asyncio.run(_fetch_tampered(nats_server.url, tmp_path, *case, counts))
+
+    one_case()
+    _check_coverage("model bytes", counts, MODEL_KINDS)
 
 
 @pytest.mark.nats
-async def test_model_fuzz_report(
-    nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The untampered model still fetches (the fuzzer's oracle is sound); prints counts."""
+async def test_the_untampered_model_fetches(nats_server: NatsServer, tmp_path: Path) -> None:
+    """The model fuzzer's oracle is sound: the bytes it tampers with fetch untouched."""
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
@@ -571,4 +576,3 @@ async def test_model_fuzz_report(
         assert blob.read_bytes() == MODEL
     finally:
         await nc.close()
-    _report(capsys, "model bytes", MODEL_COUNTS)

@@ -26,7 +26,7 @@ from nats.aio.client import Client
 from schemas.envelope import EnvelopeType
 from schemas.node import NodeState
 from schemas.snapshot import Snapshot
-from tests.jobnet import wait_for
+from tests.support.polling import wait_for
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, load_key_file, write_key_file
 from worker.devtools.devnet import DevPlan, seed_network

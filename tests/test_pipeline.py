@@ -8,7 +8,8 @@ import pytest
 from nats.aio.client import Client
 
 from schemas.event import ErrorCode
-from tests.jobnet import EchoRuntime, errors, job, publish_job, queue_empty, results, wait_for
+from tests.support.jobnet import EchoRuntime, errors, job, publish_job, queue_empty, results
+from tests.support.polling import wait_for
 from worker.core.errors import RuntimeEnded
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey

@@ -13,7 +13,8 @@ import pytest
 from nats.aio.client import Client
 
 from schemas.event import ErrorCode
-from tests.jobnet import EchoRuntime, errors, job, publish_job, queue_empty, read_all, wait_for
+from tests.support.jobnet import EchoRuntime, errors, job, publish_job, queue_empty, read_all
+from tests.support.polling import wait_for
 from tests.test_pipeline import SERVING, settings_for
 from worker.core.errors import OutputMalformed
 from worker.core.settings import Settings

@@ -14,7 +14,7 @@ import pytest
 
 from schemas import frames
 from schemas.frames import Frame, FrameError
-from tests.framepipe import FramePipe
+from tests.support.framepipe import FramePipe
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,15 @@ from typing import Any
 
 import msgpack
 import pytest
-from payloads import (
+from pydantic import BaseModel
+
+from schemas.codec import decode, encode
+from schemas.errors import SchemaError
+from schemas.event import ErrorCode, ErrorEvent, LifecycleEvent, LifecycleKind
+from schemas.job import Job, Params
+from schemas.result import ResultBody
+from schemas.snapshot import ModelSpec, RuntimeSpec, Snapshot, ValidationVector
+from tests.support.payloads import (
     DELETE,
     IMAGE_DIGEST,
     IMAGE_ID,
@@ -23,14 +31,6 @@ from payloads import (
     snapshot,
     vector,
 )
-from pydantic import BaseModel
-
-from schemas.codec import decode, encode
-from schemas.errors import SchemaError
-from schemas.event import ErrorCode, ErrorEvent, LifecycleEvent, LifecycleKind
-from schemas.job import Job, Params
-from schemas.result import ResultBody
-from schemas.snapshot import ModelSpec, RuntimeSpec, Snapshot, ValidationVector
 
 
 def packed(payload: Any) -> bytes:

@@ -6,7 +6,6 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from payloads import error_event, job, lifecycle_event, result_body, snapshot
 from pydantic import BaseModel
 
 from schemas.codec import DEFAULT_MAX_BYTES, decode, unpack_map
@@ -16,6 +15,7 @@ from schemas.event import ErrorEvent, LifecycleEvent
 from schemas.job import Job, Params
 from schemas.result import ResultBody
 from schemas.snapshot import ModelSpec, RuntimeSpec, Snapshot, ValidationVector
+from tests.support.payloads import error_event, job, lifecycle_event, result_body, snapshot
 
 MODELS: list[type[BaseModel]] = [
     Job,

@@ -1,5 +1,5 @@
 """The supervisor against real runtimes: the echo engine (with its fault injection) and
-`tests/fake_runtime.py`, through both backends: Docker containers and local processes."""
+`tests/support/fake_runtime.py`, through both backends: Docker containers and local processes."""
 
 import asyncio
 import dataclasses
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.fake_runtime_image import FAKE_COMMAND, echo_image, ensure_test_image
+from tests.support.fake_runtime_image import FAKE_COMMAND, echo_image, ensure_test_image
 from worker.core.errors import (
     ItemFailed,
     NodeError,
@@ -34,7 +34,7 @@ from worker.runtime.transport import Backend
 ROOT = Path(__file__).resolve().parent.parent
 NODE_ID = secrets.token_hex(32)  # per run: containers of other test runs are not ours
 MODEL_SHA = "cd" * 32
-FAKE_LOCAL = ["python3", str(ROOT / "tests" / "fake_runtime.py")]
+FAKE_LOCAL = ["python3", str(ROOT / "tests" / "support" / "fake_runtime.py")]
 
 BackendFactory = Callable[..., Backend]
 

@@ -12,7 +12,7 @@ import pytest
 
 from schemas import frames
 from schemas.frames import Frame
-from tests.framepipe import FramePipe
+from tests.support.framepipe import FramePipe
 from worker.devtools import demomodel, images
 
 HAS_MODEL_DEPS = all(

@@ -20,28 +20,15 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from schemas.codec import validate
 from schemas.envelope import EnvelopeType
 from schemas.errors import SchemaError
-from schemas.event import ErrorCode, ErrorEvent
+from schemas.event import ErrorEvent
 from schemas.job import Job
 from schemas.result import ResultBody
 from schemas.snapshot import Snapshot
-from worker.core.errors import NodeError, SignatureError
+from worker.core.errors import JobFailed, NatsUnreachable, SignatureError
 from worker.core.settings import Settings
 from worker.core.signing import verify
 
 log = logging.getLogger(__name__)
-
-
-class JobFailed(NodeError):
-    """The node reported a final error for the submitted job (its code in `code`), or the
-    result did not attest the bytes sent."""
-
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.INTERNAL) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class NatsUnreachable(NodeError):
-    """No NATS server answered at the given URL."""
 
 
 async def connect(url: str, *, hint: str = "start it or set RESULTITY_NATS_URL") -> Client:

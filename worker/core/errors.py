@@ -1,4 +1,4 @@
-"""The agent's error tree, mapped once to wire error codes.
+"""The package's error tree, mapped once to wire error codes (`WIRE`).
 
 NodeError
 ├── ResourceClosed          a component was used after it was closed (or reopened)
@@ -10,6 +10,8 @@ NodeError
 │   └── DeadlineExceeded        the job's deadline passed before it ran
 ├── RuntimeFailure          the runtime could not produce an outcome (retryable)
 │   ├── RuntimeStartError       the container/process failed to start or send `ready`
+│   │   ├── IsolationError          a runtime container is not as hardened as required
+│   │   └── ImageUnavailable        the pinned runtime image is absent or its digest differs
 │   ├── RuntimeEnded            the runtime exited on its own (crash, kill, OOM)
 │   ├── RuntimeClosed           we closed it; work in flight is handed back
 │   ├── RuntimeBroken           the pipe broke mid-frame, or the runtime sent garbage
@@ -19,18 +21,28 @@ NodeError
 ├── ModelInvalid            a model failed its hash check or validation vectors
 │   └── ModelUnavailable        its source is missing or unreachable after retries
 ├── ConfigRejected          a configuration snapshot was refused
-├── IsolationError          a runtime container is not as hardened as required
-└── ImageUnavailable        the pinned runtime image is absent or its digest differs
+├── ImageBuildError         a runtime image (or its base, or its wheelhouse) could not be built
+├── StackError              the dev stack could not be seeded (NATS did not answer)
+├── NatsUnreachable         no NATS server answered at the given URL (client side)
+└── JobFailed               the node reported a final error for a submitted job (client side)
 """
 
 from schemas.event import ErrorCode
 
 
 class NodeError(Exception):
-    """Base of every error the agent raises on purpose."""
+    """Base of every error the package raises on purpose.
 
-    code = ErrorCode.INTERNAL
-    retryable = False
+    Its wire code and retryability come from `WIRE`, by class, never set per instance.
+    """
+
+    @property
+    def code(self) -> ErrorCode:
+        return wire_entry(type(self))[0]
+
+    @property
+    def retryable(self) -> bool:
+        return wire_entry(type(self))[1]
 
 
 class ResourceClosed(NodeError):
@@ -50,23 +62,30 @@ class JobRejected(NodeError):
 
 
 class BadRequest(JobRejected):
-    code = ErrorCode.BAD_REQUEST
+    pass
 
 
 class UnknownModel(JobRejected):
-    code = ErrorCode.UNKNOWN_MODEL
+    pass
 
 
 class DeadlineExceeded(JobRejected):
-    code = ErrorCode.DEADLINE_EXCEEDED
+    pass
 
 
 class RuntimeFailure(NodeError):
-    code = ErrorCode.RUNTIME_FAILURE
-    retryable = True
+    pass
 
 
 class RuntimeStartError(RuntimeFailure):
+    pass
+
+
+class IsolationError(RuntimeStartError):
+    pass
+
+
+class ImageUnavailable(RuntimeStartError):
     pass
 
 
@@ -87,35 +106,91 @@ class RuntimeTimeout(RuntimeFailure):
 
 
 class OutputMalformed(NodeError):
-    code = ErrorCode.OUTPUT_MALFORMED
-    retryable = True
+    pass
 
 
 class ItemFailed(NodeError):
-    code = ErrorCode.RUNTIME_FAILURE
-    retryable = False
+    pass
 
 
 class ModelInvalid(NodeError):
-    code = ErrorCode.MODEL_INVALID
+    pass
 
 
 class ModelUnavailable(ModelInvalid):
-    retryable = True
+    pass
 
 
 class ConfigRejected(NodeError):
-    code = ErrorCode.CONFIG_REJECTED
+    pass
 
 
-class IsolationError(RuntimeStartError):
-    retryable = False
+class ImageBuildError(NodeError):
+    pass
 
 
-class ImageUnavailable(RuntimeStartError):
-    retryable = False
+class StackError(NodeError):
+    pass
+
+
+class NatsUnreachable(NodeError):
+    pass
+
+
+class JobFailed(NodeError):
+    """A client's view: the node reported a final error for the submitted job, or the result
+    did not attest the bytes sent. `node_code` is the code the node reported (data from
+    the wire, not this package's own mapping)."""
+
+    def __init__(self, message: str, node_code: ErrorCode = ErrorCode.INTERNAL) -> None:
+        super().__init__(message)
+        self.node_code = node_code
+
+
+WIRE: dict[type[NodeError], tuple[ErrorCode, bool]] = {
+    # class: (wire code, retryable: another attempt may succeed)
+    NodeError: (ErrorCode.INTERNAL, False),
+    ResourceClosed: (ErrorCode.INTERNAL, False),
+    KeyFileError: (ErrorCode.INTERNAL, False),
+    SignatureError: (ErrorCode.INTERNAL, False),
+    JobRejected: (ErrorCode.INTERNAL, False),
+    BadRequest: (ErrorCode.BAD_REQUEST, False),
+    UnknownModel: (ErrorCode.UNKNOWN_MODEL, False),
+    DeadlineExceeded: (ErrorCode.DEADLINE_EXCEEDED, False),
+    RuntimeFailure: (ErrorCode.RUNTIME_FAILURE, True),
+    RuntimeStartError: (ErrorCode.RUNTIME_FAILURE, True),
+    IsolationError: (ErrorCode.RUNTIME_FAILURE, False),
+    ImageUnavailable: (ErrorCode.RUNTIME_FAILURE, False),
+    RuntimeEnded: (ErrorCode.RUNTIME_FAILURE, True),
+    RuntimeClosed: (ErrorCode.RUNTIME_FAILURE, True),
+    RuntimeBroken: (ErrorCode.RUNTIME_FAILURE, True),
+    RuntimeTimeout: (ErrorCode.RUNTIME_FAILURE, True),
+    OutputMalformed: (ErrorCode.OUTPUT_MALFORMED, True),
+    ItemFailed: (ErrorCode.RUNTIME_FAILURE, False),
+    ModelInvalid: (ErrorCode.MODEL_INVALID, False),
+    ModelUnavailable: (ErrorCode.MODEL_INVALID, True),
+    ConfigRejected: (ErrorCode.CONFIG_REJECTED, False),
+    ImageBuildError: (ErrorCode.INTERNAL, False),
+    StackError: (ErrorCode.INTERNAL, False),
+    NatsUnreachable: (ErrorCode.INTERNAL, False),
+    JobFailed: (ErrorCode.INTERNAL, False),
+}
+"""Every class of the tree, with its wire code and retryability (a test checks it is complete)."""
+
+
+def wire_entry(cls: type[NodeError]) -> tuple[ErrorCode, bool]:
+    """`WIRE`'s entry for `cls`, or for its nearest listed ancestor."""
+    for klass in cls.__mro__:
+        if klass in WIRE:
+            return WIRE[klass]
+    return WIRE[NodeError]
 
 
 def error_code(exc: BaseException) -> ErrorCode:
     """The wire code for any exception; unexpected ones are `INTERNAL`."""
     return exc.code if isinstance(exc, NodeError) else ErrorCode.INTERNAL
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether another attempt may succeed; unexpected exceptions are not retried."""
+    return exc.retryable if isinstance(exc, NodeError) else False

@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from worker.core.errors import NodeError
+from worker.core.errors import ImageBuildError
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ BASE_PACKAGES = ("python3", "python3-venv", "libnuma1", "libstdc++6", "ca-certif
 EXCLUDED_WHEELS = ("triton", "torchvision", "torchaudio", "torchcodec")
 BUILD_KEY_LABEL = "org.resultity.build-key"
 BASE_KEY_LABEL = "org.resultity.base-key"
-
-
-class ImageBuildError(NodeError):
-    """A runtime image (or its base, or its wheelhouse) could not be built."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from worker.core.errors import NodeError
+from worker.core.errors import StackError
 from worker.core.settings import DEFAULT_HOME, Settings
 from worker.core.signing import NodeKey, load_key_file, write_key_file
 from worker.devtools import images
@@ -46,10 +46,6 @@ NATS_CONF = CONTAINERS_DIR / "compose" / "nats.conf"
 AGENT_PUBLIC_BASE = "python:3.11-slim"
 SOURCE_PACKAGES = ("worker", "schemas", "containers")
 SOURCE_SUFFIXES = (".py", ".json")
-
-
-class StackError(NodeError):
-    """The stack could not be seeded (NATS did not answer)."""
 
 
 @dataclass(frozen=True, slots=True)

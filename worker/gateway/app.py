@@ -37,7 +37,6 @@ from schemas.event import ErrorCode
 from schemas.result import ResultBody
 from schemas.snapshot import ModelSpec, Snapshot
 from worker.client import (
-    JobFailed,
     Outcome,
     cancel,
     connect,
@@ -46,7 +45,7 @@ from worker.client import (
     new_job_id,
     submit,
 )
-from worker.core.errors import SignatureError
+from worker.core.errors import JobFailed, SignatureError
 from worker.core.settings import Settings
 from worker.core.signing import verify
 from worker.gateway import shapes
@@ -195,9 +194,9 @@ class Gateway:
                 504, f"no result for {job_id} before the deadline", kind="timeout", code="timeout"
             ) from exc
         except JobFailed as exc:
-            if exc.code is ErrorCode.DEADLINE_EXCEEDED:
-                raise ApiError(504, str(exc), kind="timeout", code=exc.code.value) from exc
-            raise ApiError(502, str(exc), kind="node_error", code=exc.code.value) from exc
+            if exc.node_code is ErrorCode.DEADLINE_EXCEEDED:
+                raise ApiError(504, str(exc), kind="timeout", code=exc.node_code.value) from exc
+            raise ApiError(502, str(exc), kind="node_error", code=exc.node_code.value) from exc
         except SignatureError as exc:
             raise ApiError(
                 502, f"the result does not verify: {exc}", kind="node_error", code="signature"

@@ -104,6 +104,8 @@ class EchoEngine:
         )
 
     def generate(self, requests: list[Request]) -> list[Frame]:
+        # An event for tests that must act while a batch is inside the engine.
+        log.info("echo_batch_received items=%d", len(requests))
         if self._slow_s:
             time.sleep(self._slow_s)
         return [self._one(r) for r in requests]

@@ -24,14 +24,14 @@ from nats.aio.client import Client
 from schemas.codec import validate
 from schemas.event import ErrorEvent
 from schemas.result import ResultBody
-from tests.jobnet import read_all
+from tests.support.jobnet import read_all
 from worker.core.settings import Settings
 from worker.core.signing import verify
 from worker.devtools.natsd import NatsServer
 from worker.runtime.container import runtime_containers
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_ports(count: int) -> list[int]:

@@ -1,5 +1,5 @@
 """Runtime images for the Docker tests: the project's echo image (`worker.devtools.images`), and a
-test image with `tests/fake_runtime.py` (and a copy of `containers.runtime`) on a Debian
+test image with `tests/support/fake_runtime.py` (and a copy of `containers.runtime`) on a Debian
 base made with mmdebstrap (no registry needed).
 
 Tagged by a hash of its sources, so it is built once per change of the runtime code.
@@ -12,12 +12,12 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BASE = "rst-test-base:latest"
 SOURCES = [
     "schemas/__init__.py",
     "schemas/frames.py",
-    "tests/fake_runtime.py",
+    "tests/support/fake_runtime.py",
     *sorted(
         str(p.relative_to(ROOT))
         for p in (ROOT / "containers").rglob("*.py")
@@ -30,7 +30,7 @@ COPY app /app
 ENV PYTHONPATH=/app
 CMD ["python3", "-m", "containers.runtime"]
 """
-FAKE_COMMAND = ["python3", "/app/tests/fake_runtime.py"]
+FAKE_COMMAND = ["python3", "/app/tests/support/fake_runtime.py"]
 
 
 def ensure_base(client: Any) -> None:
@@ -39,20 +39,23 @@ def ensure_base(client: Any) -> None:
         return
     except Exception:
         pass
-    debootstrap = subprocess.Popen(
-        [
-            "mmdebstrap",
-            "--variant=essential",
-            "--include=python3-minimal,python3-msgpack",
-            "bookworm",
-            "-",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+    pipe(
+        ["mmdebstrap", "--variant=essential", "--include=python3-minimal,python3-msgpack"]
+        + ["bookworm", "-"],
+        ["docker", "import", "-", BASE],
     )
-    subprocess.run(["docker", "import", "-", BASE], stdin=debootstrap.stdout, check=True)
-    if debootstrap.wait() != 0:
-        raise RuntimeError("mmdebstrap failed")
+
+
+def pipe(producer: list[str], consumer: list[str]) -> None:
+    """Run `producer | consumer`; `RuntimeError` if either fails.
+
+    Leaves nothing open: leaving the `with` closes our end of the pipe (which also ends a
+    producer whose consumer failed) and reaps the producer.
+    """
+    with subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as source:
+        subprocess.run(consumer, stdin=source.stdout, check=True, stdout=subprocess.DEVNULL)
+    if source.returncode != 0:
+        raise RuntimeError(f"{producer[0]} failed")
 
 
 def echo_image(client: Any) -> str:
@@ -63,7 +66,7 @@ def echo_image(client: Any) -> str:
 
 
 def ensure_test_image(client: Any) -> str:
-    """This module's image, for `tests/fake_runtime.py` (FAKE_COMMAND)."""
+    """This module's image, for `tests/support/fake_runtime.py` (FAKE_COMMAND)."""
     ensure_base(client)
     digest = hashlib.sha256(DOCKERFILE.encode())
     for rel in SOURCES:

@@ -1,5 +1,6 @@
 """Test helpers that play the network's side: publish jobs, read back results and events."""
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Iterable
@@ -31,8 +32,6 @@ class EchoRuntime:
         return self._facts
 
     async def run(self, items: list[WorkItem]) -> list[ItemOutcome]:
-        import asyncio
-
         self.batches.append(len(items))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
@@ -94,18 +93,6 @@ async def errors(js: JetStreamContext, settings: Settings) -> list[ErrorEvent]:
         validate(ErrorEvent, verify(d).body)
         for d in await read_all(js, settings.stream("EVENTS"), subject)
     ]
-
-
-async def wait_for(predicate: Any, timeout: float = 60.0, interval: float = 0.1) -> None:
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if await predicate():
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(interval)
 
 
 def ids(items: Iterable[Any]) -> list[str]:
