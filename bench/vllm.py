@@ -89,7 +89,7 @@ async def batching_efficiency() -> dict[str, Any]:
             state_dir=Path(tmp) / "s",
             runtime_backend="docker",
             runtime_memory="6g",
-            batch_timeout_s=600,
+            request_timeout_s=600,
         )
         launch = LaunchSpec("vllm", image, model.directory, model.sha256, {})
         # alternated, several starts of each, median round: the machine is shared and

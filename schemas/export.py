@@ -21,6 +21,7 @@ from schemas.event import ErrorEvent, LifecycleEvent
 from schemas.job import Job, Params
 from schemas.result import ResultBody
 from schemas.snapshot import ModelSpec, RuntimeSpec, Snapshot, ValidationVector
+from schemas.stream import CancelRequest, StreamBody
 
 JSON_DIR = Path(__file__).with_name("json")
 ASYNCAPI = Path(__file__).with_name("asyncapi.json")
@@ -32,6 +33,8 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     "params": Params,
     "result_body": ResultBody,
     "error_event": ErrorEvent,
+    "stream_body": StreamBody,
+    "cancel_request": CancelRequest,
     "lifecycle_event": LifecycleEvent,
     "snapshot": Snapshot,
     "model_spec": ModelSpec,

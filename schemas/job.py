@@ -6,24 +6,29 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
     model_validator,
 )
 
-JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
-MODEL_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-
-MAX_PROMPT_CHARS = 256 * 1024
-MAX_PROMPT_TOKENS = 128 * 1024
-MAX_NEW_TOKENS = 1 << 20
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
+from schemas.limits import (
+    JOB_ID_PATTERN,
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPT_TOKENS,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOKEN_ID,
+    MAX_TOP_K,
+    MODEL_ID_PATTERN,
+)
 
 JobId = Annotated[StrictStr, Field(pattern=JOB_ID_PATTERN)]
 ModelId = Annotated[StrictStr, Field(pattern=MODEL_ID_PATTERN)]
-TokenId = Annotated[StrictInt, Field(ge=0, lt=1 << 31)]
+TokenId = Annotated[StrictInt, Field(ge=0, le=MAX_TOKEN_ID)]
 Number = StrictFloat | StrictInt
 
 
@@ -39,8 +44,8 @@ class Params(Wire):
     max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_NEW_TOKENS)] | None = None
     temperature: Annotated[Number, Field(ge=0, le=2)] = 0
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[StrictInt, Field(ge=-1, le=1 << 20)] | None = None
-    seed: Annotated[StrictInt, Field(ge=0, lt=1 << 63)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1, le=MAX_TOP_K)] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
     stop: (
         Annotated[
             list[Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
@@ -72,3 +77,4 @@ class Job(Prompted):
     job_id: JobId
     model_id: ModelId
     deadline: Annotated[Number, Field(ge=0)] | None = None
+    stream: StrictBool = False

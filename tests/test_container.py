@@ -205,7 +205,7 @@ async def test_cancel_at_each_docker_call(
 async def test_cancel_outer_task_leaves_nothing(
     docker_client: Any, spec: LaunchSpec, phase: str
 ) -> None:
-    settings = make_settings(runtime_ready_timeout_s=30.0, batch_timeout_s=30.0)
+    settings = make_settings(runtime_ready_timeout_s=30.0, request_timeout_s=30.0)
     env = {"RESULTITY_ECHO_FAULT": "noready"} if phase == "waiting_ready" else {}
     backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client, extra_env=env)
     if phase == "mid_batch":

@@ -112,7 +112,7 @@ def plan_strategy() -> st.SearchStrategy[dict[str, Any]]:
 def _settings() -> Settings:
     return Settings(
         runtime_ready_timeout_s=20,
-        batch_timeout_s=3.0,
+        request_timeout_s=3.0,
         ping_interval_s=600,
         ping_timeout_s=5,
         runtime_stop_timeout_s=0.5,

@@ -39,7 +39,7 @@ def test_factory_picks_backend() -> None:
 async def test_cancel_leaves_no_process(
     tmp_path: Path, phase: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = make_settings(runtime_ready_timeout_s=30.0, batch_timeout_s=30.0)
+    settings = make_settings(runtime_ready_timeout_s=30.0, request_timeout_s=30.0)
     env = {"PYTHONPATH": str(ROOT)}
     if phase == "waiting_ready":
         env["RESULTITY_ECHO_FAULT"] = "noready"

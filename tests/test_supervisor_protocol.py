@@ -42,7 +42,7 @@ BackendFactory = Callable[..., Backend]
 def make_settings(**overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "runtime_ready_timeout_s": 15.0,
-        "batch_timeout_s": 3.0,
+        "request_timeout_s": 3.0,
         "ping_interval_s": 1.0,
         "ping_timeout_s": 3.0,
         "runtime_stop_timeout_s": 1.0,
@@ -208,7 +208,7 @@ async def test_item_error_fails_only_that_job(harness: Harness) -> None:
 async def test_fault_replaces_runtime(
     harness: Harness, fault: str, error: type[RuntimeFailure]
 ) -> None:
-    async with harness.supervisor(batch_timeout_s=1.5) as sup:
+    async with harness.supervisor(request_timeout_s=1.5) as sup:
         harness.remember(sup)
         first = sup.stats().runtime_id
         out = await sup.run(items("a", f"!fault:{fault}", "b"))

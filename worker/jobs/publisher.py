@@ -32,6 +32,7 @@ class Publisher:
         self._errors = settings.subject("events", "error", key.node_id)
         self._lifecycle = settings.subject("events", "node", key.node_id)
         self._heartbeat = settings.subject("nodes", key.node_id, "heartbeat")
+        self._stream = settings.subject("stream")
 
     async def publish_result(self, job_id: str, body: dict[str, Any]) -> bool:
         """Sign and store a result; True if it was new, False if the stream had it already."""
@@ -43,6 +44,11 @@ class Publisher:
             headers={"Nats-Msg-Id": job_id},
         )
         return not ack.duplicate
+
+    async def publish_stream(self, job_id: str, body: dict[str, Any]) -> None:
+        """Sign one partial-output message; core NATS, not stored (PROTOCOL.md v2)."""
+        envelope = self._key.sign_bytes(EnvelopeType.STREAM, msgpack.packb(body))
+        await self._nc.publish(f"{self._stream}.{job_id}", envelope)
 
     async def publish_error(
         self,

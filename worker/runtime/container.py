@@ -10,7 +10,6 @@ non-blocking mode, with no thread hop per read.
 """
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -30,6 +29,7 @@ from worker.core.errors import IsolationError, RuntimeBroken, RuntimeEnded, Runt
 from worker.core.resource import finish_uncancellable
 from worker.core.settings import Settings
 from worker.runtime.api import LaunchSpec
+from worker.runtime.launch import launch_env
 from worker.runtime.transport import FrameInbox, call_blocking
 
 log = logging.getLogger(__name__)
@@ -72,20 +72,6 @@ class StreamDemux:
         return len(self._buffer)
 
 
-def runtime_env(spec: LaunchSpec, settings: Settings, *, model_dir: str) -> dict[str, str]:
-    """The environment contract of `python -m containers.runtime`."""
-    return {
-        "RESULTITY_ENGINE": spec.engine,
-        "RESULTITY_MODEL_DIR": model_dir,
-        "RESULTITY_MODEL_SHA256": spec.model_sha256,
-        "RESULTITY_ENGINE_ARGS": json.dumps(spec.engine_args, sort_keys=True),
-        "RESULTITY_MAX_FRAME_BYTES": str(settings.runtime_max_frame_bytes),
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "HOME": "/tmp",
-    }
-
-
 def create_kwargs(
     spec: LaunchSpec,
     settings: Settings,
@@ -96,7 +82,7 @@ def create_kwargs(
     extra_env: Mapping[str, str],
 ) -> dict[str, Any]:
     """Arguments of `containers.create` for a hardened runtime container."""
-    env = runtime_env(spec, settings, model_dir=MODEL_MOUNT) | dict(extra_env)
+    env = launch_env(spec, settings, model_dir=MODEL_MOUNT) | dict(extra_env)
     kwargs: dict[str, Any] = {
         "image": spec.image,
         "name": name,
@@ -196,7 +182,6 @@ class DockerBackend:
     """Launches runtime containers. `command=None` runs the image's own entrypoint."""
 
     name = "docker"
-    isolated = True
 
     def __init__(
         self,
@@ -326,7 +311,7 @@ class ContainerHandle:
     def ident(self) -> str:
         return self._id
 
-    async def send(self, frame: Frame) -> None:
+    async def send(self, frame: Mapping[str, object]) -> None:
         if self._writer.is_closing():
             raise RuntimeEnded(f"runtime container {self._id[:12]} is closed")
         try:
