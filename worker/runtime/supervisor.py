@@ -62,6 +62,7 @@ class SupervisorStats:
     restarts: int
     requests: int
     active: int
+    aborting: int
     uptime_s: float
 
 
@@ -273,6 +274,7 @@ class Supervisor(AsyncResource):
             restarts=self._restarts,
             requests=self._requests,
             active=self._active,
+            aborting=len(session.aborted) if session else 0,
             uptime_s=time.monotonic() - self._opened_at if self._opened_at else 0.0,
         )
 
