@@ -55,11 +55,11 @@ def start_agent(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 async def slow_snapshot(
-    nc: Client, settings: Settings, authority: NodeKey, snapshot: Snapshot, slow_ms: int
+    nc: Client, settings: Settings, authority: NodeKey, snapshot: Snapshot, token_delay_ms: int
 ) -> None:
     body = snapshot.model_dump(mode="json")
     body["version"] = snapshot.version + 1
-    body["runtime"]["engine_args"] = {"slow_ms": slow_ms}
+    body["runtime"]["engine_args"] = {"token_delay_ms": token_delay_ms}
     await publish_snapshot(nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body))
 
 
@@ -92,11 +92,11 @@ async def test_sigkill_mid_run_loses_and_duplicates_nothing(
     snapshot = await seed_network(
         settings, authority, DevPlan(tmp_path / "dev", 0, "echo", "process", "x"), version=1
     )
-    await slow_snapshot(nc, settings, authority, snapshot, slow_ms=100)
+    await slow_snapshot(nc, settings, authority, snapshot, token_delay_ms=6)
     model = snapshot.models[0].id
     ids = await publish(nc, settings, model, 300, "k")
     env = agent_env(settings, authority)
-    env["RESULTITY_BATCH_MAX_SIZE"] = "4"  # ~40 jobs/s: the kills land mid-run
+    env["RESULTITY_RUNTIME_MAX_ACTIVE"] = "4"  # ~40 jobs/s: the kills land mid-run
     log = tmp_path / "agent.log"
     js = nc.jetstream()
     kills = 0
@@ -137,10 +137,10 @@ async def test_sigterm_mid_batch_drains_within_deadline(
     snapshot = await seed_network(
         settings, authority, DevPlan(tmp_path / "dev", 0, "echo", "docker", "x"), version=1
     )
-    await slow_snapshot(nc, settings, authority, snapshot, slow_ms=1500)
+    await slow_snapshot(nc, settings, authority, snapshot, token_delay_ms=100)
     model = snapshot.models[0].id
     env = agent_env(settings, authority)
-    env["RESULTITY_BATCH_MAX_SIZE"] = "4"
+    env["RESULTITY_RUNTIME_MAX_ACTIVE"] = "4"
     log = tmp_path / "agent.log"
     proc = start_agent(env, log)
     js = nc.jetstream()

@@ -209,14 +209,14 @@ async def test_cancel_outer_task_leaves_nothing(
     env = {"RESULTITY_ECHO_FAULT": "noready"} if phase == "waiting_ready" else {}
     backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client, extra_env=env)
     if phase == "mid_batch":
-        spec = dataclasses.replace(spec, engine_args={"slow_ms": 20000})
+        spec = dataclasses.replace(spec, engine_args={"token_delay_ms": 20000})
     started = asyncio.Event()
 
     async def body() -> None:
         async with Supervisor(settings, backend, spec) as sup:
             started.set()
             if phase == "mid_batch":
-                await sup.run([WorkItem(job_id="j", payload={"prompt": "slow"})])
+                await sup.run([WorkItem(job_id="j", payload={"prompt": "slow", "params": {}})])
             await asyncio.sleep(60)
 
     task = asyncio.ensure_future(body())

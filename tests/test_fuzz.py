@@ -30,10 +30,11 @@ from schemas.job import Job
 from schemas.snapshot import ModelSpec, Snapshot
 from tests.jobnet import EchoRuntime, errors, publish_job, results, wait_for
 from worker.core.errors import ModelInvalid
+from worker.core.resource import ResourceState
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 from worker.devtools.natsd import NatsServer
-from worker.jobs.pipeline import Pipeline, PipelineState, Serving
+from worker.jobs.pipeline import Pipeline, Serving
 from worker.jobs.provision import provision
 from worker.jobs.publisher import Publisher
 from worker.models import objectstore
@@ -231,7 +232,7 @@ async def _payload_round(url: str, tmp: Path, jobs: list[tuple[str, str, bytes]]
                 return info.state.messages == 0 and pipe.in_flight == 0
 
             await wait_for(settled, timeout=60)
-            assert pipe.state is PipelineState.RUNNING
+            assert pipe.state is ResourceState.OPEN
             got = await results(js, settings)
             errs = await errors(js, settings)
         assert sorted(r.job_id for r in got) == valid

@@ -73,7 +73,7 @@ def test_echo_image_answers_like_the_host(docker_client: Any, tmp_path: Path) ->
     stream = b"".join(
         frames.pack(f)
         for f in (
-            frames.batch(1, [{"job_id": "a", "prompt": "hi", "params": {"seed": 5}}]),
+            frames.submit(1, {"prompt": "hi", "params": {"seed": 5}}),
             frames.ping(2),
             frames.shutdown(),
         )
@@ -97,7 +97,7 @@ def test_echo_image_answers_like_the_host(docker_client: Any, tmp_path: Path) ->
         env={"RESULTITY_MODEL_DIR": str(model), "PATH": "/usr/local/bin:/usr/bin:/bin"},
     )
     container_frames = _frames(in_container.stdout)
-    assert [f["t"] for f in container_frames] == ["ready", "result", "pong"]
+    assert [f["t"] for f in container_frames] == ["ready", "done", "pong"]
     assert container_frames == _frames(on_host.stdout)
 
 

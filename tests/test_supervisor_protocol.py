@@ -26,11 +26,11 @@ from worker.core.errors import (
     RuntimeStartError,
     RuntimeTimeout,
 )
+from worker.core.resource import ResourceState
 from worker.core.settings import Settings
 from worker.runtime.api import Completion, LaunchSpec, Partial, WorkItem
 from worker.runtime.container import LABEL_NODE, DockerBackend
 from worker.runtime.process import ProcessBackend
-from worker.core.resource import ResourceState
 from worker.runtime.supervisor import Supervisor
 from worker.runtime.transport import Backend
 

@@ -25,7 +25,6 @@ LATENCY_BUCKETS = (
     10,
     30,
 )
-SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Histogram:
@@ -61,7 +60,6 @@ class Metrics:
         self.jobs_failed: dict[str, int] = defaultdict(int)
         self.runtime_restarts = 0
         self.in_flight = 0
-        self.batch_size = Histogram(SIZE_BUCKETS)
         self.engine_seconds = Histogram(LATENCY_BUCKETS)
         self.job_latency_seconds = Histogram(LATENCY_BUCKETS)
         self.collect: Callable[[], None] | None = None
@@ -86,8 +84,6 @@ class Metrics:
             f"resultity_runtime_restarts_total {self.runtime_restarts}",
             "# TYPE resultity_jobs_in_flight gauge",
             f"resultity_jobs_in_flight {self.in_flight}",
-            "# TYPE resultity_batch_size histogram",
-            *self.batch_size.render("resultity_batch_size"),
             "# TYPE resultity_engine_seconds histogram",
             *self.engine_seconds.render("resultity_engine_seconds"),
             "# TYPE resultity_job_latency_seconds histogram",

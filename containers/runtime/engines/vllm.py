@@ -144,7 +144,7 @@ class VllmEngine:
     def step(self) -> list[StepFrame]:
         out: list[StepFrame] = []
         for output in self._engine.step():
-            run = self._runs.get(int(output.request_id))
+            run = self._runs.get(_request_id(output.request_id))
             if run is None:
                 continue  # aborted meanwhile
             completion = output.outputs[0]
@@ -179,3 +179,9 @@ class VllmEngine:
             prompt_tokens=run.prompt_tokens,
             first_token_s=run.first_token_s or 0.0,
         )
+
+
+def _request_id(engine_id: str) -> int:
+    """Our request id from vLLM's: the external id, or the internal `<external>-<random>`."""
+    head = engine_id.split("-", 1)[0]
+    return int(head) if head.isdigit() else -1
