@@ -72,9 +72,10 @@ async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         ("memory", lambda: memory.main_async(args.memory_jobs, "container")),
     ]
     if not args.skip_vllm:
-        from bench import vllm
+        from bench import interactive, vllm
 
         steps.append(("vllm", vllm.batching_efficiency))
+        steps.append(("interactive", interactive.main_async))
     results: list[dict[str, Any]] = []
     for name, step in steps:
         started = time.monotonic()

@@ -2,7 +2,7 @@
 
 Both run in one process against one embedded nats-server, on the same jobs:
 - floor: fetch 256, sign each result, publish them concurrently, ack each;
-- agent: the real `Pipeline` (intake, batcher, runtime, signing, publish, ack) with the
+- agent: the real `Pipeline` (intake, a request per job, runtime, signing, publish, ack) with the
   echo engine, in a real container when Docker answers (`--runtime container`).
 Latency is measured at low load, one job at a time: publish -> result stored and seen.
 """
@@ -39,7 +39,7 @@ def bench_settings(tmp: Path, prefix: str) -> Settings:
         cache_dir=tmp / "c",
         state_dir=tmp / "s",
         max_in_flight=1024,
-        batch_max_size=128,
+        runtime_max_active=128,
         ack_wait_s=60,
     )
 

@@ -28,7 +28,7 @@ from schemas.limits import (
 
 JobId = Annotated[StrictStr, Field(pattern=JOB_ID_PATTERN)]
 ModelId = Annotated[StrictStr, Field(pattern=MODEL_ID_PATTERN)]
-TokenId = Annotated[StrictInt, Field(ge=0, le=MAX_TOKEN_ID)]
+TokenId = Annotated[StrictInt, Field(ge=0, lt=MAX_TOKEN_ID + 1)]
 Number = StrictFloat | StrictInt
 
 
@@ -45,7 +45,7 @@ class Params(Wire):
     temperature: Annotated[Number, Field(ge=0, le=2)] = 0
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
     top_k: Annotated[StrictInt, Field(ge=-1, le=MAX_TOP_K)] | None = None
-    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, lt=MAX_SEED + 1)] | None = None
     stop: (
         Annotated[
             list[Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]],

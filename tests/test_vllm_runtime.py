@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,39 @@ class ContainerRuntime(FramePipe):
         command += ["-e", f"RESULTITY_MODEL_SHA256={model_sha256}", image_id]
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         super().__init__(proc, max_frame_bytes=frames.MAX_FRAME_BYTES)
+        self.seen: list[Frame] = []
+        self.ids = iter(range(1, 1 << 30))
 
-    def run(self, batch_id: int, items: list[Frame]) -> list[Frame]:
-        self.send(frames.batch(batch_id, items))
-        answer = self.receive(timeout=300)
-        assert answer["t"] == "result" and answer["id"] == batch_id, answer
-        outcomes: list[Frame] = answer["items"]
-        return outcomes
+    def submit(self, request: dict[str, Any], **kw: Any) -> int:
+        request_id = next(self.ids)
+        self.send(frames.submit(request_id, request, **kw))  # type: ignore[arg-type]
+        return request_id
+
+    def until(self, kind: str, request_id: int) -> Frame:
+        while True:
+            frame = self.receive(timeout=300)
+            self.seen.append(frame)
+            if frame["t"] == kind and frame.get("id") == request_id:
+                return frame
+
+    def outcome(self, request_id: int) -> Frame:
+        for frame in self.seen:
+            if frame["t"] in ("done", "failed") and frame.get("id") == request_id:
+                return frame
+        while True:
+            frame = self.receive(timeout=300)
+            self.seen.append(frame)
+            if frame["t"] in ("done", "failed") and frame.get("id") == request_id:
+                return frame
+
+    def alone(self, request: dict[str, Any]) -> Frame:
+        return self.outcome(self.submit(request))
+
+    def finished_order(self) -> list[int]:
+        return [f["id"] for f in self.seen if f["t"] == "done"]
+
+    def partials(self, request_id: int) -> list[Frame]:
+        return [f for f in self.seen if f["t"] == "partial" and f["id"] == request_id]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -96,56 +123,89 @@ def _tiny_llama(tmp_path: Path, image_id: str) -> demomodel.DemoModel:
     return demomodel.DemoModel(tmp_path / "tiny-llama", archive, sha, archive.stat().st_size)
 
 
-def _job(job_id: str, prompt: str, **params: Any) -> Frame:
-    return {"job_id": job_id, "prompt": prompt, "params": {"max_tokens": 24, **params}}
+def _req(prompt: str, **params: Any) -> dict[str, Any]:
+    return {"prompt": prompt, "params": {"max_tokens": 24, **params}}
+
+
+@pytest.fixture(scope="module")
+def vllm_runtime(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    image_id = images.ensure_image("vllm-cpu", client=docker_client)
+    model = _tiny_llama(tmp_path_factory.mktemp("tiny"), image_id)
+    runtime = ContainerRuntime(image_id, model.directory, model.sha256)
+    ready = runtime.receive(timeout=300)
+    runtime.seen.append(ready)
+    yield runtime, model
+    runtime.close()
 
 
 @pytest.mark.docker
 @pytest.mark.vllm
 @pytest.mark.timeout(1800)
-def test_vllm_cpu_answers_and_batching_keeps_token_ids(docker_client: Any, tmp_path: Path) -> None:
-    image_id = images.ensure_image("vllm-cpu", client=docker_client)
-    model = _tiny_llama(tmp_path, image_id)
-    runtime = ContainerRuntime(image_id, model.directory, model.sha256)
-    try:
-        ready = runtime.receive(timeout=300)
-        assert ready["t"] == "ready", ready
-        assert ready["engine"] == "vllm" and ready["device"] == "cpu"
-        assert ready["engine_version"].startswith("0.32")
-        assert ready["model_sha256"] == model.sha256
+def test_vllm_ready_and_alone_vs_busy_batch(vllm_runtime: Any) -> None:
+    """Token ids of a request are identical alone and inside a busy continuous batch."""
+    runtime, model = vllm_runtime
+    ready = runtime.seen[0]
+    assert ready["t"] == "ready" and ready["proto"] == frames.PROTOCOL_VERSION, ready
+    assert ready["engine"] == "vllm" and ready["device"] == "cpu" and ready["max_active"] > 0
+    assert ready["engine_version"].startswith("0.32")
+    assert ready["model_sha256"] == model.sha256
 
-        greedy = _job("greedy", "The quick brown fox")
-        sampled = _job("sampled", "Models are verified", temperature=0.8, top_p=0.9, seed=7)
-        tokens = {
-            "job_id": "tokens",
-            "prompt_token_ids": [0, 40, 41, 42, 43],
-            "params": {"max_tokens": 8, "seed": 3},
-        }
-        alone = runtime.run(1, [greedy]) + runtime.run(2, [sampled]) + runtime.run(3, [tokens])
-        for outcome in alone:
-            assert "error" not in outcome, outcome
-            assert outcome["token_ids"] and outcome["finish_reason"] in ("stop", "length")
-        assert len(alone[0]["token_ids"]) <= 24 and len(alone[2]["token_ids"]) <= 8
-        assert alone[2]["prompt_tokens"] == 5
+    greedy = _req("The quick brown fox")
+    sampled = _req("Models are verified", temperature=0.8, top_p=0.9, seed=7)
+    tokens = {"prompt_token_ids": [0, 40, 41, 42, 43], "params": {"max_tokens": 8, "seed": 3}}
+    alone = [runtime.alone(r) for r in (greedy, sampled, tokens)]
+    for outcome in alone:
+        assert outcome["t"] == "done", outcome
+        assert outcome["token_ids"] and outcome["finish_reason"] in ("stop", "length")
+        assert outcome["first_token_s"] > 0
+    assert len(alone[0]["token_ids"]) <= 24 and len(alone[2]["token_ids"]) <= 8
+    assert alone[2]["prompt_tokens"] == 5
 
-        crowd = [
-            _job(f"other-{i}", f"once upon a time number {i}", seed=i, temperature=0.5 * (i % 3))
-            for i in range(29)
-        ]
-        crowd[5:5] = [greedy]
-        crowd[17:17] = [sampled]
-        crowd[30:30] = [tokens]
-        assert len(crowd) == 32
-        batched = runtime.run(4, crowd)
-        assert [o["job_id"] for o in batched] == [c["job_id"] for c in crowd]
-        assert all("error" not in o for o in batched)
-        by_id = {o["job_id"]: o for o in batched}
-        for outcome in alone:
-            assert by_id[outcome["job_id"]]["token_ids"] == outcome["token_ids"]
-            assert by_id[outcome["job_id"]]["text"] == outcome["text"]
+    # a busy engine: fillers already generating when the fixed requests join, one by one
+    fillers = [
+        runtime.submit(_req(f"once upon a time number {i}", seed=i, max_tokens=64))
+        for i in range(29)
+    ]
+    runtime.until("partial", runtime.submit(_req("streaming filler", max_tokens=64), stream=True))
+    joined = [runtime.submit(r) for r in (greedy, sampled, tokens)]
+    together = [runtime.outcome(i) for i in joined]
+    for i in fillers:
+        assert runtime.outcome(i)["t"] == "done"
+    for a, b in zip(alone, together, strict=True):
+        assert (a["token_ids"], a["text"]) == (b["token_ids"], b["text"])
 
-        too_long = _job("too-long", "fox " * 400)
-        mixed = runtime.run(5, [too_long, greedy])
-        assert "error" in mixed[0] and mixed[1]["token_ids"] == alone[0]["token_ids"]
-    finally:
-        runtime.close()
+    too_long = runtime.submit(_req("fox " * 400))
+    after = runtime.submit(greedy)
+    assert runtime.outcome(too_long)["code"] == "bad_request"
+    assert runtime.outcome(after)["token_ids"] == alone[0]["token_ids"]
+
+
+@pytest.mark.docker
+@pytest.mark.vllm
+@pytest.mark.timeout(1800)
+def test_vllm_short_request_overtakes_and_streams_concatenate(vllm_runtime: Any) -> None:
+    runtime, _ = vllm_runtime
+    long = runtime.submit(_req("A long story begins", max_tokens=200), stream=True)
+    runtime.until("partial", long)
+    short = runtime.submit(_req("Short", max_tokens=4))
+    done_long = runtime.outcome(long)
+    order = runtime.finished_order()
+    assert order.index(short) < order.index(long)
+    streamed = [t for p in runtime.partials(long) for t in p["token_ids"]]
+    assert streamed and streamed == done_long["token_ids"][: len(streamed)]
+    assert done_long["text"].startswith("".join(p["text"] for p in runtime.partials(long)))
+
+
+@pytest.mark.docker
+@pytest.mark.vllm
+@pytest.mark.timeout(1800)
+def test_vllm_abort_and_deadline(vllm_runtime: Any) -> None:
+    runtime, _ = vllm_runtime
+    others = [runtime.submit(_req(f"other {i}", max_tokens=200)) for i in range(32)]
+    victim = runtime.submit(_req("to be cancelled", max_tokens=200), stream=True)
+    late = runtime.submit(_req("too slow", max_tokens=200), deadline=time.time() + 0.3)
+    runtime.until("partial", victim)
+    runtime.send(frames.abort(victim))
+    assert runtime.outcome(victim)["code"] == "aborted"
+    assert runtime.outcome(late)["code"] == "deadline"
+    assert all(runtime.outcome(i)["t"] == "done" for i in others)
