@@ -74,8 +74,16 @@ def test_constructors_round_trip_through_the_parsers() -> None:
         engine="e", engine_version="1", model_sha256="", device="cpu", max_active=4
     )
     assert frames.parse_ready(decode(ready)[0]) == ready
-    done = frames.done(7, token_ids=[1], text="a", finish_reason="stop", prompt_tokens=2,
-                       first_token_s=0.5, logprobs=[{"token_id": 1, "logprob": -0.1, "top": [[1, -0.1]]}])  # fmt: skip
+    logprobs: list[frames.TokenLogprob] = [{"token_id": 1, "logprob": -0.1, "top": [[1, -0.1]]}]
+    done = frames.done(
+        7,
+        token_ids=[1],
+        text="a",
+        finish_reason="stop",
+        prompt_tokens=2,
+        first_token_s=0.5,
+        logprobs=logprobs,
+    )
     assert frames.parse_done(decode(done)[0]) == done
     failed = frames.failed(7, frames.FailCode.ENGINE, "boom")
     assert frames.parse_failed(decode(failed)[0]) == failed

@@ -480,3 +480,22 @@ def test_stdout_writes_go_to_the_log(spawn: Any, tmp_path: Path) -> None:
     rt.send(frames.shutdown())
     assert rt.wait() == 0
     assert "stray print" in rt.stderr()
+
+
+def test_end_of_input_finishes_what_was_submitted(spawn: Any) -> None:
+    rt = spawn(**slow(2))
+    rt.ready()
+    rt.send(frames.submit(1, req("last words", max_tokens=20)))  # type: ignore[arg-type]
+    assert rt.proc.stdin is not None
+    rt.proc.stdin.close()
+    assert rt.outcome(1)["t"] == "done"
+    assert rt.wait() == 0
+
+
+def test_shutdown_drops_running_requests(spawn: Any) -> None:
+    rt = spawn(**slow(5))
+    rt.ready()
+    rt.send(frames.submit(1, req("long", max_tokens=100_000), stream=True))  # type: ignore[arg-type]
+    rt.until("partial", 1)
+    rt.send(frames.shutdown())
+    assert rt.wait() == 0

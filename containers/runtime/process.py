@@ -5,8 +5,9 @@ idle), answer pings at once, start and abort requests, fail those past their dea
 run one engine step and send what it produced. A reader thread feeds the frames, so a
 long input never stalls generation and pings are answered between any two steps.
 
-Exit status: 0 after `shutdown` or end of input, 1 after a `fatal` (bad input frame,
-engine failure), 2 when the engine could not load.
+Exit status: 0 after `shutdown` or end of input (requests submitted before the end of input
+are answered first), 1 after a `fatal` (bad input frame, engine failure), 2 when the engine
+could not load.
 """
 
 import logging
@@ -41,12 +42,22 @@ class Loop:
         self._active: set[int] = set()
 
     def serve(self) -> int:
+        """Run until `shutdown` (requests still running are dropped: the agent has given
+        them up) or the end of input (requests still running are finished first)."""
+        ended = False
         while True:
-            if self._active:
-                incoming = self._channel.poll()
-            else:
-                first = self._channel.wait()
+            incoming: list[Frame] = []
+            if not self._active:
+                if ended:
+                    log.info("runtime_end_of_input")
+                    return 0
+                first = self._channel.wait()  # raises EndOfInput when idle at EOF
                 incoming = [first] if first is not None else []
+            elif not ended:
+                try:
+                    incoming = self._channel.poll()
+                except EndOfInput:
+                    ended = True
             for frame in incoming:
                 if not self._handle(frame):
                     return 0
