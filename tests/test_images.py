@@ -75,8 +75,7 @@ def test_echo_image_answers_like_the_host(docker_client: Any, tmp_path: Path) ->
         for f in (
             frames.submit(1, {"prompt": "hi", "params": {"seed": 5}}),
             frames.ping(2),
-            frames.shutdown(),
-        )
+        )  # then end of input: the runtime answers what it got, and exits
     )
     hardened = ["--network", "none", "--read-only", "--cap-drop", "ALL"]
     hardened += ["--security-opt", "no-new-privileges", "--tmpfs", "/tmp"]

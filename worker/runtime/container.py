@@ -377,7 +377,9 @@ class ContainerHandle:
                 await finish_uncancellable(call_blocking(remove_container, self._client, self._id))
                 log.info("runtime_container_removed container=%s", self._id[:12])
             finally:
-                self._writer.close()
+                # Abort, not close: a runtime that stopped reading leaves unsent input in
+                # the buffer, and a closing transport would wait for it forever.
+                self._writer.transport.abort()
 
     def _wait_blocking(self, timeout_s: float) -> None:
         try:
