@@ -15,6 +15,7 @@ container) next to vLLM's own engine loop in the same image, on the tiny demo mo
 import argparse
 import asyncio
 import json
+import logging
 import statistics
 import subprocess
 import tempfile
@@ -36,6 +37,8 @@ from worker.jobs.pipeline import Pipeline, Serving
 from worker.jobs.provision import provision
 from worker.jobs.publisher import Publisher
 from worker.runtime.api import LaunchSpec
+
+log = logging.getLogger("bench.interactive")
 
 MODEL = "tiny"
 SHORT, LONG = 16, 224
@@ -113,12 +116,14 @@ async def node_workload(node: Node, requests: list[tuple[str, int]], tag: str) -
     started = time.perf_counter()
 
     async def on_result(msg: Msg) -> None:
+        if not msg.subject.rsplit(".", 1)[-1].startswith(f"{tag}-"):
+            return
         body = verify(msg.data).body
         done[body["job_id"]] = (len(body["output"]["token_ids"]), time.perf_counter() - started)
         if len(done) == len(requests):
             all_done.set()
 
-    sub = await node.nc.subscribe(node.settings.subject("results", f"{tag}-*"), cb=on_result)
+    sub = await node.nc.subscribe(node.settings.subject("results", "*"), cb=on_result)
     try:
         started = time.perf_counter()
         await asyncio.gather(
@@ -235,6 +240,7 @@ async def main_async(engine: str = "vllm", small: bool = False) -> list[dict[str
         if engine == "vllm":
             base_mixed = await asyncio.to_thread(engine_loop, image, model.directory, mixed)
             base_uniform = await asyncio.to_thread(engine_loop, image, model.directory, uniform)
+            log.info("engine_loop_done mixed=%s uniform=%s", base_mixed, base_uniform)
         async with node(engine, image, model.directory, model.sha256) as n:
             await node_workload(n, mixed, "warm")  # the engine gets faster over its first runs
             node_mixed = await node_workload(n, mixed, "mixed")
@@ -290,6 +296,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=["vllm", "echo"], default="vllm")
     parser.add_argument("--small", action="store_true", help="reduced sizes (a smoke run)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(json.dumps(asyncio.run(main_async(args.engine, args.small)), indent=2))
 
 

@@ -10,15 +10,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import msgpack
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
+from schemas.codec import validate
 from schemas.envelope import EnvelopeType
+from schemas.result import ResultBody
 from schemas.snapshot import Snapshot
+from schemas.stream import StreamBody
 from tests.jobnet import read_all, results, wait_for
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, verify, write_key_file
@@ -75,11 +79,17 @@ def make_settings(nats_server: NatsServer, tmp_path: Path, backend: str, **kw: o
     )
 
 
-async def publish(nc: Client, settings: Settings, model: str, n: int, prefix: str) -> list[str]:
+async def publish(
+    nc: Client, settings: Settings, model: str, n: int, prefix: str, *, stream: bool = False
+) -> list[str]:
+    """`n` jobs; with `stream`, every other one streams its output."""
     js = nc.jetstream()
     ids = [f"{prefix}-{i}" for i in range(n)]
-    for job_id in ids:
-        data = msgpack.packb({"job_id": job_id, "model_id": model, "prompt": job_id})
+    for i, job_id in enumerate(ids):
+        body = {"job_id": job_id, "model_id": model, "prompt": job_id}
+        if stream and i % 2 == 0:
+            body["stream"] = True
+        data = msgpack.packb(body)
         await js.publish(settings.subject("jobs", model), data, headers={"Nats-Msg-Id": job_id})
     return ids
 
@@ -94,7 +104,14 @@ async def test_sigkill_mid_run_loses_and_duplicates_nothing(
     )
     await slow_snapshot(nc, settings, authority, snapshot, token_delay_ms=6)
     model = snapshot.models[0].id
-    ids = await publish(nc, settings, model, 300, "k")
+    streamed: dict[tuple[str, int], list[StreamBody]] = defaultdict(list)
+
+    async def on_stream(msg: Msg) -> None:
+        body = validate(StreamBody, verify(msg.data, expect=EnvelopeType.STREAM).body)
+        streamed[(body.job_id, body.attempt)].append(body)
+
+    await nc.subscribe(settings.subject("stream", ">"), cb=on_stream)
+    ids = await publish(nc, settings, model, 300, "k", stream=True)
     env = agent_env(settings, authority)
     env["RESULTITY_RUNTIME_MAX_ACTIVE"] = "4"  # ~40 jobs/s: the kills land mid-run
     log = tmp_path / "agent.log"
@@ -126,6 +143,15 @@ async def test_sigkill_mid_run_loses_and_duplicates_nothing(
     assert kills == 4
     assert set(per_job) == set(ids), "every job has a result"
     assert max(per_job.values()) == 1, "no job has two results in the stream"
+    # streaming jobs: the attempt that produced the result streamed exactly its tokens
+    for data in stored:
+        result = validate(ResultBody, verify(data).body)
+        if int(result.job_id.split("-")[1]) % 2:
+            continue
+        parts = sorted(streamed[(result.job_id, result.attempt)], key=lambda b: b.seq)
+        assert [b.seq for b in parts] == list(range(len(parts))), result.job_id
+        assert [t for b in parts for t in b.token_ids] == result.output.token_ids
+        assert parts[-1].finish_reason == result.output.finish_reason
     assert (await js.stream_info(settings.stream("JOBS"))).state.messages == 0
 
 
