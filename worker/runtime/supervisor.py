@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from schemas import frames
 from schemas.frames import PROTOCOL_VERSION, FailCode, Frame, FrameError, FrameKind
+from schemas.limits import DEFAULT_MAX_TOKENS
 from worker.core.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -71,7 +72,7 @@ class _Request:
     request_id: int
     job_id: str
     stream: bool
-    max_tokens: int | None
+    max_tokens: int
     future: "asyncio.Future[Completion]"
     on_partial: PartialSink | None
     streamed: int = 0
@@ -134,7 +135,7 @@ class _Session:
             if not req.stream:
                 raise RuntimeBroken(f"'partial' for request {request_id}, which does not stream")
             req.streamed += len(part["token_ids"])
-            if req.max_tokens is not None and req.streamed > req.max_tokens:
+            if req.streamed > req.max_tokens:
                 raise RuntimeBroken(
                     f"request {request_id} streamed {req.streamed} tokens, "
                     f"max_tokens is {req.max_tokens}"
@@ -179,6 +180,10 @@ def _completion(req: _Request, frame: Frame) -> Completion | NodeError:
     if req.streamed > len(done["token_ids"]):
         return OutputMalformed(
             f"job {req.job_id}: {req.streamed} tokens streamed, {len(done['token_ids'])} in done"
+        )
+    if len(done["token_ids"]) > req.max_tokens:
+        return OutputMalformed(
+            f"job {req.job_id}: {len(done['token_ids'])} tokens, max_tokens is {req.max_tokens}"
         )
     logprobs = done.get("logprobs")
     return Completion(
@@ -382,7 +387,7 @@ class Supervisor(AsyncResource):
     ) -> Completion:
         request_id = next(self._ids)
         future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
-        max_tokens = item.payload.get("params", {}).get("max_tokens")
+        max_tokens = item.payload.get("params", {}).get("max_tokens", DEFAULT_MAX_TOKENS)
         req = _Request(request_id, item.job_id, item.stream, max_tokens, future, on_partial)
         session.requests[request_id] = req
         timeout_s = self._settings.request_timeout_s
