@@ -1,9 +1,11 @@
 """Real vLLM in the CPU runtime image on the tiny demo model, plus the demo model's
 reproducibility. The image build is slow the first time (see worker/images.py)."""
 
+import asyncio
 import hashlib
 import importlib.util
 import os
+import secrets
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +16,12 @@ import pytest
 from schemas import frames
 from schemas.frames import Frame
 from tests.framepipe import FramePipe
+from worker.core.errors import DeadlineExceeded
+from worker.core.settings import Settings
 from worker.devtools import demomodel, images
+from worker.runtime.api import Completion, LaunchSpec, Partial, WorkItem
+from worker.runtime.container import DockerBackend
+from worker.runtime.supervisor import Supervisor
 
 HAS_MODEL_DEPS = all(
     importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "tokenizers")
@@ -209,3 +216,59 @@ def test_vllm_abort_and_deadline(vllm_runtime: Any) -> None:
     assert runtime.outcome(victim)["code"] == "aborted"
     assert runtime.outcome(late)["code"] == "deadline"
     assert all(runtime.outcome(i)["t"] == "done" for i in others)
+
+
+@pytest.mark.docker
+@pytest.mark.vllm
+@pytest.mark.timeout(1800)
+async def test_vllm_through_the_supervisor(docker_client: Any, tmp_path: Path) -> None:
+    """The agent's side on real vLLM: a short job overtakes a running long one, streamed
+    tokens are the result's, a cancelled job is aborted in the engine while the others
+    finish, and a deadline mid-run ends a job with `DeadlineExceeded`."""
+    image_id = images.ensure_image("vllm-cpu", client=docker_client)
+    model = _tiny_llama(tmp_path, image_id)
+    settings = Settings(
+        key_file=tmp_path / "k",
+        cache_dir=tmp_path / "c",
+        state_dir=tmp_path / "s",
+        runtime_backend="docker",
+        runtime_memory="6g",
+        runtime_ready_timeout_s=600,
+        request_timeout_s=600,
+    )
+    launch = LaunchSpec("vllm", image_id, model.directory, model.sha256, {})
+    backend = DockerBackend(
+        settings, node_id="test-vllm-" + secrets.token_hex(4), client=docker_client
+    )
+
+    def job(job_id: str, max_tokens: int, **kw: Any) -> WorkItem:
+        return WorkItem(job_id, _req(f"{job_id} begins", max_tokens=max_tokens), **kw)
+
+    async with Supervisor(settings, backend, launch) as sup:
+        parts: list[Partial] = []
+        streaming = asyncio.Event()
+
+        def sink(part: Partial) -> None:
+            parts.append(part)
+            streaming.set()
+
+        long = asyncio.ensure_future(sup.generate(job("long", 200, stream=True), sink))
+        await streaming.wait()
+        short = await sup.generate(job("short", 4))
+        assert not long.done() and len(short.token_ids) <= 4
+        done = await long
+        assert [t for p in parts for t in p.token_ids] == done.token_ids[
+            : sum(len(p.token_ids) for p in parts)
+        ]
+
+        others = [asyncio.ensure_future(sup.generate(job(f"o{i}", 100))) for i in range(8)]
+        streaming.clear()
+        victim = asyncio.ensure_future(sup.generate(job("victim", 200, stream=True), sink))
+        await streaming.wait()
+        victim.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await victim
+        with pytest.raises(DeadlineExceeded):
+            await sup.generate(job("late", 200, deadline=time.time() + 0.2))
+        assert all(isinstance(o, Completion) for o in await asyncio.gather(*others))
+        assert sup.stats().restarts == 0 and sup.stats().aborting == 0

@@ -93,6 +93,7 @@ class ValidatedRuntime:
         if restarts == self._validated_restarts:
             return
         async with self._validating:
+            restarts = self._sup.stats().restarts  # another request may have validated
             if restarts == self._validated_restarts:
                 return
             try:
