@@ -12,6 +12,7 @@ Each test prints its case counts.
 
 import asyncio
 import hashlib
+import itertools
 import random
 import time
 from collections import Counter
@@ -193,6 +194,13 @@ def expects_result(data: bytes) -> bool:
     return job.model_id == "demo" and (job.deadline is None or job.deadline > time.time() + 60)
 
 
+def named(msg_id: str, data: bytes) -> str:
+    try:
+        return decode(Job, data, max_bytes=MAX_JOB_BYTES).job_id
+    except Exception:
+        return msg_id
+
+
 @st.composite
 def job_batch(draw: st.DrawFn) -> list[tuple[str, str, bytes]]:
     size = draw(st.integers(20, 80))
@@ -200,10 +208,11 @@ def job_batch(draw: st.DrawFn) -> list[tuple[str, str, bytes]]:
 
 
 PAYLOAD_COUNTS: Counter[str] = Counter()
+ROUNDS = itertools.count()
 
 
 async def _payload_round(url: str, tmp: Path, jobs: list[tuple[str, str, bytes]]) -> None:
-    n = PAYLOAD_COUNTS["examples"]
+    n = next(ROUNDS)  # a fresh prefix per round, also for rounds that failed
     settings = Settings(
         nats_url=url,
         subject_prefix=f"fz{n}",
@@ -220,8 +229,10 @@ async def _payload_round(url: str, tmp: Path, jobs: list[tuple[str, str, bytes]]
         js = nc.jetstream()
         await provision(js, settings, ["demo"])
         key = NodeKey.generate()
-        valid = sorted(j for j, _, data in jobs if expects_result(data))
-        bad = sorted(j for j, _, data in jobs if not expects_result(data))
+        # named as the node names them: by the payload's job_id once it decodes (a fuzzed
+        # job_id may be valid and differ from the message id), else by the message id
+        valid = sorted({named(j, data) for j, _, data in jobs if expects_result(data)})
+        bad = sorted(named(j, data) for j, _, data in jobs if not expects_result(data))
         for job_id, _, data in jobs:
             await publish_job(js, settings, "demo", data, job_id)
         publisher = Publisher(nc, js, key, settings)
@@ -235,7 +246,7 @@ async def _payload_round(url: str, tmp: Path, jobs: list[tuple[str, str, bytes]]
             assert pipe.state is ResourceState.OPEN
             got = await results(js, settings)
             errs = await errors(js, settings)
-        assert sorted(r.job_id for r in got) == valid
+        assert sorted(r.job_id for r in got) == valid  # one result per job id
         assert all(r.node_id == key.node_id for r in got)
         assert Counter(e.job_id for e in errs) == Counter(bad), "one error event per bad job"
         assert all(not e.retryable and e.node_id == key.node_id for e in errs)
