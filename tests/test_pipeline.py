@@ -16,6 +16,7 @@ from schemas.envelope import EnvelopeType
 from schemas.event import ErrorCode
 from schemas.stream import StreamBody
 from tests.jobnet import EchoRuntime, errors, job, publish_job, queue_empty, results, wait_for
+from worker.client import JobFailed, cancel, submit
 from worker.core.errors import RuntimeEnded
 from worker.core.resource import finish_uncancellable
 from worker.core.settings import Settings
@@ -311,3 +312,31 @@ async def test_deadline_aborts_a_running_job(nc: Client, tmp_path: Path) -> None
 async def _eq(a: int, b: int) -> bool:
     await asyncio.sleep(0)
     return a == b
+
+
+async def test_client_follows_the_stream_and_can_cancel(nc: Client, tmp_path: Path) -> None:
+    net = await provisioned(nc, tmp_path)
+    got: list[StreamBody] = []
+    finished = asyncio.Event()
+
+    def sink(body: StreamBody) -> None:
+        got.append(body)
+        if body.finish_reason is not None:
+            finished.set()
+
+    async with net.pipeline(EchoRuntime(token_delay_s=0.01, tokens=12)):
+        body = {"job_id": "cli", "model_id": "demo", "prompt": "x", "stream": True}
+        outcome = await submit(nc, net.settings, body, wait_s=30, on_stream=sink)
+        await asyncio.wait_for(finished.wait(), 10)
+    assert [t for b in got for t in b.token_ids] == outcome.result.output.token_ids
+    assert "".join(b.text for b in got) == outcome.result.output.text
+
+    runtime = BlockingRuntime()
+    async with net.pipeline(runtime):
+        body = {"job_id": "unwanted", "model_id": "demo", "prompt": "x"}
+        waiting = asyncio.ensure_future(submit(nc, net.settings, body, wait_s=30))
+        await runtime.started.wait()
+        await cancel(nc, net.settings, "unwanted")
+        with pytest.raises(JobFailed, match="CANCELLED"):
+            await waiting
+    assert runtime.cancelled == ["unwanted"]
