@@ -27,7 +27,8 @@ from bench.common import embedded_nats
 HERE = Path(__file__).parent
 README = HERE.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-NAMES = ("throughput", "profile", "latency", "runtime", "fetch", "memory", "vllm")
+NAMES = ("throughput", "profile", "latency", "runtime", "fetch", "memory", "vllm", "interactive")
+NEEDS_VLLM = ("vllm", "interactive")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Sizes:
     memory_jobs: int = 300_000
     vllm_starts: int = 5
     vllm_rounds: int = 8
+    interactive_small: bool = False
 
 
 QUICK = Sizes(
@@ -63,6 +65,7 @@ QUICK = Sizes(
     memory_jobs=3000,
     vllm_starts=1,
     vllm_rounds=2,
+    interactive_small=True,
 )
 
 
@@ -168,6 +171,7 @@ async def run_all(names: list[str], sizes: Sizes, floor_rate: float) -> list[dic
             ),
             "memory": lambda: memory.memory(url, sizes.memory_jobs),
             "vllm": lambda: _vllm(sizes),
+            "interactive": lambda: _interactive(sizes),
         }
         for name in names:
             started = time.monotonic()
@@ -191,11 +195,25 @@ async def _vllm(sizes: Sizes) -> dict[str, Any]:
     return out
 
 
+async def _interactive(sizes: Sizes) -> list[dict[str, Any]]:
+    from bench import interactive
+
+    return await interactive.main_async("vllm", small=sizes.interactive_small)
+
+
+def _size(kind: type, value: str) -> Any:
+    if kind is bool:
+        return value.lower() in {"1", "true", "yes"}
+    return kind(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(NAMES)}")
-    parser.add_argument("--skip-vllm", action="store_true", help="no vLLM image needed")
+    parser.add_argument(
+        "--skip-vllm", action="store_true", help=f"no vLLM image needed: skips {NEEDS_VLLM}"
+    )
     parser.add_argument("--floor-rate", type=float, default=8000, help="latency, w/o throughput")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SIZE=N", help="override one size"
@@ -207,14 +225,14 @@ def main() -> None:
     unknown = set(names) - set(NAMES)
     if unknown:
         parser.error(f"unknown benchmarks {sorted(unknown)}; known: {', '.join(NAMES)}")
-    if args.skip_vllm and "vllm" in names:
-        names.remove("vllm")
+    if args.skip_vllm:
+        names = [n for n in names if n not in NEEDS_VLLM]
     sizes = QUICK if args.quick else Sizes()
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in Sizes.__dataclass_fields__:
             parser.error(f"unknown size {key!r}; known: {', '.join(Sizes.__dataclass_fields__)}")
-        sizes = replace(sizes, **{key: type(getattr(sizes, key))(value)})
+        sizes = replace(sizes, **{key: _size(type(getattr(sizes, key)), value)})
     results = asyncio.run(run_all(names, sizes, args.floor_rate))
     info = machine()
     info["quick"] = args.quick

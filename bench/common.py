@@ -172,7 +172,7 @@ def bench_settings(prefix: str, tmp: Path | None = None) -> Settings:
         cache_dir=tmp / "c",
         state_dir=tmp / "s",
         max_in_flight=1024,
-        batch_max_size=128,
+        runtime_max_active=128,
         ack_wait_s=60,
     )
 

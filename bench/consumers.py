@@ -43,6 +43,7 @@ from bench.common import (
 )
 from containers.runtime.engines.echo import render
 from schemas.envelope import EnvelopeType
+from schemas.result import ResultBody
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 from worker.jobs.intake import InFlight, admit
@@ -126,7 +127,7 @@ def result_body(
 
 
 def runtime_payload(record: InFlight) -> dict[str, Any]:
-    """The same map `pipeline._payload` builds for the runtime's batch frame."""
+    """The same map `Pipeline._generate` builds for the runtime's `submit` frame."""
     job = record.job
     assert job is not None
     payload: dict[str, Any] = {"params": job.params.model_dump(exclude_none=True)}
@@ -326,8 +327,8 @@ class CountingPublisher(Publisher):
 
     counter: Counter
 
-    async def publish_result(self, job_id: str, body: dict[str, Any]) -> bool:
-        new = await super().publish_result(job_id, body)
+    async def publish_result(self, body: ResultBody) -> bool:
+        new = await super().publish_result(body)
         self.counter.add(1)
         return new
 

@@ -20,7 +20,8 @@ from docker.types import Mount
 from bench.common import alternated, percentile, record, summary
 from worker.core.settings import Settings
 from worker.runtime.api import LaunchSpec, Runtime, WorkItem
-from worker.runtime.container import MODEL_MOUNT, StreamDemux, create_kwargs, runtime_env
+from worker.runtime.container import MODEL_MOUNT, StreamDemux, create_kwargs
+from worker.runtime.launch import launch_env
 
 
 def _settings(tmp: Path, backend: str) -> Settings:
@@ -63,7 +64,7 @@ async def supervised_echo(kind: str) -> AsyncIterator[Runtime]:
 
 
 async def round_trip(kind: str, count: int = 2000, reps: int = 3) -> dict[str, Any]:
-    """Echo frame round trip through the supervisor: one item, and a batch of 32."""
+    """Echo frame round trip through the supervisor: one request, and 32 at once."""
     item = WorkItem("rt", {"prompt": "x", "params": {"max_tokens": 8}})
     batch = [WorkItem(f"b{i}", item.payload) for i in range(32)]
     medians, p99s, per_batch32 = [], [], []
@@ -104,7 +105,7 @@ async def cold_start(runs: int = 10) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="rst-bench-cold-") as tmp:
         settings = _settings(Path(tmp), "docker")
         launch = await echo_launch(Path(tmp), "docker")
-        env = runtime_env(launch, settings, model_dir=MODEL_MOUNT)
+        env = launch_env(launch, settings, model_dir=MODEL_MOUNT)
         for rep, side in alternated(sides, runs):
             if side == "supervisor":
                 t0 = time.perf_counter()

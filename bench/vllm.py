@@ -125,7 +125,7 @@ async def batching_overhead(starts: int = STARTS, rounds: int = ROUNDS) -> dict[
             state_dir=Path(tmp) / "s",
             runtime_backend="docker",
             runtime_memory="6g",
-            batch_timeout_s=600,
+            request_timeout_s=600,
         )
         launch = LaunchSpec("vllm", image, model.directory, model.sha256, {})
         for _, side in alternated(("direct", "supervised"), starts):

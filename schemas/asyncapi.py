@@ -86,6 +86,28 @@ def document(prefix: str = "rst") -> dict[str, Any]:
                     ),
                 },
             },
+            f"{prefix}.stream.{{job_id}}": {
+                "description": "Partial output of a `stream: true` job (core NATS, not "
+                "stored): signed `stream` envelopes, seq 0, 1, ... per attempt; the last one "
+                "carries finish_reason. The signed result stays the source of truth.",
+                "parameters": {"job_id": job},
+                "publish": {
+                    "message": _signed(
+                        EnvelopeType.STREAM, "stream_body", "Stream", "partial output"
+                    )
+                },
+            },
+            f"{prefix}.cancel.{{job_id}}": {
+                "description": "Cancel a job (core NATS): the node holding it aborts it, "
+                "publishes a final CANCELLED error event and terms it; a cancel up to 60 s "
+                "before the job arrives still applies.",
+                "parameters": {"job_id": job},
+                "subscribe": {
+                    "message": _message(
+                        "cancel_request", "Cancel", "cancel_request", "a cancel (unsigned)"
+                    )
+                },
+            },
             f"{prefix}.events.error.{{node_id}}": {
                 "description": "Signed error events (stream RST_EVENTS).",
                 "parameters": {"node_id": node},

@@ -21,6 +21,7 @@ class EnvelopeType(StrEnum):
     ERROR = "error"
     EVENT = "event"
     CONFIG = "config"
+    STREAM = "stream"
 
 
 def signing_message(typ: str, body: bytes) -> bytes:

@@ -20,6 +20,7 @@ class ErrorCode(StrEnum):
     MODEL_INVALID = "MODEL_INVALID"
     CONFIG_REJECTED = "CONFIG_REJECTED"
     INTERNAL = "INTERNAL"
+    CANCELLED = "CANCELLED"
 
 
 class LifecycleKind(StrEnum):

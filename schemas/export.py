@@ -22,6 +22,7 @@ from schemas.job import Job, Params
 from schemas.node import Heartbeat, NodeStatus, StatusReply
 from schemas.result import ResultBody
 from schemas.snapshot import ModelSpec, RuntimeSpec, Snapshot, ValidationVector
+from schemas.stream import CancelRequest, StreamBody
 
 JSON_DIR = Path(__file__).with_name("json")
 ASYNCAPI = Path(__file__).with_name("asyncapi.json")
@@ -33,6 +34,8 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     "params": Params,
     "result_body": ResultBody,
     "error_event": ErrorEvent,
+    "stream_body": StreamBody,
+    "cancel_request": CancelRequest,
     "lifecycle_event": LifecycleEvent,
     "heartbeat": Heartbeat,
     "node_status": NodeStatus,

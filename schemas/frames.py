@@ -1,40 +1,238 @@
-"""Runtime frames: the msgpack stream between the agent and the runtime container.
+"""Runtime frames v2: the msgpack stream between the agent and the runtime container.
 
 Imported inside the runtime image, so it depends on msgpack and the standard library only.
-Each direction is a stream of msgpack maps with a type key `t`:
+Each direction is a stream of msgpack maps with a kind key `t`:
 
-    runtime -> agent   ready, result, pong, fatal
-    agent -> runtime   batch, ping, shutdown
+    agent -> runtime   submit (one request), abort, ping, shutdown
+    runtime -> agent   ready, partial, done, failed, pong, fatal
 
-`shutdown` is the explicit end of input (closing stdin over Docker's attach API is not
-reliable). A map with an unknown `t`, a value that is not a map, or a frame larger than
-`MAX_FRAME_BYTES` means the peer is broken: `FrameDecoder` raises `FrameError`.
+Requests are independent: the runtime answers each `submit` with `partial` frames while it
+generates (streaming requests only, at most one per request per engine step), then exactly
+one `done` or `failed`, in completion order. An `abort` for a running request ends it with
+`failed` (code `aborted`); an abort for an id the runtime does not run is ignored. `ping` is
+answered between engine steps. `shutdown` is the explicit end of input (closing stdin over
+Docker's attach API is not reliable).
+
+Both sides parse with the functions below, so a request item is validated by one set of
+rules (the bounds of `schemas.limits`, the same as the job schema's). A value that is not a
+map, an unknown `t`, a `t` or `id` of the wrong type, nesting deeper than `MAX_DEPTH` (a
+submit's `response_format` schema is the job's JSON, bounded when its request is parsed), an
+oversized frame or oversized container means the peer is broken: `FrameError`. A request
+item that breaks the job schema's rules fails that request alone (`failed`, `bad_request`).
 """
 
+import math
+import re
 from collections.abc import Iterator
-from typing import Any
+from enum import StrEnum
+from typing import Any, Literal, NotRequired, TypedDict, cast
 
 import msgpack
 
-PROTOCOL_VERSION = 1
-MAX_FRAME_BYTES = 64 << 20
+from schemas.limits import (
+    MAX_LOGPROBS,
+    MAX_MESSAGES,
+    MAX_NEW_TOKENS,
+    MAX_PENALTY,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPT_TOKENS,
+    MAX_SCHEMA_BYTES,
+    MAX_SCHEMA_DESCRIPTION_CHARS,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOKEN_ID,
+    MAX_TOP_K,
+    MESSAGE_ROLES,
+    RESPONSE_FORMATS,
+    SCHEMA_NAME_PATTERN,
+    check_json_schema,
+)
 
-TO_RUNTIME = frozenset({"batch", "ping", "shutdown"})
-TO_AGENT = frozenset({"ready", "result", "pong", "fatal"})
+PROTOCOL_VERSION = 2
+MAX_FRAME_BYTES = 8 << 20
+"""A `done` frame of 100k tokens with text and 20 logprob alternatives per token fits."""
+MAX_ARRAY_LEN = MAX_PROMPT_TOKENS + 1024
+MAX_MAP_LEN = MAX_SCHEMA_BYTES // 2
+"""A `response_format` schema within the job schema's size bound may hold maps this long."""
+MAX_BIN_LEN = 1024
+MAX_DEPTH = 8
+"""Nesting of a frame, not counting inside a submit's `response_format` schema: user JSON,
+bounded by the job schema's rule (`check_json_schema`) when the request is parsed."""
+MAX_REASON_CHARS = 2000
+
+
+class FrameError(ValueError):
+    """The byte stream is not a valid frame sequence (garbage, oversized, unknown type), or a
+    frame's content breaks the protocol."""
+
+
+class FrameKind(StrEnum):
+    SUBMIT = "submit"
+    ABORT = "abort"
+    PING = "ping"
+    SHUTDOWN = "shutdown"
+    READY = "ready"
+    PARTIAL = "partial"
+    DONE = "done"
+    FAILED = "failed"
+    PONG = "pong"
+    FATAL = "fatal"
+
+
+TO_RUNTIME = frozenset({FrameKind.SUBMIT, FrameKind.ABORT, FrameKind.PING, FrameKind.SHUTDOWN})
+TO_AGENT = frozenset(
+    {
+        FrameKind.READY,
+        FrameKind.PARTIAL,
+        FrameKind.DONE,
+        FrameKind.FAILED,
+        FrameKind.PONG,
+        FrameKind.FATAL,
+    }
+)
+
+
+class FailCode(StrEnum):
+    """Why the runtime failed one request (`failed` frame)."""
+
+    BAD_REQUEST = "bad_request"  # the request cannot run on this engine/model
+    ENGINE = "engine"  # the engine raised for this request
+    ABORTED = "aborted"  # an `abort` frame stopped it
+    DEADLINE = "deadline"  # its deadline passed while it ran
+
+
+FinishReason = Literal["stop", "length"]
+FINISH_REASONS = frozenset({"stop", "length"})
 
 Frame = dict[str, Any]
 
 
-class FrameError(ValueError):
-    """The byte stream is not a valid frame sequence (garbage, oversized, unknown type)."""
+class Message(TypedDict):
+    role: str
+    content: str
 
 
-def pack(frame: Frame) -> bytes:
+class JsonSchemaSpec(TypedDict):
+    name: str
+    schema: dict[str, Any]
+    description: NotRequired[str]
+    strict: NotRequired[bool]
+
+
+class ResponseFormat(TypedDict):
+    """`{"type": "json_object"}`, or `{"type": "json_schema", "json_schema": {...}}`."""
+
+    type: str
+    json_schema: NotRequired[JsonSchemaSpec]
+
+
+class Params(TypedDict, total=False):
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: list[str]
+    logprobs: int
+    presence_penalty: float
+    frequency_penalty: float
+    response_format: ResponseFormat
+
+
+class RequestItem(TypedDict):
+    """What the engine runs: exactly one of the three inputs, and the sampling params."""
+
+    prompt: NotRequired[str]
+    prompt_token_ids: NotRequired[list[int]]
+    messages: NotRequired[list[Message]]
+    params: Params
+
+
+class TokenLogprob(TypedDict):
+    token_id: int
+    logprob: float
+    top: list[list[float]]
+
+
+class ReadyFrame(TypedDict):
+    t: Literal["ready"]
+    proto: int
+    engine: str
+    engine_version: str
+    model_sha256: str
+    device: str
+    max_active: int
+
+
+class SubmitFrame(TypedDict):
+    t: Literal["submit"]
+    id: int
+    request: RequestItem
+    stream: bool
+    deadline: float | None
+
+
+class AbortFrame(TypedDict):
+    t: Literal["abort"]
+    id: int
+
+
+class PingFrame(TypedDict):
+    t: Literal["ping"]
+    id: int
+
+
+class PongFrame(TypedDict):
+    t: Literal["pong"]
+    id: int
+
+
+class ShutdownFrame(TypedDict):
+    t: Literal["shutdown"]
+
+
+class PartialFrame(TypedDict):
+    t: Literal["partial"]
+    id: int
+    token_ids: list[int]
+    text: str
+
+
+class DoneFrame(TypedDict):
+    t: Literal["done"]
+    id: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    first_token_s: float
+    logprobs: NotRequired[list[TokenLogprob]]
+
+
+class FailedFrame(TypedDict):
+    t: Literal["failed"]
+    id: int
+    code: str
+    reason: str
+
+
+class FatalFrame(TypedDict):
+    t: Literal["fatal"]
+    message: str
+
+
+# -- constructors ------------------------------------------------------------------------
+
+
+def pack(frame: Any) -> bytes:
     packed: bytes = msgpack.packb(frame, use_bin_type=True)
     return packed
 
 
-def ready(*, engine: str, engine_version: str, model_sha256: str, device: str) -> Frame:
+def ready(
+    *, engine: str, engine_version: str, model_sha256: str, device: str, max_active: int
+) -> ReadyFrame:
     return {
         "t": "ready",
         "proto": PROTOCOL_VERSION,
@@ -42,58 +240,420 @@ def ready(*, engine: str, engine_version: str, model_sha256: str, device: str) -
         "engine_version": engine_version,
         "model_sha256": model_sha256,
         "device": device,
+        "max_active": max_active,
     }
 
 
-def batch(batch_id: int, items: list[Frame]) -> Frame:
-    """`items`: maps of `job_id`, `prompt` or `prompt_token_ids`, and `params`."""
-    return {"t": "batch", "id": batch_id, "items": items}
-
-
-def ok(
-    job_id: str, text: str, token_ids: list[int], finish_reason: str, prompt_tokens: int
-) -> Frame:
+def submit(
+    request_id: int, request: RequestItem, *, stream: bool = False, deadline: float | None = None
+) -> SubmitFrame:
     return {
-        "job_id": job_id,
-        "text": text,
+        "t": "submit",
+        "id": request_id,
+        "request": request,
+        "stream": stream,
+        "deadline": deadline,
+    }
+
+
+def abort(request_id: int) -> AbortFrame:
+    return {"t": "abort", "id": request_id}
+
+
+def partial(request_id: int, token_ids: list[int], text: str) -> PartialFrame:
+    return {"t": "partial", "id": request_id, "token_ids": token_ids, "text": text}
+
+
+def done(
+    request_id: int,
+    *,
+    token_ids: list[int],
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    first_token_s: float,
+    logprobs: list[TokenLogprob] | None = None,
+) -> DoneFrame:
+    frame: DoneFrame = {
+        "t": "done",
+        "id": request_id,
         "token_ids": token_ids,
+        "text": text,
         "finish_reason": finish_reason,
         "prompt_tokens": prompt_tokens,
+        "first_token_s": first_token_s,
+    }
+    if logprobs is not None:
+        frame["logprobs"] = logprobs
+    return frame
+
+
+def failed(request_id: int, code: FailCode, reason: str) -> FailedFrame:
+    return {
+        "t": "failed",
+        "id": request_id,
+        "code": code.value,
+        "reason": reason[:MAX_REASON_CHARS],
     }
 
 
-def failed(job_id: str, message: str) -> Frame:
-    return {"job_id": job_id, "error": message}
-
-
-def result(batch_id: int, items: list[Frame]) -> Frame:
-    return {"t": "result", "id": batch_id, "items": items}
-
-
-def ping(ping_id: int) -> Frame:
+def ping(ping_id: int) -> PingFrame:
     return {"t": "ping", "id": ping_id}
 
 
-def pong(ping_id: int) -> Frame:
+def pong(ping_id: int) -> PongFrame:
     return {"t": "pong", "id": ping_id}
 
 
-def shutdown() -> Frame:
+def shutdown() -> ShutdownFrame:
     return {"t": "shutdown"}
 
 
-def fatal(message: str) -> Frame:
-    return {"t": "fatal", "message": message}
+def fatal(message: str) -> FatalFrame:
+    return {"t": "fatal", "message": message[:MAX_REASON_CHARS]}
+
+
+# -- field checks --------------------------------------------------------------------------
+
+
+def _int(value: Any, name: str, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise FrameError(f"{name} must be an integer in [{lo}, {hi}], got {value!r:.60}")
+    return value
+
+
+def _num(value: Any, name: str, lo: float, hi: float, *, open_lo: bool = False) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise FrameError(f"{name} must be a finite number, got {value!r:.60}")
+    if value > hi or value < lo or (open_lo and value == lo):
+        raise FrameError(f"{name} must be within {'(' if open_lo else '['}{lo}, {hi}]")
+    return float(value)
+
+
+def _str(value: Any, name: str, *, max_len: int, min_len: int = 0) -> str:
+    if not isinstance(value, str) or not min_len <= len(value) <= max_len:
+        raise FrameError(f"{name} must be a string of {min_len}-{max_len} characters")
+    return value
+
+
+def _tokens(value: Any, name: str, *, min_len: int, max_len: int) -> list[int]:
+    if not isinstance(value, list) or not min_len <= len(value) <= max_len:
+        raise FrameError(f"{name} must be a list of {min_len}-{max_len} token ids")
+    for t in value:
+        if type(t) is not int or not 0 <= t <= MAX_TOKEN_ID:
+            raise FrameError(f"{name} holds {t!r:.40}, not a token id")
+    return value
+
+
+def _map(value: Any, name: str, allowed: frozenset[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise FrameError(f"{name} must be a map")
+    extra = set(value) - allowed
+    if extra:
+        raise FrameError(f"{name} has unknown keys {sorted(extra)!r:.100}")
+    return value
+
+
+def _frame_id(frame: Frame) -> int:
+    return _int(frame.get("id"), f"{frame.get('t')}.id", 0, (1 << 63) - 1)
+
+
+_PARAMS = frozenset(
+    {
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "response_format",
+    }
+)
+_ITEM = frozenset({"prompt", "prompt_token_ids", "messages", "params"})
+_JSON_SCHEMA = frozenset({"name", "schema", "description", "strict"})
+
+
+def _penalty(value: Any, key: str) -> float:
+    return _num(value, f"params.{key}", -MAX_PENALTY, MAX_PENALTY)
+
+
+def _response_format(value: Any) -> ResponseFormat:
+    raw = _map(value, "params.response_format", frozenset({"type", "json_schema"}))
+    kind = raw.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise FrameError(f"params.response_format.type must be one of {RESPONSE_FORMATS}")
+    if kind == "json_object":
+        if "json_schema" in raw:
+            raise FrameError("params.response_format json_object takes no json_schema")
+        return {"type": "json_object"}
+    spec = _map(raw.get("json_schema"), "params.response_format.json_schema", _JSON_SCHEMA)
+    name = spec.get("name")
+    if not isinstance(name, str) or re.fullmatch(SCHEMA_NAME_PATTERN, name) is None:
+        raise FrameError(
+            f"params.response_format.json_schema.name must match {SCHEMA_NAME_PATTERN}"
+        )
+    schema = spec.get("schema")
+    try:
+        check_json_schema(schema)
+    except ValueError as exc:
+        raise FrameError(f"params.response_format.json_schema.schema: {exc}") from exc
+    parsed: JsonSchemaSpec = {"name": name, "schema": cast(dict[str, Any], schema)}
+    if spec.get("description") is not None:
+        parsed["description"] = _str(
+            spec["description"],
+            "params.response_format.json_schema.description",
+            max_len=MAX_SCHEMA_DESCRIPTION_CHARS,
+        )
+    if spec.get("strict") is not None:
+        if type(spec["strict"]) is not bool:
+            raise FrameError("params.response_format.json_schema.strict must be a boolean")
+        parsed["strict"] = spec["strict"]
+    return {"type": "json_schema", "json_schema": parsed}
+
+
+def parse_params(value: Any) -> Params:
+    raw = _map({} if value is None else value, "params", _PARAMS)
+    params: Params = {}
+    for key, item in raw.items():
+        if item is None:
+            continue
+        if key == "max_tokens":
+            params["max_tokens"] = _int(item, "params.max_tokens", 1, MAX_NEW_TOKENS)
+        elif key == "temperature":
+            params["temperature"] = _num(item, "params.temperature", 0, 2)
+        elif key == "top_p":
+            params["top_p"] = _num(item, "params.top_p", 0, 1, open_lo=True)
+        elif key == "top_k":
+            params["top_k"] = _int(item, "params.top_k", -1, MAX_TOP_K)
+        elif key == "seed":
+            params["seed"] = _int(item, "params.seed", 0, MAX_SEED)
+        elif key == "stop":
+            if not isinstance(item, list) or len(item) > MAX_STOP_STRINGS:
+                raise FrameError(f"params.stop must be a list of at most {MAX_STOP_STRINGS}")
+            params["stop"] = [
+                _str(s, "params.stop[]", min_len=1, max_len=MAX_STOP_CHARS) for s in item
+            ]
+        elif key == "logprobs":
+            params["logprobs"] = _int(item, "params.logprobs", 0, MAX_LOGPROBS)
+        elif key == "presence_penalty":
+            params["presence_penalty"] = _penalty(item, key)
+        elif key == "frequency_penalty":
+            params["frequency_penalty"] = _penalty(item, key)
+        elif key == "response_format":
+            params["response_format"] = _response_format(item)
+    return params
+
+
+def parse_request_item(value: Any) -> RequestItem:
+    """One request as the job schema bounds it: exactly one input, valid params."""
+    raw = _map(value, "request", _ITEM)
+    given = [k for k in ("prompt", "prompt_token_ids", "messages") if raw.get(k) is not None]
+    if len(given) != 1:
+        raise FrameError("exactly one of 'prompt', 'prompt_token_ids' and 'messages' is needed")
+    item: RequestItem = {"params": parse_params(raw.get("params"))}
+    if given[0] == "prompt":
+        item["prompt"] = _str(raw["prompt"], "prompt", max_len=MAX_PROMPT_CHARS)
+    elif given[0] == "prompt_token_ids":
+        item["prompt_token_ids"] = _tokens(
+            raw["prompt_token_ids"], "prompt_token_ids", min_len=1, max_len=MAX_PROMPT_TOKENS
+        )
+    else:
+        messages = raw["messages"]
+        if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
+            raise FrameError(f"messages must be a list of 1-{MAX_MESSAGES} maps")
+        parsed: list[Message] = []
+        for m in messages:
+            m = _map(m, "messages[]", frozenset({"role", "content"}))
+            if m.get("role") not in MESSAGE_ROLES:
+                raise FrameError(f"messages[].role must be one of {MESSAGE_ROLES}")
+            content = _str(m.get("content"), "messages[].content", max_len=MAX_PROMPT_CHARS)
+            parsed.append({"role": m["role"], "content": content})
+        chars = sum(len(m["content"]) for m in parsed)
+        if chars > MAX_PROMPT_CHARS:
+            raise FrameError(f"messages hold {chars} characters, the limit is {MAX_PROMPT_CHARS}")
+        item["messages"] = parsed
+    return item
+
+
+def parse_submit(frame: Frame) -> SubmitFrame:
+    """A `submit` frame whose id is valid; `request` is parsed separately (a bad request
+    fails that request alone, a bad id breaks the protocol)."""
+    _map(frame, "submit", frozenset({"t", "id", "request", "stream", "deadline"}))
+    request_id = _frame_id(frame)
+    stream = frame.get("stream", False)
+    if type(stream) is not bool:
+        raise FrameError("submit.stream must be a boolean")
+    deadline = frame.get("deadline")
+    if deadline is not None:
+        deadline = _num(deadline, "submit.deadline", 0, math.inf)
+    return {
+        "t": "submit",
+        "id": request_id,
+        "request": frame.get("request"),  # type: ignore[typeddict-item]
+        "stream": stream,
+        "deadline": deadline,
+    }
+
+
+def parse_abort(frame: Frame) -> AbortFrame:
+    return {"t": "abort", "id": _frame_id(frame)}
+
+
+def parse_ping(frame: Frame) -> PingFrame:
+    return {"t": "ping", "id": _frame_id(frame)}
+
+
+def parse_pong(frame: Frame) -> PongFrame:
+    return {"t": "pong", "id": _frame_id(frame)}
+
+
+def parse_ready(frame: Frame) -> ReadyFrame:
+    """Raises `FrameError` for a missing or mistyped field; the version is checked by the
+    caller (it has the better message)."""
+    proto = frame.get("proto")
+    if type(proto) is not int:
+        raise FrameError(f"ready.proto must be an integer, got {proto!r:.40}")
+    fields = {}
+    for name in ("engine", "engine_version", "model_sha256", "device"):
+        fields[name] = _str(frame.get(name), f"ready.{name}", max_len=512)
+    max_active = frame.get("max_active", 0)
+    return {
+        "t": "ready",
+        "proto": proto,
+        "engine": fields["engine"],
+        "engine_version": fields["engine_version"],
+        "model_sha256": fields["model_sha256"],
+        "device": fields["device"],
+        "max_active": _int(max_active, "ready.max_active", 0, 1 << 20),
+    }
+
+
+def parse_partial(frame: Frame) -> PartialFrame:
+    return {
+        "t": "partial",
+        "id": _frame_id(frame),
+        "token_ids": _tokens(
+            frame.get("token_ids"), "partial.token_ids", min_len=0, max_len=MAX_ARRAY_LEN
+        ),
+        "text": _str(frame.get("text"), "partial.text", max_len=MAX_FRAME_BYTES),
+    }
+
+
+def _logprobs(value: Any) -> list[TokenLogprob]:
+    if not isinstance(value, list):
+        raise FrameError("done.logprobs must be a list")
+    out: list[TokenLogprob] = []
+    for entry in value:
+        entry = _map(entry, "done.logprobs[]", frozenset({"token_id", "logprob", "top"}))
+        top = entry.get("top", [])
+        if not isinstance(top, list):
+            raise FrameError("done.logprobs[].top must be a list")
+        pairs: list[list[float]] = []
+        for pair in top:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise FrameError("done.logprobs[].top holds a non-pair")
+            pairs.append(
+                [
+                    _int(pair[0], "top token id", 0, MAX_TOKEN_ID),
+                    _num(pair[1], "top logprob", -math.inf, 0),
+                ]
+            )
+        out.append(
+            {
+                "token_id": _int(entry.get("token_id"), "logprobs.token_id", 0, MAX_TOKEN_ID),
+                "logprob": _num(entry.get("logprob"), "logprobs.logprob", -math.inf, 0),
+                "top": pairs,
+            }
+        )
+    return out
+
+
+def parse_done(frame: Frame) -> DoneFrame:
+    finish = frame.get("finish_reason")
+    if finish not in FINISH_REASONS:
+        raise FrameError(f"done.finish_reason is {finish!r:.40}")
+    result = done(
+        _frame_id(frame),
+        token_ids=_tokens(
+            frame.get("token_ids"), "done.token_ids", min_len=0, max_len=MAX_ARRAY_LEN
+        ),
+        text=_str(frame.get("text"), "done.text", max_len=MAX_FRAME_BYTES),
+        finish_reason=cast(str, finish),
+        prompt_tokens=_int(frame.get("prompt_tokens"), "done.prompt_tokens", 0, 1 << 40),
+        first_token_s=_num(frame.get("first_token_s", 0.0), "done.first_token_s", 0, 1e9),
+        logprobs=_logprobs(frame["logprobs"]) if frame.get("logprobs") is not None else None,
+    )
+    return result
+
+
+def parse_failed(frame: Frame) -> FailedFrame:
+    code = frame.get("code")
+    if code not in FailCode.__members__.values():
+        raise FrameError(f"failed.code is {code!r:.40}")
+    return {
+        "t": "failed",
+        "id": _frame_id(frame),
+        "code": cast(str, code),
+        "reason": _str(frame.get("reason"), "failed.reason", max_len=MAX_FRAME_BYTES),
+    }
+
+
+def parse_fatal(frame: Frame) -> FatalFrame:
+    message = frame.get("message")
+    return {"t": "fatal", "message": str(message)[:MAX_REASON_CHARS]}
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+
+def _depth_ok(value: Any, depth: int, exempt: Any = None) -> bool:
+    if value is exempt:
+        return True
+    if isinstance(value, dict):
+        if depth >= MAX_DEPTH:
+            return False
+        return all(_depth_ok(v, depth + 1, exempt) for v in value.values())
+    if isinstance(value, list):
+        if depth >= MAX_DEPTH:
+            return False
+        # Lists of scalars (token ids) are the common, long case: check them cheaply.
+        return all(_depth_ok(v, depth + 1, exempt) for v in value if isinstance(v, dict | list))
+    return True
+
+
+def _schema_in(frame: Frame) -> Any:
+    """A submit frame's `response_format` schema, if it has one where a schema goes."""
+    try:
+        schema = frame["request"]["params"]["response_format"]["json_schema"]["schema"]
+    except (KeyError, TypeError, IndexError):
+        return None
+    return schema if isinstance(schema, dict | list) else None
+
+
+_SAFE_REPR = re.compile(r"[^\x20-\x7e]")
 
 
 class FrameDecoder:
-    """Incremental decoder: `feed()` bytes as they arrive, get complete frames back."""
+    """Incremental decoder: `feed()` bytes as they arrive, get complete frames back.
+
+    The unpacker refuses any frame over `max_frame_bytes` and any container longer than the
+    protocol needs, before building it; maps use string keys only; nesting is bounded."""
 
     def __init__(self, allowed: frozenset[str], *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         self._allowed = allowed
         self._max = max_frame_bytes
         self._unpacker = msgpack.Unpacker(
-            raw=False, strict_map_key=True, max_buffer_size=max_frame_bytes
+            raw=False,
+            strict_map_key=True,
+            max_buffer_size=max_frame_bytes,
+            max_str_len=max_frame_bytes,
+            max_bin_len=MAX_BIN_LEN,
+            max_array_len=MAX_ARRAY_LEN,
+            max_map_len=MAX_MAP_LEN,
+            max_ext_len=0,
         )
 
     def feed(self, data: bytes) -> list[Frame]:
@@ -122,8 +682,15 @@ class FrameDecoder:
 
     def _check(self, value: Any) -> Frame:
         if not isinstance(value, dict):
-            raise FrameError(f"expected a frame map, got {type(value).__name__}: {value!r:.60}")
+            shown = _SAFE_REPR.sub("?", repr(value)[:60])
+            raise FrameError(f"expected a frame map, got {type(value).__name__}: {shown}")
         kind = value.get("t")
-        if kind not in self._allowed:
-            raise FrameError(f"unexpected frame type {kind!r}")
+        if not isinstance(kind, str) or kind not in self._allowed:
+            shown = _SAFE_REPR.sub("?", repr(kind)[:40])
+            raise FrameError(f"unexpected frame type {shown}")
+        if "id" in value and type(value["id"]) is not int:
+            raise FrameError(f"{kind}.id must be an integer")
+        exempt = _schema_in(value) if kind == FrameKind.SUBMIT else None
+        if not _depth_ok(value, 0, exempt):
+            raise FrameError(f"{kind} frame nested deeper than {MAX_DEPTH}")
         return value

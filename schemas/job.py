@@ -1,13 +1,12 @@
 """Jobs: what the network asks a node to run (PROTOCOL.md, "Jobs" and "v2 additions")."""
 
-import math
 from typing import Annotated, Any, Literal, Self
 
-import msgpack
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -15,23 +14,28 @@ from pydantic import (
     model_validator,
 )
 
-JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
-MODEL_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-
-MAX_PROMPT_CHARS = 256 * 1024
-MAX_PROMPT_TOKENS = 128 * 1024
-MAX_NEW_TOKENS = 1 << 20
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-MAX_MESSAGES = 256
-MAX_LOGPROBS = 20
-MAX_SCHEMA_BYTES = 16 * 1024
-MAX_SCHEMA_DEPTH = 32
-SCHEMA_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+from schemas.limits import (
+    JOB_ID_PATTERN,
+    MAX_LOGPROBS,
+    MAX_MESSAGES,
+    MAX_NEW_TOKENS,
+    MAX_PENALTY,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPT_TOKENS,
+    MAX_SCHEMA_DESCRIPTION_CHARS,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOKEN_ID,
+    MAX_TOP_K,
+    SCHEMA_NAME_PATTERN,
+    check_json_schema,
+)
+from schemas.limits import MODEL_ID_PATTERN as MODEL_ID_PATTERN
 
 JobId = Annotated[StrictStr, Field(pattern=JOB_ID_PATTERN)]
 ModelId = Annotated[StrictStr, Field(pattern=MODEL_ID_PATTERN)]
-TokenId = Annotated[StrictInt, Field(ge=0, lt=1 << 31)]
+TokenId = Annotated[StrictInt, Field(ge=0, lt=MAX_TOKEN_ID + 1)]
 Number = StrictFloat | StrictInt
 
 
@@ -41,25 +45,7 @@ class Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-Penalty = Annotated[Number, Field(ge=-2, le=2)]
-
-
-def _json_depth(value: Any, depth: int = 0) -> int:
-    """Nesting depth of a JSON value; raises `ValueError` on anything JSON cannot hold."""
-    if depth > MAX_SCHEMA_DEPTH:
-        raise ValueError(f"schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
-    if isinstance(value, dict):
-        for key in value:
-            if not isinstance(key, str):
-                raise ValueError("schema keys must be strings")
-        return max((_json_depth(v, depth + 1) for v in value.values()), default=depth)
-    if isinstance(value, list):
-        return max((_json_depth(v, depth + 1) for v in value), default=depth)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("schema numbers must be finite")
-    if value is None or isinstance(value, bool | int | float | str):
-        return depth
-    raise ValueError(f"schema holds a {type(value).__name__}, which JSON cannot")
+Penalty = Annotated[Number, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
 
 
 class JsonSchemaSpec(Wire):
@@ -67,18 +53,15 @@ class JsonSchemaSpec(Wire):
 
     name: Annotated[StrictStr, Field(pattern=SCHEMA_NAME_PATTERN)]
     schema_: Annotated[dict[StrictStr, Any], Field(alias="schema")]
-    description: Annotated[StrictStr, Field(max_length=1024)] | None = None
-    strict: bool | None = None
+    description: Annotated[StrictStr, Field(max_length=MAX_SCHEMA_DESCRIPTION_CHARS)] | None = None
+    strict: StrictBool | None = None
 
-    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+    model_config = ConfigDict(serialize_by_alias=True)
 
     @field_validator("schema_")
     @classmethod
     def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
-        _json_depth(value)
-        size = len(msgpack.packb(value))
-        if size > MAX_SCHEMA_BYTES:
-            raise ValueError(f"schema is {size} bytes encoded, the limit is {MAX_SCHEMA_BYTES}")
+        check_json_schema(value)
         return value
 
 
@@ -111,8 +94,8 @@ class Params(Wire):
     max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_NEW_TOKENS)] | None = None
     temperature: Annotated[Number, Field(ge=0, le=2)] = 0
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[StrictInt, Field(ge=-1, le=1 << 20)] | None = None
-    seed: Annotated[StrictInt, Field(ge=0, lt=1 << 63)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1, le=MAX_TOP_K)] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, lt=MAX_SEED + 1)] | None = None
     stop: (
         Annotated[
             list[Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
@@ -159,3 +142,4 @@ class Job(Prompted):
     job_id: JobId
     model_id: ModelId
     deadline: Annotated[Number, Field(ge=0)] | None = None
+    stream: StrictBool = False

@@ -33,15 +33,30 @@ class RuntimeRef(Wire):
     device: Annotated[StrictStr, Field(min_length=1, max_length=128)]
 
 
+MAX_TOP_LOGPROBS = 20
+
+
+class TokenLogprob(Wire):
+    """One generated token's logprob, and the most likely alternatives as
+    `[token_id, logprob]` pairs."""
+
+    token_id: TokenId
+    logprob: Number
+    top: Annotated[list[tuple[TokenId, Number]], Field(max_length=MAX_TOP_LOGPROBS + 1)] = []
+
+
 class Output(Wire):
     text: StrictStr
     token_ids: list[TokenId]
     finish_reason: FinishReason
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Usage(Wire):
     prompt_tokens: Count
     completion_tokens: Count
+    first_token_s: Annotated[Number, Field(ge=0)] | None = None
+    """Seconds from the job's start on the engine to its first token."""
 
 
 class ResultBody(Wire):

@@ -22,7 +22,7 @@ MAX_VECTORS = 32
 MAX_ENGINE_ARGS = 32
 
 ENGINE_ARGS: dict[str, frozenset[str]] = {
-    "echo": frozenset({"slow_ms", "fault"}),
+    "echo": frozenset({"token_delay_ms", "max_active", "fault"}),
     "vllm": frozenset(
         {
             "dtype",

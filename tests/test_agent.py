@@ -263,10 +263,10 @@ async def test_nats_restart_mid_run_loses_nothing(
 ) -> None:
     from collections import Counter
 
-    settings = settings.model_copy(update={"batch_max_size": 4})  # ~40 jobs/s
+    settings = settings.model_copy(update={"runtime_max_active": 4})  # ~40 jobs/s
     snapshot = await seeded(settings, authority, tmp_path)
     body = snapshot.model_dump(mode="json") | {"version": 2}
-    body["runtime"]["engine_args"] = {"slow_ms": 100}
+    body["runtime"]["engine_args"] = {"token_delay_ms": 6}  # 16 tokens: ~100 ms a job
     nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     try:
         await publish_snapshot(
@@ -308,7 +308,7 @@ async def test_metrics_endpoint_serves_prometheus_text() -> None:
     metrics = Metrics()
     metrics.jobs_received = 3
     metrics.jobs_failed["BAD_REQUEST"] += 1
-    metrics.batch_size.observe(4)
+    metrics.engine_seconds.observe(0.004)
     async with MetricsServer(metrics, "127.0.0.1", 0) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
@@ -318,7 +318,7 @@ async def test_metrics_endpoint_serves_prometheus_text() -> None:
     assert text.startswith("HTTP/1.0 200 OK")
     assert "resultity_jobs_received_total 3" in text
     assert 'resultity_jobs_failed_total{code="BAD_REQUEST"} 1' in text
-    assert 'resultity_batch_size_bucket{le="4"} 1' in text
+    assert 'resultity_engine_seconds_bucket{le="0.005"} 1' in text
 
 
 async def test_status_requests_reach_the_node_despite_a_queue_group_impostor(
@@ -417,7 +417,7 @@ async def test_a_snapshot_the_runtime_could_not_be_given_is_refused_whole(
     node goes on serving the snapshot in force."""
     snapshot = await seeded(settings, authority, tmp_path)
     body = snapshot.model_dump(mode="json") | {"version": 2}
-    body["runtime"]["engine_args"] = {"slow_ms": b"\x00"}
+    body["runtime"]["engine_args"] = {"token_delay_ms": b"\x00"}
     async with running(settings) as agent:
         await serving(agent)
         await publish_snapshot(

@@ -1,8 +1,8 @@
-"""The agent as the process an operator runs: SIGKILL mid-run, SIGTERM mid-batch.
+"""The agent as the process an operator runs: SIGKILL mid-run, SIGTERM mid-run.
 
 Every valid job must end with exactly one result in the stream (redelivery plus the
-stream's dedupe), none lost; a SIGTERM mid-batch finishes that batch, hands back the rest
-and leaves no runtime.
+stream's dedupe), none lost; a SIGTERM mid-run finishes the jobs in flight, hands back
+the rest and leaves no runtime.
 """
 
 import asyncio
@@ -10,15 +10,19 @@ import os
 import signal
 import subprocess
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import msgpack
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
+from schemas.codec import validate
 from schemas.envelope import EnvelopeType
+from schemas.result import ResultBody
 from schemas.snapshot import Snapshot
+from schemas.stream import StreamBody
 from tests.support.jobnet import read_all, results
 from tests.support.polling import wait_for
 from tests.support.settings import make_settings
@@ -57,19 +61,25 @@ def start_agent(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 async def slow_snapshot(
-    nc: Client, settings: Settings, authority: NodeKey, snapshot: Snapshot, slow_ms: int
+    nc: Client, settings: Settings, authority: NodeKey, snapshot: Snapshot, token_delay_ms: int
 ) -> None:
     body = snapshot.model_dump(mode="json")
     body["version"] = snapshot.version + 1
-    body["runtime"]["engine_args"] = {"slow_ms": slow_ms}
+    body["runtime"]["engine_args"] = {"token_delay_ms": token_delay_ms}
     await publish_snapshot(nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body))
 
 
-async def publish(nc: Client, settings: Settings, model: str, n: int, prefix: str) -> list[str]:
+async def publish(
+    nc: Client, settings: Settings, model: str, n: int, prefix: str, *, stream: bool = False
+) -> list[str]:
+    """`n` jobs; with `stream`, every other one streams its output."""
     js = nc.jetstream()
     ids = [f"{prefix}-{i}" for i in range(n)]
-    for job_id in ids:
-        data = msgpack.packb({"job_id": job_id, "model_id": model, "prompt": job_id})
+    for i, job_id in enumerate(ids):
+        body = {"job_id": job_id, "model_id": model, "prompt": job_id}
+        if stream and i % 2 == 0:
+            body["stream"] = True
+        data = msgpack.packb(body)
         await js.publish(settings.subject("jobs", model), data, headers={"Nats-Msg-Id": job_id})
     return ids
 
@@ -88,11 +98,18 @@ async def test_sigkill_mid_run_loses_and_duplicates_nothing(
     snapshot = await seed_network(
         settings, authority, DevPlan(tmp_path / "dev", 0, "echo", "process", "x"), version=1
     )
-    await slow_snapshot(nc, settings, authority, snapshot, slow_ms=100)
+    await slow_snapshot(nc, settings, authority, snapshot, token_delay_ms=6)
     model = snapshot.models[0].id
-    ids = await publish(nc, settings, model, 300, "k")
+    streamed: dict[tuple[str, int], list[StreamBody]] = defaultdict(list)
+
+    async def on_stream(msg: Msg) -> None:
+        body = validate(StreamBody, verify(msg.data, expect=EnvelopeType.STREAM).body)
+        streamed[(body.job_id, body.attempt)].append(body)
+
+    await nc.subscribe(settings.subject("stream", ">"), cb=on_stream)
+    ids = await publish(nc, settings, model, 300, "k", stream=True)
     env = agent_env(settings, authority)
-    env["RESULTITY_BATCH_MAX_SIZE"] = "4"  # ~40 jobs/s: the kills land mid-run
+    env["RESULTITY_RUNTIME_MAX_ACTIVE"] = "4"  # ~40 jobs/s: the kills land mid-run
     log = tmp_path / "agent.log"
     js = nc.jetstream()
     kills = 0
@@ -122,10 +139,19 @@ async def test_sigkill_mid_run_loses_and_duplicates_nothing(
     assert kills == 4
     assert set(per_job) == set(ids), "every job has a result"
     assert max(per_job.values()) == 1, "no job has two results in the stream"
+    # streaming jobs: the attempt that produced the result streamed exactly its tokens
+    for data in stored:
+        result = validate(ResultBody, verify(data).body)
+        if int(result.job_id.split("-")[1]) % 2:
+            continue
+        parts = sorted(streamed[(result.job_id, result.attempt)], key=lambda b: b.seq)
+        assert [b.seq for b in parts] == list(range(len(parts))), result.job_id
+        assert [t for b in parts for t in b.token_ids] == result.output.token_ids
+        assert parts[-1].finish_reason == result.output.finish_reason
     assert (await js.stream_info(settings.stream("JOBS"))).state.messages == 0
 
 
-async def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(
+async def test_sigterm_mid_run_finishes_jobs_in_flight_and_hands_back_the_rest(
     docker_client: object, nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> None:
     authority = NodeKey.generate()
@@ -139,15 +165,15 @@ async def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(
     snapshot = await seed_network(
         settings, authority, DevPlan(tmp_path / "dev", 0, "echo", "docker", "x"), version=1
     )
-    await slow_snapshot(nc, settings, authority, snapshot, slow_ms=1500)
+    await slow_snapshot(nc, settings, authority, snapshot, token_delay_ms=100)
     model = snapshot.models[0].id
     env = agent_env(settings, authority)
-    env["RESULTITY_BATCH_MAX_SIZE"] = "4"
+    env["RESULTITY_RUNTIME_MAX_ACTIVE"] = "4"
     log = tmp_path / "agent.log"
     proc = start_agent(env, log)
     js = nc.jetstream()
     try:
-        # wait until it serves (the first batch of the slow runtime comes back)
+        # wait until it serves (the first job of the slow runtime comes back)
         await publish(nc, settings, model, 1, "warm")
 
         async def warmed() -> bool:
@@ -156,12 +182,12 @@ async def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(
         await wait_for(warmed, timeout=120, interval=0.2)
         ids = await publish(nc, settings, model, 20, "t")
 
-        async def holds_a_batch() -> bool:
-            # Pulled and not yet acked: the agent holds a batch of the slow runtime now.
+        async def holds_jobs() -> bool:
+            # Pulled and not yet acked: the slow runtime runs jobs of the agent now.
             info = await js.consumer_info(settings.stream("JOBS"), f"rst-jobs-{model}")
             return info.num_ack_pending > 0
 
-        await wait_for(holds_a_batch, timeout=60)
+        await wait_for(holds_jobs, timeout=60)
         proc.send_signal(signal.SIGTERM)
         # How long the drain takes is measured in bench/, not asserted here.
         code = await asyncio.to_thread(proc.wait, 60)
@@ -172,7 +198,7 @@ async def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(
     done = {r.job_id for r in await results(js, settings)} - {"warm-0"}
     info = await js.consumer_info(settings.stream("JOBS"), f"rst-jobs-{model}")
     handed_back = info.num_pending + info.num_ack_pending + info.num_redelivered
-    assert done, "the batch in flight finished inside the grace period"
+    assert done, "jobs in flight finished inside the grace period"
     assert len(done) + info.num_pending + info.num_ack_pending >= len(ids), (done, handed_back)
     leftovers = await asyncio.to_thread(runtime_containers, docker_client, verify_node(settings))
     assert leftovers == []

@@ -70,7 +70,7 @@ def chaos_settings(tmp_path: Path, urls: list[str], authority: NodeKey) -> Setti
         runtime_shm="16m",
         runtime_stop_timeout_s=1,
         runtime_ready_timeout_s=60,
-        batch_timeout_s=20,
+        request_timeout_s=20,
         heartbeat_interval_s=2,
     )
 

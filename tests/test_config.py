@@ -151,7 +151,7 @@ BAD: dict[str, tuple[Callable[[], bytes], str]] = {
         "not allowed",
     ),
     "engine arg not a scalar": (
-        lambda: signed(5, runtime={**RUNTIME, "engine_args": {"slow_ms": b"\x00"}}),
+        lambda: signed(5, runtime={**RUNTIME, "engine_args": {"token_delay_ms": b"\x00"}}),
         "engine_args",
     ),
     "wrong type": (lambda: AUTHORITY.sign("event", body(5)), "expected a config envelope"),

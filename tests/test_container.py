@@ -241,30 +241,32 @@ async def test_cancel_at_each_docker_call(
     assert n > 3  # create, attach and start were all hit
 
 
-@pytest.mark.parametrize("phase", ["waiting_ready", "mid_batch", "idle"])
+@pytest.mark.parametrize("phase", ["waiting_ready", "mid_request", "idle"])
 async def test_cancel_outer_task_leaves_nothing(
     docker_client: Any, spec: LaunchSpec, phase: str
 ) -> None:
-    settings = make_settings(fast_runtime=True, runtime_ready_timeout_s=30.0, batch_timeout_s=30.0)
+    settings = make_settings(
+        fast_runtime=True, runtime_ready_timeout_s=30.0, request_timeout_s=30.0
+    )
     env = {"RESULTITY_ECHO_FAULT": "noready"} if phase == "waiting_ready" else {}
     backend = DockerBackend(settings, node_id=NODE_ID, client=docker_client, extra_env=env)
-    if phase == "mid_batch":
-        spec = dataclasses.replace(spec, engine_args={"slow_ms": 20000})
+    if phase == "mid_request":
+        spec = dataclasses.replace(spec, engine_args={"token_delay_ms": 20000})
     started = asyncio.Event()
 
     async def body() -> None:
         async with Supervisor(settings, backend, spec) as sup:
             started.set()
-            if phase == "mid_batch":
-                await sup.run([WorkItem(job_id="j", payload={"prompt": "slow"})])
+            if phase == "mid_request":
+                await sup.run([WorkItem(job_id="j", payload={"prompt": "slow", "params": {}})])
             await asyncio.Event().wait()  # idle until cancelled
 
     task = asyncio.ensure_future(body())
     if phase == "waiting_ready":
         await wait_for(lambda: asyncio.to_thread(runtime_logged, docker_client, "fault=noready"))
-    elif phase == "mid_batch":
+    elif phase == "mid_request":
         await wait_for(
-            lambda: asyncio.to_thread(runtime_logged, docker_client, "echo_batch_received")
+            lambda: asyncio.to_thread(runtime_logged, docker_client, "echo_request_received")
         )
     else:
         await started.wait()  # the body is parked on its idle wait now

@@ -74,7 +74,7 @@ async def test_token_ids_survive_batching_replacement_and_restart(
         authority_keys=(authority.node_id,),
         runtime_backend="docker",
         runtime_memory="4g",
-        batch_timeout_s=600,
+        request_timeout_s=600,
         ack_wait_s=120,
     )
     snapshot = await seed_network(

@@ -1,7 +1,8 @@
-"""Runtime frames fuzzed against the supervisor: hypothesis writes a script of answers
-(garbage, truncated, oversized, wrong ids, wrong types in result items, split writes) that
-`tests/chaos/fuzz_runtime.py` plays batch by batch. The supervisor never crashes, every
-batch gets one outcome per item, and a runtime that breaks the protocol is replaced."""
+"""Runtime frames v2 fuzzed against the supervisor: hypothesis writes a script of answers
+(garbage, truncated, oversized, wrong ids, done twice, partials nobody asked for, bad fields
+in done/failed, split writes) that `tests/support/fuzz_runtime.py` plays request by request.
+The supervisor never crashes, every request gets exactly one outcome of the kind the plan
+implies, and a runtime that breaks the protocol is replaced."""
 
 import asyncio
 import itertools
@@ -16,19 +17,37 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from schemas import frames
-from worker.core.errors import ItemFailed, NodeError, OutputMalformed, RuntimeFailure
+from worker.core.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    ItemFailed,
+    NodeError,
+    OutputMalformed,
+    RuntimeFailure,
+)
 from worker.core.settings import Settings
 from worker.runtime.api import Completion, LaunchSpec, WorkItem
 from worker.runtime.process import ProcessBackend
 from worker.runtime.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNTIME = [sys.executable, str(ROOT / "tests" / "chaos" / "fuzz_runtime.py")]
+RUNTIME = [sys.executable, str(ROOT / "tests" / "support" / "fuzz_runtime.py")]
 MAX_FRAME = 64 * 1024
-COUNTS: Counter[str] = Counter()
 
 # kinds after which the runtime must have been replaced
-VIOLATIONS = {"raw", "frame", "wrong_id", "truncated", "oversized", "fatal", "exit"}
+VIOLATIONS = {
+    "raw",
+    "frame",
+    "wrong_id",
+    "truncated",
+    "oversized",
+    "fatal",
+    "exit",
+    "failed_bad",
+    "partial_unasked",
+    "done_twice",
+}
+FAILED_CODES = {"bad_request": BadRequest, "engine": ItemFailed, "deadline": DeadlineExceeded}
 
 msgpack_values = st.recursive(
     st.none()
@@ -43,8 +62,8 @@ msgpack_values = st.recursive(
     max_leaves=12,
 )
 
-# a result item that must come back as OutputMalformed / ItemFailed, never a Completion
-bad_entry = st.one_of(
+# fields that make a `done` malformed (OutputMalformed for that job, the runtime stays)
+bad_done_fields = st.one_of(
     st.fixed_dictionaries({"text": st.integers() | st.none() | st.binary(max_size=8)}),
     st.fixed_dictionaries({"token_ids": st.lists(st.integers(max_value=-1), min_size=1)}),
     st.fixed_dictionaries({"token_ids": st.lists(st.booleans() | st.text(), min_size=1)}),
@@ -53,28 +72,39 @@ bad_entry = st.one_of(
         {"finish_reason": st.text(max_size=10).filter(lambda s: s not in ("stop", "length"))}
     ),
     st.fixed_dictionaries({"prompt_tokens": st.integers(max_value=-1) | st.booleans()}),
-    st.fixed_dictionaries({"error": st.text(max_size=50)}),
-    st.fixed_dictionaries({"error": st.integers() | st.none() | st.binary(max_size=4)}),
+    st.fixed_dictionaries({"first_token_s": st.floats(max_value=-0.001) | st.text(max_size=3)}),
+    st.fixed_dictionaries({"logprobs": st.integers() | st.lists(st.integers(), min_size=1)}),
 )
+
+# a `failed` frame that breaks the protocol
+bad_failed_fields = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "code": msgpack_values.filter(
+                lambda v: not isinstance(v, str) or v not in {*FAILED_CODES, "aborted"}
+            )
+        }
+    ),
+    st.fixed_dictionaries({"code": st.just("engine"), "reason": st.integers() | st.none()}),
+    st.just({"code": "aborted", "reason": "not asked to"}),
+)
+
+agent_kinds = ["ready", "pong", "partial", "done", "failed", "nope", ""]
 
 
 def plan_strategy() -> st.SearchStrategy[dict[str, Any]]:
     return st.one_of(
         st.just({"kind": "ok"}),
         st.builds(lambda s: {"kind": "split", "step": s}, st.integers(1, 40)),
+        st.builds(lambda f: {"kind": "done_bad", "fields": f}, bad_done_fields),
         st.builds(
-            lambda r, d, x: {"kind": "items", "replace": r, "drop": d, "extra": x},
-            st.dictionaries(st.integers(0, 7), bad_entry, max_size=4),
-            st.lists(st.integers(0, 7), max_size=2),
-            st.lists(
-                st.fixed_dictionaries({"job_id": st.text(max_size=6)}) | msgpack_values,
-                max_size=2,
-            ),
+            lambda c, r: {"kind": "failed", "code": c, "reason": r},
+            st.sampled_from(sorted(FAILED_CODES)),
+            st.text(max_size=30),
         ),
-        st.builds(
-            lambda v: {"kind": "items_value", "value": v},
-            msgpack_values.filter(lambda v: not isinstance(v, list)),
-        ),
+        st.builds(lambda f: {"kind": "failed_bad", "fields": f}, bad_failed_fields),
+        st.just({"kind": "done_twice"}),
+        st.just({"kind": "partial_unasked"}),
         st.builds(
             lambda d: {"kind": "wrong_id", "delta": d},
             st.integers(-3, 1000).filter(lambda d: d != 0),
@@ -87,14 +117,14 @@ def plan_strategy() -> st.SearchStrategy[dict[str, Any]]:
         st.builds(
             lambda v: {"kind": "frame", "value": v},
             msgpack_values
-            | st.dictionaries(st.sampled_from(["t", "id", "x"]), msgpack_values, max_size=3).filter(
-                lambda d: d.get("t") != "result"
-            )
             | st.fixed_dictionaries(
-                {"t": st.sampled_from(["ready", "pong", "batch", "nope", ""])},
-                optional={"id": st.integers()},
-            )
-            | st.just({"t": "result", "id": "1", "items": []}),
+                {"t": st.sampled_from(agent_kinds) | msgpack_values},
+                optional={
+                    "id": st.integers(max_value=-1)
+                    | st.integers(min_value=1 << 40, max_value=(1 << 64) - 1)
+                    | msgpack_values.filter(lambda v: type(v) is not int)
+                },
+            ),
         ),
         st.builds(
             lambda p, e: {"kind": "truncated", "percent": p, "exit": e},
@@ -112,7 +142,8 @@ def plan_strategy() -> st.SearchStrategy[dict[str, Any]]:
 def _settings() -> Settings:
     return Settings(
         runtime_ready_timeout_s=20,
-        batch_timeout_s=3.0,
+        request_timeout_s=3.0,
+        runtime_write_timeout_s=3.0,
         ping_interval_s=600,
         ping_timeout_s=5,
         runtime_stop_timeout_s=0.5,
@@ -120,35 +151,24 @@ def _settings() -> Settings:
     )
 
 
-def _check(plan: dict[str, Any], items: list[WorkItem], outcomes: list[Any]) -> None:
-    assert len(outcomes) == len(items)
-    assert all(isinstance(o, Completion | NodeError) for o in outcomes), outcomes
+def _check(plan: dict[str, Any], item: WorkItem, outcome: Any) -> None:
+    assert isinstance(outcome, Completion | NodeError), outcome
     kind = plan["kind"]
     if kind in ("ok", "split"):
-        assert all(isinstance(o, Completion) for o in outcomes), (plan, outcomes)
-        for item, out in zip(items, outcomes, strict=True):
-            assert out.job_id == item.job_id and out.text == item.payload["prompt"]
+        assert isinstance(outcome, Completion), (plan, outcome)
+        assert outcome.job_id == item.job_id and outcome.text == item.payload["prompt"]
+    elif kind == "done_twice":
+        assert isinstance(outcome, Completion), (plan, outcome)  # the first was fine
     elif kind in VIOLATIONS:
-        assert all(isinstance(o, RuntimeFailure) and o.retryable for o in outcomes), (
-            plan,
-            outcomes,
-        )
-    elif kind == "items_value":
-        assert all(isinstance(o, OutputMalformed) for o in outcomes), outcomes
-    elif kind == "items":
-        replaced = {int(i) for i in plan["replace"]}
-        dropped = {int(i) for i in plan["drop"]}
-        extra_ids = {e.get("job_id") for e in plan["extra"] if isinstance(e, dict)}
-        for i, (item, out) in enumerate(zip(items, outcomes, strict=True)):
-            if i in dropped or item.job_id in extra_ids:
-                assert isinstance(out, OutputMalformed), (plan, out)
-            elif i in replaced:
-                assert isinstance(out, OutputMalformed | ItemFailed), (plan, out)
-            else:
-                assert isinstance(out, Completion), (plan, out)
+        assert isinstance(outcome, RuntimeFailure) and outcome.retryable, (plan, outcome)
+    elif kind == "done_bad":
+        assert isinstance(outcome, OutputMalformed), (plan, outcome)
+    elif kind == "failed":
+        assert isinstance(outcome, FAILED_CODES[plan["code"]]), (plan, outcome)
+        assert not outcome.retryable
 
 
-async def _play(plans: list[dict[str, Any]], sizes: list[int], tmp: Path) -> None:
+async def _play(plans: list[dict[str, Any]], tmp: Path, counts: Counter[str]) -> None:
     plans_file, index_file = tmp / "plans.msgpack", tmp / "index"
     plans_file.write_bytes(msgpack.packb(plans, use_bin_type=True))
     index_file.write_text("0")
@@ -160,52 +180,56 @@ async def _play(plans: list[dict[str, Any]], sizes: list[int], tmp: Path) -> Non
     spec = LaunchSpec("fuzz", "local", tmp, "", {})
     ids = itertools.count()
     async with Supervisor(_settings(), backend, spec) as sup:
-        for plan, size in zip(plans, sizes, strict=True):
-            items = [
-                WorkItem(f"j{next(ids)}", {"prompt": f"p{i}", "params": {}}) for i in range(size)
-            ]
+        for i, plan in enumerate(plans):
+            item = WorkItem(f"j{next(ids)}", {"prompt": f"p{i}", "params": {}})
             restarts = sup.stats().restarts
-            outcomes = await sup.run(items)
-            _check(plan, items, outcomes)
+            try:
+                outcome: Any = await sup.generate(item)
+            except NodeError as exc:
+                outcome = exc
+            _check(plan, item, outcome)
             if plan["kind"] in VIOLATIONS:
-                assert sup.stats().restarts > restarts, plan
-                COUNTS["runtime_replaced"] += 1
-            COUNTS["batches"] += 1
-            COUNTS[f"plan_{plan['kind']}"] += 1
-            COUNTS["items"] += len(items)
-            COUNTS["completions"] += sum(isinstance(o, Completion) for o in outcomes)
-        # after all that, a plain batch still works (the plan list wraps to an "ok")
-        assert sup.state.value == "open"
+                await _replaced(sup, restarts)
+                counts["runtime_replaced"] += 1
+            else:
+                assert sup.stats().restarts == restarts, plan
+            counts[f"plan_{plan['kind']}"] += 1
+            counts["requests"] += 1
+        assert sup.is_open
 
 
-@pytest.mark.timeout(600)
-@settings(
-    max_examples=60,
-    deadline=None,
-    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    plans=st.lists(plan_strategy(), min_size=1, max_size=8),
-    sizes=st.lists(st.integers(1, 8), min_size=8, max_size=8),
-)
-def test_supervisor_survives_fuzzed_frames(
-    plans: list[dict[str, Any]], sizes: list[int], tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    tmp = tmp_path_factory.mktemp("fuzz-frames")
-    asyncio.run(_play(plans, sizes[: len(plans)], tmp))
-    COUNTS["examples"] += 1
+async def _replaced(sup: Supervisor, restarts: int) -> None:
+    """The runtime is replaced at once, or (done_twice) as soon as its next frame arrives."""
+    async with asyncio.timeout(10):
+        while sup.stats().restarts <= restarts:
+            await asyncio.sleep(0.01)
 
 
-def test_fuzz_frames_report(capsys: pytest.CaptureFixture[str]) -> None:
-    """Prints the case counts of the fuzz run above (runs after it, in file order)."""
-    with capsys.disabled():
-        print(f"\nframe fuzz counts: {dict(sorted(COUNTS.items()))}")  # noqa: T201
-    assert COUNTS["batches"] > 0 or not COUNTS, COUNTS
+@pytest.mark.timeout(900)
+def test_supervisor_survives_fuzzed_frames(tmp_path_factory: pytest.TempPathFactory) -> None:
+    counts: Counter[str] = Counter()
+
+    @settings(
+        max_examples=40,
+        deadline=None,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(plans=st.lists(plan_strategy(), min_size=1, max_size=8))
+    def run(plans: list[dict[str, Any]]) -> None:
+        tmp = tmp_path_factory.mktemp("fuzz-frames")
+        asyncio.run(_play(plans, tmp, counts))
+        counts["examples"] += 1
+
+    run()
+    assert counts["examples"] >= 40, counts
+    assert counts["runtime_replaced"] > 0 and counts["plan_ok"] + counts["plan_split"] > 0, counts
 
 
 def test_fuzz_runtime_speaks_frames() -> None:
     """The puppet's own frames are valid when the plan says ok (guards the fuzzer)."""
-    packed = frames.pack(frames.result(1, [frames.ok("a", "t", [1], "stop", 1)]))
+    from tests.support.fuzz_runtime import done_frame
+
+    packed = frames.pack(done_frame(1, "t"))
     decoded = frames.FrameDecoder(frames.TO_AGENT).feed(packed)
-    assert decoded[0]["t"] == "result"
+    assert frames.parse_done(decoded[0])["text"] == "t"

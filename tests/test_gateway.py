@@ -4,18 +4,14 @@ process. The vLLM features (logprobs, JSON output) are in tests/test_gateway_vll
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import os
 import re
 import signal
 import socket
-import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import msgpack
@@ -24,15 +20,14 @@ import pytest
 from nats.aio.client import Client
 
 from schemas.envelope import EnvelopeType
-from schemas.node import NodeState
 from schemas.snapshot import Snapshot
+from tests.support.gateway import check_provenance, client, node_settings, serving_node
 from tests.support.polling import wait_for
 from worker.core.settings import Settings
-from worker.core.signing import NodeKey, load_key_file, write_key_file
+from worker.core.signing import NodeKey
 from worker.devtools.devnet import DevPlan, seed_network
 from worker.devtools.natsd import NatsServer
 from worker.gateway.app import running as gateway
-from worker.node.agent import Agent
 
 pytestmark = pytest.mark.nats
 
@@ -45,80 +40,15 @@ def authority() -> NodeKey:
     return NodeKey.generate()
 
 
-def make_settings(
-    nats_server: NatsServer, tmp_path: Path, authority: NodeKey, **extra: Any
-) -> Settings:
-    if not (tmp_path / "node.key").exists():
-        write_key_file(tmp_path / "node.key")
-    values: dict[str, Any] = {
-        "nats_url": nats_server.url,
-        "key_file": tmp_path / "node.key",
-        "authority_keys": (authority.node_id,),
-        "cache_dir": tmp_path / "cache",
-        "state_dir": tmp_path / "state",
-        "runtime_backend": "process",
-        "ack_wait_s": 10,
-        "shutdown_grace_s": 5,
-    }
-    return Settings(**(values | extra))
-
-
 @pytest.fixture
 def settings(nats_server: NatsServer, tmp_path: Path, authority: NodeKey) -> Settings:
-    return make_settings(nats_server, tmp_path, authority)
+    return node_settings(nats_server, tmp_path, authority)
 
 
 @pytest.fixture
 async def snapshot(settings: Settings, authority: NodeKey, tmp_path: Path) -> Snapshot:
     plan = DevPlan(tmp_path / "dev", 0, "echo", "process", "hi")
     return await seed_network(settings, authority, plan, version=1)
-
-
-@contextlib.asynccontextmanager
-async def serving_node(settings: Settings, timeout: float = 60) -> AsyncIterator[Agent]:
-    stop = asyncio.Event()
-    agent = Agent(settings, load_key_file(settings.key_file))
-    async with agent:
-        task = asyncio.create_task(agent.serve(stop))
-        try:
-
-            async def ready() -> bool:
-                return agent.node_state is NodeState.SERVING
-
-            await wait_for(ready, timeout)
-            yield agent
-        finally:
-            stop.set()
-            await task
-
-
-def client(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-
-
-def verify_cli(envelope_b64: str) -> dict[str, Any]:
-    """`resultity-node verify` on the answer's envelope: the body it prints."""
-    done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "verify", "-"],
-        input=base64.b64decode(envelope_b64),
-        capture_output=True,
-        check=True,
-        timeout=60,
-    )
-    verified: dict[str, Any] = json.loads(done.stdout)
-    assert verified["typ"] == "result"
-    body: dict[str, Any] = verified["body"]
-    assert verified["signer"] == body["node_id"]
-    return body
-
-
-def check_provenance(resultity: dict[str, Any], snapshot: Snapshot, text: str) -> dict[str, Any]:
-    body = verify_cli(resultity["envelope"])
-    assert body["job_id"] == resultity["job_id"] and body["node_id"] == resultity["node_id"]
-    assert body["model"]["sha256"] == resultity["model_sha256"] == snapshot.models[0].sha256
-    assert body["input_sha256"] == resultity["input_sha256"]
-    assert body["output"]["text"] == text
-    return body
 
 
 async def test_openai_client_through_gateway_and_node(
@@ -147,7 +77,7 @@ async def test_openai_client_through_gateway_and_node(
         envelope = base64.b64decode(resultity["envelope"])
         assert raw.headers["x-resultity-envelope-sha256"] == hashlib.sha256(envelope).hexdigest()
         # The node saw the messages (the echo engine runs their plain rendering).
-        assert body["usage"]["prompt_tokens"] == len("<|system|>\nBe brief.\n<|user|>\nHi\n")
+        assert body["usage"]["prompt_tokens"] == len("system: Be brief.\nuser: Hi")
 
         # The same chat streamed: the chunks add up to the signed text, usage comes last.
         pieces, last, usage = [], None, None
@@ -218,7 +148,7 @@ async def test_openai_client_through_gateway_and_node(
 async def test_deadline_is_504_and_cancels_the_job(
     nats_server: NatsServer, tmp_path: Path, authority: NodeKey, nc: Client
 ) -> None:
-    settings = make_settings(nats_server, tmp_path, authority, gateway_timeout_s=1.0)
+    settings = node_settings(nats_server, tmp_path, authority, gateway_timeout_s=1.0)
     plan = DevPlan(tmp_path / "dev", 0, "echo", "process", "hi")
     snapshot = await seed_network(settings, authority, plan, version=1)
     cancels = await nc.subscribe(settings.subject("cancel", ">"))
@@ -234,7 +164,7 @@ async def test_deadline_is_504_and_cancels_the_job(
 async def test_client_gone_mid_stream_cancels_its_job_and_frees_its_slot(
     nats_server: NatsServer, tmp_path: Path, authority: NodeKey, nc: Client
 ) -> None:
-    settings = make_settings(nats_server, tmp_path, authority, gateway_max_concurrent=1)
+    settings = node_settings(nats_server, tmp_path, authority, gateway_max_concurrent=1)
     plan = DevPlan(tmp_path / "dev", 0, "echo", "process", "hi")
     snapshot = await seed_network(settings, authority, plan, version=1)
     model = snapshot.models[0].id
@@ -268,7 +198,7 @@ async def test_stream_follows_the_nodes_signed_partial_output(
 ) -> None:
     """The gateway forwards verified `stream` envelopes of the highest attempt, drops forged
     ones, and completes from the signed result (the node played at the NATS seam)."""
-    from tests.gateway_node import play_node
+    from tests.support.gateway_node import play_node
 
     model = snapshot.models[0]
     async with gateway(settings, port=0) as url, client(url) as api:

@@ -10,8 +10,8 @@ import pytest
 from nats.aio.client import Client
 
 from schemas.result import Output
-from tests.test_gateway import check_provenance, client, make_settings, serving_node
-from tests.test_vllm_runtime import HAS_MODEL_DEPS
+from tests.support.gateway import check_provenance, client, node_settings, serving_node
+from tests.support.vllm import HAS_MODEL_DEPS
 from worker.core.signing import NodeKey
 from worker.devtools.devnet import DevPlan, seed_network
 from worker.devtools.natsd import NatsServer
@@ -32,13 +32,13 @@ async def test_openai_client_against_vllm(
     from transformers import AutoTokenizer
 
     authority = NodeKey.generate()
-    settings = make_settings(
+    settings = node_settings(
         nats_server,
         tmp_path,
         authority,
         runtime_backend="docker",
         runtime_memory="4g",
-        batch_timeout_s=300,
+        request_timeout_s=300,
         runtime_ready_timeout_s=600,
     )
     plan = DevPlan(tmp_path / "dev", 0, "vllm", "docker", "hi")

@@ -18,9 +18,6 @@ KNOWN_BAD_EDGES = {
     # the Engine protocol and EngineError want a module of their own.
     ("containers.runtime.engines", "containers.runtime.engines.echo"),
     ("containers.runtime.engines", "containers.runtime.engines.vllm"),
-    # The process backend takes `runtime_env` from the Docker backend: the launch
-    # environment wants a module of its own (issue 10).
-    ("worker.runtime.process", "worker.runtime.container"),
 }
 """Edges the rewrite in flight removes; each one fails `test_known_bad_edges_still_exist`
 once it is gone, so the list only shrinks."""
@@ -163,10 +160,7 @@ def test_process_backend_does_not_need_the_docker_backend() -> None:
     assert not any(n == "docker" or n.startswith("docker.") for n in docker_imports)
 
 
-KNOWN_TEST_IMPORTS = {
-    # Being rewritten in parallel; its settings and model hash are in tests/support/settings.
-    ("tests.test_process_backend", "tests.test_supervisor_protocol"),
-}
+KNOWN_TEST_IMPORTS: set[tuple[str, str]] = set()
 
 
 def test_imports_between_tests() -> None:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_supervisor_protocol import MODEL_SHA, make_settings
+from tests.support.settings import MODEL_SHA, make_settings
+from tests.support.streaming import Sink, streaming
 from worker.core.settings import Settings
-from worker.runtime.api import LaunchSpec, WorkItem
+from worker.runtime.api import LaunchSpec
 from worker.runtime.process import ProcessBackend
 from worker.runtime.supervisor import Supervisor, create_backend
 
@@ -30,38 +31,39 @@ def alive(pid: int) -> bool:
 
 def test_factory_picks_backend() -> None:
     assert create_backend(Settings(runtime_backend="process"), node_id="n").name == "process"
-    assert not create_backend(Settings(runtime_backend="process"), node_id="n").isolated
-    docker_backend = create_backend(Settings(runtime_backend="docker"), node_id="n")
-    assert docker_backend.name == "docker" and docker_backend.isolated
+    assert create_backend(Settings(runtime_backend="docker"), node_id="n").name == "docker"
 
 
-@pytest.mark.parametrize("phase", ["waiting_ready", "mid_batch"])
+@pytest.mark.parametrize("phase", ["waiting_ready", "mid_request"])
 async def test_cancel_leaves_no_process(
     tmp_path: Path, phase: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = make_settings(runtime_ready_timeout_s=30.0, batch_timeout_s=30.0)
+    settings = make_settings(fast_runtime=True, runtime_ready_timeout_s=30.0)
     env = {"PYTHONPATH": str(ROOT)}
     if phase == "waiting_ready":
         env["RESULTITY_ECHO_FAULT"] = "noready"
     backend = ProcessBackend(settings, extra_env=env)
     pids: list[int] = []
+    launched = asyncio.Event()
     launch = backend.launch
 
     async def remembering(s: LaunchSpec) -> object:
         handle = await launch(s)
         pids.append(int(handle.ident[4:]))
+        launched.set()
         return handle
 
     monkeypatch.setattr(backend, "launch", remembering)
+    sink = Sink()
 
     async def body() -> None:
-        async with Supervisor(settings, backend, spec(tmp_path, slow_ms=20000)) as sup:
-            await sup.run([WorkItem("j", {"prompt": "slow"})])
+        async with Supervisor(settings, backend, spec(tmp_path, token_delay_ms=20)) as sup:
+            await sup.generate(streaming("j"), sink)
 
     task = asyncio.ensure_future(body())
-    while not pids:
-        await asyncio.sleep(0.02)
-    await asyncio.sleep(0.5)
+    await launched.wait()  # launched, not ready: the supervisor waits for `ready`
+    if phase == "mid_request":
+        await sink.first.wait()  # the request is generating
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

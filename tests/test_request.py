@@ -1,6 +1,7 @@
 """The runtime's request layer without vLLM: chat rendering with the model's own template,
 the new sampling parameters, and vLLM logprobs to the wire (the vLLM image runs the rest in
-tests/test_vllm_runtime.py)."""
+tests/test_vllm_chat.py). Items are parsed as the runtime parses them
+(`schemas.frames.parse_request_item`); bad items are tested in tests/test_frames.py."""
 
 import importlib.util
 import json
@@ -10,69 +11,61 @@ from typing import Any
 
 import pytest
 
+from containers.runtime.engines.echo import _source
 from containers.runtime.request import (
     LOGPROB_FLOOR,
     NoChatTemplate,
     RequestError,
-    parse_request,
-    plain_chat_text,
     prompt_token_ids,
     render_chat,
     sampling_kwargs,
     structured_outputs,
     wire_logprobs,
 )
+from schemas.frames import RequestItem, TokenLogprob, parse_request_item
+from schemas.limits import DEFAULT_MAX_TOKENS
 from worker.devtools import demomodel
 
 HAS_TOKENIZERS = all(importlib.util.find_spec(m) for m in ("transformers", "tokenizers"))
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
 
 
-def test_chat_item_keeps_messages_and_gives_tokenizerless_engines_plain_text() -> None:
-    req = parse_request("c", {"messages": CHAT, "params": {"logprobs": 2}})
-    assert req.messages == (("system", "Be brief."), ("user", "Hi there"))
-    assert req.prompt == plain_chat_text(req.messages)
-    assert req.prompt == "<|system|>\nBe brief.\n<|user|>\nHi there\n"
-    assert req.prompt_token_ids is None and req.logprobs == 2
+def item(**fields: Any) -> RequestItem:
+    return parse_request_item({"params": {}, **fields})
+
+
+def test_chat_item_keeps_messages_and_echo_renders_role_lines() -> None:
+    chat = item(messages=CHAT, params={"logprobs": 2})
+    assert chat["messages"] == CHAT and chat["params"] == {"logprobs": 2}
+    text = b"system: Be brief.\nuser: Hi there"
+    assert _source(chat) == (text, len(text))
 
 
 def test_new_params_reach_the_sampling_arguments() -> None:
     params = {"logprobs": 3, "presence_penalty": -1.5, "frequency_penalty": 2, "top_k": 5}
-    kwargs = sampling_kwargs(parse_request("p", {"prompt": "x", "params": params}))
+    kwargs = sampling_kwargs(item(prompt="x", params=params)["params"])
     assert kwargs["logprobs"] == 3 and kwargs["top_k"] == 5
     assert kwargs["presence_penalty"] == -1.5 and kwargs["frequency_penalty"] == 2.0
-    plain = sampling_kwargs(parse_request("p", {"prompt": "x"}))
+    plain = sampling_kwargs(item(prompt="x")["params"])
     assert "logprobs" not in plain and plain["presence_penalty"] == 0.0
+    assert plain["max_tokens"] == DEFAULT_MAX_TOKENS and plain["temperature"] == 0.0
+    assert "structured_outputs" not in plain and "output_kind" not in plain
 
 
 def test_response_format_maps_to_structured_outputs() -> None:
-    assert structured_outputs({"type": "json_object"}) == {"json_object": True}
+    fmt_object = item(prompt="x", params={"response_format": {"type": "json_object"}})
+    assert structured_outputs(fmt_object["params"]["response_format"]) == {"json_object": True}
     schema = {"type": "object", "required": ["a"], "properties": {"a": {"type": "integer"}}}
-    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
-    req = parse_request("j", {"prompt": "x", "params": {"response_format": fmt}})
-    assert req.response_format == fmt
-    assert json.loads(structured_outputs(fmt)["json"]) == schema
-
-
-@pytest.mark.parametrize(
-    ("item", "reason"),
-    [
-        ({"prompt": "x", "messages": CHAT}, "exactly one"),
-        ({"messages": []}, "non-empty"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
-        ({"messages": [{"role": "user", "content": 1}]}, "content"),
-        ({"messages": [{"role": "user"}]}, "role and content"),
-        ({"prompt": "x", "params": {"logprobs": 21}}, "logprobs"),
-        ({"prompt": "x", "params": {"logprobs": True}}, "logprobs"),
-        ({"prompt": "x", "params": {"presence_penalty": 2.5}}, "presence_penalty"),
-        ({"prompt": "x", "params": {"frequency_penalty": "1"}}, "frequency_penalty"),
-        ({"prompt": "x", "params": {"response_format": {"type": "text"}}}, "response_format"),
-        ({"prompt": "x", "params": {"response_format": {"type": "json_schema"}}}, "schema"),
-    ],
-)
-def test_bad_items_are_request_errors(item: dict[str, Any], reason: str) -> None:
-    with pytest.raises(RequestError, match=reason):
-        parse_request("bad", item)
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}}
+    parsed = item(prompt="x", params={"response_format": fmt})["params"]["response_format"]
+    assert parsed == fmt
+    spec = structured_outputs(parsed)["json"]
+    assert json.loads(spec) == schema
+    # canonical: equal schemas give equal specs (vLLM caches grammars by it)
+    reordered = dict(reversed(list(schema.items())))
+    again = {"type": "json_schema", "json_schema": {"name": "m", "schema": reordered}}
+    parsed = item(prompt="x", params={"response_format": again})["params"]["response_format"]
+    assert structured_outputs(parsed)["json"] == spec
 
 
 @pytest.fixture(scope="module")
@@ -85,29 +78,35 @@ def tokenizer() -> Any:
 
 
 def test_chat_renders_with_the_models_template_and_generation_prompt(tokenizer: Any) -> None:
-    req = parse_request("c", {"messages": CHAT})
-    ids = prompt_token_ids(req, tokenizer)
+    chat = item(messages=CHAT)
+    ids = prompt_token_ids(chat, tokenizer)
     assert tokenizer.decode(ids) == (
         "<s><|system|>\nBe brief.</s>\n<|user|>\nHi there</s>\n<|assistant|>\n"
     )
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
-    assert render_chat(tokenizer, req.messages or ()) == ids
+    assert render_chat(tokenizer, chat["messages"]) == ids
+
+
+def test_prompts_and_token_ids_need_no_template(tokenizer: Any) -> None:
+    assert prompt_token_ids(item(prompt_token_ids=[5, 6, 7]), tokenizer) == [5, 6, 7]
+    assert prompt_token_ids(item(prompt="Hi"), tokenizer) == tokenizer.encode("Hi")
 
 
 def test_a_model_without_chat_template_is_a_bad_request(tokenizer: Any) -> None:
     bare = demomodel._tokenizer()
     assert not bare.chat_template
     with pytest.raises(NoChatTemplate, match="no chat template"):
-        prompt_token_ids(parse_request("c", {"messages": CHAT}), bare)
+        prompt_token_ids(item(messages=CHAT), bare)
+    assert issubclass(NoChatTemplate, RequestError)
     # a prompt still runs on that model
-    assert prompt_token_ids(parse_request("p", {"prompt": "Hi"}), bare)
+    assert prompt_token_ids(item(prompt="Hi"), bare)
 
 
 def test_a_template_that_raises_is_a_bad_request(tokenizer: Any) -> None:
     strict = demomodel._tokenizer()
     strict.chat_template = "{{ raise_exception('only user turns') }}"
     with pytest.raises(RequestError, match="only user turns"):
-        render_chat(strict, (("user", "x"),))
+        render_chat(strict, [{"role": "user", "content": "x"}])
 
 
 @dataclass
@@ -135,12 +134,16 @@ def test_wire_logprobs_give_the_chosen_token_and_the_top_n() -> None:
             {5: Logprob(-0.2, 1), 6: Logprob(-1.0, 2), 9: Logprob(-7.0, 40)},
         ],
     )
-    assert wire_logprobs(out, 2) == [
+    expected: list[TokenLogprob] = [
         {"token_id": 7, "logprob": -0.1, "top": [[7, -0.1], [3, -2.5]]},
         {"token_id": 9, "logprob": -7.0, "top": [[5, -0.2], [6, -1.0]]},
     ]
+    assert wire_logprobs(out, 2) == expected
     assert [p["top"] for p in wire_logprobs(out, 0)] == [[], []]
     assert wire_logprobs(CompletionOutput([1], None), 2) == []
+    # a delta output (one step's new tokens) gives the entries of those tokens only
+    step = CompletionOutput([9], [{5: Logprob(-0.2, 1), 6: Logprob(-1.0, 2), 9: Logprob(-7.0, 40)}])
+    assert wire_logprobs(step, 2) == expected[1:]
 
 
 def test_wire_logprobs_are_finite() -> None:

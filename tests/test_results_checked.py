@@ -14,15 +14,15 @@ from nats.aio.client import Client
 
 from schemas.event import ErrorCode
 from tests.support.jobnet import EchoRuntime, errors, job, publish_job, queue_empty, read_all
+from tests.support.pipeline import SERVING, settings_for
 from tests.support.polling import wait_for
-from tests.test_pipeline import SERVING, settings_for
 from worker.core.errors import OutputMalformed
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 from worker.jobs.pipeline import Pipeline
 from worker.jobs.provision import provision
 from worker.jobs.publisher import Publisher
-from worker.runtime.api import Completion, ItemOutcome, WorkItem
+from worker.runtime.api import Completion, WorkItem
 
 pytestmark = pytest.mark.nats
 
@@ -34,19 +34,16 @@ class HostileRuntime(EchoRuntime):
         super().__init__()
         self.fields = fields
 
-    async def run(self, items: list[WorkItem]) -> list[ItemOutcome]:
-        out: list[ItemOutcome] = []
-        for item in items:
-            values: dict[str, object] = {
-                "job_id": item.job_id,
-                "text": "ok",
-                "token_ids": [1, 2],
-                "finish_reason": "length",
-                "prompt_tokens": 3,
-            }
-            values.update(self.fields)
-            out.append(Completion(**values))  # type: ignore[arg-type]
-        return out
+    def answer(self, item: WorkItem) -> Completion:
+        values: dict[str, object] = {
+            "job_id": item.job_id,
+            "text": "ok",
+            "token_ids": [1, 2],
+            "finish_reason": "length",
+            "prompt_tokens": 3,
+        }
+        values.update(self.fields)
+        return Completion(**values)  # type: ignore[arg-type]
 
 
 async def stored_results(nc: Client, settings: Settings) -> list[bytes]:

@@ -26,6 +26,8 @@ EXPECTED = {
     "runtime_spec",
     "validation_vector",
     "envelope",
+    "stream_body",
+    "cancel_request",
 }
 
 
@@ -125,10 +127,21 @@ def test_asyncapi_document_names_every_subject_and_is_fresh() -> None:
         "rst.events.error.{node_id}",
         "rst.events.node.{node_id}",
         "rst.nodes.{node_id}.heartbeat",
+        "rst.stream.{job_id}",
+        "rst.cancel.{job_id}",
         "$KV.rst_config.snapshot",
     ):
         assert subject in channels
     refs = json.dumps(doc)
-    for name in ("job", "result_body", "error_event", "lifecycle_event", "snapshot", "envelope"):
+    for name in (
+        "job",
+        "result_body",
+        "error_event",
+        "lifecycle_event",
+        "snapshot",
+        "envelope",
+        "stream_body",
+        "cancel_request",
+    ):
         assert f"json/{name}.json" in refs
     assert export.ASYNCAPI.read_text() == export.render(doc)

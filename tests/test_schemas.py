@@ -101,6 +101,7 @@ def test_every_error_code_and_lifecycle_kind_decodes() -> None:
         "MODEL_INVALID",
         "CONFIG_REJECTED",
         "INTERNAL",
+        "CANCELLED",
     }
     assert {k.value for k in LifecycleKind} == {
         "started",

@@ -4,7 +4,6 @@
 import asyncio
 import dataclasses
 import os
-import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -14,7 +13,12 @@ from typing import Any
 import pytest
 
 from tests.support.fake_runtime_image import FAKE_COMMAND, echo_image, ensure_test_image
+from tests.support.polling import wait_for
+from tests.support.settings import MODEL_SHA, NODE_ID, make_settings
+from tests.support.streaming import Sink, streaming
 from worker.core.errors import (
+    BadRequest,
+    DeadlineExceeded,
     ItemFailed,
     NodeError,
     RuntimeBroken,
@@ -24,35 +28,18 @@ from worker.core.errors import (
     RuntimeStartError,
     RuntimeTimeout,
 )
+from worker.core.resource import ResourceState
 from worker.core.settings import Settings
 from worker.runtime.api import Completion, LaunchSpec, WorkItem
 from worker.runtime.container import LABEL_NODE, DockerBackend
 from worker.runtime.process import ProcessBackend
-from worker.runtime.supervisor import Supervisor, SupervisorState
+from worker.runtime.supervisor import Supervisor
 from worker.runtime.transport import Backend
 
 ROOT = Path(__file__).resolve().parent.parent
-NODE_ID = secrets.token_hex(32)  # per run: containers of other test runs are not ours
-MODEL_SHA = "cd" * 32
 FAKE_LOCAL = ["python3", str(ROOT / "tests" / "support" / "fake_runtime.py")]
 
 BackendFactory = Callable[..., Backend]
-
-
-def make_settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "runtime_ready_timeout_s": 15.0,
-        "batch_timeout_s": 3.0,
-        "ping_interval_s": 1.0,
-        "ping_timeout_s": 3.0,
-        "runtime_stop_timeout_s": 1.0,
-        "runtime_max_frame_bytes": 1 << 20,
-        "runtime_memory": "256m",
-        "runtime_pids": 64,
-        "runtime_shm": "16m",
-    }
-    values.update(overrides)
-    return Settings(**values)
 
 
 @pytest.fixture
@@ -105,10 +92,15 @@ class Harness:
         return ProcessBackend(settings, extra_env=extra)
 
     def supervisor(
-        self, *, fake: str | None = None, env: dict[str, str] | None = None, **settings: Any
+        self,
+        *,
+        fake: str | None = None,
+        env: dict[str, str] | None = None,
+        engine_args: dict[str, Any] | None = None,
+        **settings: Any,
     ) -> Supervisor:
-        config = make_settings(**settings)
-        spec = self.spec()
+        config = make_settings(fast_runtime=True, **settings)
+        spec = self.spec(**(engine_args or {}))
         if fake:
             spec = dataclasses.replace(spec, image=self.fake_image)
         return Supervisor(config, self.backend(config, fake=fake, env=env), spec)
@@ -153,9 +145,12 @@ def harness(request: pytest.FixtureRequest, model_dir: Path) -> Any:
     assert h.leftovers() == []
 
 
-def items(*prompts: str) -> list[WorkItem]:
+def items(*prompts: str, max_tokens: int = 4) -> list[WorkItem]:
     return [
-        WorkItem(job_id=f"job-{i}", payload={"prompt": p, "params": {"max_tokens": 4, "seed": i}})
+        WorkItem(
+            job_id=f"job-{i}",
+            payload={"prompt": p, "params": {"max_tokens": max_tokens, "seed": i}},
+        )
         for i, p in enumerate(prompts)
     ]
 
@@ -164,35 +159,80 @@ def assert_all(outcomes: list[Any], kind: type[NodeError]) -> None:
     assert outcomes and all(isinstance(o, kind) and o.retryable for o in outcomes), outcomes
 
 
-async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-async def test_batch_round_trip(harness: Harness) -> None:
+async def test_round_trip(harness: Harness) -> None:
     async with harness.supervisor() as sup:
         harness.remember(sup)
         out = await sup.run(items("hello", "world", "again"))
         assert [type(o) for o in out] == [Completion] * 3
         assert [o.job_id for o in out if isinstance(o, Completion)] == ["job-0", "job-1", "job-2"]
         assert sup.facts.engine == "echo" and sup.facts.model_sha256 == MODEL_SHA
-        assert sup.facts.image == harness.image
+        assert sup.facts.image == harness.image and sup.facts.max_active == 256
         assert sup.facts.engine_version and sup.facts.device
-        again = await sup.run(items("hello"))
-        assert again[0] == out[0]
+        again = await sup.generate(items("hello")[0])
+        assert isinstance(out[0], Completion)
+        assert (again.token_ids, again.text) == (out[0].token_ids, out[0].text)
         stats = sup.stats()
-        assert stats.batches == 2 and stats.restarts == 0 and stats.runtime_id
+        assert stats.requests == 4 and stats.restarts == 0 and stats.runtime_id
+        assert stats.active == 0
         assert await sup.run([]) == []
+
+
+async def test_short_job_completes_while_a_long_one_runs(harness: Harness) -> None:
+    async with harness.supervisor(engine_args={"token_delay_ms": 2}) as sup:
+        harness.remember(sup)
+        sink = Sink()
+        long = asyncio.ensure_future(sup.generate(streaming("long", max_tokens=2000), sink))
+        await sink.first.wait()
+        short = await sup.generate(items("short")[0])
+        assert isinstance(short, Completion) and not long.done()
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+
+
+async def test_streamed_tokens_concatenate_to_the_result(harness: Harness) -> None:
+    async with harness.supervisor() as sup:
+        harness.remember(sup)
+        sink = Sink()
+        done = await sup.generate(streaming("s", "stream me", max_tokens=20), sink)
+        assert len(done.token_ids) == 20 and len(sink.parts) == 19
+        assert sink.token_ids == done.token_ids[:19]
+        assert done.text.startswith("".join(p.text for p in sink.parts))
+        assert done.first_token_s >= 0
+
+
+async def test_cancel_aborts_the_request_in_the_engine(harness: Harness) -> None:
+    async with harness.supervisor(engine_args={"token_delay_ms": 2}) as sup:
+        harness.remember(sup)
+        sink = Sink()
+        task = asyncio.ensure_future(sup.generate(streaming("c"), sink))
+        await sink.first.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # the runtime answers the abort (`failed`, aborted): nothing is left pending
+        await wait_for(lambda: sup.stats().aborting == 0, timeout=20)
+        assert sup.stats().active == 0 and sup.stats().restarts == 0
+        assert isinstance(await sup.generate(items("after")[0]), Completion)
+
+
+async def test_deadline_mid_run_ends_the_request(harness: Harness) -> None:
+    async with harness.supervisor(engine_args={"token_delay_ms": 2}) as sup:
+        harness.remember(sup)
+        payload = {"prompt": "long", "params": {"max_tokens": 100_000}}
+        item = WorkItem("d", payload, deadline=time.time() + 0.5)
+        with pytest.raises(DeadlineExceeded):
+            await sup.generate(item)
+        assert sup.stats().restarts == 0
 
 
 async def test_item_error_fails_only_that_job(harness: Harness) -> None:
     async with harness.supervisor() as sup:
         harness.remember(sup)
-        out = await sup.run(items("fine", "!fault:error", "fine too"))
+        out = await sup.run(items("fine", "!fault:error", "fine too", "!fault:bad_request"))
         assert isinstance(out[0], Completion) and isinstance(out[2], Completion)
         assert isinstance(out[1], ItemFailed) and not out[1].retryable
+        assert isinstance(out[3], BadRequest) and not out[3].retryable
         assert sup.stats().restarts == 0
 
 
@@ -200,29 +240,63 @@ async def test_item_error_fails_only_that_job(harness: Harness) -> None:
     ("fault", "error"),
     [
         ("crash", RuntimeEnded),
-        ("hang", RuntimeTimeout),
         ("garbage", RuntimeBroken),
         ("oversize", RuntimeBroken),
+        ("unknown_id", RuntimeBroken),
+        ("done_twice", RuntimeBroken),
+        ("out_of_order", RuntimeBroken),
+        ("endless", RuntimeBroken),
     ],
 )
 async def test_fault_replaces_runtime(
     harness: Harness, fault: str, error: type[RuntimeFailure]
 ) -> None:
-    async with harness.supervisor(batch_timeout_s=1.5) as sup:
+    async with harness.supervisor(engine_args={"token_delay_ms": 10}) as sup:
         harness.remember(sup)
         first = sup.stats().runtime_id
-        out = await sup.run(items("a", f"!fault:{fault}", "b"))
-        assert_all(out, error)
+        batch = [*items("a", "b"), streaming("poison", f"!fault:{fault}", max_tokens=4)]
+        out = await sup.run(batch)
+        if fault not in ("done_twice", "out_of_order"):  # those answered before they broke
+            assert isinstance(out[2], error) and out[2].retryable, out
+        # the others were in flight when it broke: handed back, or done before it
+        assert all(isinstance(o, Completion | error) for o in out[:2]), out
+        await wait_for(lambda: sup.stats().runtime_id not in (None, first), timeout=20)
         harness.remember(sup)
-        assert sup.stats().runtime_id not in (None, first)
         assert sup.stats().restarts == 1
         assert [type(o) for o in await sup.run(items("after"))] == [Completion]
+
+
+async def test_hung_runtime_is_replaced_by_the_ping_timeout(harness: Harness) -> None:
+    async with harness.supervisor(ping_interval_s=0.5, ping_timeout_s=1.0) as sup:
+        harness.remember(sup)
+        first = sup.stats().runtime_id
+        sink = Sink()
+        with pytest.raises(RuntimeTimeout, match="pong"):
+            await sup.generate(streaming("hang", "!fault:hang", max_tokens=10), sink)
+        assert len(sink.parts) == 2  # it hung mid-generation
+        harness.remember(sup)
+        assert sup.stats().runtime_id not in (None, first)
+        assert [type(o) for o in await sup.run(items("after"))] == [Completion]
+
+
+async def test_runtime_that_stops_reading_is_replaced(harness: Harness) -> None:
+    """Every write has a deadline: a runtime that takes no input cannot block the agent."""
+    async with harness.supervisor(fake="deaf", runtime_write_timeout_s=1.0) as sup:
+        harness.remember(sup)
+        big = [WorkItem(f"big-{i}", {"prompt": "x" * 200_000, "params": {}}) for i in range(40)]
+        out = await sup.run(big)
+        assert_all(out, RuntimeFailure)  # handed back
+        assert any(
+            isinstance(o, RuntimeTimeout) and "runtime_write_timeout_s" in str(o) for o in out
+        ), out
+        assert sup.stats().restarts >= 1
+        harness.remember(sup)
 
 
 async def test_fatal_frame_replaces_runtime(harness: Harness) -> None:
     async with harness.supervisor(fake="fatal") as sup:
         harness.remember(sup)
-        out = await sup.run(items("x", "y"))
+        out = await sup.run(items("x"))
         assert_all(out, RuntimeEnded)
         assert "fatal" in str(out[0])
         harness.remember(sup)
@@ -234,7 +308,7 @@ async def test_never_ready_fails_start_with_advice(harness: Harness) -> None:
     with pytest.raises(RuntimeStartError, match="RESULTITY_RUNTIME_READY_TIMEOUT_S"):
         async with sup:
             pass
-    assert sup.state is SupervisorState.CLOSED
+    assert sup.state is ResourceState.CLOSED
 
 
 async def test_protocol_version_mismatch(harness: Harness) -> None:
@@ -243,19 +317,20 @@ async def test_protocol_version_mismatch(harness: Harness) -> None:
             pass
 
 
-async def test_poison_job_isolated(harness: Harness) -> None:
-    batch = items("a", "b", "c", "!fault:crash", "e", "f")
-    async with harness.supervisor() as sup:
+async def test_poison_job_runs_alone_then_fails_alone(harness: Harness) -> None:
+    prompts = ("a", "b", "c", "!fault:crash", "e", "f")
+    async with harness.supervisor(engine_args={"token_delay_ms": 20}) as sup:
         harness.remember(sup)
-        first = await sup.run(batch)
-        assert_all(first, RuntimeEnded)
-        second = await sup.run(batch)
+        for _ in range(2):  # two deaths with all six in flight: all handed back
+            out = await sup.run(items(*prompts))
+            assert_all(out, RuntimeEnded)
+            harness.remember(sup)
+        third = await sup.run(items(*prompts))  # each runs alone now
         harness.remember(sup)
-        poison = second[3]
+        poison = third[3]
         assert isinstance(poison, ItemFailed) and not poison.retryable
-        assert "killed the runtime" in str(poison)
-        others = second[:3] + second[4:]
-        assert [type(o) for o in others] == [Completion] * 5
+        assert "the last time alone" in str(poison)
+        others = third[:3] + third[4:]
         assert [o.job_id for o in others if isinstance(o, Completion)] == [
             "job-0",
             "job-1",
@@ -263,23 +338,21 @@ async def test_poison_job_isolated(harness: Harness) -> None:
             "job-4",
             "job-5",
         ]
-        assert [type(o) for o in await sup.run(items("later"))] == [Completion]
+        assert sup.stats().restarts == 3
+        assert [type(o) for o in await sup.run(items("later", "again"))] == [Completion] * 2
 
 
-async def test_killed_mid_batch(harness: Harness) -> None:
-    async with harness.supervisor() as sup:
+async def test_killed_mid_request(harness: Harness) -> None:
+    async with harness.supervisor(engine_args={"token_delay_ms": 5}) as sup:
         harness.remember(sup)
         ident = sup.stats().runtime_id
         assert ident is not None
-        await sup.replace(harness.spec(slow_ms=1500))
-        ident = sup.stats().runtime_id
-        assert ident is not None
-        harness.remember(sup)
-        batch = asyncio.ensure_future(sup.run(items("slow", "batch")))
-        await asyncio.sleep(0.3)
+        sink = Sink()
+        task = asyncio.ensure_future(sup.generate(streaming("k"), sink))
+        await sink.first.wait()
         await asyncio.to_thread(harness.kill_runtime, ident)
-        out = await batch
-        assert_all(out, RuntimeEnded)
+        with pytest.raises(RuntimeEnded):
+            await task
         harness.remember(sup)
         assert sup.stats().runtime_id != ident
 
@@ -290,21 +363,23 @@ async def test_death_while_idle_is_noticed(harness: Harness) -> None:
         ident = sup.stats().runtime_id
         assert ident is not None
         await asyncio.to_thread(harness.kill_runtime, ident)
-        await wait_for(lambda: sup.stats().runtime_id not in (None, ident), "a fresh runtime")
+        await wait_for(lambda: sup.stats().runtime_id not in (None, ident), timeout=20)
         harness.remember(sup)
         assert [type(o) for o in await sup.run(items("x"))] == [Completion]
 
 
-async def test_concurrent_runs_are_serialized(harness: Harness) -> None:
+async def test_many_concurrent_requests(harness: Harness) -> None:
     async with harness.supervisor() as sup:
         harness.remember(sup)
-        batches = [
-            [WorkItem(job_id=f"j{b}-{i}", payload={"prompt": f"p{b}{i}"}) for i in range(4)]
-            for b in range(8)
+        work = [
+            WorkItem(f"j{i}", {"prompt": f"p{i}", "params": {"max_tokens": 1 + i % 7}})
+            for i in range(64)
         ]
-        results = await asyncio.gather(*(sup.run(b) for b in batches))
-        for batch, out in zip(batches, results, strict=True):
-            assert [o.job_id for o in out if isinstance(o, Completion)] == [i.job_id for i in batch]
+        out = await sup.run(work)
+        assert [o.job_id for o in out if isinstance(o, Completion)] == [w.job_id for w in work]
+        assert [len(o.token_ids) for o in out if isinstance(o, Completion)] == [
+            1 + i % 7 for i in range(64)
+        ]
 
 
 async def test_replace_and_close(harness: Harness) -> None:
@@ -312,27 +387,26 @@ async def test_replace_and_close(harness: Harness) -> None:
     async with sup:
         harness.remember(sup)
         old = sup.stats().runtime_id
-        facts = await sup.replace(harness.spec(slow_ms=1))
+        facts = await sup.replace(harness.spec(token_delay_ms=1))
         harness.remember(sup)
         assert facts.engine == "echo"
         assert sup.stats().runtime_id != old
         assert [type(o) for o in await sup.run(items("x"))] == [Completion]
     await sup.aclose()
-    assert sup.state is SupervisorState.CLOSED
+    assert sup.state is ResourceState.CLOSED
     with pytest.raises(RuntimeClosed):
-        await sup.run(items("x"))
-    with pytest.raises(RuntimeClosed):
+        await sup.generate(items("x")[0])
+    with pytest.raises(NodeError):
         async with sup:
             pass
 
 
-async def test_close_hands_back_batch_in_flight(harness: Harness) -> None:
-    sup = harness.supervisor()
+async def test_close_hands_back_request_in_flight(harness: Harness) -> None:
+    sup = harness.supervisor(engine_args={"token_delay_ms": 5})
+    sink = Sink()
     async with sup:
         harness.remember(sup)
-        await sup.replace(harness.spec(slow_ms=3000))
-        harness.remember(sup)
-        batch = asyncio.ensure_future(sup.run(items("slow")))
-        await asyncio.sleep(0.3)
-    out = await batch
-    assert_all(out, RuntimeClosed)
+        task = asyncio.ensure_future(sup.generate(streaming("slow"), sink))
+        await sink.first.wait()
+    with pytest.raises(RuntimeClosed):
+        await task

@@ -16,7 +16,7 @@ from testcontainers.core.container import DockerContainer
 from testcontainers.core.network import Network
 
 from containers.runtime.engines.echo import EchoEngine, hash_model
-from containers.runtime.request import parse_request
+from schemas import frames
 from schemas.envelope import EnvelopeType
 from worker.client import Outcome, new_job_id, submit
 from worker.core.settings import Settings
@@ -41,8 +41,12 @@ def _reference(model: DemoModel, prompt: str) -> list[int]:
     engine = EchoEngine(
         hash_model(model.directory), model.sha256, "cpu", lambda _: None, max_frame_bytes=1 << 20
     )
-    (frame,) = engine.generate([parse_request("ref", {"prompt": prompt, "params": PARAMS})])
-    token_ids: list[int] = frame["token_ids"]
+    engine.add(1, frames.parse_request_item({"prompt": prompt, "params": PARAMS}), stream=False)
+    out: list[Any] = []
+    while engine.has_unfinished():
+        out += engine.step()
+    (done,) = [frame for frame in out if frame["t"] == "done"]
+    token_ids: list[int] = done["token_ids"]
     return token_ids
 
 

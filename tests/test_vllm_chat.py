@@ -1,5 +1,7 @@
 """Chat, logprobs, penalties and JSON output on real vLLM (the CPU runtime image, the tiny
-demo model with its chat template), at the runtime's frame interface."""
+demo model with its chat template), at the runtime's frame interface (frames v2): every
+feature through the engine loop, and each request error a `failed` frame with code
+`bad_request` while the runtime runs on."""
 
 import json
 from pathlib import Path
@@ -7,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from schemas.frames import Frame
-from tests.test_vllm_runtime import HAS_MODEL_DEPS, ContainerRuntime, _tiny_llama
-from worker.devtools import images
+from schemas.frames import FailCode
+from tests.support.payloads import json_schema_format
+from tests.support.vllm import HAS_MODEL_DEPS, ContainerRuntime, tiny_llama
+from worker.devtools import demomodel, images
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who signs?"}]
 SCHEMA = {
@@ -20,8 +23,8 @@ SCHEMA = {
 }
 
 
-def _item(job_id: str, **params: Any) -> Frame:
-    return {"job_id": job_id, "messages": CHAT, "params": {"max_tokens": 8, **params}}
+def _chat(**params: Any) -> dict[str, Any]:
+    return {"messages": CHAT, "params": {"max_tokens": 8, **params}}
 
 
 @pytest.mark.docker
@@ -32,34 +35,52 @@ def test_vllm_chat_logprobs_and_structured_output(docker_client: Any, tmp_path: 
     from transformers import AutoTokenizer
 
     image_id = images.ensure_image("vllm-cpu", client=docker_client)
-    model = _tiny_llama(tmp_path, image_id)
+    model = tiny_llama(tmp_path / "chat", image_id)
     tokenizer = AutoTokenizer.from_pretrained(model.directory)
     rendered = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     rendered_ids = tokenizer.encode(rendered, add_special_tokens=False)
     assert rendered.endswith("<|assistant|>\n")
+    # the same model without its chat template
+    bare = demomodel.make_demo_model(tmp_path / "bare", "llama")
+    config = bare.directory / "tokenizer_config.json"
+    settings = json.loads(config.read_text())
+    settings.pop("chat_template", None)
+    config.write_text(json.dumps(settings))
+    (bare.directory / "chat_template.jinja").unlink(missing_ok=True)
 
-    json_fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}
-    bad_fmt = {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "nope"}}}
+    bad_schema = json_schema_format({"type": "nope"}, name="b")
     runtime = ContainerRuntime(image_id, model.directory, model.sha256)
     try:
         assert runtime.receive(timeout=300)["t"] == "ready"
-        items = [
-            _item("chat"),
-            {"job_id": "ids", "prompt_token_ids": rendered_ids, "params": {"max_tokens": 8}},
-            _item("logprobs", logprobs=3),
-            _item("penalties", presence_penalty=2, frequency_penalty=-2, temperature=0.7, seed=1),
-            _item("json_object", max_tokens=120, response_format={"type": "json_object"}),
-            _item("json_schema", max_tokens=120, response_format=json_fmt),
-            _item("bad_schema", response_format=bad_fmt),
-        ]
-        out = {o["job_id"]: o for o in runtime.run(1, items)}
-        # The runtime is still there for the next batch: a bad schema failed one job only.
-        again = runtime.run(2, [_item("again")])[0]
+        requests = {
+            "chat": _chat(),
+            "ids": {"prompt_token_ids": rendered_ids, "params": {"max_tokens": 8}},
+            "logprobs": _chat(logprobs=3),
+            "penalties": _chat(presence_penalty=2, frequency_penalty=-2, temperature=0.7, seed=1),
+            "json_object": _chat(max_tokens=120, response_format={"type": "json_object"}),
+            "json_schema": _chat(max_tokens=120, response_format=json_schema_format(SCHEMA)),
+            "bad_schema": _chat(response_format=bad_schema),
+            "too_many_logprobs_for_vllm": _chat(logprobs=20, max_tokens=2),
+        }
+        ids = {name: runtime.submit(r) for name, r in requests.items()}
+        streamed = runtime.submit(_chat(logprobs=2), stream=True)
+        out = {name: runtime.outcome(i) for name, i in ids.items()}
+        stream_done = runtime.outcome(streamed)
+        # The runtime is still there: a bad request failed alone.
+        again = runtime.alone(_chat())
     finally:
         runtime.close()
 
+    bare_runtime = ContainerRuntime(image_id, bare.directory, bare.sha256)
+    try:
+        assert bare_runtime.receive(timeout=300)["t"] == "ready"
+        no_template = bare_runtime.alone(_chat())
+        prompt_still_runs = bare_runtime.alone({"prompt": "Who signs?", "params": {}})
+    finally:
+        bare_runtime.close()
+
     for name in ("chat", "ids", "logprobs", "penalties", "json_object", "json_schema"):
-        assert "error" not in out[name], out[name]
+        assert out[name]["t"] == "done", out[name]
     # The node rendered the model's own template with the generation prompt.
     assert out["chat"]["prompt_tokens"] == len(rendered_ids)
     assert out["chat"]["token_ids"] == out["ids"]["token_ids"] == again["token_ids"]
@@ -74,8 +95,23 @@ def test_vllm_chat_logprobs_and_structured_output(docker_client: Any, tmp_path: 
             (lp for _, lp in entry["top"]), reverse=True
         )
     assert "logprobs" not in out["chat"]
+    # streamed in deltas: one logprob entry per token of the whole answer
+    assert stream_done["t"] == "done"
+    assert [e["token_id"] for e in stream_done["logprobs"]] == stream_done["token_ids"]
+    assert stream_done["token_ids"] == out["chat"]["token_ids"]
+    assert runtime.partials(streamed)
 
     assert isinstance(json.loads(out["json_object"]["text"]), dict), out["json_object"]
     answer = json.loads(out["json_schema"]["text"])
     assert set(answer) == {"signed", "n"} and isinstance(answer["signed"], bool)
-    assert "error" in out["bad_schema"] and "schema" in out["bad_schema"]["error"].lower()
+
+    failed = out["bad_schema"]
+    assert failed["t"] == "failed" and failed["code"] == FailCode.BAD_REQUEST, failed
+    assert "schema" in failed["reason"].lower() or "json" in failed["reason"].lower(), failed
+    # within the job schema's 20, above what this engine allows (its max_logprobs) or not
+    lp20 = out["too_many_logprobs_for_vllm"]
+    assert lp20["t"] == "done" or lp20["code"] == FailCode.BAD_REQUEST, lp20
+
+    assert no_template["t"] == "failed" and no_template["code"] == FailCode.BAD_REQUEST
+    assert "chat template" in no_template["reason"]
+    assert prompt_still_runs["t"] == "done", prompt_still_runs

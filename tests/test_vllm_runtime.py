@@ -1,23 +1,23 @@
 """Real vLLM in the CPU runtime image on the tiny demo model, plus the demo model's
-reproducibility. The image build is slow the first time (see worker/images.py)."""
+reproducibility. The image build is slow the first time (see worker/devtools/images.py)."""
 
-import hashlib
-import importlib.util
+import asyncio
 import os
-import subprocess
+import secrets
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from schemas import frames
-from schemas.frames import Frame
-from tests.support.framepipe import FramePipe
+from tests.support.settings import make_settings
+from tests.support.vllm import HAS_MODEL_DEPS, ContainerRuntime, tiny_llama
+from worker.core.errors import DeadlineExceeded
 from worker.devtools import demomodel, images
-
-HAS_MODEL_DEPS = all(
-    importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "tokenizers")
-)
+from worker.runtime.api import Completion, LaunchSpec, Partial, WorkItem
+from worker.runtime.container import DockerBackend
+from worker.runtime.supervisor import Supervisor
 
 
 def test_echo_demo_model_archive_is_reproducible(tmp_path: Path) -> None:
@@ -44,108 +44,143 @@ def test_tiny_llama_is_byte_identical_across_runs(tmp_path: Path) -> None:
     assert (one.directory / "model.safetensors").stat().st_size > 1_000_000
 
 
-class ContainerRuntime(FramePipe):
-    """`docker run -i` of a runtime image, hardened as the supervisor runs it."""
-
-    def __init__(self, image_id: str, model_dir: Path, model_sha256: str) -> None:
-        command = ["docker", "run", "--rm", "-i", "--network", "none", "--read-only"]
-        command += ["--tmpfs", "/tmp:exec", "--shm-size", "512m", "--cap-drop", "ALL"]
-        command += ["--security-opt", "no-new-privileges", "-v", f"{model_dir}:/model:ro"]
-        command += ["-e", f"RESULTITY_MODEL_SHA256={model_sha256}", image_id]
-        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        super().__init__(proc, max_frame_bytes=frames.MAX_FRAME_BYTES)
-
-    def run(self, batch_id: int, items: list[Frame]) -> list[Frame]:
-        self.send(frames.batch(batch_id, items))
-        answer = self.receive(timeout=300)
-        assert answer["t"] == "result" and answer["id"] == batch_id, answer
-        outcomes: list[Frame] = answer["items"]
-        return outcomes
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.send(frames.shutdown())
-                self.proc.wait(60)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(30)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                pipe.close()
+def _req(prompt: str, **params: Any) -> dict[str, Any]:
+    return {"prompt": prompt, "params": {"max_tokens": 24, **params}}
 
 
-def _tiny_llama(tmp_path: Path, image_id: str) -> demomodel.DemoModel:
-    if HAS_MODEL_DEPS:
-        return demomodel.make_demo_model(tmp_path, "llama")
-    # Without the models extra on the host, the image (which has torch) makes the model.
-    script = (
-        "import sys; sys.path.insert(0, '/gen');"
-        "from pathlib import Path; from demomodel import make_demo_model;"
-        "print(make_demo_model(Path('/out'), 'llama').sha256)"
-    )
-    subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}",
-         "-e", "HOME=/tmp", "-v", f"{Path(demomodel.__file__)}:/gen/demomodel.py:ro",
-         "-v", f"{tmp_path}:/out", "--entrypoint", "python3", image_id, "-c", script],
-        check=True, timeout=300,
-    )  # fmt: skip
-    archive = tmp_path / "tiny-llama.tar"
-
-    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
-    return demomodel.DemoModel(tmp_path / "tiny-llama", archive, sha, archive.stat().st_size)
-
-
-def _job(job_id: str, prompt: str, **params: Any) -> Frame:
-    return {"job_id": job_id, "prompt": prompt, "params": {"max_tokens": 24, **params}}
+@pytest.fixture(scope="module")
+def vllm_runtime(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    image_id = images.ensure_image("vllm-cpu", client=docker_client)
+    model = tiny_llama(tmp_path_factory.mktemp("tiny"), image_id)
+    runtime = ContainerRuntime(image_id, model.directory, model.sha256)
+    ready = runtime.receive(timeout=300)
+    runtime.seen.append(ready)
+    yield runtime, model
+    runtime.close()
 
 
 @pytest.mark.docker
 @pytest.mark.vllm
 @pytest.mark.timeout(1800)
-def test_vllm_cpu_answers_and_batching_keeps_token_ids(docker_client: Any, tmp_path: Path) -> None:
+def test_vllm_ready_and_alone_vs_busy_batch(vllm_runtime: Any) -> None:
+    """Token ids of a request are identical alone and inside a busy continuous batch."""
+    runtime, model = vllm_runtime
+    ready = runtime.seen[0]
+    assert ready["t"] == "ready" and ready["proto"] == frames.PROTOCOL_VERSION, ready
+    assert ready["engine"] == "vllm" and ready["device"] == "cpu" and ready["max_active"] > 0
+    assert ready["engine_version"].startswith("0.32")
+    assert ready["model_sha256"] == model.sha256
+
+    greedy = _req("The quick brown fox")
+    sampled = _req("Models are verified", temperature=0.8, top_p=0.9, seed=7)
+    tokens = {"prompt_token_ids": [0, 40, 41, 42, 43], "params": {"max_tokens": 8, "seed": 3}}
+    alone = [runtime.alone(r) for r in (greedy, sampled, tokens)]
+    for outcome in alone:
+        assert outcome["t"] == "done", outcome
+        assert outcome["token_ids"] and outcome["finish_reason"] in ("stop", "length")
+        assert outcome["first_token_s"] > 0
+    assert len(alone[0]["token_ids"]) <= 24 and len(alone[2]["token_ids"]) <= 8
+    assert alone[2]["prompt_tokens"] == 5
+
+    # a busy engine: fillers already generating when the fixed requests join, one by one
+    fillers = [
+        runtime.submit(_req(f"once upon a time number {i}", seed=i, max_tokens=64))
+        for i in range(29)
+    ]
+    runtime.until("partial", runtime.submit(_req("streaming filler", max_tokens=64), stream=True))
+    joined = [runtime.submit(r) for r in (greedy, sampled, tokens)]
+    together = [runtime.outcome(i) for i in joined]
+    for i in fillers:
+        assert runtime.outcome(i)["t"] == "done"
+    for a, b in zip(alone, together, strict=True):
+        assert (a["token_ids"], a["text"]) == (b["token_ids"], b["text"])
+
+    too_long = runtime.submit(_req("fox " * 400))
+    after = runtime.submit(greedy)
+    assert runtime.outcome(too_long)["code"] == "bad_request"
+    assert runtime.outcome(after)["token_ids"] == alone[0]["token_ids"]
+
+
+@pytest.mark.docker
+@pytest.mark.vllm
+@pytest.mark.timeout(1800)
+def test_vllm_short_request_overtakes_and_streams_concatenate(vllm_runtime: Any) -> None:
+    runtime, _ = vllm_runtime
+    long = runtime.submit(_req("A long story begins", max_tokens=200), stream=True)
+    runtime.until("partial", long)
+    short = runtime.submit(_req("Short", max_tokens=4))
+    done_long = runtime.outcome(long)
+    order = runtime.finished_order()
+    assert order.index(short) < order.index(long)
+    streamed = [t for p in runtime.partials(long) for t in p["token_ids"]]
+    assert streamed and streamed == done_long["token_ids"][: len(streamed)]
+    assert done_long["text"].startswith("".join(p["text"] for p in runtime.partials(long)))
+
+
+@pytest.mark.docker
+@pytest.mark.vllm
+@pytest.mark.timeout(1800)
+def test_vllm_abort_and_deadline(vllm_runtime: Any) -> None:
+    runtime, _ = vllm_runtime
+    others = [runtime.submit(_req(f"other {i}", max_tokens=200)) for i in range(32)]
+    victim = runtime.submit(_req("to be cancelled", max_tokens=200), stream=True)
+    late = runtime.submit(_req("too slow", max_tokens=200), deadline=time.time() + 0.3)
+    runtime.until("partial", victim)
+    runtime.send(frames.abort(victim))
+    assert runtime.outcome(victim)["code"] == "aborted"
+    assert runtime.outcome(late)["code"] == "deadline"
+    assert all(runtime.outcome(i)["t"] == "done" for i in others)
+
+
+@pytest.mark.docker
+@pytest.mark.vllm
+@pytest.mark.timeout(1800)
+async def test_vllm_through_the_supervisor(docker_client: Any, tmp_path: Path) -> None:
+    """The agent's side on real vLLM: a short job overtakes a running long one, streamed
+    tokens are the result's, a cancelled job is aborted in the engine while the others
+    finish, and a deadline mid-run ends a job with `DeadlineExceeded`."""
     image_id = images.ensure_image("vllm-cpu", client=docker_client)
-    model = _tiny_llama(tmp_path, image_id)
-    runtime = ContainerRuntime(image_id, model.directory, model.sha256)
-    try:
-        ready = runtime.receive(timeout=300)
-        assert ready["t"] == "ready", ready
-        assert ready["engine"] == "vllm" and ready["device"] == "cpu"
-        assert ready["engine_version"].startswith("0.32")
-        assert ready["model_sha256"] == model.sha256
+    model = tiny_llama(tmp_path, image_id)
+    settings = make_settings(
+        tmp_path,
+        runtime_backend="docker",
+        runtime_memory="6g",
+        runtime_ready_timeout_s=600,
+        request_timeout_s=600,
+    )
+    launch = LaunchSpec("vllm", image_id, model.directory, model.sha256, {})
+    backend = DockerBackend(
+        settings, node_id="test-vllm-" + secrets.token_hex(4), client=docker_client
+    )
 
-        greedy = _job("greedy", "The quick brown fox")
-        sampled = _job("sampled", "Models are verified", temperature=0.8, top_p=0.9, seed=7)
-        tokens = {
-            "job_id": "tokens",
-            "prompt_token_ids": [0, 40, 41, 42, 43],
-            "params": {"max_tokens": 8, "seed": 3},
-        }
-        alone = runtime.run(1, [greedy]) + runtime.run(2, [sampled]) + runtime.run(3, [tokens])
-        for outcome in alone:
-            assert "error" not in outcome, outcome
-            assert outcome["token_ids"] and outcome["finish_reason"] in ("stop", "length")
-        assert len(alone[0]["token_ids"]) <= 24 and len(alone[2]["token_ids"]) <= 8
-        assert alone[2]["prompt_tokens"] == 5
+    def job(job_id: str, max_tokens: int, **kw: Any) -> WorkItem:
+        return WorkItem(job_id, _req(f"{job_id} begins", max_tokens=max_tokens), **kw)
 
-        crowd = [
-            _job(f"other-{i}", f"once upon a time number {i}", seed=i, temperature=0.5 * (i % 3))
-            for i in range(29)
+    async with Supervisor(settings, backend, launch) as sup:
+        parts: list[Partial] = []
+        streaming = asyncio.Event()
+
+        def sink(part: Partial) -> None:
+            parts.append(part)
+            streaming.set()
+
+        long = asyncio.ensure_future(sup.generate(job("long", 200, stream=True), sink))
+        await streaming.wait()
+        short = await sup.generate(job("short", 4))
+        assert not long.done() and len(short.token_ids) <= 4
+        done = await long
+        assert [t for p in parts for t in p.token_ids] == done.token_ids[
+            : sum(len(p.token_ids) for p in parts)
         ]
-        crowd[5:5] = [greedy]
-        crowd[17:17] = [sampled]
-        crowd[30:30] = [tokens]
-        assert len(crowd) == 32
-        batched = runtime.run(4, crowd)
-        assert [o["job_id"] for o in batched] == [c["job_id"] for c in crowd]
-        assert all("error" not in o for o in batched)
-        by_id = {o["job_id"]: o for o in batched}
-        for outcome in alone:
-            assert by_id[outcome["job_id"]]["token_ids"] == outcome["token_ids"]
-            assert by_id[outcome["job_id"]]["text"] == outcome["text"]
 
-        too_long = _job("too-long", "fox " * 400)
-        mixed = runtime.run(5, [too_long, greedy])
-        assert "error" in mixed[0] and mixed[1]["token_ids"] == alone[0]["token_ids"]
-    finally:
-        runtime.close()
+        others = [asyncio.ensure_future(sup.generate(job(f"o{i}", 100))) for i in range(8)]
+        streaming.clear()
+        victim = asyncio.ensure_future(sup.generate(job("victim", 200, stream=True), sink))
+        await streaming.wait()
+        victim.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await victim
+        with pytest.raises(DeadlineExceeded):
+            await sup.generate(job("late", 200, deadline=time.time() + 0.2))
+        assert all(isinstance(o, Completion) for o in await asyncio.gather(*others))
+        assert sup.stats().restarts == 0 and sup.stats().aborting == 0

@@ -9,12 +9,14 @@ import asyncio
 import hashlib
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from schemas.codec import validate
@@ -24,6 +26,7 @@ from schemas.event import ErrorEvent
 from schemas.job import Job
 from schemas.result import ResultBody
 from schemas.snapshot import Snapshot
+from schemas.stream import StreamBody
 from worker.core.errors import JobFailed, NatsUnreachable, SignatureError
 from worker.core.settings import Settings
 from worker.core.signing import verify
@@ -78,14 +81,52 @@ async def current_snapshot(nc: Client, settings: Settings) -> Snapshot | None:
     return validate(Snapshot, verified.body)
 
 
+StreamSink = Callable[[StreamBody], None]
+
+
+def stream_follower(sink: StreamSink) -> Callable[[Msg], Awaitable[None]]:
+    """A subscription callback for `rst.stream.<job_id>`: verifies each message and passes
+    on those of the highest attempt seen (a job that runs again streams again from seq 0)."""
+    highest = 0
+
+    async def on_message(msg: Msg) -> None:
+        nonlocal highest
+        try:
+            body = validate(StreamBody, verify(msg.data, expect=EnvelopeType.STREAM).body)
+        except Exception:
+            return  # not verifiable: not from a node, ignore
+        if body.attempt >= highest:
+            highest = body.attempt
+            sink(body)
+
+    return on_message
+
+
+async def cancel(nc: Client, settings: Settings, job_id: str) -> None:
+    """Ask the node holding `job_id` to abort it (PROTOCOL.md v2, Cancellation)."""
+    await nc.publish(settings.subject("cancel", job_id), msgpack.packb({"job_id": job_id}))
+    await nc.flush(timeout=5)
+
+
 async def submit(
-    nc: Client, settings: Settings, job: dict[str, Any], *, wait_s: float = 60.0
+    nc: Client,
+    settings: Settings,
+    job: dict[str, Any],
+    *,
+    wait_s: float = 60.0,
+    on_stream: StreamSink | None = None,
 ) -> Outcome:
-    """Publish `job` and wait for its verified result; raises `JobFailed` on a final error."""
+    """Publish `job` and wait for its verified result; raises `JobFailed` on a final error.
+    With `on_stream` (and `stream: true` in the job), partial output is passed on first."""
     data: bytes = msgpack.packb(job)
     validate(Job, job)
     job_id = job["job_id"]
     js = nc.jetstream()
+    streamed = None
+    if on_stream is not None:
+        streamed = await nc.subscribe(
+            settings.subject("stream", job_id), cb=stream_follower(on_stream)
+        )
     errors = await nc.subscribe(settings.subject("events", "error", "*"))
     results = await js.subscribe(
         settings.subject("results", job_id),
@@ -101,6 +142,8 @@ async def submit(
     finally:
         await results.unsubscribe()
         await errors.unsubscribe()
+        if streamed is not None:
+            await streamed.unsubscribe()
 
 
 async def _outcome(results: Any, errors: Any, job_id: str, data: bytes) -> Outcome:
@@ -147,9 +190,3 @@ async def drop(*tasks: "asyncio.Future[Any] | None") -> None:
     for task in pending:
         if not task.cancelled():
             task.exception()
-
-
-async def cancel(nc: Client, settings: Settings, job_id: str) -> None:
-    """Ask the node holding `job_id` to abort it (PROTOCOL.md v2, "Cancellation")."""
-    await nc.publish(settings.subject("cancel", job_id), msgpack.packb({"job_id": job_id}))
-    await nc.flush()

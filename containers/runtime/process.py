@@ -1,7 +1,13 @@
-"""The runtime process: load the engine, say `ready`, then answer frames until `shutdown`.
+"""The runtime process: load the engine, say `ready`, then run requests until `shutdown`.
 
-Exit status: 0 after `shutdown` or end of input, 1 after a `fatal` (bad input frame,
-engine failure), 2 when the engine could not load.
+The engine loop: take every frame that has arrived (blocking only while the engine is
+idle), answer pings at once, start and abort requests, fail those past their deadline, then
+run one engine step and send what it produced. A reader thread feeds the frames, so a
+long input never stalls generation and pings are answered between any two steps.
+
+Exit status: 0 after `shutdown` or end of input (requests submitted before the end of input
+are answered first), 1 after a `fatal` (bad input frame, engine failure), 2 when the engine
+could not load.
 """
 
 import logging
@@ -11,15 +17,11 @@ import time
 from containers.runtime.channel import EndOfInput, FrameChannel
 from containers.runtime.config import ConfigError, RuntimeConfig
 from containers.runtime.engines import Engine, EngineError, load_engine
-from containers.runtime.request import RequestError, parse_request
+from containers.runtime.request import RequestError
 from schemas import frames
-from schemas.frames import Frame, FrameError
+from schemas.frames import FailCode, Frame, FrameError, FrameKind
 
 log = logging.getLogger("containers.runtime")
-
-
-class ProtocolError(ValueError):
-    """A well-formed frame whose content breaks the protocol (for example, no job ids)."""
 
 
 def _setup_logging() -> None:
@@ -30,56 +32,96 @@ def _setup_logging() -> None:
     root.setLevel(logging.INFO)
 
 
-def run_batch(engine: Engine, frame: Frame) -> Frame:
-    """All valid items go through the engine in one call; invalid ones fail alone."""
-    batch_id = frame.get("id")
-    items = frame.get("items")
-    if not isinstance(batch_id, int) or not isinstance(items, list):
-        raise ProtocolError("batch frame needs an integer id and a list of items")
-    outcomes: list[Frame | None] = []
-    requests = []
-    for item in items:
-        job_id = item.get("job_id") if isinstance(item, dict) else None
-        if not isinstance(job_id, str) or not job_id:
-            raise ProtocolError(f"batch {batch_id} holds an item without a job_id")
-        try:
-            requests.append(parse_request(job_id, item))
-            outcomes.append(None)
-        except RequestError as exc:
-            outcomes.append(frames.failed(job_id, f"bad request: {exc}"))
-    started = time.perf_counter()
-    produced = iter(engine.generate(requests) if requests else [])
-    log.info(
-        "batch_done id=%d items=%d engine_s=%.4f",
-        batch_id,
-        len(items),
-        time.perf_counter() - started,
-    )
-    return frames.result(batch_id, [o if o is not None else next(produced) for o in outcomes])
+class Loop:
+    """The engine loop over one channel (see the module docstring)."""
 
+    def __init__(self, channel: FrameChannel, engine: Engine) -> None:
+        self._channel = channel
+        self._engine = engine
+        self._deadlines: dict[int, float] = {}
+        self._active: set[int] = set()
 
-def serve(channel: FrameChannel, engine: Engine) -> int:
-    while True:
-        try:
-            frame = channel.receive()
-        except EndOfInput:
-            log.info("runtime_end_of_input")
-            return 0
+    def serve(self) -> int:
+        """Run until `shutdown` (requests still running are dropped: the agent has given
+        them up) or the end of input (requests still running are finished first)."""
+        ended = False
+        while True:
+            incoming: list[Frame] = []
+            if not self._active:
+                if ended:
+                    log.info("runtime_end_of_input")
+                    return 0
+                first = self._channel.wait()  # raises EndOfInput when idle at EOF
+                incoming = [first] if first is not None else []
+            elif not ended:
+                try:
+                    incoming = self._channel.poll()
+                except EndOfInput:
+                    ended = True
+            for frame in incoming:
+                if not self._handle(frame):
+                    return 0
+            self._expire()
+            if self._active:
+                for out in self._engine.step():
+                    if out["t"] != "partial":
+                        self._finished(out["id"])
+                    self._channel.send(out)
+
+    def _handle(self, frame: Frame) -> bool:
+        """Act on one frame; False on `shutdown`."""
         kind = frame["t"]
-        if kind == "batch":
-            started = time.perf_counter()
-            channel.send(run_batch(engine, frame))
-            log.debug(
-                "batch_done batch_id=%s items=%d ms=%.1f",
-                frame.get("id"),
-                len(frame.get("items") or []),
-                (time.perf_counter() - started) * 1000,
-            )
-        elif kind == "ping":
-            channel.send(frames.pong(frame.get("id", 0)))
-        elif kind == "shutdown":
+        if kind == FrameKind.PING:
+            self._channel.send(frames.pong(frames.parse_ping(frame)["id"]))
+        elif kind == FrameKind.SUBMIT:
+            self._submit(frame)
+        elif kind == FrameKind.ABORT:
+            request_id = frames.parse_abort(frame)["id"]
+            if request_id in self._active and self._engine.abort(request_id):
+                self._finished(request_id)
+                self._channel.send(frames.failed(request_id, FailCode.ABORTED, "aborted"))
+        elif kind == FrameKind.SHUTDOWN:
             log.info("runtime_shutdown")
-            return 0
+            return False
+        return True
+
+    def _submit(self, frame: Frame) -> None:
+        submit = frames.parse_submit(frame)
+        request_id = submit["id"]
+        if request_id in self._active:
+            raise FrameError(f"submit for request {request_id}, which is running")
+        try:
+            item = frames.parse_request_item(submit["request"])
+        except FrameError as exc:
+            self._channel.send(frames.failed(request_id, FailCode.BAD_REQUEST, str(exc)))
+            return
+        deadline = submit["deadline"]
+        if deadline is not None and deadline <= time.time():
+            self._channel.send(frames.failed(request_id, FailCode.DEADLINE, "deadline passed"))
+            return
+        try:
+            self._engine.add(request_id, item, stream=submit["stream"])
+        except RequestError as exc:
+            self._channel.send(frames.failed(request_id, FailCode.BAD_REQUEST, str(exc)))
+            return
+        self._active.add(request_id)
+        if deadline is not None:
+            self._deadlines[request_id] = deadline
+
+    def _expire(self) -> None:
+        if not self._deadlines:
+            return
+        now = time.time()
+        for request_id, deadline in list(self._deadlines.items()):
+            if deadline <= now and self._engine.abort(request_id):
+                self._finished(request_id)
+                self._channel.send(
+                    frames.failed(request_id, FailCode.DEADLINE, "deadline passed while running")
+                )
+
+    def _finished(self, request_id: int) -> None:
+        self._active.discard(request_id)
+        self._deadlines.pop(request_id, None)
 
 
 def main() -> int:
@@ -99,30 +141,38 @@ def main() -> int:
         reason = exc if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
         channel.send(frames.fatal(f"engine {config.engine} failed to load: {reason}"))
         return 2
+    channel.start_reader()
     channel.send(
         frames.ready(
             engine=engine.name,
             engine_version=engine.version,
             model_sha256=engine.model_sha256,
             device=engine.device,
+            max_active=engine.max_active,
         )
     )
     log.info(
-        "runtime_ready engine=%s version=%s device=%s", engine.name, engine.version, engine.device
+        "runtime_ready engine=%s version=%s device=%s max_active=%d",
+        engine.name,
+        engine.version,
+        engine.device,
+        engine.max_active,
     )
     try:
-        status = serve(channel, engine)
-    except (FrameError, ProtocolError) as exc:
+        status = Loop(channel, engine).serve()
+    except EndOfInput:
+        log.info("runtime_end_of_input")
+        status = 0
+    except FrameError as exc:
         log.error("runtime_bad_input error=%s", exc)
-        message = f"bad input frame: {exc}"
+        channel.send(frames.fatal(f"bad input frame: {exc}"))
+        return 1
     except Exception as exc:
         log.exception("runtime_engine_failed")
-        message = f"engine failed: {type(exc).__name__}: {exc}"
-    else:
-        _close(engine)
-        return status
-    channel.send(frames.fatal(message))
-    return 1
+        channel.send(frames.fatal(f"engine failed: {type(exc).__name__}: {exc}"))
+        return 1
+    _close(engine)
+    return status
 
 
 def _close(engine: Engine) -> None:

@@ -199,7 +199,7 @@ def agent_env(settings: Settings, home: Path, node_key: Path, urls: list[str]) -
             "RESULTITY_RUNTIME_SHM": settings.runtime_shm,
             "RESULTITY_RUNTIME_STOP_TIMEOUT_S": str(settings.runtime_stop_timeout_s),
             "RESULTITY_RUNTIME_READY_TIMEOUT_S": str(settings.runtime_ready_timeout_s),
-            "RESULTITY_BATCH_TIMEOUT_S": str(settings.batch_timeout_s),
+            "RESULTITY_REQUEST_TIMEOUT_S": str(settings.request_timeout_s),
             "RESULTITY_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
             "PYTHONPATH": str(ROOT),
         }

@@ -17,6 +17,8 @@ BASE = "rst-test-base:latest"
 SOURCES = [
     "schemas/__init__.py",
     "schemas/frames.py",
+    "schemas/limits.py",
+    "schemas/runtime_env.py",
     "tests/support/fake_runtime.py",
     *sorted(
         str(p.relative_to(ROOT))

@@ -16,31 +16,66 @@ from schemas.event import ErrorEvent
 from schemas.result import ResultBody
 from worker.core.settings import Settings
 from worker.core.signing import verify
-from worker.runtime.api import Completion, ItemOutcome, RuntimeFacts, WorkItem
+from worker.runtime.api import (
+    Completion,
+    ItemOutcome,
+    Partial,
+    PartialSink,
+    RuntimeFacts,
+    WorkItem,
+)
 
 
 class EchoRuntime:
-    """A runtime at the seam the project owns: deterministic outputs, no process."""
+    """A runtime at the seam the project owns: deterministic outputs, no process.
 
-    def __init__(self, delay_s: float = 0.0) -> None:
-        self.batches: list[int] = []
+    `delay_s` holds each request that long; `token_delay_s` streams one token per delay to
+    a streaming request. `calls` counts requests, `peak` the most that ran at once,
+    `cancelled` the job ids whose request was cancelled (aborted)."""
+
+    def __init__(self, delay_s: float = 0.0, token_delay_s: float = 0.0, tokens: int = 8) -> None:
         self.delay_s = delay_s
-        self._facts = RuntimeFacts("echo", "test", "0" * 64, "cpu", "sha256:" + "1" * 64)
+        self.token_delay_s = token_delay_s
+        self.tokens = tokens
+        self.calls = 0
+        self.active = 0
+        self.peak = 0
+        self.cancelled: list[str] = []
+        self.started = asyncio.Event()
+        self._facts = RuntimeFacts("echo", "test", "0" * 64, "cpu", "sha256:" + "1" * 64, 8)
 
     @property
     def facts(self) -> RuntimeFacts:
         return self._facts
 
+    def answer(self, item: WorkItem) -> Completion:
+        digest = hashlib.sha256(msgpack.packb(item.payload)).digest()
+        ids = list(digest[: self.tokens])
+        return Completion(item.job_id, " ".join(map(str, ids)), ids, "length", 3, 0.001)
+
+    async def generate(self, item: WorkItem, on_partial: PartialSink | None = None) -> Completion:
+        self.calls += 1
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        self.started.set()
+        try:
+            done = self.answer(item)
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            if on_partial is not None:
+                for i, t in enumerate(done.token_ids[:-1]):
+                    if self.token_delay_s:
+                        await asyncio.sleep(self.token_delay_s)
+                    on_partial(Partial([t], (" " if i else "") + str(t)))
+            return done
+        except asyncio.CancelledError:
+            self.cancelled.append(item.job_id)
+            raise
+        finally:
+            self.active -= 1
+
     async def run(self, items: list[WorkItem]) -> list[ItemOutcome]:
-        self.batches.append(len(items))
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        out: list[ItemOutcome] = []
-        for item in items:
-            digest = hashlib.sha256(msgpack.packb(item.payload)).digest()
-            ids = list(digest[:8])
-            out.append(Completion(item.job_id, bytes(ids).hex(), ids, "length", 3))
-        return out
+        return [await self.generate(i) for i in items]
 
 
 def job(job_id: str, model: str = "demo", **extra: Any) -> bytes:

@@ -120,7 +120,7 @@ def runtime_spec() -> dict[str, Any]:
         "name": "cpu",
         "image": IMAGE_DIGEST,
         "engine": "echo",
-        "engine_args": {"slow_ms": 1},
+        "engine_args": {"token_delay_ms": 1},
     }
 
 

@@ -13,7 +13,8 @@ MODEL_SHA = "cd" * 32
 
 FAST_RUNTIME: dict[str, Any] = {
     "runtime_ready_timeout_s": 15.0,
-    "batch_timeout_s": 3.0,
+    "request_timeout_s": 30.0,
+    "runtime_write_timeout_s": 2.0,
     "ping_interval_s": 1.0,
     "ping_timeout_s": 3.0,
     "runtime_stop_timeout_s": 1.0,

@@ -92,11 +92,20 @@ def vectors() -> list[dict[str, Any]]:
     }
     event = {"node_id": node_b, "kind": "started", "at": 1700000000.0, "details": {}}
     config = {"version": 1, "issued_at": 1700000000.0, "models": [], "runtime": {}}
+    stream = {
+        "job_id": "job-1",
+        "node_id": node,
+        "attempt": 1,
+        "seq": 0,
+        "token_ids": [1],
+        "text": "hi",
+    }
     return [
         vector("result", "node-a", "result", result),
         vector("error", "node-a", "error", error),
         vector("event", "node-b", "event", event),
         vector("config", "authority", "config", config, authority=(authority,)),
+        vector("stream", "node-a", "stream", stream),
         vector("result-body-tampered", "node-a", "result", result, tamper="body", expect="fail"),
         vector("event-sig-tampered", "node-b", "event", event, tamper="sig", expect="fail"),
         vector("typ-swapped", "node-a", "error", error, sign_typ="result", expect="fail"),

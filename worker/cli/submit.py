@@ -6,8 +6,9 @@ import json
 import sys
 from typing import Any
 
+from schemas.stream import StreamBody
 from worker.cli.base import CliError, add_command
-from worker.client import connect, current_snapshot, new_job_id, submit
+from worker.client import cancel, connect, current_snapshot, new_job_id, submit
 from worker.devtools.devhome import client_settings
 
 
@@ -41,12 +42,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 job["prompt_token_ids"] = [int(t) for t in args.prompt.replace(",", " ").split()]
             else:
                 job["prompt"] = args.prompt
-            return await submit(nc, settings, job, wait_s=args.timeout)
+            sink = None
+            if args.stream:
+                job["stream"] = True
+                sink = print_stream
+            try:
+                return await submit(nc, settings, job, wait_s=args.timeout, on_stream=sink)
+            except asyncio.CancelledError:  # Ctrl-C: the job is not wanted any more
+                await cancel(nc, settings, job["job_id"])
+                print(f"\ncancelled job {job['job_id']}", file=sys.stderr)
+                raise
         finally:
             await nc.close()
 
     try:
         outcome = asyncio.run(go())
+    except KeyboardInterrupt:
+        return 130
     except TimeoutError as exc:
         raise CliError(
             f"no result within {args.timeout:.0f}s; is a node serving the model? "
@@ -54,14 +66,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
         ) from exc
     if args.json:
         print(json.dumps(outcome.result.model_dump(mode="json"), indent=2))
+    elif args.stream:
+        print_outcome(outcome, text=False)
     else:
         print_outcome(outcome)
     return 0
 
 
-def print_outcome(outcome: Any) -> None:
+def print_stream(body: StreamBody) -> None:
+    """Partial output as it arrives (a new attempt starts over on a fresh line)."""
+    if body.seq == 0 and body.attempt > 1:
+        print(f"\n[attempt {body.attempt}]", file=sys.stderr)
+    sys.stdout.write(body.text)
+    if body.finish_reason is not None:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def print_outcome(outcome: Any, *, text: bool = True) -> None:
     r = outcome.result
-    print(r.output.text)
+    if text:
+        print(r.output.text)
     print(
         f"  job        {r.job_id}  ({r.output.finish_reason}, {r.usage.completion_tokens} tokens)"
     )
@@ -78,7 +103,8 @@ def register(sub: Any) -> None:
         sub,
         "submit",
         "submit a job, wait for its signed result, verify and print it",
-        'resultity-node submit "The capital of France is" --max-tokens 16',
+        'resultity-node submit "The capital of France is" --max-tokens 16 --stream\n'
+        "  (Ctrl-C cancels the job on the node)",
     )
     p.add_argument("prompt", help="prompt text, or token ids with --tokens")
     p.add_argument("--tokens", action="store_true", help="the prompt is token ids: '1 2 3'")
@@ -89,4 +115,7 @@ def register(sub: Any) -> None:
     p.add_argument("--job-id", help="job id (default: random)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
     p.add_argument("--json", action="store_true", help="print the verified result body as JSON")
+    p.add_argument(
+        "--stream", action="store_true", help="print tokens as they arrive, then the proof"
+    )
     p.set_defaults(handler=cmd_submit)

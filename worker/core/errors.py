@@ -7,7 +7,8 @@ NodeError
 ├── JobRejected             a job that can never succeed (terminated, not retried)
 │   ├── BadRequest              malformed, oversized or invalid payload
 │   ├── UnknownModel            the job names a model this node does not serve
-│   └── DeadlineExceeded        the job's deadline passed before it ran
+│   ├── DeadlineExceeded        the job's deadline passed before or while it ran
+│   └── Cancelled               the network cancelled the job (`rst.cancel.<job_id>`)
 ├── RuntimeFailure          the runtime could not produce an outcome (retryable)
 │   ├── RuntimeStartError       the container/process failed to start or send `ready`
 │   │   ├── IsolationError          a runtime container is not as hardened as required
@@ -15,7 +16,7 @@ NodeError
 │   ├── RuntimeEnded            the runtime exited on its own (crash, kill, OOM)
 │   ├── RuntimeClosed           we closed it; work in flight is handed back
 │   ├── RuntimeBroken           the pipe broke mid-frame, or the runtime sent garbage
-│   └── RuntimeTimeout          no answer within the batch or ping deadline
+│   └── RuntimeTimeout          no answer (or no write) within its deadline
 ├── OutputMalformed         the runtime answered, but not with a valid outcome for a job
 ├── ItemFailed              the engine reported an error for one job of a batch
 ├── ModelInvalid            a model failed its hash check or validation vectors
@@ -71,6 +72,10 @@ class UnknownModel(JobRejected):
 
 class DeadlineExceeded(JobRejected):
     pass
+
+
+class Cancelled(JobRejected):
+    code = ErrorCode.CANCELLED
 
 
 class RuntimeFailure(NodeError):

@@ -40,7 +40,6 @@ LATENCY_BUCKETS = (
     10,
     30,
 )
-SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 REQUEST_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 8
 
@@ -84,7 +83,6 @@ class Metrics:
         self.jobs_failed: dict[str, int] = defaultdict(int)
         self.runtime_restarts = 0
         self.in_flight = 0
-        self.batch_size = Histogram(SIZE_BUCKETS)
         self.engine_seconds = Histogram(LATENCY_BUCKETS)
         self.job_latency_seconds = Histogram(LATENCY_BUCKETS)
         self.collect: Callable[[], None] | None = None
@@ -113,8 +111,7 @@ class Metrics:
         yield GaugeMetricFamily(
             "resultity_jobs_in_flight", "jobs fetched and not yet acked", value=self.in_flight
         )
-        yield self.batch_size.family("resultity_batch_size", "jobs per runtime batch")
-        yield self.engine_seconds.family("resultity_engine_seconds", "runtime time per batch")
+        yield self.engine_seconds.family("resultity_engine_seconds", "engine time per job")
         yield self.job_latency_seconds.family(
             "resultity_job_latency_seconds", "time from receipt to result"
         )

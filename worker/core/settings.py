@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from schemas.job import MODEL_ID_PATTERN
+from schemas.limits import MODEL_ID_PATTERN
 from schemas.result import NETWORK_PATTERN
 from worker.core.signing import parse_public_key
 
@@ -77,12 +77,11 @@ class Settings(BaseSettings):
     # serving
     model: str | None = Field(None, pattern=MODEL_ID_PATTERN, description="model id to serve")
     max_in_flight: int = Field(256, ge=1, description="jobs fetched but not yet acked, at most")
-    batch_max_size: int = Field(32, ge=1, description="jobs per runtime batch, at most")
-    batch_max_wait_ms: float = Field(
-        0.0,
+    runtime_max_active: int = Field(
+        0,
         ge=0,
-        description="extra linger for a fuller batch; 0 sends at once (batches still form "
-        "while the runtime is busy)",
+        description="requests the runtime runs at once, at most; 0: what the engine reports "
+        "it can run concurrently",
     )
     max_job_bytes: int = Field(1 << 20, ge=1024, description="largest job message accepted")
     shutdown_grace_s: float = Field(
@@ -117,15 +116,20 @@ class Settings(BaseSettings):
     runtime_ready_timeout_s: float = Field(
         300.0, gt=0, description="how long the runtime may take to send `ready`"
     )
-    batch_timeout_s: float = Field(
-        120.0, gt=0, description="how long the runtime may take to answer a batch"
+    request_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="how long the runtime may take for one request before it is replaced",
+    )
+    runtime_write_timeout_s: float = Field(
+        10.0, gt=0, description="how long the runtime may take to accept one input frame"
     )
     ping_interval_s: float = Field(10.0, gt=0, description="seconds between runtime pings")
     ping_timeout_s: float = Field(10.0, gt=0, description="how long a ping may go unanswered")
     runtime_stop_timeout_s: float = Field(
         5.0, ge=0, description="how long a runtime may take to exit after `shutdown`"
     )
-    runtime_max_frame_bytes: int = Field(64 << 20, ge=1024, description="largest runtime frame")
+    runtime_max_frame_bytes: int = Field(8 << 20, ge=1024, description="largest runtime frame")
 
     # gateway (OpenAI-compatible HTTP front door of the network, `resultity-node gateway`)
     gateway_host: str = Field("127.0.0.1", description="address the gateway binds")

@@ -350,7 +350,7 @@ async def run_dev(plan: DevPlan, *, on_result: Any, serve_forever: bool = True) 
             state_dir=plan.home / "state",
             runtime_backend=plan.backend,
             runtime_memory="4g",
-            batch_timeout_s=300,
+            request_timeout_s=300,
             shutdown_grace_s=10,
         )
         log.info("dev_nats url=%s store=%s", server.url, plan.home / "nats")

@@ -168,6 +168,8 @@ def _runtime_sources() -> list[tuple[str, Path]]:
     files = [
         ("schemas/__init__.py", REPO_ROOT / "schemas" / "__init__.py"),
         ("schemas/frames.py", REPO_ROOT / "schemas" / "frames.py"),
+        ("schemas/limits.py", REPO_ROOT / "schemas" / "limits.py"),
+        ("schemas/runtime_env.py", REPO_ROOT / "schemas" / "runtime_env.py"),
         ("containers/__init__.py", CONTAINERS_DIR / "__init__.py"),
     ]
     runtime = CONTAINERS_DIR / "runtime"

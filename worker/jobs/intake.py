@@ -23,8 +23,9 @@ from nats.aio.subscription import Subscription
 
 from schemas.codec import decode
 from schemas.errors import SchemaError
-from schemas.job import JOB_ID_PATTERN, Job
-from worker.core.errors import BadRequest, DeadlineExceeded, JobRejected, UnknownModel
+from schemas.job import Job
+from schemas.limits import JOB_ID_PATTERN
+from worker.core.errors import BadRequest, DeadlineExceeded, JobRejected, NodeError, UnknownModel
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,14 @@ class InFlight:
     received: float
     job: Job | None = None
     progress_at: float = field(default=0.0)
+    lease_until: float | None = None
+    """Wall time after which in-progress acks stop: the job's run deadline."""
+    task: "asyncio.Task[None] | None" = None
+    stop_reason: NodeError | None = None
+    """Why the job's run was cut short (cancel, live deadline); None: not stopped."""
+    stoppable: bool = True
+    """False once the runtime answered: a late cancel no longer applies."""
+    deadline_timer: asyncio.TimerHandle | None = None
 
     @property
     def job_id(self) -> str | None:
@@ -76,6 +85,7 @@ def admit(
     except SchemaError as exc:
         return record, BadRequest(f"malformed job: {exc}")
     record.job = job
+    record.lease_until = job.deadline
     if job.model_id != msg.subject.rsplit(".", 1)[-1]:
         return record, UnknownModel(
             f"job model_id {job.model_id!r} does not match its subject {msg.subject!r}"
@@ -117,8 +127,6 @@ class JobSource:
         self._last_seen = time.monotonic()
         self._wake = asyncio.Event()
         self.state = SourceState.NEW
-        self.pulls = 0
-        self.resets = 0
 
     async def run(self) -> None:
         """Pull until `stop()`; the caller runs this in its task group."""
@@ -155,7 +163,6 @@ class JobSource:
     def reset(self) -> None:
         """Forget outstanding requests (the server lost them: reconnect, restart)."""
         if self._outstanding:
-            self.resets += 1
             log.info("pull_requests_reset outstanding=%d", self._outstanding)
         self._outstanding = 0
         self._last_seen = time.monotonic()
@@ -182,7 +189,6 @@ class JobSource:
             return
         self._outstanding += want
         self._last_seen = time.monotonic()
-        self.pulls += 1
 
     def _check_liveness(self) -> None:
         silent = time.monotonic() - self._last_seen

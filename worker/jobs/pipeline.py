@@ -1,4 +1,5 @@
-"""The job pipeline for one served model: intake -> batcher -> runtime -> signed outcome.
+"""The job pipeline for one served model: intake -> runtime, one request per job -> signed
+outcome, each job settled as soon as it completes.
 
 Every delivered job ends in exactly one of three ways, and only after what the network must
 see is stored in JetStream:
@@ -6,42 +7,64 @@ see is stored in JetStream:
     result        sign, publish with `Nats-Msg-Id: <job_id>`, wait for the stream's ack, ack
     retryable     publish a retryable error event, nak with a growing delay (last delivery:
                   publish a final error event and term instead)
-    final error   publish a signed error event, term
+    final error   publish a signed error event, term (bad input, cancelled, deadline passed)
 
 If a publish fails the job is nak'ed, never acked: it runs again and the stream's duplicate
 window turns the repeated result into a no-op.
+
+The runtime is kept supplied with up to `runtime_max_active` requests (0: what the engine
+reports it runs concurrently); results come back in completion order. While a job runs:
+- `stream: true` jobs publish signed `stream` envelopes on `rst.stream.<job_id>`, coalesced
+  by one publisher task, so the frame reader never waits on NATS;
+- a cancel on `rst.cancel.<job_id>` (also one that arrived up to `EARLY_CANCEL_S` before
+  the job) aborts the request, publishes `CANCELLED` and terms the job;
+- its `deadline` aborts the request (`DEADLINE_EXCEEDED`);
+- in-progress acks keep its lease, but never past its run deadline.
 """
 
 import asyncio
 import enum
 import logging
+import re
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
+from schemas.limits import JOB_ID_PATTERN
 from schemas.result import ResultBody
 from worker.core.errors import (
+    Cancelled,
     DeadlineExceeded,
     NodeError,
     OutputMalformed,
     RuntimeFailure,
+    RuntimeStartError,
     error_code,
 )
 from worker.core.metrics import Metrics
+from worker.core.resource import AsyncResource
 from worker.core.settings import Settings
 from worker.jobs.intake import InFlight, JobSource, admit
 from worker.jobs.provision import consumer_name, ensure_consumer
 from worker.jobs.publisher import Publisher
-from worker.runtime.api import Completion, Runtime, WorkItem
+from worker.runtime.api import Completion, Partial, Runtime, WorkItem
 
 log = logging.getLogger(__name__)
 
 NAK_BASE_DELAY_S = 1.0
 NAK_MAX_DELAY_S = 60.0
 PUBLISH_ATTEMPTS = 3
+EARLY_CANCEL_S = 60.0
+MAX_EARLY_CANCELS = 10_000
+DEFAULT_MAX_ACTIVE = 64
+LEASE_GRACE_S = 5.0
+_JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,18 +78,36 @@ class Serving:
     config_version: int
 
 
-class PipelineState(enum.Enum):
-    NEW = "new"
-    RUNNING = "running"
-    DRAINING = "draining"
-    CLOSED = "closed"
+class Settle(enum.Enum):
+    ACK = "ack"
+    NAK = "nak"
+    TERM = "term"
 
 
 def nak_delay(attempt: int) -> float:
     return min(NAK_MAX_DELAY_S, NAK_BASE_DELAY_S * 2.0 ** (attempt - 1))
 
 
-class Pipeline:
+def extends_lease(record: InFlight, now: float) -> bool:
+    """Whether an in-progress ack may still extend this job's lease (wall time `now`)."""
+    return record.lease_until is None or now < record.lease_until
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One streaming job's output on its way to NATS."""
+
+    record: InFlight
+    pending_ids: list[int] = field(default_factory=list)
+    pending_text: list[str] = field(default_factory=list)
+    sent_ids: int = 0
+    sent_text: list[str] = field(default_factory=list)
+    seq: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    finished: bool = False
+
+
+class Pipeline(AsyncResource):
     """Consumes one model's jobs until drained. `async with` starts it; `drain()` stops it."""
 
     def __init__(
@@ -78,19 +119,26 @@ class Pipeline:
         serving: Serving,
         metrics: Metrics | None = None,
     ) -> None:
+        super().__init__()
         self._nc = nc
         self._settings = settings
         self._publisher = publisher
         self._runtime = runtime
         self.serving = serving
         self.metrics = metrics or Metrics()
-        self._queue: asyncio.Queue[InFlight] = asyncio.Queue()
         self._in_flight: set[InFlight] = set()
+        self._by_job: dict[str, InFlight] = {}
+        self._early_cancels: OrderedDict[str, float] = OrderedDict()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._tasks: asyncio.TaskGroup | None = None
-        self._runner: asyncio.Task[None] | None = None
-        self.state = PipelineState.NEW
+        self._tg: asyncio.TaskGroup | None = None
+        self._slots = asyncio.Semaphore(DEFAULT_MAX_ACTIVE)
+        self.max_active = DEFAULT_MAX_ACTIVE
+        self._dirty: dict[InFlight, _Stream] = {}
+        self._streams: dict[InFlight, _Stream] = {}
+        self._stream_wake = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+        self.draining = False
         self.completed = 0
         self._source = JobSource(
             nc,
@@ -108,30 +156,38 @@ class Pipeline:
     def _credit(self) -> int:
         return self._settings.max_in_flight - len(self._in_flight)
 
-    async def __aenter__(self) -> "Pipeline":
-        if self.state is not PipelineState.NEW:
-            raise RuntimeError(f"pipeline is {self.state.value}; a pipeline runs once")
-        self.state = PipelineState.RUNNING
-        self._runner = asyncio.create_task(self._run(), name="pipeline")
-        self._runner.add_done_callback(self._runner_done)
-        return self
+    async def _open(self, stack: AsyncExitStack) -> None:
+        self.max_active = self._settings.runtime_max_active or self._engine_max_active()
+        self._slots = asyncio.Semaphore(self.max_active)
+        self._tg = await stack.enter_async_context(asyncio.TaskGroup())
+        cancel_sub: Subscription = await self._nc.subscribe(
+            self._settings.subject("cancel", "*"), cb=self._on_cancel
+        )
+        stack.push_async_callback(self._unsubscribe, cancel_sub)
+        for coro, name in (
+            (self._source.run(), "intake"),
+            (self._progress_loop(), "progress"),
+            (self._stream_loop(), "stream"),
+        ):
+            self._background.append(self._tg.create_task(coro, name=name))
+        log.info("pipeline_started model=%s max_active=%d", self.serving.model_id, self.max_active)
 
-    def _runner_done(self, task: "asyncio.Task[None]") -> None:
-        if task.cancelled() or self.state is not PipelineState.RUNNING:
+    def _engine_max_active(self) -> int:
+        try:
+            return self._runtime.facts.max_active or DEFAULT_MAX_ACTIVE
+        except RuntimeStartError:
+            return DEFAULT_MAX_ACTIVE
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        if self._nc.is_closed:
             return
-        # Only a bug gets here: every job outcome and I/O error is handled inside the tasks.
-        log.error("pipeline_stopped_unexpectedly error=%r", task.exception())
-        self.state = PipelineState.CLOSED
+        try:
+            await sub.unsubscribe()
+        except Exception as exc:
+            log.debug("cancel_unsubscribe_failed error=%r", exc)
 
     async def __aexit__(self, *exc: object) -> None:
         await self.drain(0 if exc[0] is not None else self._settings.shutdown_grace_s)
-
-    async def _run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            self._tasks = tg
-            tg.create_task(self._source.run(), name="intake")
-            tg.create_task(self._batch_loop(), name="batcher")
-            tg.create_task(self._progress_loop(), name="progress")
 
     def reset_pulls(self) -> None:
         """After a reconnect: the server may have forgotten our pull requests."""
@@ -145,14 +201,15 @@ class Pipeline:
            another node can take them;
         2. wait up to `grace_s` (or until `abort` is set) for in-flight jobs: their results
            are published and acked as usual, which is the cheapest outcome for the network;
-        3. nak what is left, without delay: it is redelivered to a live node instead of
-           waiting out the ack wait;
-        4. cancel the background tasks; the runtime is closed by its owner afterwards.
+        3. nak what is left, without delay (its requests are aborted): it is redelivered to
+           a live node instead of waiting out the ack wait;
+        4. close: background tasks stop, the task group ends; the runtime is closed by its
+           owner afterwards.
         """
-        if self.state in (PipelineState.CLOSED, PipelineState.NEW):
-            self.state = PipelineState.CLOSED
+        if not self.is_open:
+            await self.aclose()
             return
-        self.state = PipelineState.DRAINING
+        self.draining = True
         self._source.stop()
         waits = [asyncio.ensure_future(self._idle.wait())]
         if abort is not None:
@@ -165,16 +222,17 @@ class Pipeline:
         if self._in_flight:
             log.warning("drain_handing_back jobs=%d", len(self._in_flight))
         for record in list(self._in_flight):
-            await self._settle(record, "nak")
-        if self._runner is not None:
-            self._runner.cancel()
-            try:
-                await self._runner
-            except asyncio.CancelledError:
-                pass
-            except Exception as exc:
-                log.error("pipeline_task_failed error=%r", exc)
-        self.state = PipelineState.CLOSED
+            if record.task is not None and record.stoppable:
+                record.task.cancel()
+            await self._settle(record, Settle.NAK)
+        await self.aclose()
+
+    async def _close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        for record in list(self._in_flight):
+            if record.task is not None:
+                record.task.cancel()
 
     async def _recreate_consumer(self) -> None:
         try:
@@ -183,7 +241,7 @@ class Pipeline:
         except Exception as exc:
             log.warning("consumer_recreate_failed error=%r", exc)
 
-    # intake
+    # -- intake ----------------------------------------------------------------------
 
     async def _on_message(self, msg: Msg) -> None:
         self.metrics.jobs_received += 1
@@ -194,73 +252,181 @@ class Pipeline:
             now=time.time(),
         )
         self._track(record)
-        if rejection is not None:
-            await self._fail(record, rejection, final=True)
-        else:
-            self._queue.put_nowait(record)
+        if rejection is None and record.job is not None:
+            if self._take_early_cancel(record.job.job_id):
+                rejection = Cancelled(f"job {record.job.job_id} was cancelled before it arrived")
+        if rejection is not None or self._tg is None or not self.is_open:
+            await self._fail(record, rejection or RuntimeFailure("node stopping"), final=True)
+            return
+        record.task = self._tg.create_task(self._run_job(record), name=f"job-{record.job_id}")
 
     def _track(self, record: InFlight) -> None:
         self._in_flight.add(record)
+        if record.job is not None:
+            self._by_job[record.job.job_id] = record
         self._idle.clear()
         self.metrics.in_flight = len(self._in_flight)
 
-    # batching
+    # -- cancel and deadline ---------------------------------------------------------
 
-    async def _batch_loop(self) -> None:
-        """Run what is queued as one batch, at once: while the runtime works on a batch the
-        next one forms by itself, so low load gets no added wait and high load gets full
-        batches. `batch_max_wait_ms` can add a linger for a fuller batch."""
-        max_size = self._settings.batch_max_size
-        linger = self._settings.batch_max_wait_ms / 1000
-        while True:
-            batch = [await self._queue.get()]
-            until = time.monotonic() + linger
-            while len(batch) < max_size:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                    continue
-                left = until - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(left):
-                        batch.append(await self._queue.get())
-                except TimeoutError:
-                    break
-            await self._run_batch(batch)
-
-    async def _run_batch(self, batch: list[InFlight]) -> None:
-        now = time.time()
-        runnable: list[InFlight] = []
-        for record in batch:
-            assert record.job is not None
-            if record.job.deadline is not None and record.job.deadline < now:
-                self._spawn(self._fail(record, DeadlineExceeded("deadline passed in queue"), True))
-            else:
-                runnable.append(record)
-        if not runnable:
+    async def _on_cancel(self, msg: Msg) -> None:
+        job_id = msg.subject.rsplit(".", 1)[-1]
+        if not _JOB_ID.fullmatch(job_id):
             return
-        items = [WorkItem(r.job.job_id, _payload(r)) for r in runnable if r.job is not None]
-        started_wall, started = time.time(), time.monotonic()
+        record = self._by_job.get(job_id)
+        log.info("job_cancel_received job_id=%s held=%s", job_id, record is not None)
+        if record is not None:
+            self._stop(record, Cancelled(f"job {job_id} was cancelled"))
+            return
+        now = time.monotonic()
+        self._early_cancels[job_id] = now
+        self._early_cancels.move_to_end(job_id)
+        while self._early_cancels and (
+            len(self._early_cancels) > MAX_EARLY_CANCELS
+            or next(iter(self._early_cancels.values())) < now - EARLY_CANCEL_S
+        ):
+            self._early_cancels.popitem(last=False)
+
+    def _take_early_cancel(self, job_id: str) -> bool:
+        at = self._early_cancels.pop(job_id, None)
+        return at is not None and at >= time.monotonic() - EARLY_CANCEL_S
+
+    def _stop(self, record: InFlight, reason: NodeError) -> None:
+        """Cut a job's run short: its request is aborted, `reason` is its outcome."""
+        if not record.stoppable or record.stop_reason is not None:
+            return
+        record.stop_reason = reason
+        if record.task is not None:
+            record.task.cancel()
+
+    # -- one job ---------------------------------------------------------------------
+
+    async def _run_job(self, record: InFlight) -> None:
+        job = record.job
+        assert job is not None
+        loop = asyncio.get_running_loop()
+        if job.deadline is not None:
+            record.deadline_timer = loop.call_later(
+                max(0.0, job.deadline - time.time()),
+                self._stop,
+                record,
+                DeadlineExceeded(f"job {job.job_id} reached its deadline {job.deadline:.3f}"),
+            )
         try:
-            outcomes = await self._runtime.run(items)
+            async with self._slots:
+                started_at = time.time()
+                run_deadline = started_at + self._settings.request_timeout_s + LEASE_GRACE_S
+                record.lease_until = min(record.lease_until or run_deadline, run_deadline)
+                done = await self._generate(record)
+                record.stoppable = False
+        except asyncio.CancelledError:
+            reason = record.stop_reason
+            if reason is None:
+                raise  # drain or close: the job is handed back there
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            self._end_stream(record)
+            await self._fail(record, reason, final=True)
+            return
+        except NodeError as exc:
+            record.stoppable = False
+            self._end_stream(record)
+            await self._fail(record, exc, final=not exc.retryable)
+            return
         except Exception as exc:
-            log.exception("runtime_run_failed batch=%d", len(items))
-            outcomes = [RuntimeFailure(f"runtime failed: {exc!r}") for _ in items]
-        self.metrics.batch_size.observe(len(items))
-        self.metrics.engine_seconds.observe(time.monotonic() - started)
-        finished_wall = time.time()
-        for record, outcome in zip(runnable, outcomes, strict=True):
-            if isinstance(outcome, Completion):
-                self._spawn(self._succeed(record, outcome, started_wall, finished_wall))
-            else:
-                self._spawn(self._fail(record, outcome, final=not outcome.retryable))
+            record.stoppable = False
+            log.exception("runtime_generate_failed job_id=%s", job.job_id)
+            self._end_stream(record)
+            await self._fail(record, RuntimeFailure(f"runtime failed: {exc!r}"), final=False)
+            return
+        finished_at = time.time()
+        self.metrics.engine_seconds.observe(finished_at - started_at)
+        await self._finish_stream(record, done)
+        await self._succeed(record, done, started_at, finished_at)
 
-    def _spawn(self, coro: Any) -> None:
-        assert self._tasks is not None
-        self._tasks.create_task(coro)
+    async def _generate(self, record: InFlight) -> Completion:
+        job = record.job
+        assert job is not None
+        payload: dict[str, Any] = job.model_dump(
+            include={"prompt", "prompt_token_ids", "messages", "params"}, exclude_none=True
+        )
+        payload["params"] = job.params.model_dump(exclude_none=True)
+        item = WorkItem(job.job_id, payload, stream=job.stream, deadline=job.deadline)
+        if not job.stream:
+            return await self._runtime.generate(item)
+        stream = _Stream(record)
+        self._streams[record] = stream
 
-    # outcomes
+        def push(part: Partial) -> None:
+            if stream.finished:
+                return
+            stream.pending_ids.extend(part.token_ids)
+            stream.pending_text.append(part.text)
+            self._dirty[record] = stream
+            self._stream_wake.set()
+
+        return await self._runtime.generate(item, push)
+
+    # -- streaming -------------------------------------------------------------------
+
+    async def _stream_loop(self) -> None:
+        """Publish what streaming jobs produced since the last message, one message per
+        job per round: while a publish waits, new tokens coalesce."""
+        while True:
+            await self._stream_wake.wait()
+            self._stream_wake.clear()
+            dirty, self._dirty = self._dirty, {}
+            for stream in dirty.values():
+                async with stream.lock:
+                    if not stream.finished and stream.pending_ids:
+                        await self._publish_stream(stream, None)
+
+    async def _publish_stream(self, stream: _Stream, finish_reason: str | None) -> None:
+        record = stream.record
+        assert record.job is not None
+        ids, stream.pending_ids = stream.pending_ids, []
+        text = "".join(stream.pending_text)
+        stream.pending_text = []
+        body: dict[str, Any] = {
+            "job_id": record.job.job_id,
+            "attempt": record.attempt,
+            "seq": stream.seq,
+            "token_ids": ids,
+            "text": text,
+        }
+        if finish_reason is not None:
+            body["finish_reason"] = finish_reason
+        stream.seq += 1
+        stream.sent_ids += len(ids)
+        stream.sent_text.append(text)
+        try:
+            await self._publisher.publish_stream(body)
+        except Exception as exc:
+            log.warning("stream_publish_failed job_id=%s error=%r", record.job.job_id, exc)
+
+    async def _finish_stream(self, record: InFlight, done: Completion) -> None:
+        """The last stream message: the tokens not streamed yet, and the finish reason, so
+        the streamed tokens concatenate to the result's."""
+        stream = self._streams.pop(record, None)
+        if stream is None:
+            return
+        self._dirty.pop(record, None)
+        async with stream.lock:
+            stream.finished = True
+            sent_text = "".join(stream.sent_text)
+            stream.pending_ids = done.token_ids[stream.sent_ids :]
+            tail = done.text[len(sent_text) :] if done.text.startswith(sent_text) else ""
+            stream.pending_text = [tail]
+            await self._publish_stream(stream, done.finish_reason)
+
+    def _end_stream(self, record: InFlight) -> None:
+        stream = self._streams.pop(record, None)
+        if stream is not None:
+            stream.finished = True
+        self._dirty.pop(record, None)
+
+    # -- outcomes --------------------------------------------------------------------
 
     async def _succeed(
         self, record: InFlight, done: Completion, started_at: float, finished_at: float
@@ -286,26 +452,33 @@ class Pipeline:
                     attempt,
                     exc,
                 )
-                if attempt == PUBLISH_ATTEMPTS or self.state is PipelineState.CLOSED:
+                if attempt == PUBLISH_ATTEMPTS or not self.is_open:
                     if record.attempt >= self._settings.max_deliver:
                         # The last delivery always ends the job.
                         failure = RuntimeFailure(f"result not published: {exc!r}")
                         await self._fail(record, failure, final=False)
                     else:
-                        await self._settle(record, "nak")
+                        await self._settle(record, Settle.NAK)
                     return
                 await asyncio.sleep(0.2 * attempt)
         self.metrics.jobs_succeeded += 1
         self.metrics.job_latency_seconds.observe(time.monotonic() - record.received)
         self.completed += 1
-        await self._settle(record, "ack")
+        await self._settle(record, Settle.ACK)
 
     def _result_body(
         self, record: InFlight, done: Completion, started_at: float, finished_at: float
     ) -> ResultBody:
         facts = self._runtime.facts
         assert record.job is not None
-        fields = {
+        output: dict[str, Any] = {
+            "text": done.text,
+            "token_ids": done.token_ids,
+            "finish_reason": done.finish_reason,
+        }
+        if done.logprobs is not None:
+            output["logprobs"] = done.logprobs
+        fields: dict[str, Any] = {
             "job_id": record.job.job_id,
             "model": {
                 "id": self.serving.model_id,
@@ -320,14 +493,11 @@ class Pipeline:
             },
             "config_version": self.serving.config_version,
             "input_sha256": record.input_sha256,
-            "output": {
-                "text": done.text,
-                "token_ids": done.token_ids,
-                "finish_reason": done.finish_reason,
-            },
+            "output": output,
             "usage": {
                 "prompt_tokens": done.prompt_tokens,
                 "completion_tokens": len(done.token_ids),
+                "first_token_s": done.first_token_s,
             },
             "attempt": record.attempt,
             "started_at": started_at,
@@ -360,57 +530,50 @@ class Pipeline:
             # A nak runs the job again and reports it then; but a nak on the last delivery
             # would leave the job in the stream for ever: that one terminates unreported.
             last = record.attempt >= self._settings.max_deliver
-            await self._settle(record, "term" if last else "nak")
+            await self._settle(record, Settle.TERM if last else Settle.NAK)
             return
         self.metrics.jobs_failed[code.value] += 1
         if final:
-            await self._settle(record, "term")
+            await self._settle(record, Settle.TERM)
         else:
-            await self._settle(record, "nak", delay=nak_delay(record.attempt))
+            await self._settle(record, Settle.NAK, delay=nak_delay(record.attempt))
 
-    async def _settle(self, record: InFlight, how: str, delay: float | None = None) -> None:
+    async def _settle(self, record: InFlight, how: Settle, delay: float | None = None) -> None:
         if record not in self._in_flight:
             return
         self._in_flight.discard(record)
+        if record.job is not None and self._by_job.get(record.job.job_id) is record:
+            del self._by_job[record.job.job_id]
+        if record.deadline_timer is not None:
+            record.deadline_timer.cancel()
         self.metrics.in_flight = len(self._in_flight)
         if not self._in_flight:
             self._idle.set()
         try:
-            if how == "ack":
+            if how is Settle.ACK:
                 await record.msg.ack()
-            elif how == "term":
+            elif how is Settle.TERM:
                 await record.msg.term()
             else:
                 await record.msg.nak(delay=delay)
         except Exception as exc:
-            log.warning("settle_failed how=%s job_id=%s error=%r", how, record.job_id, exc)
+            log.warning("settle_failed how=%s job_id=%s error=%r", how.value, record.job_id, exc)
         self._source.wake()
 
-    # ack-wait keepalive
+    # -- ack-wait keepalive ----------------------------------------------------------
 
     async def _progress_loop(self) -> None:
-        """Tell the server a job is still being worked on before its ack wait runs out."""
+        """Tell the server a job is still being worked on before its ack wait runs out,
+        up to its run deadline: past that the server may give it to another node."""
         interval = self._settings.ack_wait_s / 4
         while True:
             await asyncio.sleep(interval)
             due = time.monotonic() - self._settings.ack_wait_s / 2
+            now = time.time()
             for record in list(self._in_flight):
-                if record.progress_at < due:
+                if record.progress_at < due and extends_lease(record, now):
                     record.progress_at = time.monotonic()
                     try:
                         await record.msg.in_progress()
                     except Exception as exc:
                         log.debug("in_progress_failed job_id=%s error=%r", record.job_id, exc)
-
-
-def _payload(record: InFlight) -> dict[str, Any]:
-    job = record.job
-    assert job is not None
-    payload: dict[str, Any] = {"params": job.params.model_dump(exclude_none=True)}
-    if job.prompt is not None:
-        payload["prompt"] = job.prompt
-    elif job.messages is not None:
-        payload["messages"] = [m.model_dump() for m in job.messages]
-    else:
-        payload["prompt_token_ids"] = job.prompt_token_ids
-    return payload

@@ -25,6 +25,7 @@ from schemas.errors import SchemaError
 from schemas.event import MAX_MESSAGE_CHARS, ErrorCode, ErrorEvent, LifecycleEvent, LifecycleKind
 from schemas.node import Heartbeat, NodeStatus
 from schemas.result import ResultBody
+from schemas.stream import StreamBody
 from worker.core.errors import OutputMalformed
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
@@ -55,6 +56,7 @@ class Publisher:
         self._errors = settings.subject("events", "error", key.node_id)
         self._lifecycle = settings.subject("events", "node", key.node_id)
         self._heartbeat = settings.subject("nodes", key.node_id, "heartbeat")
+        self._stream = settings.subject("stream")
 
     def _ours(self, body: Mapping[str, Any]) -> dict[str, Any]:
         return {**body, "node_id": self.node_id, "network": self.network}
@@ -85,6 +87,13 @@ class Publisher:
             headers={"Nats-Msg-Id": body.job_id},
         )
         return not ack.duplicate
+
+    async def publish_stream(self, fields: Mapping[str, Any]) -> None:
+        """Sign one partial-output message, this node's identity filled in and the body
+        validated first; core NATS, not stored (PROTOCOL.md v2)."""
+        body = checked(StreamBody, self._ours(fields))
+        envelope = self._seal(EnvelopeType.STREAM, body)
+        await self._nc.publish(f"{self._stream}.{body.job_id}", envelope)
 
     async def publish_error(
         self,

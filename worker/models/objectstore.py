@@ -30,7 +30,6 @@ DEFAULT_CHUNK_SIZE = 512 * 1024
 DIGEST_PREFIX = "SHA-256="
 BATCH_BYTES = 4 << 20
 PUBLISH_WINDOW = 64
-PENDING_BYTES_LIMIT = 64 << 20
 
 ChunkSink = Callable[[list[bytes]], None]
 """Receives chunks in order, in a worker thread; may raise to abort the read."""

@@ -47,7 +47,15 @@ from worker.models.store import ModelLimits, ModelStore
 from worker.node.services import heartbeat_loop, status_endpoint
 from worker.node.snapshots import AcceptedSnapshot, ConfigWatcher
 from worker.node.validation import validate_model
-from worker.runtime.api import ItemOutcome, LaunchSpec, Runtime, RuntimeFacts, WorkItem
+from worker.runtime.api import (
+    Completion,
+    ItemOutcome,
+    LaunchSpec,
+    PartialSink,
+    Runtime,
+    RuntimeFacts,
+    WorkItem,
+)
 from worker.runtime.imagepin import ensure_image
 from worker.runtime.supervisor import Supervisor, create_backend
 
@@ -71,25 +79,44 @@ class ValidatedRuntime:
         self._spec = spec
         self._on_invalid = on_invalid
         self._validated_restarts = supervisor.stats().restarts
+        self._validating = asyncio.Lock()
 
     @property
     def facts(self) -> RuntimeFacts:
         facts: RuntimeFacts = self._sup.facts
         return facts
 
-    async def run(self, items: list[WorkItem]) -> list[ItemOutcome]:
+    async def _revalidate(self) -> None:
+        """After a runtime restart, the vectors run again before more work; raises a
+        retryable `RuntimeFailure` (the job is handed back) if they cannot pass now."""
         restarts = self._sup.stats().restarts
-        if restarts != self._validated_restarts:
+        if restarts == self._validated_restarts:
+            return
+        async with self._validating:
+            restarts = self._sup.stats().restarts  # another request may have validated
+            if restarts == self._validated_restarts:
+                return
             try:
                 await validate_model(self._sup, self._spec)
             except ModelInvalid as exc:
                 self._on_invalid(exc)
-                return [RuntimeFailure(f"handed back: {exc}") for _ in items]
+                raise RuntimeFailure(f"handed back: {exc}") from exc
             except RuntimeFailure as exc:
                 # The restarted runtime broke again before the vectors ran: not the model's
-                # fault. Hand the batch back; the next batch validates again.
-                return [RuntimeFailure(f"handed back: validation not run: {exc}") for _ in items]
+                # fault. Hand the job back; the next one validates again.
+                raise RuntimeFailure(f"handed back: validation not run: {exc}") from exc
             self._validated_restarts = restarts
+
+    async def generate(self, item: WorkItem, on_partial: PartialSink | None = None) -> Completion:
+        await self._revalidate()
+        done: Completion = await self._sup.generate(item, on_partial)
+        return done
+
+    async def run(self, items: list[WorkItem]) -> list[ItemOutcome]:
+        try:
+            await self._revalidate()
+        except RuntimeFailure as exc:
+            return [RuntimeFailure(str(exc)) for _ in items]
         outcomes: list[ItemOutcome] = await self._sup.run(items)
         return outcomes
 

@@ -3,7 +3,8 @@
 The supervisor implements `Runtime`; the pipeline and the validator only use this surface.
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +20,8 @@ class RuntimeFacts:
     model_sha256: str
     device: str
     image: str
+    max_active: int = 0
+    """How many requests the engine runs concurrently (0: it did not say)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,11 +37,13 @@ class LaunchSpec:
 
 @dataclass(frozen=True, slots=True)
 class WorkItem:
-    """One job as the runtime sees it: `payload` holds `prompt` or `prompt_token_ids` and
-    `params`, exactly the item map of a `batch` frame minus `job_id`."""
+    """One job as the runtime sees it: `payload` is the `request` map of a `submit` frame
+    (`prompt`, `prompt_token_ids` or `messages`, and `params`)."""
 
     job_id: str
     payload: dict[str, Any]
+    stream: bool = False
+    deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +53,20 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    first_token_s: float = 0.0
+    logprobs: list[dict[str, Any]] | None = field(default=None)
 
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """New output of a streaming request (one `partial` frame)."""
+
+    token_ids: list[int]
+    text: str
+
+
+PartialSink = Callable[[Partial], None]
+"""Called from the frame reader for each `partial`: must not block."""
 
 ItemOutcome = Completion | NodeError
 
@@ -57,7 +75,12 @@ class Runtime(Protocol):
     @property
     def facts(self) -> RuntimeFacts: ...
 
+    async def generate(self, item: WorkItem, on_partial: PartialSink | None = None) -> Completion:
+        """Run one request. Raises a `NodeError`: a retryable `RuntimeFailure` means the job
+        may be tried again; `ItemFailed`, `BadRequest`, `DeadlineExceeded` are final.
+        Cancelling the call aborts the request in the engine."""
+        ...
+
     async def run(self, items: list[WorkItem]) -> list[ItemOutcome]:
-        """One outcome per item, in order. A retryable `RuntimeFailure` means the job may be
-        tried again; `ItemFailed` or `OutputMalformed` are final for that job."""
+        """`generate` for each item, concurrently; one outcome per item, in order."""
         ...

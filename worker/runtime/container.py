@@ -10,7 +10,6 @@ non-blocking mode, with no thread hop per read.
 """
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -30,6 +29,7 @@ from worker.core.errors import IsolationError, RuntimeBroken, RuntimeEnded, Runt
 from worker.core.resource import finish_uncancellable
 from worker.core.settings import Settings
 from worker.runtime.api import LaunchSpec
+from worker.runtime.launch import launch_env
 from worker.runtime.stderrlog import RuntimeLog
 from worker.runtime.transport import FrameInbox, call_blocking
 
@@ -74,25 +74,11 @@ class StreamDemux:
         return len(self._buffer)
 
 
-def runtime_env(spec: LaunchSpec, settings: Settings, *, model_dir: str) -> dict[str, str]:
-    """The environment contract of `python -m containers.runtime`."""
-    return {
-        "RESULTITY_ENGINE": spec.engine,
-        "RESULTITY_MODEL_DIR": model_dir,
-        "RESULTITY_MODEL_SHA256": spec.model_sha256,
-        "RESULTITY_ENGINE_ARGS": json.dumps(spec.engine_args, sort_keys=True),
-        "RESULTITY_MAX_FRAME_BYTES": str(settings.runtime_max_frame_bytes),
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "HOME": "/tmp",
-    }
-
-
 def expected_env(
     spec: LaunchSpec, settings: Settings, *, extra_env: Mapping[str, str]
 ) -> dict[str, str]:
     """The environment the agent gives a runtime container (added to the image's own)."""
-    return runtime_env(spec, settings, model_dir=MODEL_MOUNT) | dict(extra_env)
+    return launch_env(spec, settings, model_dir=MODEL_MOUNT) | dict(extra_env)
 
 
 def runtime_cpus(settings: Settings) -> float:
@@ -309,7 +295,6 @@ class DockerBackend:
     """Launches runtime containers. `command=None` runs the image's own entrypoint."""
 
     name = "docker"
-    isolated = True
 
     def __init__(
         self,
@@ -446,7 +431,7 @@ class ContainerHandle:
     def ident(self) -> str:
         return self._id
 
-    async def send(self, frame: Frame) -> None:
+    async def send(self, frame: Mapping[str, object]) -> None:
         if self._writer.is_closing():
             raise RuntimeEnded(f"runtime container {self._id[:12]} is closed")
         try:
@@ -513,7 +498,9 @@ class ContainerHandle:
                 await finish_uncancellable(call_blocking(remove_container, self._client, self._id))
                 log.info("runtime_container_removed container=%s", self._id[:12])
             finally:
-                self._writer.close()
+                # Abort, not close: a runtime that stopped reading leaves unsent input in
+                # the buffer, and a closing transport would wait for it forever.
+                self._writer.transport.abort()
 
     def _wait_blocking(self, timeout_s: float) -> None:
         try:

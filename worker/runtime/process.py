@@ -19,7 +19,7 @@ from worker.core.errors import RuntimeEnded, RuntimeStartError
 from worker.core.resource import finish_uncancellable
 from worker.core.settings import Settings
 from worker.runtime.api import LaunchSpec
-from worker.runtime.container import runtime_env
+from worker.runtime.launch import launch_env
 from worker.runtime.stderrlog import RuntimeLog
 from worker.runtime.transport import FrameInbox
 
@@ -34,7 +34,6 @@ class ProcessBackend:
     """Launches runtimes as local child processes (not isolated, see the module doc)."""
 
     name = "process"
-    isolated = False
 
     def __init__(
         self,
@@ -53,7 +52,7 @@ class ProcessBackend:
     async def launch(self, spec: LaunchSpec) -> "ProcessHandle":
         # Only what the runtime needs: the agent's own RESULTITY_* settings stay out.
         env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV}
-        env |= runtime_env(spec, self._settings, model_dir=str(spec.model_dir))
+        env |= launch_env(spec, self._settings, model_dir=str(spec.model_dir))
         env |= self._extra_env
         env["HOME"] = os.environ.get("HOME", "/tmp")
         starting = asyncio.ensure_future(
@@ -97,7 +96,7 @@ class ProcessHandle:
     def ident(self) -> str:
         return self._ident
 
-    async def send(self, frame: Frame) -> None:
+    async def send(self, frame: Mapping[str, object]) -> None:
         stdin = self._proc.stdin
         if stdin is None or stdin.is_closing():
             raise RuntimeEnded(f"runtime {self._ident} is closed")

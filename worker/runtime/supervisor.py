@@ -1,28 +1,30 @@
-"""The runtime supervisor: keeps exactly one runtime running, feeds it batches, and
-replaces it when it crashes, hangs, or talks nonsense.
+"""The runtime supervisor: keeps exactly one runtime running, hands it requests one by one,
+and replaces it when it crashes, hangs, or talks nonsense.
 
-A runtime is trusted for nothing: every frame is checked, every wait has a deadline, and a
-runtime that breaks any rule is killed and removed before a fresh one starts. A batch
-that was in flight comes back as retryable `RuntimeFailure`s. A job that keeps killing
-the runtime (it was in a failing batch before) is found by splitting its batch in halves,
-each run on a fresh runtime, and only that job fails (`ItemFailed`, final).
+A runtime is trusted for nothing: every frame is parsed, every write and every wait has a
+deadline, pings go out while requests run (a runtime hung mid-generation is found by the
+ping timeout), and a runtime that breaks any rule is killed and removed before a fresh one
+starts. Requests in flight on a runtime that dies come back as retryable `RuntimeFailure`s
+(the pipeline hands their jobs back). A job that was in flight at `SOLO_AFTER_STRIKES`
+runtime deaths runs alone next time (no other request on the runtime); if the runtime dies
+again it fails alone (`ItemFailed`, final) and no other job is failed because of it.
 """
 
 import asyncio
-import enum
 import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
 
 from schemas import frames
-from schemas.frames import PROTOCOL_VERSION, Frame
+from schemas.frames import PROTOCOL_VERSION, FailCode, Frame, FrameError, FrameKind
+from schemas.limits import DEFAULT_MAX_TOKENS
 from worker.core.errors import (
+    BadRequest,
+    DeadlineExceeded,
     ItemFailed,
     NodeError,
     OutputMalformed,
@@ -33,22 +35,24 @@ from worker.core.errors import (
     RuntimeStartError,
     RuntimeTimeout,
 )
-from worker.core.resource import finish_uncancellable
+from worker.core.resource import AsyncResource
 from worker.core.settings import Settings
-from worker.runtime.api import Completion, ItemOutcome, LaunchSpec, RuntimeFacts, WorkItem
+from worker.runtime.api import (
+    Completion,
+    ItemOutcome,
+    LaunchSpec,
+    Partial,
+    PartialSink,
+    RuntimeFacts,
+    WorkItem,
+)
 from worker.runtime.process import ProcessBackend
 from worker.runtime.transport import Backend, RuntimeHandle
 
 log = logging.getLogger(__name__)
 
-FINISH_REASONS = frozenset({"stop", "length"})
 MAX_SUSPECTS = 4096
-
-
-class SupervisorState(enum.Enum):
-    UNOPENED = "unopened"
-    OPEN = "open"
-    CLOSED = "closed"
+SOLO_AFTER_STRIKES = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +61,21 @@ class SupervisorStats:
     backend: str
     runtime_id: str | None
     restarts: int
-    batches: int
+    requests: int
+    active: int
+    aborting: int
     uptime_s: float
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: int
+    job_id: str
+    stream: bool
+    max_tokens: int
+    future: "asyncio.Future[Completion]"
+    on_partial: PartialSink | None
+    streamed: int = 0
 
 
 @dataclass(eq=False)
@@ -68,57 +85,135 @@ class _Session:
     handle: RuntimeHandle
     spec: LaunchSpec
     ready: "asyncio.Future[Frame]"
-    pending: "dict[int, asyncio.Future[Frame]]" = field(default_factory=dict)
+    requests: dict[int, _Request] = field(default_factory=dict)
     pings: "dict[int, asyncio.Future[Frame]]" = field(default_factory=dict)
-    abandoned: set[int] = field(default_factory=set)
+    aborted: set[int] = field(default_factory=set)
     failure: RuntimeFailure | None = None
     reader: "asyncio.Task[None] | None" = None
     started_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
 
     def deliver(self, frame: Frame) -> None:
+        """One frame from the runtime. Raises `RuntimeFailure` when the runtime broke the
+        protocol: the reader then fails the whole session."""
         self.last_active = time.monotonic()
         kind = frame["t"]
-        if not self.ready.done():
-            if kind == "ready":
+        try:
+            if not self.ready.done():
+                if kind != FrameKind.READY:
+                    raise RuntimeBroken(f"first frame is {kind!r}, expected 'ready'")
                 self.ready.set_result(frame)
+            elif kind == FrameKind.READY:
+                raise RuntimeBroken("second 'ready' frame")
+            elif kind == FrameKind.FATAL:
+                message = frames.parse_fatal(frame)["message"]
+                raise RuntimeEnded(f"runtime reported fatal: {message[:500]}")
+            elif kind == FrameKind.PONG:
+                future = self.pings.pop(frames.parse_pong(frame)["id"], None)
+                if future is None:
+                    raise RuntimeBroken(f"'pong' for unknown ping {frame.get('id')!r}")
+                if not future.done():
+                    future.set_result(frame)
+            else:
+                self._request_frame(kind, frame)
+        except FrameError as exc:
+            raise RuntimeBroken(f"bad {kind!r} frame: {exc}") from exc
+
+    def _request_frame(self, kind: str, frame: Frame) -> None:
+        request_id = frame.get("id")
+        if not isinstance(request_id, int):
+            raise RuntimeBroken(f"{kind!r} frame without a request id")
+        req = self.requests.get(request_id)
+        if req is None:
+            if request_id in self.aborted:
+                if kind != FrameKind.PARTIAL:
+                    self.aborted.discard(request_id)  # its last frame: forget it
                 return
-            raise RuntimeBroken(f"first frame is {kind!r}, expected 'ready'")
-        if kind == "ready":
-            raise RuntimeBroken("second 'ready' frame")
-        if kind == "fatal":
-            raise RuntimeEnded(f"runtime reported fatal: {str(frame.get('message'))[:500]}")
-        ident = frame.get("id")
-        waits = self.pending if kind == "result" else self.pings
-        future = waits.pop(ident, None) if isinstance(ident, int) else None
-        if future is None:
-            if kind == "result" and ident in self.abandoned:
-                self.abandoned.discard(ident)
-                return
-            raise RuntimeBroken(f"{kind!r} frame for unknown id {ident!r}")
-        if not future.done():
-            future.set_result(frame)
+            raise RuntimeBroken(f"{kind!r} frame for unknown request {request_id}")
+        if kind == FrameKind.PARTIAL:
+            part = frames.parse_partial(frame)
+            if not req.stream:
+                raise RuntimeBroken(f"'partial' for request {request_id}, which does not stream")
+            req.streamed += len(part["token_ids"])
+            if req.streamed > req.max_tokens:
+                raise RuntimeBroken(
+                    f"request {request_id} streamed {req.streamed} tokens, "
+                    f"max_tokens is {req.max_tokens}"
+                )
+            if req.on_partial is not None:
+                try:
+                    req.on_partial(Partial(part["token_ids"], part["text"]))
+                except Exception:
+                    log.exception("partial_sink_failed job_id=%s", req.job_id)
+            return
+        del self.requests[request_id]
+        if kind == FrameKind.DONE:
+            outcome = _completion(req, frame)
+        else:
+            failed = frames.parse_failed(frame)
+            if failed["code"] == FailCode.ABORTED:
+                raise RuntimeBroken(f"runtime aborted request {request_id} on its own")
+            outcome = _failure(req, failed["code"], failed["reason"])
+        if isinstance(outcome, Completion):
+            req.future.set_result(outcome)
+        else:
+            req.future.set_exception(outcome)
 
     def fail(self, exc: RuntimeFailure) -> None:
         if self.failure is None:
             self.failure = exc
-        for future in (self.ready, *self.pending.values(), *self.pings.values()):
+        waits: list[asyncio.Future[object]] = [self.ready, *self.pings.values()]  # type: ignore[list-item]
+        waits += [r.future for r in self.requests.values()]  # type: ignore[misc]
+        for future in waits:
             if not future.done():
                 future.set_exception(exc)
                 future.exception()  # the waiter may be gone; never "never retrieved"
-        self.pending.clear()
+        self.requests.clear()
         self.pings.clear()
 
 
-class Supervisor:
+def _completion(req: _Request, frame: Frame) -> Completion | NodeError:
+    try:
+        done = frames.parse_done(frame)
+    except FrameError as exc:
+        return OutputMalformed(f"job {req.job_id}: {exc}")
+    if req.streamed > len(done["token_ids"]):
+        return OutputMalformed(
+            f"job {req.job_id}: {req.streamed} tokens streamed, {len(done['token_ids'])} in done"
+        )
+    if len(done["token_ids"]) > req.max_tokens:
+        return OutputMalformed(
+            f"job {req.job_id}: {len(done['token_ids'])} tokens, max_tokens is {req.max_tokens}"
+        )
+    logprobs = done.get("logprobs")
+    return Completion(
+        job_id=req.job_id,
+        text=done["text"],
+        token_ids=done["token_ids"],
+        finish_reason=done["finish_reason"],
+        prompt_tokens=done["prompt_tokens"],
+        first_token_s=done["first_token_s"],
+        logprobs=[dict(e) for e in logprobs] if logprobs is not None else None,
+    )
+
+
+def _failure(req: _Request, code: str, reason: str) -> NodeError:
+    message = f"job {req.job_id}: {reason[:1000]}"
+    if code == FailCode.BAD_REQUEST:
+        return BadRequest(message)
+    if code == FailCode.DEADLINE:
+        return DeadlineExceeded(message)
+    return ItemFailed(f"job {req.job_id}: engine error: {reason[:1000]}")
+
+
+class Supervisor(AsyncResource):
     """Runs one runtime at a time through `backend`. Use as `async with Supervisor(...)`."""
 
     def __init__(self, settings: Settings, backend: Backend, spec: LaunchSpec) -> None:
+        super().__init__()
         self._settings = settings
         self._backend = backend
         self._spec = spec
-        self._state = SupervisorState.UNOPENED
-        self._stack = AsyncExitStack()
         self._tg: asyncio.TaskGroup | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -128,72 +223,46 @@ class Supervisor:
         self._ids = itertools.count(1)
         self._suspects: OrderedDict[str, int] = OrderedDict()
         self._restarts = 0
-        self._batches = 0
+        self._requests = 0
         self._opened_at = 0.0
-        self._closed: asyncio.Future[None] | None = None
+        self._active = 0
+        self._solo_running = False
+        self._solo_waiting = 0
+        self._admission_changed = asyncio.Event()
 
     # -- resource --------------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        if self._state is not SupervisorState.UNOPENED:
-            raise RuntimeClosed(f"supervisor is {self._state.value}; it cannot be reopened")
-        self._state = SupervisorState.OPEN
+    async def _open(self, stack: AsyncExitStack) -> None:
         self._opened_at = time.monotonic()
-        try:
-            self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
-            removed = await self._backend.remove_leftovers()
-            if removed:
-                log.warning("runtime_leftovers_removed count=%d", removed)
-            async with self._lock:
-                await self._start(self._spec)
-            self._watcher = self._tg.create_task(self._watch())
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        # Shutdown sequence, each step bounded:
-        # (1) state CLOSED: no new batch starts, `run()` raises `RuntimeClosed`;
-        # (2) stop the watcher, so no ping or restart races the shutdown;
-        # (3) hand back the batch in flight: its items come back as `RuntimeClosed`
-        #     (retryable) at once instead of after the batch deadline;
-        # (4) stop the runtime: `shutdown` frame, up to runtime_stop_timeout_s to exit,
-        #     then kill and remove (shielded: a cancelled close still removes it);
-        # (5) close the backend, then the task group (its tasks are all ending by now).
-        if self._closed is None:
-            self._closed = asyncio.ensure_future(self._close())
-        await finish_uncancellable(self._closed)
+        stack.push_async_callback(self._backend.aclose)
+        self._tg = await stack.enter_async_context(asyncio.TaskGroup())
+        removed = await self._backend.remove_leftovers()
+        if removed:
+            log.warning("runtime_leftovers_removed count=%d", removed)
+        async with self._lock:
+            await self._start(self._spec)
+        self._watcher = self._tg.create_task(self._watch(), name="runtime-watch")
 
     async def _close(self) -> None:
-        self._state = SupervisorState.CLOSED
+        # Shutdown sequence, each step bounded; then the stack closes the task group (its
+        # tasks are all ending by now) and the backend:
+        # (1) state CLOSING (set by AsyncResource): no new request starts;
+        # (2) stop the watcher, so no ping or restart races the shutdown;
+        # (3) hand back the requests in flight: they end as `RuntimeClosed` (retryable) at
+        #     once instead of after their deadline;
+        # (4) stop the runtime: `shutdown` frame, up to runtime_stop_timeout_s to exit,
+        #     then kill and remove (uncancellable: a cancelled close still removes it).
         if self._watcher is not None:
             self._watcher.cancel()
         if self._session is not None:
             self._session.fail(RuntimeClosed("the supervisor is closing"))
-        async with self._lock:  # a run() in flight has now handed its batch back
+        async with self._lock:
             session = self._session
             if session is not None:
                 await self._discard(session, "supervisor closing", graceful=True)
-        try:
-            await self._backend.aclose()
-        finally:
-            await self._stack.aclose()
-        log.info("supervisor_closed restarts=%d batches=%d", self._restarts, self._batches)
+        log.info("supervisor_closed restarts=%d requests=%d", self._restarts, self._requests)
 
     # -- public surface --------------------------------------------------------------
-
-    @property
-    def state(self) -> SupervisorState:
-        return self._state
 
     @property
     def facts(self) -> RuntimeFacts:
@@ -204,22 +273,60 @@ class Supervisor:
     def stats(self) -> SupervisorStats:
         session = self._session
         return SupervisorStats(
-            state=self._state.value,
+            state=self.state.value,
             backend=self._backend.name,
             runtime_id=session.handle.ident if session else None,
             restarts=self._restarts,
-            batches=self._batches,
+            requests=self._requests,
+            active=self._active,
+            aborting=len(session.aborted) if session else 0,
             uptime_s=time.monotonic() - self._opened_at if self._opened_at else 0.0,
         )
 
-    async def run(self, items: Sequence[WorkItem]) -> list[ItemOutcome]:
-        """One outcome per item, in order. Concurrent calls are served one at a time."""
+    async def generate(self, item: WorkItem, on_partial: PartialSink | None = None) -> Completion:
+        """Run one request (see `Runtime.generate`)."""
         self._check_open()
-        if not items:
-            return []
-        async with self._lock:
+        solo = self._suspects.get(item.job_id, 0) >= SOLO_AFTER_STRIKES
+        async with self._admission(solo):
             self._check_open()
-            return await self._run_isolating(list(items))
+            try:
+                session = await self._ready_session()
+            except RuntimeFailure as exc:
+                raise _handed_back(item, exc) from exc
+            try:
+                done = await self._attempt(session, item, on_partial)
+            except RuntimeFailure as exc:
+                await self._recover(session, exc)
+                if isinstance(exc, RuntimeClosed) or not self.is_open:
+                    raise _handed_back(item, exc) from exc
+                strikes = self._strike(item.job_id)
+                if solo:
+                    self._suspects.pop(item.job_id, None)
+                    log.error(
+                        "runtime_poison_job job_id=%s strikes=%d reason=%s",
+                        item.job_id,
+                        strikes,
+                        exc,
+                    )
+                    raise ItemFailed(
+                        f"job {item.job_id} was in flight at {strikes} runtime failures, the last "
+                        f"time alone ({type(exc).__name__}: {exc})"
+                    ) from exc
+                raise _handed_back(item, exc) from exc
+        self._requests += 1
+        self._suspects.pop(item.job_id, None)
+        return done
+
+    async def run(self, items: Sequence[WorkItem]) -> list[ItemOutcome]:
+        """`generate` for each item, concurrently; one outcome per item, in order."""
+
+        async def one(item: WorkItem) -> ItemOutcome:
+            try:
+                return await self.generate(item)
+            except NodeError as exc:
+                return exc
+
+        return list(await asyncio.gather(*(one(i) for i in items)))
 
     async def replace(self, spec: LaunchSpec) -> RuntimeFacts:
         """Stop the current runtime and start one from `spec` (a new configuration)."""
@@ -233,20 +340,119 @@ class Supervisor:
             facts = await self._start(spec)
             log.info(
                 "runtime_replaced runtime=%s engine=%s image=%s",
-                self._session.handle.ident[:12] if self._session else None,
-                spec.engine,
-                spec.image,
+                self.stats().runtime_id,
+                facts.engine,
+                facts.image,
             )
             return facts
 
-    # -- runtime lifecycle -----------------------------------------------------------
+    # -- internals -------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._state is not SupervisorState.OPEN:
-            raise RuntimeClosed(f"supervisor is {self._state.value}")
+        if not self.is_open:
+            raise RuntimeClosed(f"the supervisor is {self.state.value}")
+
+    @asynccontextmanager
+    async def _admission(self, solo: bool) -> AsyncIterator[None]:
+        """A solo request waits until nothing else runs, and holds off new requests."""
+        if solo:
+            self._solo_waiting += 1
+        try:
+            while self._solo_running or (self._active if solo else self._solo_waiting):
+                changed = self._admission_changed
+                await changed.wait()
+        finally:
+            if solo:
+                self._solo_waiting -= 1
+        self._active += 1
+        self._solo_running = solo
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if solo:
+                self._solo_running = False
+            self._admission_changed.set()
+            self._admission_changed = asyncio.Event()
+
+    def _strike(self, job_id: str) -> int:
+        strikes = self._suspects.pop(job_id, 0) + 1
+        self._suspects[job_id] = strikes
+        while len(self._suspects) > MAX_SUSPECTS:
+            self._suspects.popitem(last=False)
+        return strikes
+
+    async def _attempt(
+        self, session: _Session, item: WorkItem, on_partial: PartialSink | None
+    ) -> Completion:
+        request_id = next(self._ids)
+        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+        max_tokens = item.payload.get("params", {}).get("max_tokens", DEFAULT_MAX_TOKENS)
+        req = _Request(request_id, item.job_id, item.stream, max_tokens, future, on_partial)
+        session.requests[request_id] = req
+        timeout_s = self._settings.request_timeout_s
+        try:
+            await self._send(
+                session,
+                frames.submit(
+                    request_id,
+                    item.payload,  # type: ignore[arg-type]
+                    stream=item.stream,
+                    deadline=item.deadline,
+                ),
+            )
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await asyncio.shield(future)
+            except TimeoutError as exc:
+                failure = RuntimeTimeout(
+                    f"no answer for job {item.job_id} within request_timeout_s={timeout_s}s"
+                )
+                session.fail(failure)
+                raise failure from exc
+        finally:
+            if session.requests.pop(request_id, None) is not None and session.failure is None:
+                # Cancelled (job cancelled, deadline, drain): stop it in the engine.
+                session.aborted.add(request_id)
+                if self._tg is not None and self.is_open:
+                    self._tg.create_task(self._abort(session, request_id))
+
+    async def _abort(self, session: _Session, request_id: int) -> None:
+        try:
+            await self._send(session, frames.abort(request_id))
+        except RuntimeFailure as exc:
+            log.info("runtime_abort_failed request=%d error=%s", request_id, exc)
+
+    async def _send(self, session: _Session, frame: object) -> None:
+        """Write one frame under `runtime_write_timeout_s`: a runtime that stops reading
+        its input is broken (and fails the session)."""
+        timeout_s = self._settings.runtime_write_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await session.handle.send(frame)  # type: ignore[arg-type]
+        except TimeoutError:
+            exc: RuntimeFailure = RuntimeTimeout(
+                f"runtime {session.handle.ident[:12]} took no input for "
+                f"runtime_write_timeout_s={timeout_s}s"
+            )
+        except RuntimeFailure as failure:
+            exc = failure
+        else:
+            return
+        session.fail(exc)
+        self._wake.set()
+        raise exc
+
+    async def _ready_session(self) -> _Session:
+        session = self._session
+        if session is not None and session.failure is None:
+            return session
+        async with self._lock:
+            self._check_open()
+            return await self._ensure_session()
 
     async def _start(self, spec: LaunchSpec) -> RuntimeFacts:
-        """Launch a runtime and wait for its `ready` frame. Caller holds the lock."""
+        """Launch a runtime and wait for its `ready` (caller holds the lock)."""
         assert self._tg is not None
         timeout_s = self._settings.runtime_ready_timeout_s
         handle = await self._backend.launch(spec)
@@ -254,7 +460,7 @@ class Supervisor:
         session = _Session(handle=handle, spec=spec, ready=loop.create_future())
         self._session = session
         try:
-            if self._state is not SupervisorState.OPEN:
+            if not self.is_open:
                 raise RuntimeClosed("the supervisor closed while the runtime started")
             session.reader = self._tg.create_task(self._read(session))
             try:
@@ -273,38 +479,20 @@ class Supervisor:
                 raise RuntimeStartError(
                     f"runtime {handle.ident[:12]} failed before 'ready': {exc}"
                 ) from exc
-            facts = self._check_ready(ready, spec)
+            facts = check_ready(ready, spec)
         except BaseException as exc:
             await self._discard(session, f"start failed: {exc!r}", graceful=False)
             raise
         self._facts = facts
         log.info(
-            "runtime_ready runtime=%s engine=%s engine_version=%s device=%s",
+            "runtime_ready runtime=%s engine=%s engine_version=%s device=%s max_active=%d",
             handle.ident[:12],
             facts.engine,
             facts.engine_version,
             facts.device,
+            facts.max_active,
         )
         return facts
-
-    def _check_ready(self, ready: Frame, spec: LaunchSpec) -> RuntimeFacts:
-        proto = ready.get("proto")
-        if proto != PROTOCOL_VERSION:
-            raise RuntimeStartError(
-                f"runtime speaks frame protocol {proto!r}, this agent speaks {PROTOCOL_VERSION}: "
-                "run a runtime image built for this agent version"
-            )
-        fields = {}
-        for name in ("engine", "engine_version", "model_sha256", "device"):
-            value = ready.get(name)
-            if not isinstance(value, str):
-                raise RuntimeStartError(f"'ready' frame field {name!r} is not a string: {value!r}")
-            fields[name] = value
-        if spec.model_sha256 and fields["model_sha256"] != spec.model_sha256:
-            raise RuntimeStartError(
-                f"runtime loaded model {fields['model_sha256']}, expected {spec.model_sha256}"
-            )
-        return RuntimeFacts(image=spec.image, **fields)
 
     async def _read(self, session: _Session) -> None:
         """The session's reader task: frames to waiters until the runtime ends."""
@@ -334,30 +522,43 @@ class Supervisor:
         log.info("runtime_stopped runtime=%s why=%s", session.handle.ident[:12], why)
 
     async def _recover(self, session: _Session, exc: RuntimeFailure) -> None:
-        """Replace a runtime that broke a rule. A failed restart is logged; the next batch
-        or the watcher tries again."""
-        status = await session.handle.exit_status() if isinstance(exc, RuntimeEnded) else ""
-        log.warning(
-            "runtime_failed runtime=%s error=%s reason=%s %s",
-            session.handle.ident[:12],
-            type(exc).__name__,
-            exc,
-            status,
-        )
-        await self._discard(session, f"{type(exc).__name__}: {exc}", graceful=False)
-        if self._state is not SupervisorState.OPEN:
-            return
-        self._restarts += 1
-        try:
-            await self._start(self._spec)
-        except RuntimeFailure as start_exc:
-            log.error("runtime_restart_failed error=%s", start_exc)
+        """Replace a runtime that broke a rule, once however many requests saw it break.
+        A failed restart is logged; the next request or the watcher tries again."""
+        async with self._lock:
+            if self._session is not session:
+                return
+            status = await session.handle.exit_status() if isinstance(exc, RuntimeEnded) else ""
+            log.warning(
+                "runtime_failed runtime=%s error=%s reason=%s %s",
+                session.handle.ident[:12],
+                type(exc).__name__,
+                exc,
+                status,
+            )
+            await self._discard(session, f"{type(exc).__name__}: {exc}", graceful=False)
+            if not self.is_open:
+                return
+            self._restarts += 1
+            try:
+                await self._start(self._spec)
+            except RuntimeFailure as start_exc:
+                log.error("runtime_restart_failed error=%s", start_exc)
 
     async def _ensure_session(self) -> _Session:
+        """A session that has not failed (caller holds the lock)."""
         session = self._session
         if session is not None and session.failure is not None:
-            await self._recover(session, session.failure)
-            session = self._session
+            failure = session.failure
+            status = await session.handle.exit_status() if isinstance(failure, RuntimeEnded) else ""
+            log.warning(
+                "runtime_failed runtime=%s error=%s reason=%s %s",
+                session.handle.ident[:12],
+                type(failure).__name__,
+                failure,
+                status,
+            )
+            await self._discard(session, f"{type(failure).__name__}: {failure}", graceful=False)
+            session = None
         if session is None:
             self._restarts += 1
             await self._start(self._spec)
@@ -366,29 +567,31 @@ class Supervisor:
         return session
 
     async def _watch(self) -> None:
-        """While idle: restart a runtime that died, ping one that has been quiet."""
+        """Restart a runtime that died; ping one that has been quiet, also while it runs
+        requests (a hung engine step answers no ping)."""
         interval_s = self._settings.ping_interval_s
-        while self._state is SupervisorState.OPEN:
+        while self.is_open:
             try:
                 async with asyncio.timeout(interval_s):
                     await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
-            async with self._lock:
-                if self._state is not SupervisorState.OPEN:
-                    return
-                try:
-                    await self._check_idle()
-                except RuntimeFailure as exc:
-                    log.error("runtime_unavailable error=%s", exc)
-                except Exception:
-                    log.exception("supervisor_watch_crashed")
+            if not self.is_open:
+                return
+            try:
+                await self._check()
+            except RuntimeFailure as exc:
+                log.error("runtime_unavailable error=%s", exc)
+            except Exception:
+                log.exception("supervisor_watch_crashed")
 
-    async def _check_idle(self) -> None:
+    async def _check(self) -> None:
         session = self._session
         if session is None or session.failure is not None:
-            await self._ensure_session()
+            async with self._lock:
+                if self.is_open:
+                    await self._ensure_session()
             return
         if time.monotonic() - session.last_active < self._settings.ping_interval_s:
             return
@@ -397,183 +600,55 @@ class Supervisor:
         session.pings[ping_id] = future
         timeout_s = self._settings.ping_timeout_s
         try:
-            await session.handle.send(frames.ping(ping_id))
+            await self._send(session, frames.ping(ping_id))
             async with asyncio.timeout(timeout_s):
                 await asyncio.shield(future)
         except TimeoutError:
             exc: RuntimeFailure = RuntimeTimeout(
                 f"no 'pong' within ping_timeout_s={timeout_s}s (hung runtime?)"
             )
+            session.fail(exc)
             await self._recover(session, exc)
-        except RuntimeFailure as exc:
-            await self._recover(session, exc)
+        except RuntimeFailure as failure:
+            await self._recover(session, failure)
         finally:
             session.pings.pop(ping_id, None)
 
-    # -- batches ---------------------------------------------------------------------
 
-    async def _run_isolating(self, items: list[WorkItem]) -> list[ItemOutcome]:
-        known_suspect = any(item.job_id in self._suspects for item in items)
-        try:
-            session = await self._ensure_session()
-        except RuntimeFailure as exc:
-            return _fail_each(items, exc)
-        try:
-            return await self._attempt(session, items)
-        except RuntimeFailure as exc:
-            await self._recover(session, exc)
-            if isinstance(exc, RuntimeClosed) or self._state is not SupervisorState.OPEN:
-                return _fail_each(items, exc)
-            self._strike(items)
-            if not known_suspect:
-                return _fail_each(items, exc)
-            log.warning("runtime_poison_search size=%d reason=%s", len(items), type(exc).__name__)
-            return await self._bisect(items, exc)
-
-    async def _bisect(self, items: list[WorkItem], exc: RuntimeFailure) -> list[ItemOutcome]:
-        """Items that together killed the runtime again: split until the killer is alone."""
-        if len(items) == 1:
-            item = items[0]
-            strikes = self._suspects.pop(item.job_id, 0)
-            log.error(
-                "runtime_poison_job job_id=%s strikes=%d reason=%s", item.job_id, strikes, exc
-            )
-            failed = ItemFailed(
-                f"job {item.job_id} killed the runtime {strikes} times, the last time alone "
-                f"({type(exc).__name__}: {exc})"
-            )
-            failed.__cause__ = exc
-            return [failed]
-        mid = len(items) // 2
-        outcomes: list[ItemOutcome] = []
-        for half in (items[:mid], items[mid:]):
-            try:
-                session = await self._ensure_session()
-            except RuntimeFailure as start_exc:
-                outcomes.extend(_fail_each(half, start_exc))
-                continue
-            try:
-                outcomes.extend(await self._attempt(session, half))
-            except RuntimeFailure as half_exc:
-                await self._recover(session, half_exc)
-                if isinstance(half_exc, RuntimeClosed) or self._state is not SupervisorState.OPEN:
-                    outcomes.extend(_fail_each(half, half_exc))
-                    continue
-                self._strike(half)
-                outcomes.extend(await self._bisect(half, half_exc))
-        return outcomes
-
-    def _strike(self, items: list[WorkItem]) -> None:
-        for item in items:
-            self._suspects[item.job_id] = self._suspects.pop(item.job_id, 0) + 1
-        while len(self._suspects) > MAX_SUSPECTS:
-            self._suspects.popitem(last=False)
-
-    async def _attempt(self, session: _Session, items: list[WorkItem]) -> list[ItemOutcome]:
-        """Send one batch and map its result. Raises `RuntimeFailure` when the runtime
-        broke (the caller replaces it)."""
-        batch_id = next(self._ids)
-        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        session.pending[batch_id] = future
-        timeout_s = self._settings.batch_timeout_s
-        payload = [{**item.payload, "job_id": item.job_id} for item in items]
-        answered = False
-        try:
-            await session.handle.send(frames.batch(batch_id, payload))
-            try:
-                async with asyncio.timeout(timeout_s):
-                    frame = await asyncio.shield(future)
-            except TimeoutError as exc:
-                raise RuntimeTimeout(
-                    f"no result for a batch of {len(items)} within batch_timeout_s={timeout_s}s"
-                ) from exc
-            answered = True
-        finally:
-            session.pending.pop(batch_id, None)
-            if not answered and session.failure is None:
-                session.abandoned.add(batch_id)
-        self._batches += 1
-        if self._session is session and session.spec is self._spec:
-            for item in items:
-                self._suspects.pop(item.job_id, None)
-        return map_result(items, frame)
-
-
-def _fail_each(items: Sequence[WorkItem], exc: NodeError) -> list[ItemOutcome]:
-    """A fresh error per item, of the same class, caused by `exc`. A runtime that cannot
-    start for a reason that is final for the node (`IsolationError`) is not the job's
-    fault: its jobs get a retryable `RuntimeStartError`."""
-    cls = type(exc)
-    if isinstance(exc, RuntimeFailure) and not exc.retryable:
-        cls = RuntimeStartError
-    outcomes: list[ItemOutcome] = []
-    for item in items:
-        err = cls(f"job {item.job_id}: {exc}")
-        err.__cause__ = exc
-        outcomes.append(err)
-    return outcomes
-
-
-def map_result(items: Sequence[WorkItem], frame: Frame) -> list[ItemOutcome]:
-    """Map a `result` frame to one outcome per item; anything off is `OutputMalformed`."""
-    entries = frame.get("items")
-    if not isinstance(entries, list):
-        bad = OutputMalformed(f"'result' frame has no item list: {entries!r:.80}")
-        return _fail_each(items, bad)
-    by_id: dict[str, Any] = {}
-    duplicated: set[str] = set()
-    for entry in entries:
-        job_id = entry.get("job_id") if isinstance(entry, dict) else None
-        if not isinstance(job_id, str):
-            continue
-        if job_id in by_id:
-            duplicated.add(job_id)
-        by_id[job_id] = entry
-    outcomes: list[ItemOutcome] = []
-    for item in items:
-        if item.job_id in duplicated:
-            outcomes.append(OutputMalformed(f"job {item.job_id}: two outcomes in one result"))
-            continue
-        entry = by_id.get(item.job_id)
-        if entry is None:
-            outcomes.append(OutputMalformed(f"job {item.job_id}: no outcome in the result"))
-            continue
-        outcomes.append(map_entry(item.job_id, entry))
-    return outcomes
-
-
-def map_entry(job_id: str, entry: dict[str, Any]) -> ItemOutcome:
-    if "error" in entry:
-        message = entry["error"]
-        if not isinstance(message, str):
-            return OutputMalformed(f"job {job_id}: 'error' is not a string")
-        return ItemFailed(f"job {job_id}: engine error: {message[:1000]}")
-    text = entry.get("text")
-    token_ids = entry.get("token_ids")
-    finish_reason = entry.get("finish_reason")
-    prompt_tokens = entry.get("prompt_tokens")
-    problems = []
-    if not isinstance(text, str):
-        problems.append("'text' is not a string")
-    if not isinstance(token_ids, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in token_ids
-    ):
-        problems.append("'token_ids' is not a list of token ids")
-    if finish_reason not in FINISH_REASONS:
-        problems.append(f"'finish_reason' is {finish_reason!r}")
-    if not isinstance(prompt_tokens, int) or isinstance(prompt_tokens, bool) or prompt_tokens < 0:
-        problems.append(f"'prompt_tokens' is {prompt_tokens!r}")
-    if problems:
-        return OutputMalformed(f"job {job_id}: " + "; ".join(problems))
-    assert isinstance(text, str) and isinstance(token_ids, list)
-    assert isinstance(finish_reason, str) and isinstance(prompt_tokens, int)
-    return Completion(
-        job_id=job_id,
-        text=text,
-        token_ids=token_ids,
-        finish_reason=finish_reason,
-        prompt_tokens=prompt_tokens,
+def check_ready(frame: Frame, spec: LaunchSpec) -> RuntimeFacts:
+    """The facts of a `ready` frame; `RuntimeStartError` if it is not one this agent takes."""
+    proto = frame.get("proto")
+    if proto != PROTOCOL_VERSION:
+        raise RuntimeStartError(
+            f"runtime speaks frame protocol {proto!r}, this agent speaks {PROTOCOL_VERSION}: "
+            "run a runtime image built for this agent version"
+        )
+    try:
+        ready = frames.parse_ready(frame)
+    except FrameError as exc:
+        raise RuntimeStartError(f"bad 'ready' frame: {exc}") from exc
+    if spec.model_sha256 and ready["model_sha256"] != spec.model_sha256:
+        raise RuntimeStartError(
+            f"runtime loaded model {ready['model_sha256']}, expected {spec.model_sha256}"
+        )
+    return RuntimeFacts(
+        engine=ready["engine"],
+        engine_version=ready["engine_version"],
+        model_sha256=ready["model_sha256"],
+        device=ready["device"],
+        image=spec.image,
+        max_active=ready["max_active"],
     )
+
+
+def _handed_back(item: WorkItem, exc: RuntimeFailure) -> RuntimeFailure:
+    """A fresh error of the same class for this job. A runtime that cannot start for a
+    reason that is final for the node (`IsolationError`) is not the job's fault: its jobs
+    get a retryable `RuntimeStartError`."""
+    cls: Callable[[str], RuntimeFailure] = type(exc)
+    if not exc.retryable:
+        cls = RuntimeStartError
+    return cls(f"job {item.job_id}: {exc}")
 
 
 def create_backend(settings: Settings, *, node_id: str) -> Backend:

@@ -10,7 +10,7 @@ the caller's cleanup sees what the call really did (a container it created, for 
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol, TypeVar
 
 from schemas.frames import TO_AGENT, Frame, FrameDecoder, FrameError
@@ -33,7 +33,7 @@ class RuntimeHandle(Protocol):
         """Container id or `pid:<n>`, for logs and stats."""
         ...
 
-    async def send(self, frame: Frame) -> None:
+    async def send(self, frame: Mapping[str, object]) -> None:
         """Write one frame to the runtime's stdin. Raises `RuntimeEnded` or `RuntimeBroken`."""
         ...
 
@@ -55,10 +55,9 @@ class RuntimeHandle(Protocol):
 
 
 class Backend(Protocol):
-    """Starts runtimes. `isolated` is False for backends that give no isolation at all."""
+    """Starts runtimes."""
 
     name: str
-    isolated: bool
 
     async def remove_leftovers(self) -> int:
         """Remove runtimes a previous agent run of this node left behind; how many."""

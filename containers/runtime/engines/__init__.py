@@ -1,4 +1,6 @@
-"""Engines turn a whole batch of requests into one outcome per request, in one call.
+"""Engines run requests one step at a time: requests join (`add`) and leave (`abort`, or
+when finished) between steps, and each `step` returns the frames it produced: at most one
+`partial` per streaming request, and a `done` or `failed` for each request that ended.
 
 Each engine lives in its own module and is imported only when chosen, so the echo image
 needs nothing beyond msgpack.
@@ -8,11 +10,12 @@ from collections.abc import Callable
 from typing import Protocol
 
 from containers.runtime.config import RuntimeConfig
-from containers.runtime.request import Request
-from schemas.frames import Frame
+from schemas.frames import DoneFrame, FailedFrame, PartialFrame, RequestItem
 
 RawWriter = Callable[[bytes], None]
 """Writes bytes straight to the frame stream (only the echo engine's fault injection)."""
+
+StepFrame = PartialFrame | DoneFrame | FailedFrame
 
 
 class EngineError(RuntimeError):
@@ -24,9 +27,21 @@ class Engine(Protocol):
     version: str
     device: str
     model_sha256: str
+    max_active: int
+    """How many requests the engine runs concurrently (reported in `ready`)."""
 
-    def generate(self, requests: list[Request]) -> list[Frame]:
-        """One `frames.ok` or `frames.failed` map per request, in order."""
+    def add(self, request_id: int, item: RequestItem, *, stream: bool) -> None:
+        """Start a request; raises `RequestError` for one the engine cannot run."""
+        ...
+
+    def abort(self, request_id: int) -> bool:
+        """Stop a request; True if it was running."""
+        ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def step(self) -> list[StepFrame]:
+        """One engine step over every running request."""
         ...
 
     def close(self) -> None:

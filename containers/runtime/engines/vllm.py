@@ -1,4 +1,5 @@
-"""The vLLM engine: one `vllm.LLM` over the mounted model, one `generate()` per batch.
+"""The vLLM engine: vLLM's own engine (v1 `LLMEngine`) stepped by the runtime loop, so
+requests join and leave between steps: vLLM's continuous batching.
 
 On CPU the defaults are those found to work in `shared/VLLM_CPU.md` (float32, eager, an
 explicit KV-cache size); `RESULTITY_ENGINE_ARGS` overrides or extends the `LLM` keyword
@@ -10,13 +11,15 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from containers.runtime.config import RuntimeConfig
-from containers.runtime.engines import EngineError
-from containers.runtime.request import Request, RequestError, to_vllm, wire_logprobs
-from schemas.frames import Frame, failed, ok
+from containers.runtime.engines import EngineError, StepFrame
+from containers.runtime.request import RequestError, to_vllm, wire_logprobs
+from schemas import frames, runtime_env
+from schemas.frames import FailCode, RequestItem, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ def prepare_environment() -> None:
         defaults.pop("HOME")
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
-    seed = os.environ.get("RESULTITY_VLLM_CACHE_SEED")
+    seed = os.environ.get(runtime_env.VLLM_CACHE_SEED)
     if seed and Path(seed).is_dir():
         # Pre-computed model-architecture facts (see vllm-cpu.Dockerfile): saves ~7 s a start.
         shutil.copytree(seed, os.environ["VLLM_CACHE_ROOT"], dirs_exist_ok=True)
@@ -66,6 +69,22 @@ def _device(torch: Any) -> str:
     if torch.cuda.is_available():
         return str(torch.cuda.get_device_name(0))
     return "cpu"
+
+
+@dataclass(eq=False)
+class _Run:
+    request_id: int
+    stream: bool
+    prompt_tokens: int
+    added_at: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    """Alternatives per token the request asked for; None: no logprobs."""
+    structured: bool = False
+    """The request has a `response_format`."""
+    wire_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class VllmEngine:
@@ -81,14 +100,18 @@ class VllmEngine:
         model_sha256: str,
     ) -> None:
         self._llm = llm
+        self._engine = llm.llm_engine
         self._client_error = client_error
         self.version = version
         self.device = device
         self.model_sha256 = model_sha256
         self._tokenizer = llm.get_tokenizer()
-        model_config = llm.llm_engine.model_config
+        model_config = self._engine.model_config
         self._max_model_len = int(model_config.max_model_len)
         self._vocab_size = int(model_config.get_vocab_size())
+        scheduler = getattr(self._engine.vllm_config, "scheduler_config", None)
+        self.max_active = int(getattr(scheduler, "max_num_seqs", 0) or 0)
+        self._runs: dict[int, _Run] = {}
 
     @classmethod
     def load(cls, config: RuntimeConfig) -> "VllmEngine":
@@ -116,33 +139,10 @@ class VllmEngine:
             model_sha256=config.model_sha256,
         )
 
-    def generate(self, requests: list[Request]) -> list[Frame]:
-        outcomes: list[Frame | None] = []
-        prompts: list[dict[str, Any]] = []
-        params: list[Any] = []
-        for req in requests:
-            try:
-                prompt, sampling = self._prepare(req)
-            except ValueError as exc:
-                outcomes.append(failed(req.job_id, str(exc)))
-                continue
-            outcomes.append(None)
-            prompts.append(prompt)
-            params.append(sampling)
-        accepted = [r for r, o in zip(requests, outcomes, strict=True) if o is None]
-        answers = self._generate(accepted, prompts, params)
-        produced = iter(answers)
-        return [o if o is not None else next(produced) for o in outcomes]
+    # -- Engine ------------------------------------------------------------------------
 
-    def close(self) -> None:
-        # Stops the engine-core and worker processes now rather than from atexit hooks.
-        engine_core = getattr(self._llm.llm_engine, "engine_core", None)
-        shutdown = getattr(engine_core, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
-
-    def _prepare(self, req: Request) -> tuple[dict[str, Any], Any]:
-        token_ids, sampling = to_vllm(req, self._tokenizer)
+    def add(self, request_id: int, item: RequestItem, *, stream: bool) -> None:
+        token_ids, sampling = to_vllm(item, self._tokenizer)
         if token_ids and max(token_ids) >= self._vocab_size:
             raise RequestError(f"token id {max(token_ids)} is outside the vocabulary")
         if len(token_ids) >= self._max_model_len:
@@ -150,45 +150,81 @@ class VllmEngine:
                 f"prompt of {len(token_ids)} tokens does not fit max_model_len "
                 f"{self._max_model_len}"
             )
-        return {"prompt_token_ids": token_ids}, sampling
-
-    def _generate(
-        self, requests: list[Request], prompts: list[dict[str, Any]], params: list[Any]
-    ) -> list[Frame]:
-        if not requests:
-            return []
         try:
-            started = time.perf_counter()
-            outputs = self._llm.generate(prompts, params, use_tqdm=False)
-            log.info(
-                "vllm_generate items=%d seconds=%.4f", len(prompts), time.perf_counter() - started
-            )
+            self._engine.add_request(str(request_id), {"prompt_token_ids": token_ids}, sampling)
         except (ValueError, TypeError, self._client_error) as exc:
-            if len(requests) == 1:
-                return [failed(requests[0].job_id, f"{type(exc).__name__}: {exc}")]
-            # vLLM rejects the whole call for one bad request: find it, run the rest.
-            log.warning("vllm_batch_rejected items=%d error=%s", len(requests), exc)
-            return [
-                answer
-                for i in range(len(requests))
-                for answer in self._generate(
-                    requests[i : i + 1], prompts[i : i + 1], params[i : i + 1]
-                )
-            ]
-        return [self._answer(req, out) for req, out in zip(requests, outputs, strict=True)]
-
-    def _answer(self, req: Request, output: Any) -> Frame:
-        completion = output.outputs[0]
-        reason = "stop" if completion.finish_reason == "stop" else "length"
-        if completion.finish_reason not in ("stop", "length"):
-            return failed(req.job_id, f"generation ended: {completion.finish_reason}")
-        frame = ok(
-            req.job_id,
-            completion.text,
-            list(completion.token_ids),
-            reason,
-            len(output.prompt_token_ids or []),
+            # vLLM's request checks (parameters, a JSON schema its grammar cannot compile)
+            raise RequestError(f"{type(exc).__name__}: {exc}") from exc
+        params = item["params"]
+        self._runs[request_id] = _Run(
+            request_id,
+            stream,
+            len(token_ids),
+            logprobs=params.get("logprobs"),
+            structured="response_format" in params,
         )
-        if req.logprobs is not None:
-            frame["logprobs"] = wire_logprobs(completion, req.logprobs)
-        return frame
+
+    def abort(self, request_id: int) -> bool:
+        if self._runs.pop(request_id, None) is None:
+            return False
+        self._engine.abort_request([str(request_id)])
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._runs)
+
+    def step(self) -> list[StepFrame]:
+        out: list[StepFrame] = []
+        for output in self._engine.step():
+            run = self._runs.get(_request_id(output.request_id))
+            if run is None:
+                continue  # aborted meanwhile
+            completion = output.outputs[0]
+            new_ids = list(completion.token_ids)
+            if new_ids and run.first_token_s is None:
+                run.first_token_s = time.perf_counter() - run.added_at
+            run.token_ids.extend(new_ids)
+            run.text.append(completion.text)
+            if run.logprobs is not None:
+                run.wire_logprobs.extend(wire_logprobs(completion, run.logprobs))
+            if not output.finished:
+                if run.stream and new_ids:
+                    out.append(frames.partial(run.request_id, new_ids, completion.text))
+                continue
+            del self._runs[run.request_id]
+            out.append(self._finish(run, completion.finish_reason))
+        return out
+
+    def close(self) -> None:
+        # Stops the engine-core and worker processes now rather than from atexit hooks.
+        engine_core = getattr(self._engine, "engine_core", None)
+        shutdown = getattr(engine_core, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+    def _finish(self, run: _Run, reason: str | None) -> StepFrame:
+        if reason == "error" and run.structured and not run.token_ids:
+            # vLLM checks a schema when the request is added, and fails a request whose
+            # grammar then does not compile with "error" before its first token.
+            return frames.failed(
+                run.request_id,
+                FailCode.BAD_REQUEST,
+                "the engine could not compile the response_format schema",
+            )
+        if reason not in ("stop", "length"):
+            return frames.failed(run.request_id, FailCode.ENGINE, f"generation ended: {reason}")
+        return frames.done(
+            run.request_id,
+            token_ids=run.token_ids,
+            text="".join(run.text),
+            finish_reason=reason,
+            prompt_tokens=run.prompt_tokens,
+            first_token_s=run.first_token_s or 0.0,
+            logprobs=run.wire_logprobs if run.logprobs is not None else None,
+        )
+
+
+def _request_id(engine_id: str) -> int:
+    """Our request id from vLLM's: the external id, or the internal `<external>-<random>`."""
+    head = engine_id.split("-", 1)[0]
+    return int(head) if head.isdigit() else -1

@@ -27,7 +27,8 @@ async def play_node(nc: Client, settings: Settings, model: ModelSpec) -> str:
     subject = settings.subject("stream", job_id)
 
     def part(attempt: int, seq: int, text: str, **extra: Any) -> dict[str, Any]:
-        body = {"job_id": job_id, "node_id": key.node_id, "attempt": attempt, "seq": seq}
+        body = {"job_id": job_id, "node_id": key.node_id, "network": settings.network}
+        body |= {"attempt": attempt, "seq": seq}
         return body | {"token_ids": [seq], "text": text, **extra}
 
     await nc.publish(subject, key.sign("stream", part(1, 0, "Hel")))
@@ -39,6 +40,7 @@ async def play_node(nc: Client, settings: Settings, model: ModelSpec) -> str:
     body = {
         "job_id": job_id,
         "node_id": key.node_id,
+        "network": settings.network,
         "model": {"id": model.id, "version": model.version, "sha256": model.sha256},
         "runtime": {"image": "sha256:" + "1" * 64, "engine": "echo", "engine_version": "t",
                     "device": "cpu"},
