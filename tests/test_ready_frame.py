@@ -6,26 +6,27 @@ from typing import Any
 import pytest
 
 from schemas import frames
-from tests.support.settings import MODEL_SHA, make_settings
+from tests.support.settings import MODEL_SHA
 from worker.core.errors import RuntimeStartError
 from worker.runtime.api import LaunchSpec, RuntimeFacts
-from worker.runtime.supervisor import Supervisor
+from worker.runtime.supervisor import check_ready
 
 SPEC = LaunchSpec("echo", "sha256:" + "1" * 64, Path("/model"), MODEL_SHA, {})
 
 
 def parse(frame: dict[str, Any], spec: LaunchSpec = SPEC) -> RuntimeFacts:
-    backend: Any = None  # parsing never touches the backend
-    return Supervisor(make_settings(), backend, spec)._check_ready(frame, spec)
+    return check_ready(frame, spec)
 
 
 def ready(**over: Any) -> dict[str, Any]:
-    frame = frames.ready(engine="echo", engine_version="1.0", model_sha256=MODEL_SHA, device="cpu")
+    frame = frames.ready(
+        engine="echo", engine_version="1.0", model_sha256=MODEL_SHA, device="cpu", max_active=8
+    )
     return {**frame, **over}
 
 
 def test_ready_gives_the_facts_and_the_image() -> None:
-    assert parse(ready()) == RuntimeFacts("echo", "1.0", MODEL_SHA, "cpu", SPEC.image)
+    assert parse(ready()) == RuntimeFacts("echo", "1.0", MODEL_SHA, "cpu", SPEC.image, 8)
 
 
 @pytest.mark.parametrize(
@@ -33,9 +34,9 @@ def test_ready_gives_the_facts_and_the_image() -> None:
     [
         (ready(proto=99), "frame protocol 99"),
         (ready(proto=None), "frame protocol None"),
-        (ready(engine=3), "'engine' is not a string"),
-        (ready(device=None), "'device' is not a string"),
-        ({"t": "ready", "proto": frames.PROTOCOL_VERSION}, "is not a string"),
+        (ready(engine=3), "ready.engine must be a string"),
+        (ready(device=None), "ready.device must be a string"),
+        ({"t": "ready", "proto": frames.PROTOCOL_VERSION}, "must be a string"),
         (ready(model_sha256="ab" * 32), "expected " + MODEL_SHA),
     ],
     ids=["other_proto", "no_proto", "engine_type", "no_device", "bare", "other_model"],

@@ -75,7 +75,7 @@ class DeadlineExceeded(JobRejected):
 
 
 class Cancelled(JobRejected):
-    code = ErrorCode.CANCELLED
+    pass
 
 
 class RuntimeFailure(NodeError):
@@ -162,6 +162,7 @@ WIRE: dict[type[NodeError], tuple[ErrorCode, bool]] = {
     BadRequest: (ErrorCode.BAD_REQUEST, False),
     UnknownModel: (ErrorCode.UNKNOWN_MODEL, False),
     DeadlineExceeded: (ErrorCode.DEADLINE_EXCEEDED, False),
+    Cancelled: (ErrorCode.CANCELLED, False),
     RuntimeFailure: (ErrorCode.RUNTIME_FAILURE, True),
     RuntimeStartError: (ErrorCode.RUNTIME_FAILURE, True),
     IsolationError: (ErrorCode.RUNTIME_FAILURE, False),

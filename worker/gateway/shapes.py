@@ -39,7 +39,7 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.kind = kind
-        self.code = code
+        self.openai_code = code
         self.param = param
 
     def body(self) -> dict[str, Any]:
@@ -48,7 +48,7 @@ class ApiError(Exception):
                 "message": self.message,
                 "type": self.kind,
                 "param": self.param,
-                "code": self.code,
+                "code": self.openai_code,
             }
         }
 
