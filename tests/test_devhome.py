@@ -16,6 +16,7 @@ from worker.devtools.devhome import (
     remove_client_file,
     write_client_file,
 )
+from worker.devtools.devnet import has_chat_template
 
 
 @pytest.fixture
@@ -74,3 +75,17 @@ def test_verify_trusts_the_dev_networks_authority(
     remove_client_file(dev_home)
     assert main(["verify", str(dev_home / "config.msgpack")]) == 2
     assert "not a trusted authority key" in capsys.readouterr().err
+
+
+def test_a_chat_vector_only_for_a_model_that_ships_a_chat_template(tmp_path: Path) -> None:
+    """`dev --model DIR` adds a chat validation vector only where the model can render one
+    (a model without a template would fail its own vectors as BAD_REQUEST)."""
+    assert has_chat_template(None)  # the demo model ships one
+    assert not has_chat_template(tmp_path)  # no tokenizer_config.json
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"model_max_length": 256}))
+    assert not has_chat_template(tmp_path)
+    config.write_text("{not json")
+    assert not has_chat_template(tmp_path)
+    config.write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
+    assert has_chat_template(tmp_path)

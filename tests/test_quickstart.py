@@ -278,6 +278,7 @@ def test_dev_serves_a_model_directory(docker_client: object, tmp_path: Path) -> 
     assert "runtime    vllm " in out, out
     assert "(Ed25519 signature verified)" in out
     assert "random weights" not in out
-    assert "validation vectors: 2 from the reference run" in proc.stderr
+    # two prompts and a chat: the directory ships a chat template (see has_chat_template)
+    assert "validation vectors: 3 from the reference run" in proc.stderr
     for bad in NO_TRACEBACK:
         assert bad not in out + proc.stderr, proc.stderr

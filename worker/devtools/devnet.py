@@ -210,7 +210,7 @@ async def _model(plan: DevPlan) -> PackedModel:
     return packed
 
 
-def _has_chat_template(model_dir: Path | None) -> bool:
+def has_chat_template(model_dir: Path | None) -> bool:
     """Whether a chat vector can be made: the demo model ships a template; a user's model
     directory only when its tokenizer_config.json names one."""
     if model_dir is None:
@@ -308,7 +308,7 @@ async def seed_network(
         model_dir = await ModelStore(settings.cache_dir / "reference", js=js).prepare(model_spec)
         launch = LaunchSpec(plan.engine, image, model_dir, sha256, {})
         spec["validation"] = await _expected_vectors(
-            settings, launch, plan.home, chat=_has_chat_template(plan.model_dir)
+            settings, launch, plan.home, chat=has_chat_template(plan.model_dir)
         )
         body = {
             "network": settings.network,

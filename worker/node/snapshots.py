@@ -13,16 +13,15 @@ start. Only a refused snapshot leaves the previous one in force.
 """
 
 import asyncio
-import enum
 import hashlib
 import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Collection
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -35,6 +34,7 @@ from schemas.envelope import EnvelopeType
 from schemas.errors import SchemaError
 from schemas.snapshot import Snapshot
 from worker.core.errors import ConfigRejected, SignatureError
+from worker.core.resource import AsyncResource
 from worker.core.settings import Settings
 from worker.core.signing import verify
 
@@ -193,13 +193,7 @@ def load_saved(
     return AcceptedSnapshot(snapshot, data, signer, "disk")
 
 
-class WatcherState(enum.Enum):
-    NEW = "new"
-    RUNNING = "running"
-    CLOSED = "closed"
-
-
-class ConfigWatcher:
+class ConfigWatcher(AsyncResource):
     """Feeds accepted snapshots to `apply`, one at a time, in version order.
 
     Usage by the agent:
@@ -223,6 +217,7 @@ class ConfigWatcher:
         on_rejected: ReportRejected,
         resync_interval_s: float = 30.0,
     ) -> None:
+        super().__init__()
         self._nc = nc
         self._settings = settings
         self._keys = settings.authority_key_bytes()
@@ -230,17 +225,12 @@ class ConfigWatcher:
         self._on_rejected = on_rejected
         self._resync_interval_s = resync_interval_s
         self._bucket = config_bucket(settings)
-        self._state = WatcherState.NEW
         self._current: AcceptedSnapshot | None = None
         self._floor = Floor()
         self._last_rejected: bytes | None = None
         self._changed = asyncio.Condition()
         self._tg: asyncio.TaskGroup | None = None
         self._task: asyncio.Task[None] | None = None
-
-    @property
-    def state(self) -> WatcherState:
-        return self._state
 
     @property
     def current(self) -> AcceptedSnapshot | None:
@@ -264,35 +254,17 @@ class ConfigWatcher:
         assert self._current is not None
         return self._current
 
-    async def __aenter__(self) -> Self:
-        if self._state is not WatcherState.NEW:
-            raise RuntimeError(f"ConfigWatcher is {self._state.value}; it cannot be reopened")
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
+    async def _open(self, stack: AsyncExitStack) -> None:
+        self._tg = await stack.enter_async_context(asyncio.TaskGroup())
         self._task = self._tg.create_task(self._run(), name="config-watch")
-        self._state = WatcherState.RUNNING
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._state is not WatcherState.RUNNING:
-            self._state = WatcherState.CLOSED
-            return
-        self._state = WatcherState.CLOSED
-        assert self._tg is not None and self._task is not None
+    async def _close(self) -> None:
+        assert self._task is not None
         # nats-py swallows a cancellation in places (request/consumer_info), so cancel
-        # until the task has really ended, then let the task group finish.
+        # until the task has really ended; the task group then finishes with the stack.
         while not self._task.done():
             self._task.cancel()
             await asyncio.wait([self._task], timeout=0.1)
-        await self._tg.__aexit__(None, None, None)
 
     async def _run(self) -> None:
         state_dir = self._settings.state_dir
@@ -315,7 +287,7 @@ class ConfigWatcher:
                 log.info("config_saved_loaded version=%d", saved.version)
                 await self._accept(saved)
         backoff = 0.2
-        while self._state is not WatcherState.CLOSED:
+        while self.is_open:
             try:
                 kv = await self._key_value()
                 await self._watch_once(kv)
