@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from schemas.result import Output
 from tests.support.gateway import check_provenance, client, node_settings, serving_node
 from tests.support.vllm import HAS_MODEL_DEPS
 from worker.core.signing import NodeKey
@@ -18,7 +17,6 @@ from worker.devtools.natsd import NatsServer
 from worker.gateway.app import running as gateway
 
 CHAT = [{"role": "user", "content": "Who signs the results?"}]
-LOGPROBS_IN_RESULTS = "logprobs" in Output.model_fields
 
 
 @pytest.mark.nats
@@ -66,12 +64,9 @@ async def test_openai_client_against_vllm(
         check_provenance((chat.model_extra or {})["resultity"], snapshot, text)
         assert chat.usage is not None and chat.usage.prompt_tokens == rendered_tokens
         logprobs = chat.choices[0].logprobs
-        if LOGPROBS_IN_RESULTS:
-            assert logprobs is not None and logprobs.content
-            assert len(logprobs.content) == chat.usage.completion_tokens
-            assert all(len(t.top_logprobs) == 3 for t in logprobs.content)
-        else:  # a v1 result carries no logprobs, and the gateway invents none
-            assert logprobs is None
+        assert logprobs is not None and logprobs.content
+        assert len(logprobs.content) == chat.usage.completion_tokens
+        assert all(len(t.top_logprobs) == 3 for t in logprobs.content)
 
         stream = await api.chat.completions.create(
             model=model,

@@ -8,6 +8,7 @@ envelope against the body's `node_id`, and check `input_sha256` against the byte
 import asyncio
 import hashlib
 import logging
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from schemas.envelope import EnvelopeType
 from schemas.errors import SchemaError
 from schemas.event import ErrorEvent
 from schemas.job import Job
+from schemas.limits import JOB_ID_PATTERN
 from schemas.result import ResultBody
 from schemas.snapshot import Snapshot
 from schemas.stream import StreamBody
@@ -32,6 +34,7 @@ from worker.core.settings import Settings
 from worker.core.signing import verify
 
 log = logging.getLogger(__name__)
+_JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
 async def connect(url: str, *, hint: str = "start it or set RESULTITY_NATS_URL") -> Client:
@@ -84,17 +87,23 @@ async def current_snapshot(nc: Client, settings: Settings) -> Snapshot | None:
 StreamSink = Callable[[StreamBody], None]
 
 
-def stream_follower(sink: StreamSink) -> Callable[[Msg], Awaitable[None]]:
+def stream_follower(
+    sink: StreamSink, *, job_id: str, network: str
+) -> Callable[[Msg], Awaitable[None]]:
     """A subscription callback for `rst.stream.<job_id>`: verifies each message and passes
-    on those of the highest attempt seen (a job that runs again streams again from seq 0)."""
+    on those of the highest attempt seen (a job that runs again streams again from seq 0);
+    messages that do not verify, or are for another job or network, are dropped."""
     highest = 0
 
     async def on_message(msg: Msg) -> None:
         nonlocal highest
         try:
             body = validate(StreamBody, verify(msg.data, expect=EnvelopeType.STREAM).body)
-        except Exception:
-            return  # not verifiable: not from a node, ignore
+        except (SignatureError, SchemaError) as exc:
+            log.debug("stream_message_skipped job_id=%s reason=%s", job_id, exc)
+            return
+        if body.job_id != job_id or body.network != network:
+            return
         if body.attempt >= highest:
             highest = body.attempt
             sink(body)
@@ -104,6 +113,8 @@ def stream_follower(sink: StreamSink) -> Callable[[Msg], Awaitable[None]]:
 
 async def cancel(nc: Client, settings: Settings, job_id: str) -> None:
     """Ask the node holding `job_id` to abort it (PROTOCOL.md v2, Cancellation)."""
+    if not _JOB_ID.fullmatch(job_id):
+        raise ValueError(f"not a job id: {job_id!r:.80}")
     await nc.publish(settings.subject("cancel", job_id), msgpack.packb({"job_id": job_id}))
     await nc.flush(timeout=5)
 
@@ -125,7 +136,8 @@ async def submit(
     streamed = None
     if on_stream is not None:
         streamed = await nc.subscribe(
-            settings.subject("stream", job_id), cb=stream_follower(on_stream)
+            settings.subject("stream", job_id),
+            cb=stream_follower(on_stream, job_id=job_id, network=settings.network),
         )
     errors = await nc.subscribe(settings.subject("events", "error", "*"))
     results = await js.subscribe(
@@ -138,7 +150,7 @@ async def submit(
             settings.subject("jobs", job["model_id"]), data, headers={"Nats-Msg-Id": job_id}
         )
         async with asyncio.timeout(wait_s):
-            return await _outcome(results, errors, job_id, data)
+            return await _outcome(results, errors, job_id, data, settings.network)
     finally:
         await results.unsubscribe()
         await errors.unsubscribe()
@@ -146,27 +158,57 @@ async def submit(
             await streamed.unsubscribe()
 
 
-async def _outcome(results: Any, errors: Any, job_id: str, data: bytes) -> Outcome:
-    result_task = asyncio.ensure_future(results.next_msg(timeout=None))
+async def _outcome(results: Any, errors: Any, job_id: str, data: bytes, network: str) -> Outcome:
+    """The first verified result that attests `data`, or `JobFailed` on the job's final
+    error event. Anyone may publish on these subjects: what does not verify, is for another
+    network or attests other bytes is skipped (and logged), never taken for the answer."""
+    input_sha256 = hashlib.sha256(data).hexdigest()
+    result_task: asyncio.Future[Any] | None = None
     error_task: asyncio.Future[Any] | None = None
     try:
         while True:
-            error_task = asyncio.ensure_future(errors.next_msg(timeout=None))
+            if result_task is None:
+                result_task = asyncio.ensure_future(results.next_msg(timeout=None))
+            if error_task is None:
+                error_task = asyncio.ensure_future(errors.next_msg(timeout=None))
             done, _ = await asyncio.wait(
                 {result_task, error_task}, return_when=asyncio.FIRST_COMPLETED
             )
             if result_task in done:
                 envelope = result_task.result().data
-                body = validate(ResultBody, verify(envelope, expect=EnvelopeType.RESULT).body)
-                if body.input_sha256 != hashlib.sha256(data).hexdigest():
-                    raise JobFailed(f"result for {job_id} attests other input bytes")
-                return Outcome(body, envelope, data)
-            event = _error_event(error_task.result().data)
-            if event is not None and event.job_id == job_id and not event.retryable:
-                raise JobFailed(f"{event.code.value}: {event.message}", event.code)
+                result_task = None
+                body = _result_body(envelope, job_id, network, input_sha256)
+                if body is not None:
+                    return Outcome(body, envelope, data)
+            if error_task in done:
+                event = _error_event(error_task.result().data)
+                error_task = None
+                if (
+                    event is not None
+                    and event.job_id == job_id
+                    and event.network == network
+                    and not event.retryable
+                ):
+                    raise JobFailed(f"{event.code.value}: {event.message}", event.code)
     finally:
         # Also when cancelled (a deadline, a client gone): no read is left pending.
         await drop(result_task, error_task)
+
+
+def _result_body(
+    envelope: bytes, job_id: str, network: str, input_sha256: str
+) -> ResultBody | None:
+    try:
+        body = validate(ResultBody, verify(envelope, expect=EnvelopeType.RESULT).body)
+    except (SignatureError, SchemaError) as exc:
+        log.warning("result_message_skipped job_id=%s reason=%s", job_id, exc)
+        return None
+    if body.job_id != job_id or body.network != network or body.input_sha256 != input_sha256:
+        log.warning(
+            "result_message_skipped job_id=%s reason=other job, network or input bytes", job_id
+        )
+        return None
+    return body
 
 
 def _error_event(data: bytes) -> ErrorEvent | None:

@@ -33,9 +33,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from schemas.codec import validate
+from schemas.envelope import EnvelopeType
+from schemas.errors import SchemaError
 from schemas.event import ErrorCode
 from schemas.result import ResultBody
 from schemas.snapshot import ModelSpec, Snapshot
+from schemas.stream import StreamBody
 from worker.client import (
     Outcome,
     cancel,
@@ -54,7 +58,6 @@ from worker.gateway.shapes import ApiError, ChatRequest, CompletionRequest
 log = logging.getLogger(__name__)
 
 Kind = Literal["chat", "text"]
-STREAM_TYP = "stream"
 
 
 def _error(exc: ApiError) -> JSONResponse:
@@ -162,8 +165,16 @@ class Gateway:
             raise ApiError(400, "the client went away while sending") from exc
         try:
             return json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ApiError(400, f"the request body is not JSON: {exc}") from exc
+
+    async def _cancel(self, job_id: str) -> None:
+        """Ask the node to abort `job_id`; a failure to ask is logged, never raised (this runs
+        on the way out of a request, where the answer is already decided)."""
+        try:
+            await cancel(self.nc, self.settings, job_id)
+        except Exception as exc:
+            log.warning("gateway_cancel_failed job_id=%s error=%r", job_id, exc)
 
     async def _snapshot(self) -> Snapshot | None:
         try:
@@ -189,7 +200,7 @@ class Gateway:
                 self.nc, self.settings, job, wait_s=self.settings.gateway_timeout_s
             )
         except TimeoutError as exc:
-            await cancel(self.nc, self.settings, job_id)
+            await self._cancel(job_id)
             raise ApiError(
                 504, f"no result for {job_id} before the deadline", kind="timeout", code="timeout"
             ) from exc
@@ -222,7 +233,7 @@ class Gateway:
         self, kind: Kind, job: dict[str, Any], spec: ModelSpec, include_usage: bool, slot: "Slot"
     ) -> AsyncIterator[bytes]:
         job_id, created = job["job_id"], int(time.time())
-        parts = StreamParts(job_id)
+        parts = StreamParts(job_id, self.settings.network)
         sub = await self.nc.subscribe(self.settings.subject("stream", job_id))
         running = asyncio.ensure_future(self._run(job, spec))
         message: asyncio.Future[Any] | None = None
@@ -271,7 +282,7 @@ class Gateway:
             with anyio.CancelScope(shield=True):
                 if not finished:
                     log.info("gateway_client_gone job_id=%s: cancelling", job_id)
-                    await cancel(self.nc, self.settings, job_id)
+                    await self._cancel(job_id)
                 await drop(message, running)
                 await sub.unsubscribe()
             if running.done() and not running.cancelled():
@@ -294,8 +305,9 @@ class Slot:
 class StreamParts:
     """The verified partial output of one job: text per attempt, and what was sent."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, network: str) -> None:
         self.job_id = job_id
+        self.network = network
         self.texts: dict[int, list[str]] = {}
         self.sent = ""
 
@@ -303,16 +315,13 @@ class StreamParts:
         """Take one `stream` envelope; return the new text to send (maybe empty). Envelopes
         that do not verify, or concern another job, are dropped."""
         try:
-            verified = verify(data)
-        except SignatureError as exc:
+            body = validate(StreamBody, verify(data, expect=EnvelopeType.STREAM).body)
+        except (SignatureError, SchemaError) as exc:
             log.warning("gateway_stream_dropped job_id=%s error=%s", self.job_id, exc)
             return ""
-        body = verified.body
-        attempt, text = body.get("attempt"), body.get("text")
-        if verified.typ.value != STREAM_TYP or body.get("job_id") != self.job_id:
+        if body.job_id != self.job_id or body.network != self.network:
             return ""
-        if not isinstance(attempt, int) or not isinstance(text, str):
-            return ""
+        attempt, text = body.attempt, body.text
         self.texts.setdefault(attempt, []).append(text)
         current = "".join(self.texts[max(self.texts)])
         if len(current) > len(self.sent) and current.startswith(self.sent):

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.codec import describe
 from schemas.job import Job
+from schemas.limits import DEFAULT_MAX_TOKENS
 from schemas.result import ResultBody
 
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -175,7 +176,7 @@ def completion_job(req: CompletionRequest, job_id: str, deadline: float) -> dict
     if req.echo or req.suffix:
         raise ApiError(400, "echo and suffix are not supported")
     params = _params(req)
-    params.setdefault("max_tokens", 16)
+    params.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     if req.logprobs is not None:
         params["logprobs"] = req.logprobs
     job: dict[str, Any] = {"job_id": job_id, "model_id": req.model, "params": params}
@@ -193,9 +194,8 @@ def completion_job(req: CompletionRequest, job_id: str, deadline: float) -> dict
 
 
 def _checked(job: dict[str, Any], stream: bool) -> dict[str, Any]:
-    if stream and "stream" in Job.model_fields:
-        # Partial output from the node (PROTOCOL.md v2); a node without it answers whole.
-        job["stream"] = True
+    if stream:
+        job["stream"] = True  # partial output from the node (PROTOCOL.md v2)
     try:
         Job.model_validate(job)
     except ValidationError as exc:
@@ -240,11 +240,9 @@ def _token(token_id: int) -> str:
 
 
 def _wire_logprobs(result: ResultBody) -> list[dict[str, Any]] | None:
-    # `output.logprobs` is a v2 result field; a result without it has none.
-    entries: list[Any] | None = getattr(result.output, "logprobs", None)
-    if entries is None:
+    if result.output.logprobs is None:
         return None
-    return [e if isinstance(e, dict) else e.model_dump() for e in entries]
+    return [entry.model_dump() for entry in result.output.logprobs]
 
 
 def chat_logprobs(result: ResultBody) -> dict[str, Any] | None:

@@ -416,7 +416,13 @@ class Pipeline(AsyncResource):
             stream.finished = True
             sent_text = "".join(stream.sent_text)
             stream.pending_ids = done.token_ids[stream.sent_ids :]
-            tail = done.text[len(sent_text) :] if done.text.startswith(sent_text) else ""
+            if done.text.startswith(sent_text):
+                tail = done.text[len(sent_text) :]
+            else:
+                # Detokenized pieces can differ from the whole (a multi-byte character cut
+                # between steps): token ids still concatenate; the result's text is the truth.
+                log.warning("stream_text_diverged job_id=%s", record.job_id)
+                tail = ""
             stream.pending_text = [tail]
             await self._publish_stream(stream, done.finish_reason)
 

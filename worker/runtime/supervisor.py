@@ -52,6 +52,7 @@ from worker.runtime.transport import Backend, RuntimeHandle
 log = logging.getLogger(__name__)
 
 MAX_SUSPECTS = 4096
+MAX_ABORTED = 4096
 SOLO_AFTER_STRIKES = 2
 
 
@@ -87,11 +88,23 @@ class _Session:
     ready: "asyncio.Future[Frame]"
     requests: dict[int, _Request] = field(default_factory=dict)
     pings: "dict[int, asyncio.Future[Frame]]" = field(default_factory=dict)
-    aborted: set[int] = field(default_factory=set)
+    aborted: dict[int, None] = field(default_factory=dict)
+    """Requests aborted by the agent, oldest first (an ordered set)."""
     failure: RuntimeFailure | None = None
     reader: "asyncio.Task[None] | None" = None
     started_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
+
+    def is_ready(self) -> bool:
+        """The runtime said `ready` and it was accepted (requests may go to it)."""
+        return self.ready.done() and not self.ready.cancelled() and self.ready.exception() is None
+
+    def forget_later(self, request_id: int) -> None:
+        """Remember an aborted request, so its last frames are ignored; bounded, since a
+        request whose `submit` never reached the runtime never sends one."""
+        self.aborted[request_id] = None
+        while len(self.aborted) > MAX_ABORTED:
+            del self.aborted[next(iter(self.aborted))]
 
     def deliver(self, frame: Frame) -> None:
         """One frame from the runtime. Raises `RuntimeFailure` when the runtime broke the
@@ -127,7 +140,7 @@ class _Session:
         if req is None:
             if request_id in self.aborted:
                 if kind != FrameKind.PARTIAL:
-                    self.aborted.discard(request_id)  # its last frame: forget it
+                    self.aborted.pop(request_id, None)  # its last frame: forget it
                 return
             raise RuntimeBroken(f"{kind!r} frame for unknown request {request_id}")
         if kind == FrameKind.PARTIAL:
@@ -413,7 +426,7 @@ class Supervisor(AsyncResource):
         finally:
             if session.requests.pop(request_id, None) is not None and session.failure is None:
                 # Cancelled (job cancelled, deadline, drain): stop it in the engine.
-                session.aborted.add(request_id)
+                session.forget_later(request_id)
                 if self._tg is not None and self.is_open:
                     self._tg.create_task(self._abort(session, request_id))
 
@@ -445,7 +458,7 @@ class Supervisor(AsyncResource):
 
     async def _ready_session(self) -> _Session:
         session = self._session
-        if session is not None and session.failure is None:
+        if session is not None and session.failure is None and session.is_ready():
             return session
         async with self._lock:
             self._check_open()

@@ -181,7 +181,14 @@ class EchoEngine:
         self._runs[request_id] = _Run(
             request_id, stream, token_ids, words, finish, prompt_tokens, fault
         )
-        log.info("echo_request_received request=%d stream=%s", request_id, stream)
+        # Announced when generating slowly (tests reach "mid-request" through it); at full
+        # speed a line per request would only flood the agent's runtime log.
+        log.log(
+            logging.INFO if self._delay_s else logging.DEBUG,
+            "echo_request_received request=%d stream=%s",
+            request_id,
+            stream,
+        )
 
     def abort(self, request_id: int) -> bool:
         return self._runs.pop(request_id, None) is not None
