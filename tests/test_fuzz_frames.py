@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from schemas import frames
+from tests.support.polling import wait_for
 from worker.core.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -200,9 +201,7 @@ async def _play(plans: list[dict[str, Any]], tmp: Path, counts: Counter[str]) ->
 
 async def _replaced(sup: Supervisor, restarts: int) -> None:
     """The runtime is replaced at once, or (done_twice) as soon as its next frame arrives."""
-    async with asyncio.timeout(10):
-        while sup.stats().restarts <= restarts:
-            await asyncio.sleep(0.01)
+    await wait_for(lambda: sup.stats().restarts > restarts, 10, interval=0.01)
 
 
 @pytest.mark.timeout(900)
