@@ -358,7 +358,7 @@ def _frame_id(frame: Frame) -> int:
     return _int(frame.get("id"), f"{frame.get('t')}.id", 0, (1 << 63) - 1)
 
 
-_PARAMS = frozenset(
+PARAM_NAMES = frozenset(
     {
         "max_tokens",
         "temperature",
@@ -415,7 +415,7 @@ def _response_format(value: Any) -> ResponseFormat:
 
 
 def parse_params(value: Any) -> Params:
-    raw = _map({} if value is None else value, "params", _PARAMS)
+    raw = _map({} if value is None else value, "params", PARAM_NAMES)
     params: Params = {}
     for key, item in raw.items():
         if item is None:

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from schemas.codec import decode
 from schemas.envelope import EnvelopeType, pack_envelope
+from schemas.frames import PARAM_NAMES
 from schemas.job import Job
 from schemas.snapshot import ModelSpec, Snapshot
 from tests.support.jobnet import EchoRuntime, errors, publish_job, results
@@ -167,18 +168,7 @@ def _bad_utf8(body: dict[str, Any], junk: bytes) -> bytes:
 
 
 FIELDS = ["job_id", "model_id", "prompt", "prompt_token_ids", "messages", "params", "deadline"]
-PARAMS = [
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "stop",
-    "logprobs",
-    "presence_penalty",
-    "frequency_penalty",
-    "response_format",
-]
+PARAMS = sorted(PARAM_NAMES)  # the runtime's own list: every param is fuzzed
 HUGE_FIELDS = ["max_tokens", "seed", "token", "temperature", "deadline", "logprobs"]
 HUGE_FIELDS += ["presence_penalty", "frequency_penalty"]
 
