@@ -31,7 +31,7 @@ from worker.core.settings import Settings
 from worker.runtime.api import LaunchSpec
 from worker.runtime.launch import launch_env
 from worker.runtime.stderrlog import RuntimeLog
-from worker.runtime.transport import FrameInbox, call_blocking
+from worker.runtime.transport import FrameInbox, FrameWriter, call_blocking
 
 log = logging.getLogger(__name__)
 
@@ -426,35 +426,17 @@ class ContainerHandle:
         self._inbox = FrameInbox(container_id, max_frame_bytes=settings.runtime_max_frame_bytes)
         self._stderr = RuntimeLog(container_id)
         self._closing: asyncio.Future[None] | None = None
-        self._outgoing: list[bytes] = []
-        self._flush: asyncio.Future[None] | None = None
+        self._out = FrameWriter(writer, container_id)
 
     @property
     def ident(self) -> str:
         return self._id
 
-    async def send(self, frame: Mapping[str, object]) -> None:
-        """Queue one frame and wait until it is written and drained. The frames sent in one
-        turn of the event loop go out in one write: a write through Docker's attach proxy
-        costs about as much as a small job, and under load many jobs are submitted at once."""
-        if self._writer.is_closing():
-            raise RuntimeEnded(f"runtime container {self._id[:12]} is closed")
-        self._outgoing.append(frames.pack(frame))
-        if self._flush is None:
-            self._flush = asyncio.ensure_future(self._write_outgoing())
-            self._flush.add_done_callback(_retrieved)
-        await asyncio.shield(self._flush)
+    def write(self, frame: Mapping[str, object]) -> bool:
+        return self._out.write(frame)
 
-    async def _write_outgoing(self) -> None:
-        await asyncio.sleep(0)  # the other senders of this turn join the write
-        data = b"".join(self._outgoing)
-        self._outgoing.clear()
-        self._flush = None
-        try:
-            self._writer.write(data)
-            await self._writer.drain()
-        except (ConnectionError, OSError) as exc:
-            raise RuntimeEnded(f"runtime container {self._id[:12]} stdin is gone: {exc}") from exc
+    async def drained(self) -> None:
+        await self._out.drained()
 
     async def pump(self, deliver: Callable[[Frame], None]) -> None:
         demux = StreamDemux()
@@ -505,7 +487,8 @@ class ContainerHandle:
             if grace_s > 0 and not self._writer.is_closing():
                 try:
                     async with asyncio.timeout(grace_s):
-                        await self.send(frames.shutdown())
+                        if not self.write(frames.shutdown()):
+                            await self.drained()
                         await call_blocking(self._wait_blocking, grace_s)
                 except (TimeoutError, RuntimeEnded):
                     pass
@@ -523,9 +506,3 @@ class ContainerHandle:
             self._client.api.wait(self._id, timeout=max(1, int(timeout_s + 0.999)))
         except Exception:  # timeout (requests raises its own types) or gone: remove anyway
             return
-
-
-def _retrieved(future: "asyncio.Future[None]") -> None:
-    """Mark a flush's failure as seen: its senders may all have been cancelled meanwhile."""
-    if not future.cancelled():
-        future.exception()

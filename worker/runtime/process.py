@@ -21,7 +21,7 @@ from worker.core.settings import Settings
 from worker.runtime.api import LaunchSpec
 from worker.runtime.launch import launch_env
 from worker.runtime.stderrlog import RuntimeLog
-from worker.runtime.transport import FrameInbox
+from worker.runtime.transport import FrameInbox, FrameWriter
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +91,20 @@ class ProcessHandle:
         self._inbox = FrameInbox(self._ident, max_frame_bytes=settings.runtime_max_frame_bytes)
         self._stderr = RuntimeLog(self._ident)
         self._closing: asyncio.Future[None] | None = None
+        self._out = FrameWriter(proc.stdin, self._ident) if proc.stdin is not None else None
 
     @property
     def ident(self) -> str:
         return self._ident
 
-    async def send(self, frame: Mapping[str, object]) -> None:
-        stdin = self._proc.stdin
-        if stdin is None or stdin.is_closing():
+    def write(self, frame: Mapping[str, object]) -> bool:
+        if self._out is None:
             raise RuntimeEnded(f"runtime {self._ident} is closed")
-        try:
-            stdin.write(frames.pack(frame))
-            await stdin.drain()
-        except (ConnectionError, OSError) as exc:
-            raise RuntimeEnded(f"runtime {self._ident} stdin is gone: {exc}") from exc
+        return self._out.write(frame)
+
+    async def drained(self) -> None:
+        if self._out is not None:
+            await self._out.drained()
 
     async def pump(self, deliver: Callable[[Frame], None]) -> None:
         stdout, stderr = self._proc.stdout, self._proc.stderr
@@ -143,7 +143,8 @@ class ProcessHandle:
         if proc.returncode is None and grace_s > 0:
             try:
                 async with asyncio.timeout(grace_s):
-                    await self.send(frames.shutdown())
+                    if not self.write(frames.shutdown()):
+                        await self.drained()
                     await proc.wait()
             except (TimeoutError, RuntimeEnded):
                 pass

@@ -15,8 +15,8 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from schemas import frames
@@ -76,6 +76,8 @@ class _Request:
     max_tokens: int
     future: "asyncio.Future[Completion]"
     on_partial: PartialSink | None
+    expires: float
+    """Monotonic time by which the runtime must have answered (request_timeout_s)."""
     streamed: int = 0
 
 
@@ -94,6 +96,34 @@ class _Session:
     reader: "asyncio.Task[None] | None" = None
     started_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
+    request_timeout_s: float = 0.0
+    expiry: asyncio.TimerHandle | None = None
+    """One timer for all requests' answer deadlines: it is due when the oldest request's
+    is (requests are kept in submit order, and all share one timeout)."""
+    on_expired: Callable[[], None] | None = None
+
+    def add(self, req: _Request) -> None:
+        self.requests[req.request_id] = req
+        if self.expiry is None:
+            self.expiry = asyncio.get_running_loop().call_at(req.expires, self._check_expiry)
+
+    def _check_expiry(self) -> None:
+        self.expiry = None
+        oldest = next(iter(self.requests.values()), None)
+        if oldest is None or self.failure is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if oldest.expires > loop.time():
+            self.expiry = loop.call_at(oldest.expires, self._check_expiry)
+            return
+        self.fail(
+            RuntimeTimeout(
+                f"no answer for job {oldest.job_id} within "
+                f"request_timeout_s={self.request_timeout_s}s"
+            )
+        )
+        if self.on_expired is not None:
+            self.on_expired()
 
     def is_ready(self) -> bool:
         """The runtime said `ready` and it was accepted (requests may go to it)."""
@@ -167,6 +197,8 @@ class _Session:
             if failed["code"] == FailCode.ABORTED:
                 raise RuntimeBroken(f"runtime aborted request {request_id} on its own")
             outcome = _failure(req, failed["code"], failed["reason"])
+        if req.future.done():  # its caller was cancelled; the request is being aborted
+            return
         if isinstance(outcome, Completion):
             req.future.set_result(outcome)
         else:
@@ -175,6 +207,9 @@ class _Session:
     def fail(self, exc: RuntimeFailure) -> None:
         if self.failure is None:
             self.failure = exc
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
         waits: list[asyncio.Future[object]] = [self.ready, *self.pings.values()]  # type: ignore[list-item]
         waits += [r.future for r in self.requests.values()]  # type: ignore[misc]
         for future in waits:
@@ -300,7 +335,8 @@ class Supervisor(AsyncResource):
         """Run one request (see `Runtime.generate`)."""
         self._check_open()
         solo = self._suspects.get(item.job_id, 0) >= SOLO_AFTER_STRIKES
-        async with self._admission(solo):
+        await self._admit(solo)
+        try:
             self._check_open()
             try:
                 session = await self._ready_session()
@@ -326,6 +362,8 @@ class Supervisor(AsyncResource):
                         f"time alone ({type(exc).__name__}: {exc})"
                     ) from exc
                 raise _handed_back(item, exc) from exc
+        finally:
+            self._release(solo)
         self._requests += 1
         self._suspects.pop(item.job_id, None)
         return done
@@ -365,28 +403,32 @@ class Supervisor(AsyncResource):
         if not self.is_open:
             raise RuntimeClosed(f"the supervisor is {self.state.value}")
 
-    @asynccontextmanager
-    async def _admission(self, solo: bool) -> AsyncIterator[None]:
-        """A solo request waits until nothing else runs, and holds off new requests."""
-        if solo:
-            self._solo_waiting += 1
-        try:
-            while self._solo_running or (self._active if solo else self._solo_waiting):
-                changed = self._admission_changed
-                await changed.wait()
-        finally:
+    async def _admit(self, solo: bool) -> None:
+        """A solo request waits until nothing else runs, and holds off new requests; with
+        no solo request about, a request is admitted without waiting."""
+        if solo or self._solo_running or self._solo_waiting:
             if solo:
-                self._solo_waiting -= 1
+                self._solo_waiting += 1
+            try:
+                while self._solo_running or (self._active if solo else self._solo_waiting):
+                    await self._admission_changed.wait()
+            finally:
+                if solo:
+                    self._solo_waiting -= 1
+                    self._admission_changed_now()
         self._active += 1
         self._solo_running = solo
-        try:
-            yield
-        finally:
-            self._active -= 1
-            if solo:
-                self._solo_running = False
-            self._admission_changed.set()
-            self._admission_changed = asyncio.Event()
+
+    def _release(self, solo: bool) -> None:
+        self._active -= 1
+        if solo:
+            self._solo_running = False
+        if solo or self._solo_waiting:
+            self._admission_changed_now()
+
+    def _admission_changed_now(self) -> None:
+        self._admission_changed.set()
+        self._admission_changed = asyncio.Event()
 
     def _strike(self, job_id: str) -> int:
         strikes = self._suspects.pop(job_id, 0) + 1
@@ -399,11 +441,16 @@ class Supervisor(AsyncResource):
         self, session: _Session, item: WorkItem, on_partial: PartialSink | None
     ) -> Completion:
         request_id = next(self._ids)
-        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Completion] = loop.create_future()
         max_tokens = item.payload.get("params", {}).get("max_tokens", DEFAULT_MAX_TOKENS)
-        req = _Request(request_id, item.job_id, item.stream, max_tokens, future, on_partial)
-        session.requests[request_id] = req
-        timeout_s = self._settings.request_timeout_s
+        expires = loop.time() + self._settings.request_timeout_s
+        req = _Request(
+            request_id, item.job_id, item.stream, max_tokens, future, on_partial, expires
+        )
+        # Its answer deadline is the session's expiry timer (which fails the session and
+        # so this future): no timer per request.
+        session.add(req)
         try:
             await self._send(
                 session,
@@ -414,15 +461,7 @@ class Supervisor(AsyncResource):
                     deadline=item.deadline,
                 ),
             )
-            try:
-                async with asyncio.timeout(timeout_s):
-                    return await asyncio.shield(future)
-            except TimeoutError as exc:
-                failure = RuntimeTimeout(
-                    f"no answer for job {item.job_id} within request_timeout_s={timeout_s}s"
-                )
-                session.fail(failure)
-                raise failure from exc
+            return await future
         finally:
             if session.requests.pop(request_id, None) is not None and session.failure is None:
                 # Cancelled (job cancelled, deadline, drain): stop it in the engine.
@@ -437,12 +476,15 @@ class Supervisor(AsyncResource):
             log.info("runtime_abort_failed request=%d error=%s", request_id, exc)
 
     async def _send(self, session: _Session, frame: object) -> None:
-        """Write one frame under `runtime_write_timeout_s`: a runtime that stops reading
-        its input is broken (and fails the session)."""
+        """Queue one frame; when the output buffer is over its limit, wait for it to drain
+        under `runtime_write_timeout_s`: a runtime that stops reading its input is broken
+        (and fails the session)."""
         timeout_s = self._settings.runtime_write_timeout_s
         try:
+            if session.handle.write(frame):  # type: ignore[arg-type]
+                return
             async with asyncio.timeout(timeout_s):
-                await session.handle.send(frame)  # type: ignore[arg-type]
+                await session.handle.drained()
         except TimeoutError:
             exc: RuntimeFailure = RuntimeTimeout(
                 f"runtime {session.handle.ident[:12]} took no input for "
@@ -470,7 +512,13 @@ class Supervisor(AsyncResource):
         timeout_s = self._settings.runtime_ready_timeout_s
         handle = await self._backend.launch(spec)
         loop = asyncio.get_running_loop()
-        session = _Session(handle=handle, spec=spec, ready=loop.create_future())
+        session = _Session(
+            handle=handle,
+            spec=spec,
+            ready=loop.create_future(),
+            request_timeout_s=self._settings.request_timeout_s,
+            on_expired=self._wake.set,
+        )
         self._session = session
         try:
             if not self.is_open:
