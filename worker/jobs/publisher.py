@@ -10,13 +10,16 @@ Results and events go to JetStream and are only reported published once the stre
 acknowledged them; `Nats-Msg-Id` makes a repeated publish (a job run twice) a no-op.
 """
 
+import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import nats.errors
 from nats.aio.client import Client
-from nats.js import JetStreamContext
+from nats.js import JetStreamContext, api
 from pydantic import BaseModel
 
 from schemas.codec import encode, validate
@@ -45,6 +48,44 @@ def checked(model: type[M], body: Mapping[str, Any]) -> M:
         raise OutputMalformed(f"{model.__name__} refused before signing: {exc}") from exc
 
 
+class AckDeadlines:
+    """PubAck waits failed with `nats.errors.TimeoutError` once `timeout_s` has passed, by
+    one timer for all: they all share the timeout, so the oldest is always due first."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self._waits: deque[tuple[float, asyncio.Future[api.PubAck]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._waits)
+
+    def watch(self, future: "asyncio.Future[api.PubAck]") -> None:
+        loop = asyncio.get_running_loop()
+        waits = self._waits
+        while waits and waits[0][1].done():
+            waits.popleft()
+        waits.append((loop.time() + self._timeout_s, future))
+        if self._timer is None:
+            self._timer = loop.call_at(waits[0][0], self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        waits = self._waits
+        while waits:
+            at, future = waits[0]
+            if not future.done() and at > now:
+                self._timer = loop.call_at(at, self._expire)
+                return
+            waits.popleft()
+            if not future.done():
+                future.set_exception(
+                    nats.errors.TimeoutError(f"no PubAck within {self._timeout_s}s")
+                )
+
+
 class Publisher:
     def __init__(self, nc: Client, js: JetStreamContext, key: NodeKey, settings: Settings) -> None:
         self._nc = nc
@@ -57,6 +98,7 @@ class Publisher:
         self._lifecycle = settings.subject("events", "node", key.node_id)
         self._heartbeat = settings.subject("nodes", key.node_id, "heartbeat")
         self._stream = settings.subject("stream")
+        self._acks = AckDeadlines(PUBLISH_TIMEOUT_S)
 
     def _ours(self, body: Mapping[str, Any]) -> dict[str, Any]:
         return {**body, "node_id": self.node_id, "network": self.network}
@@ -80,12 +122,13 @@ class Publisher:
         """Sign and store a result; True if it was new, False if the stream had it already.
         `OutputMalformed` when it can never be published (too large)."""
         envelope = self._seal(EnvelopeType.RESULT, body)
-        ack = await self._js.publish(
-            f"{self._results}.{body.job_id}",
-            envelope,
-            timeout=PUBLISH_TIMEOUT_S,
-            headers={"Nats-Msg-Id": body.job_id},
+        # publish_async and one deadline timer for all results: no request, timer and
+        # wait_for per result, as `js.publish` makes.
+        stored = await self._js.publish_async(
+            f"{self._results}.{body.job_id}", envelope, headers={"Nats-Msg-Id": body.job_id}
         )
+        self._acks.watch(stored)
+        ack = await stored
         return not ack.duplicate
 
     async def publish_stream(self, fields: Mapping[str, Any]) -> None:
