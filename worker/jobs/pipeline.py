@@ -24,10 +24,11 @@ reports it runs concurrently); results come back in completion order. While a jo
 
 import asyncio
 import enum
+import functools
 import logging
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,8 +133,11 @@ class Pipeline(AsyncResource):
         self._idle = asyncio.Event()
         self._idle.set()
         self._tg: asyncio.TaskGroup | None = None
-        self._slots = asyncio.Semaphore(DEFAULT_MAX_ACTIVE)
         self.max_active = DEFAULT_MAX_ACTIVE
+        self._running: set[InFlight] = set()
+        """Jobs holding a runtime slot (their request is with the runtime)."""
+        self._waiting: deque[InFlight] = deque()
+        """Admitted jobs waiting for a slot, oldest first; a job's task starts with its slot."""
         self._dirty: dict[InFlight, _Stream] = {}
         self._streams: dict[InFlight, _Stream] = {}
         self._stream_wake = asyncio.Event()
@@ -158,7 +162,6 @@ class Pipeline(AsyncResource):
 
     async def _open(self, stack: AsyncExitStack) -> None:
         self.max_active = self._settings.runtime_max_active or self._engine_max_active()
-        self._slots = asyncio.Semaphore(self.max_active)
         self._tg = await stack.enter_async_context(asyncio.TaskGroup())
         cancel_sub: Subscription = await self._nc.subscribe(
             self._settings.subject("cancel", "*"), cb=self._on_cancel
@@ -219,6 +222,7 @@ class Pipeline(AsyncResource):
         finally:
             for w in waits:
                 w.cancel()
+        self._waiting.clear()  # nothing starts from here on
         if self._in_flight:
             log.warning("drain_handing_back jobs=%d", len(self._in_flight))
         for record in list(self._in_flight):
@@ -230,6 +234,7 @@ class Pipeline(AsyncResource):
     async def _close(self) -> None:
         for task in self._background:
             task.cancel()
+        self._waiting.clear()
         for record in list(self._in_flight):
             if record.task is not None:
                 record.task.cancel()
@@ -258,7 +263,43 @@ class Pipeline(AsyncResource):
         if rejection is not None or self._tg is None or not self.is_open:
             await self._fail(record, rejection or RuntimeFailure("node stopping"), final=True)
             return
+        self._arm_deadline(record)
+        if self._waiting or len(self._running) >= self.max_active:
+            self._waiting.append(record)
+        else:
+            self._start(record)
+
+    # -- runtime slots -----------------------------------------------------------------
+
+    def _start(self, record: InFlight) -> None:
+        """Start a job's task with a runtime slot (held until its request is answered)."""
+        assert self._tg is not None
+        self._running.add(record)
         record.task = self._tg.create_task(self._run_job(record), name=f"job-{record.job_id}")
+        record.task.add_done_callback(functools.partial(self._job_done, record))
+
+    def _free_slot(self, record: InFlight) -> None:
+        if record not in self._running:
+            return
+        self._running.discard(record)
+        while self._waiting and len(self._running) < self.max_active and self.is_open:
+            queued = self._waiting.popleft()
+            if queued in self._in_flight and queued.task is None:
+                self._start(queued)
+
+    def _job_done(self, record: InFlight, task: "asyncio.Task[None]") -> None:
+        self._free_slot(record)
+        if (
+            task.cancelled()
+            and record.stop_reason is not None
+            and record in self._in_flight
+            and not self.draining
+            and self._tg is not None
+            and self.is_open
+        ):
+            # Cancelled before its first step (a cancel in the turn it started): it still
+            # ends with its outcome.
+            record.task = self._tg.create_task(self._fail(record, record.stop_reason, final=True))
 
     def _track(self, record: InFlight) -> None:
         self._in_flight.add(record)
@@ -298,27 +339,34 @@ class Pipeline(AsyncResource):
         record.stop_reason = reason
         if record.task is not None:
             record.task.cancel()
+        elif self._tg is not None and self.is_open:
+            # Still waiting for a slot: it ends now, without one (the queue skips it).
+            record.task = self._tg.create_task(self._fail(record, reason, final=True))
 
     # -- one job ---------------------------------------------------------------------
 
-    async def _run_job(self, record: InFlight) -> None:
+    def _arm_deadline(self, record: InFlight) -> None:
         job = record.job
-        assert job is not None
-        loop = asyncio.get_running_loop()
-        if job.deadline is not None:
-            record.deadline_timer = loop.call_later(
+        if job is not None and job.deadline is not None:
+            record.deadline_timer = asyncio.get_running_loop().call_later(
                 max(0.0, job.deadline - time.time()),
                 self._stop,
                 record,
                 DeadlineExceeded(f"job {job.job_id} reached its deadline {job.deadline:.3f}"),
             )
+
+    async def _run_job(self, record: InFlight) -> None:
+        job = record.job
+        assert job is not None
         try:
-            async with self._slots:
+            try:
                 started_at = time.time()
                 run_deadline = started_at + self._settings.request_timeout_s + LEASE_GRACE_S
                 record.lease_until = min(record.lease_until or run_deadline, run_deadline)
                 done = await self._generate(record)
                 record.stoppable = False
+            finally:
+                self._free_slot(record)
         except asyncio.CancelledError:
             reason = record.stop_reason
             if reason is None:
