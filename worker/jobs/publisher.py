@@ -11,6 +11,8 @@ acknowledged them; `Nats-Msg-Id` makes a repeated publish (a job run twice) a no
 """
 
 import asyncio
+import itertools
+import json
 import logging
 import time
 from collections import deque
@@ -18,8 +20,10 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
-from nats.js import JetStreamContext, api
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from pydantic import BaseModel
 
 from schemas.codec import encode, validate
@@ -54,13 +58,13 @@ class AckDeadlines:
 
     def __init__(self, timeout_s: float) -> None:
         self._timeout_s = timeout_s
-        self._waits: deque[tuple[float, asyncio.Future[api.PubAck]]] = deque()
+        self._waits: deque[tuple[float, asyncio.Future[bool]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._waits)
 
-    def watch(self, future: "asyncio.Future[api.PubAck]") -> None:
+    def watch(self, future: "asyncio.Future[bool]") -> None:
         loop = asyncio.get_running_loop()
         waits = self._waits
         while waits and waits[0][1].done():
@@ -86,8 +90,29 @@ class AckDeadlines:
                 )
 
 
+def _api_error(error: object) -> nats.js.errors.APIError:
+    """The error nats-py would raise for this PubAck's `error` member."""
+    if not isinstance(error, dict) or not isinstance(error.get("code"), int):
+        return nats.js.errors.APIError(description=f"malformed PubAck error: {error!r:.200}")
+    try:
+        nats.js.errors.APIError.from_error(error)
+    except nats.js.errors.APIError as exc:
+        return exc
+    except TypeError:  # members nats-py does not know
+        pass
+    return nats.js.errors.APIError(code=error["code"], description=str(error.get("description")))
+
+
 class Publisher:
-    def __init__(self, nc: Client, js: JetStreamContext, key: NodeKey, settings: Settings) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        key: NodeKey,
+        settings: Settings,
+        *,
+        publish_timeout_s: float = PUBLISH_TIMEOUT_S,
+    ) -> None:
         self._nc = nc
         self._js = js
         self._key = key
@@ -98,7 +123,10 @@ class Publisher:
         self._lifecycle = settings.subject("events", "node", key.node_id)
         self._heartbeat = settings.subject("nodes", key.node_id, "heartbeat")
         self._stream = settings.subject("stream")
-        self._acks = AckDeadlines(PUBLISH_TIMEOUT_S)
+        self._acks = AckDeadlines(publish_timeout_s)
+        self._ack_inbox: str | None = None
+        self._ack_ids = itertools.count()
+        self._ack_waits: dict[int, asyncio.Future[bool]] = {}
 
     def _ours(self, body: Mapping[str, Any]) -> dict[str, Any]:
         return {**body, "node_id": self.node_id, "network": self.network}
@@ -120,16 +148,53 @@ class Publisher:
 
     async def publish_result(self, body: ResultBody) -> bool:
         """Sign and store a result; True if it was new, False if the stream had it already.
-        `OutputMalformed` when it can never be published (too large)."""
+        `OutputMalformed` when it can never be published (too large); a NATS error
+        (`NoStreamResponseError`, `APIError`, `TimeoutError` after `publish_timeout_s`)
+        when the stream did not store it."""
         envelope = self._seal(EnvelopeType.RESULT, body)
-        # publish_async and one deadline timer for all results: no request, timer and
-        # wait_for per result, as `js.publish` makes.
-        stored = await self._js.publish_async(
-            f"{self._results}.{body.job_id}", envelope, headers={"Nats-Msg-Id": body.job_id}
-        )
-        self._acks.watch(stored)
-        ack = await stored
-        return not ack.duplicate
+        # The PubAck comes to this publisher's own inbox, with one deadline timer for all
+        # results: no request, timer and wait_for per result (as `js.publish` makes), no
+        # random token and PubAck object (as `publish_async` makes).
+        if self._ack_inbox is None:
+            self._ack_inbox = self._nc.new_inbox()  # set first: one subscription only
+            await self._nc.subscribe(f"{self._ack_inbox}.*", cb=self._on_ack)
+        ack_id = next(self._ack_ids)
+        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._ack_waits[ack_id] = stored
+        try:
+            await self._nc.publish(
+                f"{self._results}.{body.job_id}",
+                envelope,
+                reply=f"{self._ack_inbox}.{ack_id}",
+                headers={"Nats-Msg-Id": body.job_id},
+            )
+            self._acks.watch(stored)
+            return not await stored
+        finally:
+            self._ack_waits.pop(ack_id, None)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        """A PubAck (or the server's refusal) for one stored result."""
+        try:
+            stored = self._ack_waits.pop(int(msg.subject.rpartition(".")[2]), None)
+        except ValueError:
+            return
+        if stored is None or stored.done():
+            return
+        status = (msg.headers or {}).get("Status")
+        if status:  # 503: no stream takes the subject
+            stored.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            reply = json.loads(msg.data)
+        except ValueError as exc:
+            stored.set_exception(nats.errors.Error(f"PubAck is not JSON: {exc}"))
+            return
+        if not isinstance(reply, dict) or "error" in reply:
+            error = reply.get("error") if isinstance(reply, dict) else None
+            stored.set_exception(_api_error(error))
+            return
+        stored.set_result(bool(reply.get("duplicate")))
 
     async def publish_stream(self, fields: Mapping[str, Any]) -> None:
         """Sign one partial-output message, this node's identity filled in and the body

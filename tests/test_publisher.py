@@ -1,0 +1,111 @@
+"""Results are reported stored only on the stream's PubAck, against a real nats-server.
+
+The publisher takes PubAcks on its own inbox with one deadline timer for all waits (no
+nats-py request per result): each way a store can end is checked here — new, duplicate,
+no stream, refused by the stream, no answer at all — and a wait never outlives its result.
+"""
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import pytest
+from nats.aio.client import Client
+from nats.js.api import StreamConfig
+
+from tests.support.pipeline import settings_for
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey, verify
+from worker.jobs.provision import provision
+from worker.jobs.publisher import AckDeadlines, Publisher
+
+pytestmark = pytest.mark.nats
+
+
+def fields(job_id: str, text: str = "ok") -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "model": {"id": "demo", "version": "1", "sha256": "a" * 64},
+        "runtime": {"image": "i", "engine": "e", "engine_version": "1", "device": "cpu"},
+        "config_version": 1,
+        "input_sha256": "b" * 64,
+        "output": {"text": text, "token_ids": [1, 2], "finish_reason": "stop"},
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+        "attempt": 1,
+        "started_at": 1.0,
+        "finished_at": 2.0,
+    }
+
+
+def publisher(nc: Client, settings: Settings, **kw: float) -> Publisher:
+    return Publisher(nc, nc.jetstream(), NodeKey.generate(), settings, **kw)
+
+
+async def test_new_then_duplicate_and_the_stored_result_verifies(
+    nc: Client, tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path)
+    js = nc.jetstream()
+    await provision(js, settings, ["demo"])
+    pub = publisher(nc, settings)
+    results = await asyncio.gather(
+        *(pub.publish_result(pub.result_body(fields(f"j{i}"))) for i in range(50))
+    )
+    assert results == [True] * 50
+    assert await pub.publish_result(pub.result_body(fields("j7", text="again"))) is False
+    msg = await js.get_last_msg(settings.stream("RESULTS"), settings.subject("results", "j7"))
+    stored = verify(msg.data)
+    assert stored.body["output"]["text"] == "ok" and stored.signer == pub.node_id
+    assert pub._ack_waits == {}  # no wait outlives its result
+
+
+async def test_no_stream_for_the_subject(nc: Client, tmp_path: Path) -> None:
+    pub = publisher(nc, settings_for(tmp_path))
+    with pytest.raises(nats.js.errors.NoStreamResponseError):
+        await pub.publish_result(pub.result_body(fields("nostream")))
+
+
+async def test_a_store_the_stream_refuses_is_an_api_error(nc: Client, tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    js = nc.jetstream()
+    await provision(js, settings, ["demo"])
+    name = settings.stream("RESULTS")
+    info = await js.stream_info(name)
+    config: StreamConfig = info.config
+    config.max_msg_size = 64  # every signed result is larger
+    await js.update_stream(config)
+    pub = publisher(nc, settings)
+    with pytest.raises(nats.js.errors.APIError) as caught:
+        await pub.publish_result(pub.result_body(fields("toolarge")))
+    assert caught.value.code is not None
+
+
+async def test_no_puback_at_all_times_out(nc: Client, tmp_path: Path) -> None:
+    """A subscriber that never answers stands in for a stream that lost the request."""
+    settings = settings_for(tmp_path)
+    seen: list[str] = []
+
+    async def swallow(msg: Any) -> None:
+        seen.append(msg.subject)
+
+    await nc.subscribe(settings.subject("results", ">"), cb=swallow)
+    pub = publisher(nc, settings, publish_timeout_s=0.3)
+    with pytest.raises(nats.errors.TimeoutError):
+        await pub.publish_result(pub.result_body(fields("silent")))
+    assert seen == [settings.subject("results", "silent")]
+    assert pub._ack_waits == {}
+
+
+async def test_deadlines_fail_only_what_is_due() -> None:
+    deadlines = AckDeadlines(0.2)
+    loop = asyncio.get_running_loop()
+    answered, silent = loop.create_future(), loop.create_future()
+    deadlines.watch(answered)
+    deadlines.watch(silent)
+    answered.set_result(True)
+    with pytest.raises(nats.errors.TimeoutError):
+        await silent
+    assert await answered is True
+    assert len(deadlines) == 0
