@@ -23,7 +23,7 @@ item that breaks the job schema's rules fails that request alone (`failed`, `bad
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
@@ -228,6 +228,12 @@ class FatalFrame(TypedDict):
 def pack(frame: Any) -> bytes:
     packed: bytes = msgpack.packb(frame, use_bin_type=True)
     return packed
+
+
+def packer() -> Callable[[Any], bytes]:
+    """`pack` without a new msgpack packer per call, for one thread's use only."""
+    pack_one: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
+    return pack_one
 
 
 def ready(
@@ -610,17 +616,24 @@ def parse_fatal(frame: Frame) -> FatalFrame:
 
 
 def _depth_ok(value: Any, depth: int, exempt: Any = None) -> bool:
+    """Whether `value` nests at most MAX_DEPTH maps and arrays (`exempt`: one value not
+    checked, a submit's JSON schema). Decoded msgpack holds exact dicts and lists: only
+    those are walked, so long lists of scalars (token ids) cost one type check each."""
     if value is exempt:
         return True
-    if isinstance(value, dict):
-        if depth >= MAX_DEPTH:
+    kind = type(value)
+    if kind is dict:
+        children = value.values()
+    elif kind is list:
+        children = value
+    else:
+        return True
+    if depth >= MAX_DEPTH:
+        return False
+    for child in children:
+        kind = type(child)
+        if (kind is dict or kind is list) and not _depth_ok(child, depth + 1, exempt):
             return False
-        return all(_depth_ok(v, depth + 1, exempt) for v in value.values())
-    if isinstance(value, list):
-        if depth >= MAX_DEPTH:
-            return False
-        # Lists of scalars (token ids) are the common, long case: check them cheaply.
-        return all(_depth_ok(v, depth + 1, exempt) for v in value if isinstance(v, dict | list))
     return True
 
 

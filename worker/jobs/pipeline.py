@@ -38,7 +38,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from schemas.limits import JOB_ID_PATTERN
-from schemas.result import ResultBody
+from schemas.result import ModelRef, ResultBody, RuntimeRef
 from worker.core.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -53,8 +53,8 @@ from worker.core.resource import AsyncResource
 from worker.core.settings import Settings
 from worker.jobs.intake import InFlight, JobSource, admit
 from worker.jobs.provision import consumer_name, ensure_consumer
-from worker.jobs.publisher import Publisher
-from worker.runtime.api import Completion, Partial, Runtime, WorkItem
+from worker.jobs.publisher import Publisher, checked
+from worker.runtime.api import Completion, Partial, Runtime, RuntimeFacts, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ class Pipeline(AsyncResource):
         self._streams: dict[InFlight, _Stream] = {}
         self._stream_wake = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        self._refs: tuple[RuntimeFacts, ModelRef, RuntimeRef] | None = None
         self.draining = False
         self.completed = 0
         self._source = JobSource(
@@ -520,10 +521,35 @@ class Pipeline(AsyncResource):
         self.completed += 1
         await self._settle(record, Settle.ACK)
 
+    def _attests(self) -> tuple[ModelRef, RuntimeRef]:
+        """The result's `model` and `runtime` members, validated once per runtime (the
+        facts of a new runtime are checked at its first result)."""
+        facts = self._runtime.facts
+        if self._refs is None or self._refs[0] is not facts:
+            model = checked(
+                ModelRef,
+                {
+                    "id": self.serving.model_id,
+                    "version": self.serving.model_version,
+                    "sha256": self.serving.model_sha256,
+                },
+            )
+            runtime = checked(
+                RuntimeRef,
+                {
+                    "image": self.serving.image,
+                    "engine": facts.engine,
+                    "engine_version": facts.engine_version,
+                    "device": facts.device,
+                },
+            )
+            self._refs = (facts, model, runtime)
+        return self._refs[1], self._refs[2]
+
     def _result_body(
         self, record: InFlight, done: Completion, started_at: float, finished_at: float
     ) -> ResultBody:
-        facts = self._runtime.facts
+        model, runtime = self._attests()
         assert record.job is not None
         output: dict[str, Any] = {
             "text": done.text,
@@ -534,17 +560,8 @@ class Pipeline(AsyncResource):
             output["logprobs"] = done.logprobs
         fields: dict[str, Any] = {
             "job_id": record.job.job_id,
-            "model": {
-                "id": self.serving.model_id,
-                "version": self.serving.model_version,
-                "sha256": self.serving.model_sha256,
-            },
-            "runtime": {
-                "image": self.serving.image,
-                "engine": facts.engine,
-                "engine_version": facts.engine_version,
-                "device": facts.device,
-            },
+            "model": model,
+            "runtime": runtime,
             "config_version": self.serving.config_version,
             "input_sha256": record.input_sha256,
             "output": output,

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Protocol, TypeVar
 
-from schemas.frames import TO_AGENT, Frame, FrameDecoder, FrameError, pack
+from schemas.frames import TO_AGENT, Frame, FrameDecoder, FrameError, packer
 from worker.core.errors import RuntimeBroken, RuntimeEnded
 from worker.core.resource import finish_uncancellable
 from worker.runtime.api import LaunchSpec
@@ -95,11 +95,12 @@ class FrameWriter:
         self._queued: list[bytes] = []
         self._queued_bytes = 0
         self._limit = writer.transport.get_write_buffer_limits()[1]
+        self._pack = packer()  # used on the event loop's thread only
 
     def write(self, frame: Mapping[str, object]) -> bool:
         if self._writer.is_closing():
             raise RuntimeEnded(f"runtime {self._ident[:12]} input is closed")
-        data = pack(frame)
+        data = self._pack(frame)
         if not self._queued:
             asyncio.get_running_loop().call_soon(self._write_queued)
         self._queued.append(data)
