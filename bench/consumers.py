@@ -327,10 +327,14 @@ class CountingPublisher(Publisher):
 
     counter: Counter
 
-    async def publish_result(self, body: ResultBody) -> bool:
-        new = await super().publish_result(body)
-        self.counter.add(1)
-        return new
+    async def store_result(self, body: ResultBody) -> "asyncio.Future[bool]":
+        stored = await super().store_result(body)
+        stored.add_done_callback(self._count)
+        return stored
+
+    def _count(self, stored: "asyncio.Future[bool]") -> None:
+        if not stored.cancelled() and stored.exception() is None:
+            self.counter.add(1)
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -58,7 +58,7 @@ async def test_new_then_duplicate_and_the_stored_result_verifies(
     msg = await js.get_last_msg(settings.stream("RESULTS"), settings.subject("results", "j7"))
     stored = verify(msg.data)
     assert stored.body["output"]["text"] == "ok" and stored.signer == pub.node_id
-    assert pub._ack_waits == {}  # no wait outlives its result
+    assert pub.acks_pending == 0  # no wait outlives its result
 
 
 async def test_no_stream_for_the_subject(nc: Client, tmp_path: Path) -> None:
@@ -95,16 +95,16 @@ async def test_no_puback_at_all_times_out(nc: Client, tmp_path: Path) -> None:
     with pytest.raises(nats.errors.TimeoutError):
         await pub.publish_result(pub.result_body(fields("silent")))
     assert seen == [settings.subject("results", "silent")]
-    assert pub._ack_waits == {}
+    assert pub.acks_pending == 0
 
 
 async def test_deadlines_fail_only_what_is_due() -> None:
     deadlines = AckDeadlines(0.2)
     loop = asyncio.get_running_loop()
     answered, silent = loop.create_future(), loop.create_future()
-    deadlines.watch(answered)
-    deadlines.watch(silent)
-    answered.set_result(True)
+    deadlines.watch(1, answered)
+    deadlines.watch(2, silent)
+    deadlines.pending.pop(1).set_result(True)  # its PubAck landed
     with pytest.raises(nats.errors.TimeoutError):
         await silent
     assert await answered is True

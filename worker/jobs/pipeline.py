@@ -143,6 +143,8 @@ class Pipeline(AsyncResource):
         self._stream_wake = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._refs: tuple[RuntimeFacts, ModelRef, RuntimeRef] | None = None
+        self._acks_due: list[InFlight] = []
+        self._ack_wake = asyncio.Event()
         self.draining = False
         self.completed = 0
         self._source = JobSource(
@@ -172,6 +174,7 @@ class Pipeline(AsyncResource):
             (self._source.run(), "intake"),
             (self._progress_loop(), "progress"),
             (self._stream_loop(), "stream"),
+            (self._ack_loop(), "ack"),
         ):
             self._background.append(self._tg.create_task(coro, name=name))
         log.info("pipeline_started model=%s max_active=%d", self.serving.model_id, self.max_active)
@@ -493,33 +496,63 @@ class Pipeline(AsyncResource):
         except OutputMalformed as exc:
             await self._fail(record, exc, final=True)
             return
-        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
-            try:
-                await self._publisher.publish_result(body)
-                break
-            except OutputMalformed as exc:
-                await self._fail(record, exc, final=True)
-                return
-            except Exception as exc:
-                log.warning(
-                    "result_publish_failed job_id=%s try=%d error=%r",
-                    record.job_id,
-                    attempt,
-                    exc,
-                )
-                if attempt == PUBLISH_ATTEMPTS or not self.is_open:
-                    if record.attempt >= self._settings.max_deliver:
-                        # The last delivery always ends the job.
-                        failure = RuntimeFailure(f"result not published: {exc!r}")
-                        await self._fail(record, failure, final=False)
-                    else:
-                        await self._settle(record, Settle.NAK)
-                    return
-                await asyncio.sleep(0.2 * attempt)
-        self.metrics.jobs_succeeded += 1
-        self.metrics.job_latency_seconds.observe(time.monotonic() - record.received)
-        self.completed += 1
-        await self._settle(record, Settle.ACK)
+        await self._store(record, body, 1)
+
+    async def _store(self, record: InFlight, body: ResultBody, attempt: int) -> None:
+        """Publish a result; the job is settled when the stream answers (`_stored`), so
+        its task ends here instead of waiting for the PubAck."""
+        try:
+            stored = await self._publisher.store_result(body)
+        except OutputMalformed as exc:
+            await self._fail(record, exc, final=True)
+            return
+        except Exception as exc:
+            await self._store_failed(record, body, attempt, exc)
+            return
+        stored.add_done_callback(functools.partial(self._stored, record, body, attempt))
+
+    def _stored(
+        self, record: InFlight, body: ResultBody, attempt: int, stored: "asyncio.Future[bool]"
+    ) -> None:
+        if stored.cancelled() or record not in self._in_flight:
+            return
+        exc = stored.exception()
+        if exc is None:
+            self._acks_due.append(record)
+            self._ack_wake.set()
+        elif self._tg is not None and self.is_open:
+            record.task = self._tg.create_task(self._store_failed(record, body, attempt, exc))
+        # else: the pipeline is closing, and hands the job back
+
+    async def _store_failed(
+        self, record: InFlight, body: ResultBody, attempt: int, exc: BaseException
+    ) -> None:
+        log.warning("result_publish_failed job_id=%s try=%d error=%r", record.job_id, attempt, exc)
+        if attempt == PUBLISH_ATTEMPTS or not self.is_open:
+            if record.attempt >= self._settings.max_deliver:
+                # The last delivery always ends the job.
+                failure = RuntimeFailure(f"result not published: {exc!r}")
+                await self._fail(record, failure, final=False)
+            else:
+                await self._settle(record, Settle.NAK)
+            return
+        await asyncio.sleep(0.2 * attempt)
+        await self._store(record, body, attempt + 1)
+
+    async def _ack_loop(self) -> None:
+        """Ack the jobs whose results the stream stored, all that landed since the last
+        round at once (one task, not one per job)."""
+        while True:
+            await self._ack_wake.wait()
+            self._ack_wake.clear()
+            due, self._acks_due = self._acks_due, []
+            for record in due:
+                if record not in self._in_flight:
+                    continue  # handed back meanwhile (drain)
+                self.metrics.jobs_succeeded += 1
+                self.metrics.job_latency_seconds.observe(time.monotonic() - record.received)
+                self.completed += 1
+                await self._settle(record, Settle.ACK)
 
     def _attests(self) -> tuple[ModelRef, RuntimeRef]:
         """The result's `model` and `runtime` members, validated once per runtime (the

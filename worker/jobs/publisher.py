@@ -53,38 +53,42 @@ def checked(model: type[M], body: Mapping[str, Any]) -> M:
 
 
 class AckDeadlines:
-    """PubAck waits failed with `nats.errors.TimeoutError` once `timeout_s` has passed, by
-    one timer for all: they all share the timeout, so the oldest is always due first."""
+    """PubAck waits, by id, failed with `nats.errors.TimeoutError` once `timeout_s` has
+    passed, by one timer for all: they all share the timeout, so the oldest is always due
+    first. A wait leaves `pending` when its PubAck lands (the caller pops it) or here."""
 
     def __init__(self, timeout_s: float) -> None:
         self._timeout_s = timeout_s
-        self._waits: deque[tuple[float, asyncio.Future[bool]]] = deque()
+        self.pending: dict[int, asyncio.Future[bool]] = {}
+        self._order: deque[tuple[float, int]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
-        return len(self._waits)
+        return len(self.pending)
 
-    def watch(self, future: "asyncio.Future[bool]") -> None:
+    def watch(self, ack_id: int, future: "asyncio.Future[bool]") -> None:
         loop = asyncio.get_running_loop()
-        waits = self._waits
-        while waits and waits[0][1].done():
-            waits.popleft()
-        waits.append((loop.time() + self._timeout_s, future))
+        order, pending = self._order, self.pending
+        while order and order[0][1] not in pending:
+            order.popleft()
+        pending[ack_id] = future
+        order.append((loop.time() + self._timeout_s, ack_id))
         if self._timer is None:
-            self._timer = loop.call_at(waits[0][0], self._expire)
+            self._timer = loop.call_at(order[0][0], self._expire)
 
     def _expire(self) -> None:
         self._timer = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        waits = self._waits
-        while waits:
-            at, future = waits[0]
-            if not future.done() and at > now:
+        order, pending = self._order, self.pending
+        while order:
+            at, ack_id = order[0]
+            if ack_id in pending and at > now:
                 self._timer = loop.call_at(at, self._expire)
                 return
-            waits.popleft()
-            if not future.done():
+            order.popleft()
+            future = pending.pop(ack_id, None)
+            if future is not None and not future.done():
                 future.set_exception(
                     nats.errors.TimeoutError(f"no PubAck within {self._timeout_s}s")
                 )
@@ -126,7 +130,11 @@ class Publisher:
         self._acks = AckDeadlines(publish_timeout_s)
         self._ack_inbox: str | None = None
         self._ack_ids = itertools.count()
-        self._ack_waits: dict[int, asyncio.Future[bool]] = {}
+
+    @property
+    def acks_pending(self) -> int:
+        """Results published whose PubAck has not landed (nor timed out) yet."""
+        return len(self._acks)
 
     def _ours(self, body: Mapping[str, Any]) -> dict[str, Any]:
         return {**body, "node_id": self.node_id, "network": self.network}
@@ -151,6 +159,12 @@ class Publisher:
         `OutputMalformed` when it can never be published (too large); a NATS error
         (`NoStreamResponseError`, `APIError`, `TimeoutError` after `publish_timeout_s`)
         when the stream did not store it."""
+        return await (await self.store_result(body))
+
+    async def store_result(self, body: ResultBody) -> "asyncio.Future[bool]":
+        """Sign and publish a result; the returned future completes when the stream has
+        answered, as `publish_result` returns or raises. `OutputMalformed` here when the
+        result can never be published (too large); a NATS error when it was not sent."""
         envelope = self._seal(EnvelopeType.RESULT, body)
         # The PubAck comes to this publisher's own inbox, with one deadline timer for all
         # results: no request, timer and wait_for per result (as `js.publish` makes), no
@@ -160,23 +174,19 @@ class Publisher:
             await self._nc.subscribe(f"{self._ack_inbox}.*", cb=self._on_ack)
         ack_id = next(self._ack_ids)
         stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._ack_waits[ack_id] = stored
-        try:
-            await self._nc.publish(
-                f"{self._results}.{body.job_id}",
-                envelope,
-                reply=f"{self._ack_inbox}.{ack_id}",
-                headers={"Nats-Msg-Id": body.job_id},
-            )
-            self._acks.watch(stored)
-            return not await stored
-        finally:
-            self._ack_waits.pop(ack_id, None)
+        await self._nc.publish(
+            f"{self._results}.{body.job_id}",
+            envelope,
+            reply=f"{self._ack_inbox}.{ack_id}",
+            headers={"Nats-Msg-Id": body.job_id},
+        )
+        self._acks.watch(ack_id, stored)
+        return stored
 
     async def _on_ack(self, msg: Msg) -> None:
         """A PubAck (or the server's refusal) for one stored result."""
         try:
-            stored = self._ack_waits.pop(int(msg.subject.rpartition(".")[2]), None)
+            stored = self._acks.pending.pop(int(msg.subject.rpartition(".")[2]), None)
         except ValueError:
             return
         if stored is None or stored.done():
@@ -194,7 +204,7 @@ class Publisher:
             error = reply.get("error") if isinstance(reply, dict) else None
             stored.set_exception(_api_error(error))
             return
-        stored.set_result(bool(reply.get("duplicate")))
+        stored.set_result(not reply.get("duplicate"))
 
     async def publish_stream(self, fields: Mapping[str, Any]) -> None:
         """Sign one partial-output message, this node's identity filled in and the body
