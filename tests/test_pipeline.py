@@ -19,7 +19,7 @@ from tests.support.jobnet import EchoRuntime, errors, job, publish_job, queue_em
 from tests.support.pipeline import SERVING, settings_for
 from tests.support.polling import wait_for
 from worker.client import JobFailed, cancel, submit
-from worker.core.errors import RuntimeEnded
+from worker.core.errors import Cancelled, RuntimeEnded
 from worker.core.resource import finish_uncancellable
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, verify
@@ -267,6 +267,34 @@ async def test_cancel_aborts_a_running_job(nc: Client, tmp_path: Path) -> None:
         await wait_for(lambda: queue_empty(nc, net.settings), timeout=10)
     assert runtime.cancelled == ["victim"]
     assert await results(net.js, net.settings) == []
+
+
+async def test_a_cancel_in_the_turn_a_job_starts_ends_it_and_frees_its_slot(
+    nc: Client, tmp_path: Path
+) -> None:
+    """A job task cancelled before its first step never runs: the job still ends with
+    CANCELLED, and its runtime slot (the only one) goes to the next job."""
+    net = await provisioned(nc, tmp_path, runtime_max_active=1)
+    runtime = EchoRuntime()
+    async with net.pipeline(runtime) as pipe:
+        start = pipe._start
+
+        def start_then_cancel(record: InFlight) -> None:
+            start(record)
+            pipe._stop(record, Cancelled(f"job {record.job_id} was cancelled"))
+
+        pipe._start = start_then_cancel  # type: ignore[method-assign]
+        await net.publish("racy")
+        await net.final_error(ErrorCode.CANCELLED)
+        pipe._start = start  # type: ignore[method-assign]
+        await net.publish("next")
+
+        async def next_done() -> bool:
+            return pipe.completed == 1 and await queue_empty(nc, net.settings)
+
+        await wait_for(next_done, timeout=20)
+    assert runtime.calls == 1
+    assert [r.job_id for r in await results(net.js, net.settings)] == ["next"]
 
 
 async def test_cancel_before_the_job_arrives_applies_on_admission(

@@ -49,6 +49,8 @@ class InFlight:
     lease_until: float | None = None
     """Wall time after which in-progress acks stop: the job's run deadline."""
     task: "asyncio.Task[None] | None" = None
+    running: bool = False
+    """Its task has taken its first step (a task cancelled before that never runs)."""
     stop_reason: NodeError | None = None
     """Why the job's run was cut short (cancel, live deadline); None: not stopped."""
     stoppable: bool = True

@@ -280,7 +280,6 @@ class Pipeline(AsyncResource):
         assert self._tg is not None
         self._running.add(record)
         record.task = self._tg.create_task(self._run_job(record), name=f"job-{record.job_id}")
-        record.task.add_done_callback(functools.partial(self._job_done, record))
 
     def _free_slot(self, record: InFlight) -> None:
         if record not in self._running:
@@ -290,20 +289,6 @@ class Pipeline(AsyncResource):
             queued = self._waiting.popleft()
             if queued in self._in_flight and queued.task is None:
                 self._start(queued)
-
-    def _job_done(self, record: InFlight, task: "asyncio.Task[None]") -> None:
-        self._free_slot(record)
-        if (
-            task.cancelled()
-            and record.stop_reason is not None
-            and record in self._in_flight
-            and not self.draining
-            and self._tg is not None
-            and self.is_open
-        ):
-            # Cancelled before its first step (a cancel in the turn it started): it still
-            # ends with its outcome.
-            record.task = self._tg.create_task(self._fail(record, record.stop_reason, final=True))
 
     def _track(self, record: InFlight) -> None:
         self._in_flight.add(record)
@@ -341,10 +326,15 @@ class Pipeline(AsyncResource):
         if not record.stoppable or record.stop_reason is not None:
             return
         record.stop_reason = reason
-        if record.task is not None:
-            record.task.cancel()
+        task = record.task
+        if task is not None and record.running:
+            task.cancel()
         elif self._tg is not None and self.is_open:
-            # Still waiting for a slot: it ends now, without one (the queue skips it).
+            # Waiting for a slot (the queue skips it now), or its task has not taken its
+            # first step (and cancelled, never will): it ends here, without a slot.
+            if task is not None:
+                task.cancel()
+                self._free_slot(record)
             record.task = self._tg.create_task(self._fail(record, reason, final=True))
 
     # -- one job ---------------------------------------------------------------------
@@ -360,6 +350,7 @@ class Pipeline(AsyncResource):
             )
 
     async def _run_job(self, record: InFlight) -> None:
+        record.running = True
         job = record.job
         assert job is not None
         try:
@@ -394,15 +385,20 @@ class Pipeline(AsyncResource):
             return
         finished_at = time.time()
         self.metrics.engine_seconds.observe(finished_at - started_at)
-        await self._finish_stream(record, done)
+        if job.stream:
+            await self._finish_stream(record, done)
         await self._succeed(record, done, started_at, finished_at)
 
     async def _generate(self, record: InFlight) -> Completion:
         job = record.job
         assert job is not None
-        payload: dict[str, Any] = job.model_dump(
-            include={"prompt", "prompt_token_ids", "messages", "params"}, exclude_none=True
-        )
+        payload: dict[str, Any]
+        if job.prompt is not None:
+            payload = {"prompt": job.prompt}
+        elif job.prompt_token_ids is not None:
+            payload = {"prompt_token_ids": job.prompt_token_ids}
+        else:
+            payload = job.model_dump(include={"messages"}, exclude_none=True)
         payload["params"] = job.params.model_dump(exclude_none=True)
         item = WorkItem(job.job_id, payload, stream=job.stream, deadline=job.deadline)
         if not job.stream:

@@ -335,13 +335,18 @@ class Supervisor(AsyncResource):
         """Run one request (see `Runtime.generate`)."""
         self._check_open()
         solo = self._suspects.get(item.job_id, 0) >= SOLO_AFTER_STRIKES
-        await self._admit(solo)
+        if solo or self._solo_running or self._solo_waiting:
+            await self._await_turn(solo)
+        self._active += 1
+        self._solo_running = solo
         try:
             self._check_open()
-            try:
-                session = await self._ready_session()
-            except RuntimeFailure as exc:
-                raise _handed_back(item, exc) from exc
+            session = self._session
+            if session is None or session.failure is not None or not session.is_ready():
+                try:
+                    session = await self._ready_session()
+                except RuntimeFailure as exc:
+                    raise _handed_back(item, exc) from exc
             try:
                 done = await self._attempt(session, item, on_partial)
             except RuntimeFailure as exc:
@@ -403,21 +408,18 @@ class Supervisor(AsyncResource):
         if not self.is_open:
             raise RuntimeClosed(f"the supervisor is {self.state.value}")
 
-    async def _admit(self, solo: bool) -> None:
-        """A solo request waits until nothing else runs, and holds off new requests; with
-        no solo request about, a request is admitted without waiting."""
-        if solo or self._solo_running or self._solo_waiting:
+    async def _await_turn(self, solo: bool) -> None:
+        """A solo request waits until nothing else runs, and holds off new requests (with
+        no solo request about, `generate` does not call this: nothing to wait for)."""
+        if solo:
+            self._solo_waiting += 1
+        try:
+            while self._solo_running or (self._active if solo else self._solo_waiting):
+                await self._admission_changed.wait()
+        finally:
             if solo:
-                self._solo_waiting += 1
-            try:
-                while self._solo_running or (self._active if solo else self._solo_waiting):
-                    await self._admission_changed.wait()
-            finally:
-                if solo:
-                    self._solo_waiting -= 1
-                    self._admission_changed_now()
-        self._active += 1
-        self._solo_running = solo
+                self._solo_waiting -= 1
+                self._admission_changed_now()
 
     def _release(self, solo: bool) -> None:
         self._active -= 1
