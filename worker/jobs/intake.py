@@ -128,22 +128,25 @@ class JobSource:
         self._outstanding = 0
         self._last_seen = time.monotonic()
         self._wake = asyncio.Event()
+        self._ticker: asyncio.TimerHandle | None = None
         self.state = SourceState.NEW
 
     async def run(self) -> None:
         """Pull until `stop()`; the caller runs this in its task group."""
         self._sub = await self._nc.subscribe(self._inbox, cb=self._deliver)
         self.state = SourceState.PULLING
+        # One repeating tick wakes the loop at least every PULL_HEARTBEAT_S (no timer per
+        # wake: under load it wakes on every turn that settled a job).
+        self._tick()
         try:
             while self.state is SourceState.PULLING:
                 await self._pull_if_due()
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), PULL_HEARTBEAT_S)
-                except TimeoutError:
-                    pass
+                await self._wake.wait()
                 self._check_liveness()
         finally:
+            if self._ticker is not None:
+                self._ticker.cancel()
             self.state = SourceState.STOPPED
             sub, self._sub = self._sub, None
             if sub is not None and not self._nc.is_closed:
@@ -151,6 +154,10 @@ class JobSource:
                     await sub.unsubscribe()
                 except Exception as exc:
                     log.debug("pull_unsubscribe_failed error=%r", exc)
+
+    def _tick(self) -> None:
+        self._wake.set()
+        self._ticker = asyncio.get_running_loop().call_later(PULL_HEARTBEAT_S, self._tick)
 
     def stop(self) -> None:
         """Stop asking for jobs; messages already on their way are still delivered."""
