@@ -47,7 +47,7 @@ from schemas.result import ResultBody
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 from worker.jobs.intake import InFlight, admit
-from worker.jobs.pipeline import Pipeline, Serving
+from worker.jobs.pipeline import Pipeline, Serving, runtime_payload
 from worker.jobs.provision import consumer_name
 from worker.jobs.publisher import Publisher
 from worker.runtime.api import Completion, RuntimeFacts
@@ -124,18 +124,6 @@ def result_body(
         "started_at": started,
         "finished_at": finished,
     }
-
-
-def runtime_payload(record: InFlight) -> dict[str, Any]:
-    """The same map `Pipeline._generate` builds for the runtime's `submit` frame."""
-    job = record.job
-    assert job is not None
-    payload: dict[str, Any] = {"params": job.params.model_dump(exclude_none=True)}
-    if job.prompt is not None:
-        payload["prompt"] = job.prompt
-    else:
-        payload["prompt_token_ids"] = job.prompt_token_ids
-    return payload
 
 
 def agent_result_size(key: NodeKey) -> int:
@@ -266,7 +254,7 @@ async def raw_floor(
         if rejection is not None or record.job is None:
             await msg.term()
             return
-        runtime_payload(record)
+        runtime_payload(record.job)
         now = time.time()
         done = Completion(record.job.job_id, SAMPLE.text, SAMPLE.token_ids, "length", 7)
         body = result_body(record, done, node_id, now, now)

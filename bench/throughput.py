@@ -120,7 +120,10 @@ STAGES = [
     ("pull requests", ("_pull_if_due (", "_request (", "settled (")),
     ("nats-py read loop: parse, dispatch", ("_read_loop (",)),
     ("nats-py flusher: socket writes", ("_flusher (",)),
-    ("job task: run, generate, store", ("_run_job (", "_generate (", "_succeed (", "_store (")),
+    (
+        "pipeline: submit, answer, result",
+        ("_start (", "_answered (", "_results_loop (", "_succeed (", "_store ("),
+    ),
     ("intake callback", ("_deliver (", "_on_message (", "strong (", "with_agent_work (")),
     ("JobSource loop (wake, wait_for)", ("jobs/intake.py",)),
     ("pipeline, other", ("worker/jobs/pipeline",)),

@@ -23,6 +23,9 @@ class FixedRuntime:
     async def generate(self, *args: Any, **kwargs: Any) -> Any:
         raise AssertionError("not called")
 
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("not called")
+
 
 def test_a_completion_maps_to_a_valid_result_body() -> None:
     settings = make_settings()

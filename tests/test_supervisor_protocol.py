@@ -357,6 +357,42 @@ async def test_killed_mid_request(harness: Harness) -> None:
         assert sup.stats().runtime_id != ident
 
 
+async def test_submitted_request_cancelled_is_aborted_in_the_engine(harness: Harness) -> None:
+    """`submit` (the pipeline's way: no task per request): cancelling its future aborts
+    the request, and releases its place."""
+    async with harness.supervisor(engine_args={"token_delay_ms": 2}) as sup:
+        harness.remember(sup)
+        sink = Sink()
+        answer = sup.submit(streaming("c"), sink)
+        assert sup.stats().active == 1
+        await sink.first.wait()
+        answer.cancel()
+        # released at once, then aborting until the runtime answers the abort
+        await wait_for(lambda: sup.stats().active == 0 and sup.stats().aborting == 0, timeout=20)
+        assert sup.stats().restarts == 0
+        assert isinstance(await sup.submit(items("after")[0]), Completion)
+
+
+async def test_submitted_request_fails_after_its_runtime_is_replaced(harness: Harness) -> None:
+    """A runtime killed under a submitted request: the request is handed back (retryable)
+    only once a fresh runtime has replaced the dead one, as with `generate`."""
+    async with harness.supervisor(engine_args={"token_delay_ms": 5}) as sup:
+        harness.remember(sup)
+        ident = sup.stats().runtime_id
+        assert ident is not None
+        sink = Sink()
+        answer = sup.submit(streaming("k"), sink)
+        await sink.first.wait()
+        await asyncio.to_thread(harness.kill_runtime, ident)
+        with pytest.raises(RuntimeEnded) as failed:
+            await answer
+        assert failed.value.retryable and "job k" in str(failed.value)
+        harness.remember(sup)
+        assert sup.stats().runtime_id not in (None, ident) and sup.stats().restarts == 1
+        assert sup.stats().active == 0
+        assert isinstance(await sup.submit(items("after")[0]), Completion)
+
+
 async def test_death_while_idle_is_noticed(harness: Harness) -> None:
     async with harness.supervisor() as sup:
         harness.remember(sup)

@@ -23,6 +23,7 @@ from worker.runtime.api import (
     PartialSink,
     RuntimeFacts,
     WorkItem,
+    submit_in_task,
 )
 
 
@@ -73,6 +74,11 @@ class EchoRuntime:
             raise
         finally:
             self.active -= 1
+
+    def submit(
+        self, item: WorkItem, on_partial: PartialSink | None = None
+    ) -> "asyncio.Future[Completion]":
+        return submit_in_task(self, item, on_partial)
 
     async def run(self, items: list[WorkItem]) -> list[ItemOutcome]:
         return [await self.generate(i) for i in items]

@@ -26,6 +26,7 @@ from schemas.errors import SchemaError
 from schemas.job import Job
 from schemas.limits import JOB_ID_PATTERN
 from worker.core.errors import BadRequest, DeadlineExceeded, JobRejected, NodeError, UnknownModel
+from worker.runtime.api import Completion
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,12 @@ class InFlight:
     progress_at: float = field(default=0.0)
     lease_until: float | None = None
     """Wall time after which in-progress acks stop: the job's run deadline."""
+    answer: "asyncio.Future[Completion] | None" = None
+    """The runtime's outcome for the job, once its request is submitted; cancelling it
+    aborts the request."""
     task: "asyncio.Task[None] | None" = None
-    running: bool = False
-    """Its task has taken its first step (a task cancelled before that never runs)."""
+    """A task that ends the job (its error event, a result publish retried): cancelled on
+    drain while the job is still stoppable."""
     stop_reason: NodeError | None = None
     """Why the job's run was cut short (cancel, live deadline); None: not stopped."""
     stoppable: bool = True

@@ -29,6 +29,7 @@ import logging
 import re
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from schemas.job import Job
 from schemas.limits import JOB_ID_PATTERN
 from schemas.result import ModelRef, ResultBody, RuntimeRef
 from worker.core.errors import (
@@ -87,6 +89,20 @@ class Settle(enum.Enum):
 
 def nak_delay(attempt: int) -> float:
     return min(NAK_MAX_DELAY_S, NAK_BASE_DELAY_S * 2.0 ** (attempt - 1))
+
+
+def runtime_payload(job: Job) -> dict[str, Any]:
+    """The `request` map of a job's `submit` frame: its prompt, token ids or messages, and
+    its parameters."""
+    payload: dict[str, Any]
+    if job.prompt is not None:
+        payload = {"prompt": job.prompt}
+    elif job.prompt_token_ids is not None:
+        payload = {"prompt_token_ids": job.prompt_token_ids}
+    else:
+        payload = job.model_dump(include={"messages"}, exclude_none=True)
+    payload["params"] = job.params.model_dump(exclude_none=True)
+    return payload
 
 
 def extends_lease(record: InFlight, now: float) -> bool:
@@ -143,6 +159,8 @@ class Pipeline(AsyncResource):
         self._stream_wake = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._refs: tuple[RuntimeFacts, ModelRef, RuntimeRef] | None = None
+        self._answers: list[tuple[InFlight, Completion, float, float]] = []
+        self._answers_wake = asyncio.Event()
         self._acks_due: list[InFlight] = []
         self._ack_wake = asyncio.Event()
         self.draining = False
@@ -174,6 +192,7 @@ class Pipeline(AsyncResource):
             (self._source.run(), "intake"),
             (self._progress_loop(), "progress"),
             (self._stream_loop(), "stream"),
+            (self._results_loop(), "results"),
             (self._ack_loop(), "ack"),
         ):
             self._background.append(self._tg.create_task(coro, name=name))
@@ -230,8 +249,12 @@ class Pipeline(AsyncResource):
         if self._in_flight:
             log.warning("drain_handing_back jobs=%d", len(self._in_flight))
         for record in list(self._in_flight):
-            if record.task is not None and record.stoppable:
-                record.task.cancel()
+            if record.stoppable:
+                # its request is aborted; or its failure outcome, not published yet, is not
+                if record.answer is not None:
+                    record.answer.cancel()
+                if record.task is not None:
+                    record.task.cancel()
             await self._settle(record, Settle.NAK)
         await self.aclose()
 
@@ -240,6 +263,8 @@ class Pipeline(AsyncResource):
             task.cancel()
         self._waiting.clear()
         for record in list(self._in_flight):
+            if record.answer is not None:
+                record.answer.cancel()
             if record.task is not None:
                 record.task.cancel()
 
@@ -276,10 +301,22 @@ class Pipeline(AsyncResource):
     # -- runtime slots -----------------------------------------------------------------
 
     def _start(self, record: InFlight) -> None:
-        """Start a job's task with a runtime slot (held until its request is answered)."""
-        assert self._tg is not None
+        """Give a job a runtime slot and submit its request; `_answered` goes on from there
+        (no task per job: the runtime completes the request's future)."""
+        job = record.job
+        assert job is not None
         self._running.add(record)
-        record.task = self._tg.create_task(self._run_job(record), name=f"job-{record.job_id}")
+        started_at = time.time()
+        run_deadline = started_at + self._settings.request_timeout_s + LEASE_GRACE_S
+        record.lease_until = min(record.lease_until or run_deadline, run_deadline)
+        item = WorkItem(job.job_id, runtime_payload(job), stream=job.stream, deadline=job.deadline)
+        try:
+            answer = self._runtime.submit(item, self._stream_sink(record) if job.stream else None)
+        except NodeError as exc:  # the runtime is closing
+            answer = asyncio.get_running_loop().create_future()
+            answer.set_exception(exc)
+        record.answer = answer
+        answer.add_done_callback(functools.partial(self._answered, record, started_at))
 
     def _free_slot(self, record: InFlight) -> None:
         if record not in self._running:
@@ -287,8 +324,64 @@ class Pipeline(AsyncResource):
         self._running.discard(record)
         while self._waiting and len(self._running) < self.max_active and self.is_open:
             queued = self._waiting.popleft()
-            if queued in self._in_flight and queued.task is None:
+            if queued in self._in_flight and queued.answer is None and queued.task is None:
                 self._start(queued)
+
+    def _answered(
+        self, record: InFlight, started_at: float, answer: "asyncio.Future[Completion]"
+    ) -> None:
+        """The runtime's outcome for a job: a completion goes to the results task; a
+        failure, a cancel or a deadline to a task that publishes the job's error."""
+        self._free_slot(record)
+        if record not in self._in_flight:
+            return  # handed back meanwhile (drain)
+        if answer.cancelled():
+            if record.stop_reason is not None:
+                self._end_stream(record)
+                self._spawn(record, self._fail(record, record.stop_reason, final=True))
+            return  # else: drain or close hands the job back
+        record.stoppable = False
+        exc = answer.exception()
+        if exc is not None:
+            self._end_stream(record)
+            if isinstance(exc, NodeError):
+                self._spawn(record, self._fail(record, exc, final=not exc.retryable))
+            else:
+                log.error("runtime_generate_failed job_id=%s", record.job_id, exc_info=exc)
+                failure = RuntimeFailure(f"runtime failed: {exc!r}")
+                self._spawn(record, self._fail(record, failure, final=False))
+            return
+        finished_at = time.time()
+        self.metrics.engine_seconds.observe(finished_at - started_at)
+        self._answers.append((record, answer.result(), started_at, finished_at))
+        self._answers_wake.set()
+
+    def _spawn(self, record: InFlight, outcome: Coroutine[Any, Any, None]) -> None:
+        """Run what ends a job in a task of its own (it publishes, and may wait)."""
+        if self._tg is None or not self.is_open:
+            outcome.close()  # closing: the job is handed back
+            return
+        record.task = self._tg.create_task(outcome)
+
+    async def _results_loop(self) -> None:
+        """Sign and publish the results of the jobs the runtime completed since the last
+        round, in order, in one task."""
+        while True:
+            await self._answers_wake.wait()
+            self._answers_wake.clear()
+            answers, self._answers = self._answers, []
+            for record, done, started_at, finished_at in answers:
+                if record not in self._in_flight:
+                    continue  # handed back meanwhile (drain)
+                try:
+                    assert record.job is not None
+                    if record.job.stream:
+                        await self._finish_stream(record, done)
+                    await self._succeed(record, done, started_at, finished_at)
+                except Exception:
+                    # A bug: the job is handed back rather than lost or left held.
+                    log.exception("result_failed job_id=%s", record.job_id)
+                    await self._settle(record, Settle.NAK)
 
     def _track(self, record: InFlight) -> None:
         self._in_flight.add(record)
@@ -326,16 +419,11 @@ class Pipeline(AsyncResource):
         if not record.stoppable or record.stop_reason is not None:
             return
         record.stop_reason = reason
-        task = record.task
-        if task is not None and record.running:
-            task.cancel()
-        elif self._tg is not None and self.is_open:
-            # Waiting for a slot (the queue skips it now), or its task has not taken its
-            # first step (and cancelled, never will): it ends here, without a slot.
-            if task is not None:
-                task.cancel()
-                self._free_slot(record)
-            record.task = self._tg.create_task(self._fail(record, reason, final=True))
+        if record.answer is not None:
+            record.answer.cancel()  # aborts the request; `_answered` ends the job
+        elif record.task is None:
+            # Waiting for a slot (the queue skips it now): it ends here.
+            self._spawn(record, self._fail(record, reason, final=True))
 
     # -- one job ---------------------------------------------------------------------
 
@@ -349,60 +437,8 @@ class Pipeline(AsyncResource):
                 DeadlineExceeded(f"job {job.job_id} reached its deadline {job.deadline:.3f}"),
             )
 
-    async def _run_job(self, record: InFlight) -> None:
-        record.running = True
-        job = record.job
-        assert job is not None
-        try:
-            try:
-                started_at = time.time()
-                run_deadline = started_at + self._settings.request_timeout_s + LEASE_GRACE_S
-                record.lease_until = min(record.lease_until or run_deadline, run_deadline)
-                done = await self._generate(record)
-                record.stoppable = False
-            finally:
-                self._free_slot(record)
-        except asyncio.CancelledError:
-            reason = record.stop_reason
-            if reason is None:
-                raise  # drain or close: the job is handed back there
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            self._end_stream(record)
-            await self._fail(record, reason, final=True)
-            return
-        except NodeError as exc:
-            record.stoppable = False
-            self._end_stream(record)
-            await self._fail(record, exc, final=not exc.retryable)
-            return
-        except Exception as exc:
-            record.stoppable = False
-            log.exception("runtime_generate_failed job_id=%s", job.job_id)
-            self._end_stream(record)
-            await self._fail(record, RuntimeFailure(f"runtime failed: {exc!r}"), final=False)
-            return
-        finished_at = time.time()
-        self.metrics.engine_seconds.observe(finished_at - started_at)
-        if job.stream:
-            await self._finish_stream(record, done)
-        await self._succeed(record, done, started_at, finished_at)
-
-    async def _generate(self, record: InFlight) -> Completion:
-        job = record.job
-        assert job is not None
-        payload: dict[str, Any]
-        if job.prompt is not None:
-            payload = {"prompt": job.prompt}
-        elif job.prompt_token_ids is not None:
-            payload = {"prompt_token_ids": job.prompt_token_ids}
-        else:
-            payload = job.model_dump(include={"messages"}, exclude_none=True)
-        payload["params"] = job.params.model_dump(exclude_none=True)
-        item = WorkItem(job.job_id, payload, stream=job.stream, deadline=job.deadline)
-        if not job.stream:
-            return await self._runtime.generate(item)
+    def _stream_sink(self, record: InFlight) -> Callable[[Partial], None]:
+        """Where a streaming job's `partial` frames go: coalesced for the stream task."""
         stream = _Stream(record)
         self._streams[record] = stream
 
@@ -414,7 +450,7 @@ class Pipeline(AsyncResource):
             self._dirty[record] = stream
             self._stream_wake.set()
 
-        return await self._runtime.generate(item, push)
+        return push
 
     # -- streaming -------------------------------------------------------------------
 
@@ -503,7 +539,7 @@ class Pipeline(AsyncResource):
             await self._fail(record, exc, final=True)
             return
         except Exception as exc:
-            await self._store_failed(record, body, attempt, exc)
+            self._spawn(record, self._store_failed(record, body, attempt, exc))
             return
         stored.add_done_callback(functools.partial(self._stored, record, body, attempt))
 
@@ -516,9 +552,8 @@ class Pipeline(AsyncResource):
         if exc is None:
             self._acks_due.append(record)
             self._ack_wake.set()
-        elif self._tg is not None and self.is_open:
-            record.task = self._tg.create_task(self._store_failed(record, body, attempt, exc))
-        # else: the pipeline is closing, and hands the job back
+        else:
+            self._spawn(record, self._store_failed(record, body, attempt, exc))
 
     async def _store_failed(
         self, record: InFlight, body: ResultBody, attempt: int, exc: BaseException

@@ -55,6 +55,7 @@ from worker.runtime.api import (
     Runtime,
     RuntimeFacts,
     WorkItem,
+    submit_in_task,
 )
 from worker.runtime.imagepin import ensure_image
 from worker.runtime.supervisor import Supervisor, create_backend
@@ -111,6 +112,14 @@ class ValidatedRuntime:
         await self._revalidate()
         done: Completion = await self._sup.generate(item, on_partial)
         return done
+
+    def submit(
+        self, item: WorkItem, on_partial: PartialSink | None = None
+    ) -> "asyncio.Future[Completion]":
+        if self._sup.restarts == self._validated_restarts:
+            future: asyncio.Future[Completion] = self._sup.submit(item, on_partial)
+            return future
+        return submit_in_task(self, item, on_partial)
 
     async def run(self, items: list[WorkItem]) -> list[ItemOutcome]:
         try:

@@ -3,6 +3,7 @@
 The supervisor implements `Runtime`; the pipeline and the validator only use this surface.
 """
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,22 @@ class Runtime(Protocol):
         Cancelling the call aborts the request in the engine."""
         ...
 
+    def submit(
+        self, item: WorkItem, on_partial: PartialSink | None = None
+    ) -> "asyncio.Future[Completion]":
+        """Start one request without waiting for it: the future completes as `generate`
+        returns or raises; cancelling it aborts the request. What the pipeline uses: a
+        runtime that can, answers without a task per request."""
+        ...
+
     async def run(self, items: list[WorkItem]) -> list[ItemOutcome]:
         """`generate` for each item, concurrently; one outcome per item, in order."""
         ...
+
+
+def submit_in_task(
+    runtime: Runtime, item: WorkItem, on_partial: PartialSink | None = None
+) -> "asyncio.Future[Completion]":
+    """`Runtime.submit` for a runtime with no cheaper way: `generate` in a task (a task is
+    a future; cancelling it cancels `generate`)."""
+    return asyncio.ensure_future(runtime.generate(item, on_partial))

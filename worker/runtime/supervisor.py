@@ -11,6 +11,7 @@ again it fails alone (`ItemFailed`, final) and no other job is failed because of
 """
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -18,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import cast
 
 from schemas import frames
 from schemas.frames import PROTOCOL_VERSION, FailCode, Frame, FrameError, FrameKind
@@ -79,6 +81,9 @@ class _Request:
     expires: float
     """Monotonic time by which the runtime must have answered (request_timeout_s)."""
     streamed: int = 0
+    on_failure: Callable[[RuntimeFailure], None] | None = None
+    """Set for a request started by `submit` without a task: called, instead of failing its
+    future, when the runtime fails (the supervisor recovers, then fails the future)."""
 
 
 @dataclass(eq=False)
@@ -101,6 +106,8 @@ class _Session:
     """One timer for all requests' answer deadlines: it is due when the oldest request's
     is (requests are kept in submit order, and all share one timeout)."""
     on_expired: Callable[[], None] | None = None
+    draining: "asyncio.Task[None] | None" = None
+    """The task waiting for a full input buffer to drain (frames posted without waiting)."""
 
     def add(self, req: _Request) -> None:
         self.requests[req.request_id] = req
@@ -211,13 +218,17 @@ class _Session:
             self.expiry.cancel()
             self.expiry = None
         waits: list[asyncio.Future[object]] = [self.ready, *self.pings.values()]  # type: ignore[list-item]
-        waits += [r.future for r in self.requests.values()]  # type: ignore[misc]
+        failed = [r for r in self.requests.values() if r.on_failure is not None]
+        waits += [r.future for r in self.requests.values() if r.on_failure is None]  # type: ignore[misc]
         for future in waits:
             if not future.done():
                 future.set_exception(exc)
                 future.exception()  # the waiter may be gone; never "never retrieved"
         self.requests.clear()
         self.pings.clear()
+        for req in failed:
+            assert req.on_failure is not None
+            req.on_failure(exc)
 
 
 def _completion(req: _Request, frame: Frame) -> Completion | NodeError:
@@ -318,6 +329,11 @@ class Supervisor(AsyncResource):
             raise RuntimeStartError("no runtime has become ready yet")
         return self._facts
 
+    @property
+    def restarts(self) -> int:
+        """How many times a runtime was started after the first."""
+        return self._restarts
+
     def stats(self) -> SupervisorStats:
         session = self._session
         return SupervisorStats(
@@ -373,16 +389,115 @@ class Supervisor(AsyncResource):
         self._suspects.pop(item.job_id, None)
         return done
 
-    async def run(self, items: Sequence[WorkItem]) -> list[ItemOutcome]:
-        """`generate` for each item, concurrently; one outcome per item, in order."""
+    def submit(
+        self, item: WorkItem, on_partial: PartialSink | None = None
+    ) -> "asyncio.Future[Completion]":
+        """Start one request; the future completes as `generate` returns or raises, and
+        cancelling it aborts the request. With the runtime ready and no solo request about,
+        no task runs it: the `submit` frame goes out now, the reader completes the future,
+        and a runtime failure is recovered from before the future fails. Otherwise
+        `generate` runs in a task."""
+        self._check_open()
+        assert self._tg is not None
+        session = self._session
+        if (
+            session is None
+            or session.failure is not None
+            or not session.is_ready()
+            or self._solo_running
+            or self._solo_waiting
+            or self._suspects.get(item.job_id, 0) >= SOLO_AFTER_STRIKES
+        ):
+            return self._generate_in_task(item, on_partial)
+        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+        req = self._request(session, item, on_partial, future)
+        req.on_failure = functools.partial(self._submitted_failed, session, req, item)
+        self._active += 1
+        future.add_done_callback(functools.partial(self._submitted_done, session, req))
+        try:
+            self._post(session, self._submit_frame(req, item))
+        except RuntimeFailure as exc:
+            session.fail(exc)
+            self._wake.set()
+        return future
 
-        async def one(item: WorkItem) -> ItemOutcome:
+    def _generate_in_task(
+        self, item: WorkItem, on_partial: PartialSink | None
+    ) -> "asyncio.Future[Completion]":
+        """`generate` in a task of the supervisor's group, its outcome in the returned
+        future (an error ends the request, never the group); cancelling it cancels the task."""
+        assert self._tg is not None
+        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+
+        async def run() -> None:
             try:
-                return await self.generate(item)
-            except NodeError as exc:
-                return exc
+                done = await self.generate(item, on_partial)
+            except asyncio.CancelledError:
+                future.cancel()
+                raise
+            except BaseException as exc:
+                if not future.done():
+                    future.set_exception(exc)
+                return
+            if not future.done():
+                future.set_result(done)
 
-        return list(await asyncio.gather(*(one(i) for i in items)))
+        task = self._tg.create_task(run())
+        future.add_done_callback(lambda f: task.cancel() if f.cancelled() else None)
+        return future
+
+    def _submitted_done(
+        self, session: _Session, req: _Request, future: "asyncio.Future[Completion]"
+    ) -> None:
+        self._release(False)
+        if future.cancelled():
+            # Cancelled (job cancelled, deadline, drain): stop it in the engine.
+            if session.requests.pop(req.request_id, None) is not None and session.failure is None:
+                session.forget_later(req.request_id)
+                if self.is_open:
+                    self._post_abort(session, req.request_id)
+        elif future.exception() is None:
+            self._requests += 1
+            if self._suspects:
+                self._suspects.pop(req.job_id, None)
+
+    def _submitted_failed(
+        self, session: _Session, req: _Request, item: WorkItem, exc: RuntimeFailure
+    ) -> None:
+        """The runtime failed under a request started by `submit`: what `generate` does in
+        that case, then the future fails."""
+        if isinstance(exc, RuntimeClosed) or not self.is_open or self._tg is None:
+            if not req.future.done():
+                req.future.set_exception(_handed_back(item, exc))
+            return
+        self._tg.create_task(self._recover_then_fail(session, req, item, exc))
+
+    async def _recover_then_fail(
+        self, session: _Session, req: _Request, item: WorkItem, exc: RuntimeFailure
+    ) -> None:
+        try:
+            await self._recover(session, exc)
+        finally:
+            if not req.future.done():
+                if self.is_open:
+                    self._strike(item.job_id)
+                req.future.set_exception(_handed_back(item, exc))
+
+    async def run(self, items: Sequence[WorkItem]) -> list[ItemOutcome]:
+        """Each item `submit`ted, concurrently; one outcome per item, in order."""
+        futures: list[asyncio.Future[Completion]] = []
+        for item in items:
+            try:
+                futures.append(self.submit(item))
+            except NodeError as exc:
+                failed: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                futures.append(failed)
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, NodeError):
+                raise outcome
+        return cast(list[ItemOutcome], outcomes)
 
     async def replace(self, spec: LaunchSpec) -> RuntimeFacts:
         """Stop the current runtime and start one from `spec` (a new configuration)."""
@@ -442,38 +557,65 @@ class Supervisor(AsyncResource):
     async def _attempt(
         self, session: _Session, item: WorkItem, on_partial: PartialSink | None
     ) -> Completion:
-        request_id = next(self._ids)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Completion] = loop.create_future()
-        max_tokens = item.payload.get("params", {}).get("max_tokens", DEFAULT_MAX_TOKENS)
-        expires = loop.time() + self._settings.request_timeout_s
-        req = _Request(
-            request_id, item.job_id, item.stream, max_tokens, future, on_partial, expires
-        )
-        # Its answer deadline is the session's expiry timer (which fails the session and
-        # so this future): no timer per request.
-        session.add(req)
+        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+        req = self._request(session, item, on_partial, future)
+        request_id = req.request_id
         try:
-            await self._send(
-                session,
-                frames.submit(
-                    request_id,
-                    item.payload,  # type: ignore[arg-type]
-                    stream=item.stream,
-                    deadline=item.deadline,
-                ),
-            )
+            await self._send(session, self._submit_frame(req, item))
             return await future
         finally:
             if session.requests.pop(request_id, None) is not None and session.failure is None:
                 # Cancelled (job cancelled, deadline, drain): stop it in the engine.
                 session.forget_later(request_id)
-                if self._tg is not None and self.is_open:
-                    self._tg.create_task(self._abort(session, request_id))
+                if self.is_open:
+                    self._post_abort(session, request_id)
 
-    async def _abort(self, session: _Session, request_id: int) -> None:
+    def _request(
+        self,
+        session: _Session,
+        item: WorkItem,
+        on_partial: PartialSink | None,
+        future: "asyncio.Future[Completion]",
+    ) -> _Request:
+        """A new request on `session`. Its answer deadline is the session's expiry timer
+        (which fails the session and so this request): no timer per request."""
+        max_tokens = item.payload.get("params", {}).get("max_tokens", DEFAULT_MAX_TOKENS)
+        expires = asyncio.get_running_loop().time() + self._settings.request_timeout_s
+        req = _Request(
+            next(self._ids), item.job_id, item.stream, max_tokens, future, on_partial, expires
+        )
+        session.add(req)
+        return req
+
+    @staticmethod
+    def _submit_frame(req: _Request, item: WorkItem) -> frames.SubmitFrame:
+        return frames.submit(
+            req.request_id,
+            item.payload,  # type: ignore[arg-type]
+            stream=item.stream,
+            deadline=item.deadline,
+        )
+
+    def _post(self, session: _Session, frame: object) -> None:
+        """Queue a frame without waiting; when the runtime's input buffer is over its limit,
+        one task waits for it to drain, and fails the session if it does not within
+        `runtime_write_timeout_s`. Raises `RuntimeEnded` if the input is closed."""
+        if session.handle.write(frame) or session.draining is not None:  # type: ignore[arg-type]
+            return
+        assert self._tg is not None
+        session.draining = self._tg.create_task(self._drain_or_fail(session))
+
+    async def _drain_or_fail(self, session: _Session) -> None:
         try:
-            await self._send(session, frames.abort(request_id))
+            await self._drained(session)
+        except RuntimeFailure:
+            pass  # the session has failed: its requests learn it from there
+        finally:
+            session.draining = None
+
+    def _post_abort(self, session: _Session, request_id: int) -> None:
+        try:
+            self._post(session, frames.abort(request_id))
         except RuntimeFailure as exc:
             log.info("runtime_abort_failed request=%d error=%s", request_id, exc)
 
@@ -481,10 +623,20 @@ class Supervisor(AsyncResource):
         """Queue one frame; when the output buffer is over its limit, wait for it to drain
         under `runtime_write_timeout_s`: a runtime that stops reading its input is broken
         (and fails the session)."""
-        timeout_s = self._settings.runtime_write_timeout_s
         try:
             if session.handle.write(frame):  # type: ignore[arg-type]
                 return
+        except RuntimeFailure as failure:
+            session.fail(failure)
+            self._wake.set()
+            raise
+        await self._drained(session)
+
+    async def _drained(self, session: _Session) -> None:
+        """Wait for the runtime's input buffer to drain; fail the session and raise if it
+        does not within `runtime_write_timeout_s`."""
+        timeout_s = self._settings.runtime_write_timeout_s
+        try:
             async with asyncio.timeout(timeout_s):
                 await session.handle.drained()
         except TimeoutError:
