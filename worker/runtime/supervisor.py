@@ -196,14 +196,16 @@ class _Session:
                 except Exception:
                     log.exception("partial_sink_failed job_id=%s", req.job_id)
             return
-        del self.requests[request_id]
         if kind == FrameKind.DONE:
             outcome = _completion(req, frame)
         else:
+            # A bad frame raises with the request still registered: the session's failure
+            # is its outcome.
             failed = frames.parse_failed(frame)
             if failed["code"] == FailCode.ABORTED:
                 raise RuntimeBroken(f"runtime aborted request {request_id} on its own")
             outcome = _failure(req, failed["code"], failed["reason"])
+        del self.requests[request_id]
         if req.future.done():  # its caller was cancelled; the request is being aborted
             return
         if isinstance(outcome, Completion):
