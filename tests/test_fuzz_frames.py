@@ -50,10 +50,14 @@ VIOLATIONS = {
 }
 FAILED_CODES = {"bad_request": BadRequest, "engine": ItemFailed, "deadline": DeadlineExceeded}
 
+# integers msgpack can carry (its int64/uint64 range), and the negative ones among them
+msgpack_ints = st.integers(-(1 << 63), (1 << 64) - 1)
+negative_ints = st.integers(-(1 << 63), -1)
+
 msgpack_values = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(-(1 << 63), (1 << 64) - 1)
+    | msgpack_ints
     | st.floats(allow_nan=True)
     | st.text(max_size=20)
     | st.binary(max_size=20),
@@ -65,16 +69,16 @@ msgpack_values = st.recursive(
 
 # fields that make a `done` malformed (OutputMalformed for that job, the runtime stays)
 bad_done_fields = st.one_of(
-    st.fixed_dictionaries({"text": st.integers() | st.none() | st.binary(max_size=8)}),
-    st.fixed_dictionaries({"token_ids": st.lists(st.integers(max_value=-1), min_size=1)}),
+    st.fixed_dictionaries({"text": msgpack_ints | st.none() | st.binary(max_size=8)}),
+    st.fixed_dictionaries({"token_ids": st.lists(negative_ints, min_size=1)}),
     st.fixed_dictionaries({"token_ids": st.lists(st.booleans() | st.text(), min_size=1)}),
     st.fixed_dictionaries({"token_ids": msgpack_values.filter(lambda v: not isinstance(v, list))}),
     st.fixed_dictionaries(
         {"finish_reason": st.text(max_size=10).filter(lambda s: s not in ("stop", "length"))}
     ),
-    st.fixed_dictionaries({"prompt_tokens": st.integers(max_value=-1) | st.booleans()}),
+    st.fixed_dictionaries({"prompt_tokens": negative_ints | st.booleans()}),
     st.fixed_dictionaries({"first_token_s": st.floats(max_value=-0.001) | st.text(max_size=3)}),
-    st.fixed_dictionaries({"logprobs": st.integers() | st.lists(st.integers(), min_size=1)}),
+    st.fixed_dictionaries({"logprobs": msgpack_ints | st.lists(msgpack_ints, min_size=1)}),
 )
 
 # a `failed` frame that breaks the protocol
@@ -86,7 +90,7 @@ bad_failed_fields = st.one_of(
             )
         }
     ),
-    st.fixed_dictionaries({"code": st.just("engine"), "reason": st.integers() | st.none()}),
+    st.fixed_dictionaries({"code": st.just("engine"), "reason": msgpack_ints | st.none()}),
     st.just({"code": "aborted", "reason": "not asked to"}),
 )
 
@@ -121,7 +125,7 @@ def plan_strategy() -> st.SearchStrategy[dict[str, Any]]:
             | st.fixed_dictionaries(
                 {"t": st.sampled_from(agent_kinds) | msgpack_values},
                 optional={
-                    "id": st.integers(max_value=-1)
+                    "id": negative_ints
                     | st.integers(min_value=1 << 40, max_value=(1 << 64) - 1)
                     | msgpack_values.filter(lambda v: type(v) is not int)
                 },

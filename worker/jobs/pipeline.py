@@ -312,7 +312,7 @@ class Pipeline(AsyncResource):
         item = WorkItem(job.job_id, runtime_payload(job), stream=job.stream, deadline=job.deadline)
         try:
             answer = self._runtime.submit(item, self._stream_sink(record) if job.stream else None)
-        except NodeError as exc:  # the runtime is closing
+        except Exception as exc:  # the runtime is closing (or a bug): `_answered` ends it
             answer = asyncio.get_running_loop().create_future()
             answer.set_exception(exc)
         record.answer = answer
@@ -331,17 +331,32 @@ class Pipeline(AsyncResource):
         self, record: InFlight, started_at: float, answer: "asyncio.Future[Completion]"
     ) -> None:
         """The runtime's outcome for a job: a completion goes to the results task; a
-        failure, a cancel or a deadline to a task that publishes the job's error."""
-        self._free_slot(record)
+        failure, a cancel or a deadline to a task that publishes the job's error. Its slot
+        is freed last, once its own outcome is on its way."""
+        try:
+            self._answered_now(record, started_at, answer)
+        finally:
+            self._free_slot(record)
+
+    def _answered_now(
+        self, record: InFlight, started_at: float, answer: "asyncio.Future[Completion]"
+    ) -> None:
+        exc = None if answer.cancelled() else answer.exception()  # always retrieved
         if record not in self._in_flight:
             return  # handed back meanwhile (drain)
+        if record.stop_reason is not None:
+            # Cancelled or past its deadline before its answer was taken: that is its
+            # outcome, whatever the runtime answered.
+            self._end_stream(record)
+            self._spawn(record, self._fail(record, record.stop_reason, final=True))
+            return
         if answer.cancelled():
-            if record.stop_reason is not None:
+            if not self.draining:  # not drain's hand-back: cut short under it, retry it
                 self._end_stream(record)
-                self._spawn(record, self._fail(record, record.stop_reason, final=True))
-            return  # else: drain or close hands the job back
+                failure = RuntimeFailure(f"job {record.job_id}: runtime request cancelled")
+                self._spawn(record, self._fail(record, failure, final=False))
+            return
         record.stoppable = False
-        exc = answer.exception()
         if exc is not None:
             self._end_stream(record)
             if isinstance(exc, NodeError):
@@ -422,7 +437,11 @@ class Pipeline(AsyncResource):
         if record.answer is not None:
             record.answer.cancel()  # aborts the request; `_answered` ends the job
         elif record.task is None:
-            # Waiting for a slot (the queue skips it now): it ends here.
+            # Waiting for a slot: it leaves the queue and ends here.
+            try:
+                self._waiting.remove(record)
+            except ValueError:
+                pass
             self._spawn(record, self._fail(record, reason, final=True))
 
     # -- one job ---------------------------------------------------------------------
@@ -526,7 +545,7 @@ class Pipeline(AsyncResource):
             # large to publish, ends the job with a final OUTPUT_MALFORMED.
             body = self._result_body(record, done, started_at, finished_at)
         except OutputMalformed as exc:
-            await self._fail(record, exc, final=True)
+            self._spawn(record, self._fail(record, exc, final=True))  # not in this loop
             return
         await self._store(record, body, 1)
 
@@ -536,7 +555,7 @@ class Pipeline(AsyncResource):
         try:
             stored = await self._publisher.store_result(body)
         except OutputMalformed as exc:
-            await self._fail(record, exc, final=True)
+            self._spawn(record, self._fail(record, exc, final=True))
             return
         except Exception as exc:
             self._spawn(record, self._store_failed(record, body, attempt, exc))
@@ -546,9 +565,11 @@ class Pipeline(AsyncResource):
     def _stored(
         self, record: InFlight, body: ResultBody, attempt: int, stored: "asyncio.Future[bool]"
     ) -> None:
-        if stored.cancelled() or record not in self._in_flight:
+        if stored.cancelled():
             return
-        exc = stored.exception()
+        exc = stored.exception()  # always retrieved
+        if record not in self._in_flight:
+            return
         if exc is None:
             self._acks_due.append(record)
             self._ack_wake.set()

@@ -174,13 +174,18 @@ class Publisher:
             await self._nc.subscribe(f"{self._ack_inbox}.*", cb=self._on_ack)
         ack_id = next(self._ack_ids)
         stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        await self._nc.publish(
-            f"{self._results}.{body.job_id}",
-            envelope,
-            reply=f"{self._ack_inbox}.{ack_id}",
-            headers={"Nats-Msg-Id": body.job_id},
-        )
+        # Watched before the publish: its PubAck may land while the publish flushes.
         self._acks.watch(ack_id, stored)
+        try:
+            await self._nc.publish(
+                f"{self._results}.{body.job_id}",
+                envelope,
+                reply=f"{self._ack_inbox}.{ack_id}",
+                headers={"Nats-Msg-Id": body.job_id},
+            )
+        except BaseException:
+            self._acks.pending.pop(ack_id, None)
+            raise
         return stored
 
     async def _on_ack(self, msg: Msg) -> None:

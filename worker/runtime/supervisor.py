@@ -230,7 +230,12 @@ class _Session:
         self.pings.clear()
         for req in failed:
             assert req.on_failure is not None
-            req.on_failure(exc)
+            try:
+                req.on_failure(exc)
+            except Exception as hook_exc:  # a bug: the request fails now, never hangs
+                log.exception("request_failure_hook_failed job_id=%s", req.job_id)
+                if not req.future.done():
+                    req.future.set_exception(RuntimeBroken(f"{exc} ({hook_exc!r})"))
 
 
 def _completion(req: _Request, frame: Frame) -> Completion | NodeError:
@@ -418,8 +423,13 @@ class Supervisor(AsyncResource):
         future.add_done_callback(functools.partial(self._submitted_done, session, req))
         try:
             self._post(session, self._submit_frame(req, item))
-        except RuntimeFailure as exc:
-            session.fail(exc)
+        except Exception as exc:
+            failure = (
+                exc
+                if isinstance(exc, RuntimeFailure)
+                else RuntimeBroken(f"submit for job {item.job_id} not sent: {exc!r}")
+            )
+            session.fail(failure)
             self._wake.set()
         return future
 
@@ -435,7 +445,10 @@ class Supervisor(AsyncResource):
             try:
                 done = await self.generate(item, on_partial)
             except asyncio.CancelledError:
-                future.cancel()
+                # Not the caller's cancel (that cancelled the future first): the group is
+                # closing, and the request is handed back.
+                if not future.done():
+                    future.set_exception(RuntimeClosed(f"job {item.job_id}: supervisor closing"))
                 raise
             except BaseException as exc:
                 if not future.done():
@@ -467,8 +480,9 @@ class Supervisor(AsyncResource):
         self, session: _Session, req: _Request, item: WorkItem, exc: RuntimeFailure
     ) -> None:
         """The runtime failed under a request started by `submit`: what `generate` does in
-        that case, then the future fails."""
-        if isinstance(exc, RuntimeClosed) or not self.is_open or self._tg is None:
+        that case (recover first: the job is handed back once a runtime replaced this
+        one), then the future fails."""
+        if not self.is_open or self._tg is None:
             if not req.future.done():
                 req.future.set_exception(_handed_back(item, exc))
             return
@@ -477,11 +491,14 @@ class Supervisor(AsyncResource):
     async def _recover_then_fail(
         self, session: _Session, req: _Request, item: WorkItem, exc: RuntimeFailure
     ) -> None:
+        # Never raises: an error here would end the supervisor's task group.
         try:
             await self._recover(session, exc)
+        except Exception:
+            log.exception("runtime_recover_failed job_id=%s", item.job_id)
         finally:
             if not req.future.done():
-                if self.is_open:
+                if self.is_open and not isinstance(exc, RuntimeClosed):
                     self._strike(item.job_id)
                 req.future.set_exception(_handed_back(item, exc))
 
