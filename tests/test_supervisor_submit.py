@@ -1,0 +1,158 @@
+"""`Supervisor.submit` (the pipeline's path: no task per request) at the backend seam the
+project owns: a scripted runtime handle, so the failure cases are exact.
+
+What the real runtimes show in test_supervisor_protocol.py (cancel aborts, a killed runtime
+hands its requests back once replaced) is checked there; here, what no real runtime does on
+demand: a recovery whose cleanup raises, and a request whose frame cannot be sent.
+"""
+
+import asyncio
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+
+from schemas import frames
+from schemas.frames import Frame
+from tests.support.polling import wait_for
+from tests.support.settings import make_settings
+from worker.core.errors import RuntimeBroken, RuntimeEnded
+from worker.runtime.api import Completion, LaunchSpec, WorkItem
+from worker.runtime.supervisor import Supervisor
+
+
+class ScriptedHandle:
+    """Says `ready`, answers each `submit` with a `done` (but for the prompt "hold"),
+    packs what it is sent as the real handles do; `die()` ends its output."""
+
+    def __init__(self, ident: str, *, close_raises: bool) -> None:
+        self.ident = ident
+        self.close_raises = close_raises
+        self._out: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self.sent: list[Mapping[str, object]] = []
+
+    def write(self, frame: Mapping[str, object]) -> bool:
+        frames.pack(frame)
+        self.sent.append(frame)
+        request = frame.get("request")
+        if frame["t"] == "submit" and not (
+            isinstance(request, dict) and request["prompt"] == "hold"
+        ):
+            request_id = frame["id"]
+            assert isinstance(request_id, int)
+            self._out.put_nowait(
+                frames.done(
+                    request_id,
+                    token_ids=[1, 2],
+                    text="1 2",
+                    finish_reason="length",
+                    prompt_tokens=1,
+                    first_token_s=0.0,
+                )  # type: ignore[arg-type]
+            )
+        return True
+
+    async def drained(self) -> None:
+        return None
+
+    def die(self) -> None:
+        self._out.put_nowait(None)
+
+    async def pump(self, deliver: Callable[[Frame], None]) -> None:
+        deliver(
+            frames.ready(  # type: ignore[arg-type]
+                engine="scripted", engine_version="1", model_sha256="", device="cpu", max_active=8
+            )
+        )
+        while (frame := await self._out.get()) is not None:
+            deliver(frame)
+        raise RuntimeEnded(f"runtime {self.ident} output ended")
+
+    async def exit_status(self) -> str:
+        return "exit_code=0"
+
+    async def aclose(self, *, grace_s: float) -> None:
+        if self.close_raises:
+            self.close_raises = False
+            raise RuntimeError("container removal failed (daemon error)")
+
+
+class ScriptedBackend:
+    name = "scripted"
+
+    def __init__(self, *, first_close_raises: bool = False) -> None:
+        self.handles: list[ScriptedHandle] = []
+        self._first_close_raises = first_close_raises
+
+    async def remove_leftovers(self) -> int:
+        return 0
+
+    async def launch(self, spec: LaunchSpec) -> ScriptedHandle:
+        handle = ScriptedHandle(
+            f"scripted:{len(self.handles)}",
+            close_raises=self._first_close_raises and not self.handles,
+        )
+        self.handles.append(handle)
+        return handle
+
+    async def aclose(self) -> None:
+        return None
+
+
+def supervisor(backend: ScriptedBackend) -> Supervisor:
+    spec = LaunchSpec("scripted", "local", Path("/nonexistent"), "", {})
+    return Supervisor(make_settings(fast_runtime=True), backend, spec)  # type: ignore[arg-type]
+
+
+def item(job_id: str, prompt: str = "x") -> WorkItem:
+    return WorkItem(job_id, {"prompt": prompt, "params": {"max_tokens": 4}})
+
+
+async def test_submitted_requests_complete_without_a_task_each() -> None:
+    backend = ScriptedBackend()
+    async with supervisor(backend) as sup:
+        tasks_before = len(asyncio.all_tasks())
+        answers = [sup.submit(item(f"j{i}")) for i in range(20)]
+        assert len(asyncio.all_tasks()) == tasks_before
+        done = await asyncio.gather(*answers)
+        assert [d.job_id for d in done] == [f"j{i}" for i in range(20)]
+        assert sup.stats().active == 0 and sup.stats().requests == 20
+
+
+async def test_a_recovery_that_raises_hands_the_job_back_and_the_supervisor_stays() -> None:
+    """The runtime dies, and removing it fails with an error that is not a runtime
+    failure: the job is still handed back (retryable), and the supervisor goes on."""
+    backend = ScriptedBackend(first_close_raises=True)
+    async with supervisor(backend) as sup:
+        answer = sup.submit(item("victim", prompt="hold"))
+        backend.handles[0].die()
+        with pytest.raises(RuntimeEnded) as failed:
+            await answer
+        assert failed.value.retryable and "job victim" in str(failed.value)
+        assert sup.is_open and sup.stats().active == 0
+        later: Completion = await sup.submit(item("later"))
+        assert later.job_id == "later" and len(backend.handles) == 2
+
+
+async def test_a_frame_that_cannot_be_sent_fails_the_runtime_not_the_agent() -> None:
+    backend = ScriptedBackend()
+    async with supervisor(backend) as sup:
+        bad = WorkItem("unpackable", {"prompt": object(), "params": {}})
+        answer = sup.submit(bad)
+        with pytest.raises(RuntimeBroken) as failed:
+            await answer
+        assert failed.value.retryable and "not sent" in str(failed.value)
+        assert sup.is_open
+        assert (await sup.submit(item("after"))).job_id == "after"
+
+
+async def test_cancelling_a_submitted_request_posts_its_abort() -> None:
+    backend = ScriptedBackend()
+    async with supervisor(backend) as sup:
+        handle = backend.handles[0]
+        answer = sup.submit(item("gone", prompt="hold"))
+        answer.cancel()
+        await wait_for(lambda: len(handle.sent) == 2, timeout=10)
+        assert [f["t"] for f in handle.sent] == ["submit", "abort"]
+        assert handle.sent[1]["id"] == handle.sent[0]["id"]
+        assert sup.stats().active == 0 and sup.stats().aborting == 1
