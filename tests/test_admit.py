@@ -5,7 +5,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from worker.core.errors import BadRequest, DeadlineExceeded, UnknownModel
-from worker.jobs.intake import admit
+from worker.jobs.intake import admit, delivery
 
 NOW = 1_700_000_000.0
 
@@ -14,6 +14,22 @@ def delivered(body: object, *, subject: str = "rst.jobs.demo", delivered: int = 
     reply = f"$JS.ACK.RST_JOBS.rst-jobs-demo.{delivered}.41.7.1700000000000000000.0"
     data = body if isinstance(body, bytes) else msgpack.packb(body)
     return Msg(None, subject=subject, reply=reply, data=data, headers={"Nats-Msg-Id": "hdr-1"})
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.RST_JOBS.rst-jobs-demo.3.41.7.1700000000000000000.0",
+        "$JS.ACK._.ACCOUNTHASH.RST_JOBS.rst-jobs-demo.3.41.7.1700000000000000000.0.r1",
+        "$JS.ACK.hub.ACCOUNTHASH.RST_JOBS.rst-jobs-demo.3.41.7.1700000000000000000.0.r1",
+    ],
+    ids=["v1", "v2", "v2_domain"],
+)
+def test_delivery_facts_read_as_nats_py_reads_them(reply: str) -> None:
+    msg = Msg(None, subject="rst.jobs.demo", reply=reply, data=b"")  # type: ignore[arg-type]
+    meta = msg.metadata
+    assert meta.sequence is not None
+    assert delivery(msg) == (meta.num_delivered, meta.sequence.stream) == (3, 41)
 
 
 def job(**over: object) -> dict[str, object]:

@@ -70,6 +70,21 @@ class InFlight:
         return header if header and _JOB_ID.fullmatch(header) else None
 
 
+def delivery(msg: Msg) -> tuple[int, int]:
+    """How many times the job was delivered, and its stream sequence, from the delivery's
+    ack subject. The common form (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.
+    <consumer seq>.<time>.<pending>`) is read here; any other goes through nats-py's
+    `Msg.metadata` (which also builds a timestamp and objects this does not need)."""
+    tokens: list[str] = msg.reply.split(".") if msg.reply else []
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        try:
+            return int(tokens[4]), int(tokens[5])
+        except ValueError:
+            pass
+    meta = msg.metadata
+    return meta.num_delivered, meta.sequence.stream if meta.sequence else 0
+
+
 def admit(
     msg: Msg, *, model_id: str, max_bytes: int, now: float
 ) -> tuple[InFlight, JobRejected | None]:
@@ -77,11 +92,11 @@ def admit(
 
     The record is returned either way: a rejected job still needs its error event, with
     its `job_id` where the payload had a valid one."""
-    meta = msg.metadata
+    delivered, stream_seq = delivery(msg)
     record = InFlight(
         msg=msg,
-        attempt=meta.num_delivered or 1,
-        stream_seq=meta.sequence.stream if meta.sequence else 0,
+        attempt=delivered or 1,
+        stream_seq=stream_seq,
         input_sha256=hashlib.sha256(msg.data).hexdigest(),
         received=time.monotonic(),
     )
