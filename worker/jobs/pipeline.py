@@ -13,7 +13,11 @@ If a publish fails the job is nak'ed, never acked: it runs again and the stream'
 window turns the repeated result into a no-op.
 
 The runtime is kept supplied with up to `runtime_max_active` requests (0: what the engine
-reports it runs concurrently); results come back in completion order. While a job runs:
+reports it runs concurrently; the others wait in a queue); results come back in completion
+order. No task runs per job: a job's request is submitted from the intake callback (or when
+a slot frees), the runtime completes its future, `_answered` hands a completion to the one
+results task (validate, sign, publish) and a failure to a task of its own, and the stream's
+PubAcks settle jobs through the one ack task. While a job runs:
 - `stream: true` jobs publish signed `stream` envelopes on `rst.stream.<job_id>`, coalesced
   by one publisher task, so the frame reader never waits on NATS;
 - a cancel on `rst.cancel.<job_id>` (also one that arrived up to `EARLY_CANCEL_S` before
