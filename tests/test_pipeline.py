@@ -272,7 +272,7 @@ async def test_cancel_aborts_a_running_job(nc: Client, tmp_path: Path) -> None:
 async def test_a_cancel_in_the_turn_a_job_starts_ends_it_and_frees_its_slot(
     nc: Client, tmp_path: Path
 ) -> None:
-    """A job task cancelled before its first step never runs: the job still ends with
+    """A job cancelled in the turn its request is submitted: the job still ends with
     CANCELLED, and its runtime slot (the only one) goes to the next job."""
     net = await provisioned(nc, tmp_path, runtime_max_active=1)
     runtime = EchoRuntime()

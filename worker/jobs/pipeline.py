@@ -157,7 +157,7 @@ class Pipeline(AsyncResource):
         self._running: set[InFlight] = set()
         """Jobs holding a runtime slot (their request is with the runtime)."""
         self._waiting: deque[InFlight] = deque()
-        """Admitted jobs waiting for a slot, oldest first; a job's task starts with its slot."""
+        """Admitted jobs waiting for a slot, oldest first (submitted when one frees)."""
         self._dirty: dict[InFlight, _Stream] = {}
         self._streams: dict[InFlight, _Stream] = {}
         self._stream_wake = asyncio.Event()
