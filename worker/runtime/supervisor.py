@@ -421,16 +421,7 @@ class Supervisor(AsyncResource):
         req.on_failure = functools.partial(self._submitted_failed, session, req, item)
         self._active += 1
         future.add_done_callback(functools.partial(self._submitted_done, session, req))
-        try:
-            self._post(session, self._submit_frame(req, item))
-        except Exception as exc:
-            failure = (
-                exc
-                if isinstance(exc, RuntimeFailure)
-                else RuntimeBroken(f"submit for job {item.job_id} not sent: {exc!r}")
-            )
-            session.fail(failure)
-            self._wake.set()
+        self._post(session, self._submit_frame(req, item))
         return future
 
     def _generate_in_task(
@@ -470,7 +461,7 @@ class Supervisor(AsyncResource):
             if session.requests.pop(req.request_id, None) is not None and session.failure is None:
                 session.forget_later(req.request_id)
                 if self.is_open:
-                    self._post_abort(session, req.request_id)
+                    self._post(session, frames.abort(req.request_id))
         elif future.exception() is None:
             self._requests += 1
             if self._suspects:
@@ -580,14 +571,14 @@ class Supervisor(AsyncResource):
         req = self._request(session, item, on_partial, future)
         request_id = req.request_id
         try:
-            await self._send(session, self._submit_frame(req, item))
+            self._post(session, self._submit_frame(req, item))
             return await future
         finally:
             if session.requests.pop(request_id, None) is not None and session.failure is None:
                 # Cancelled (job cancelled, deadline, drain): stop it in the engine.
                 session.forget_later(request_id)
                 if self.is_open:
-                    self._post_abort(session, request_id)
+                    self._post(session, frames.abort(request_id))
 
     def _request(
         self,
@@ -616,60 +607,44 @@ class Supervisor(AsyncResource):
         )
 
     def _post(self, session: _Session, frame: object) -> None:
-        """Queue a frame without waiting; when the runtime's input buffer is over its limit,
-        one task waits for it to drain, and fails the session if it does not within
-        `runtime_write_timeout_s`. Raises `RuntimeEnded` if the input is closed."""
-        if session.handle.write(frame) or session.draining is not None:  # type: ignore[arg-type]
+        """Queue a frame without waiting. When the runtime's input buffer is over its limit,
+        one task waits for it to drain and fails the session if it does not within
+        `runtime_write_timeout_s` (a runtime that stops reading its input is broken); a
+        frame that cannot be queued (input closed, not encodable) fails the session now.
+        Either way the session's requests and pings learn it from the session."""
+        try:
+            if session.handle.write(frame) or session.draining is not None:  # type: ignore[arg-type]
+                return
+        except Exception as exc:
+            kind = frame.get("t") if isinstance(frame, dict) else None
+            session.fail(
+                exc
+                if isinstance(exc, RuntimeFailure)
+                else RuntimeBroken(f"{kind!r} frame not sent: {exc!r}")
+            )
+            self._wake.set()
             return
         assert self._tg is not None
         session.draining = self._tg.create_task(self._drain_or_fail(session))
 
     async def _drain_or_fail(self, session: _Session) -> None:
-        try:
-            await self._drained(session)
-        except RuntimeFailure:
-            pass  # the session has failed: its requests learn it from there
-        finally:
-            session.draining = None
-
-    def _post_abort(self, session: _Session, request_id: int) -> None:
-        try:
-            self._post(session, frames.abort(request_id))
-        except RuntimeFailure as exc:
-            log.info("runtime_abort_failed request=%d error=%s", request_id, exc)
-
-    async def _send(self, session: _Session, frame: object) -> None:
-        """Queue one frame; when the output buffer is over its limit, wait for it to drain
-        under `runtime_write_timeout_s`: a runtime that stops reading its input is broken
-        (and fails the session)."""
-        try:
-            if session.handle.write(frame):  # type: ignore[arg-type]
-                return
-        except RuntimeFailure as failure:
-            session.fail(failure)
-            self._wake.set()
-            raise
-        await self._drained(session)
-
-    async def _drained(self, session: _Session) -> None:
-        """Wait for the runtime's input buffer to drain; fail the session and raise if it
-        does not within `runtime_write_timeout_s`."""
         timeout_s = self._settings.runtime_write_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 await session.handle.drained()
         except TimeoutError:
-            exc: RuntimeFailure = RuntimeTimeout(
-                f"runtime {session.handle.ident[:12]} took no input for "
-                f"runtime_write_timeout_s={timeout_s}s"
+            session.fail(
+                RuntimeTimeout(
+                    f"runtime {session.handle.ident[:12]} took no input for "
+                    f"runtime_write_timeout_s={timeout_s}s"
+                )
             )
-        except RuntimeFailure as failure:
-            exc = failure
-        else:
-            return
-        session.fail(exc)
-        self._wake.set()
-        raise exc
+            self._wake.set()
+        except RuntimeFailure as exc:
+            session.fail(exc)
+            self._wake.set()
+        finally:
+            session.draining = None
 
     async def _ready_session(self) -> _Session:
         session = self._session
@@ -761,15 +736,7 @@ class Supervisor(AsyncResource):
         async with self._lock:
             if self._session is not session:
                 return
-            status = await session.handle.exit_status() if isinstance(exc, RuntimeEnded) else ""
-            log.warning(
-                "runtime_failed runtime=%s error=%s reason=%s %s",
-                session.handle.ident[:12],
-                type(exc).__name__,
-                exc,
-                status,
-            )
-            await self._discard(session, f"{type(exc).__name__}: {exc}", graceful=False)
+            await self._retire(session, exc)
             if not self.is_open:
                 return
             self._restarts += 1
@@ -778,20 +745,23 @@ class Supervisor(AsyncResource):
             except RuntimeFailure as start_exc:
                 log.error("runtime_restart_failed error=%s", start_exc)
 
+    async def _retire(self, session: _Session, exc: RuntimeFailure) -> None:
+        """Log why a runtime failed, then remove it (caller holds the lock)."""
+        status = await session.handle.exit_status() if isinstance(exc, RuntimeEnded) else ""
+        log.warning(
+            "runtime_failed runtime=%s error=%s reason=%s %s",
+            session.handle.ident[:12],
+            type(exc).__name__,
+            exc,
+            status,
+        )
+        await self._discard(session, f"{type(exc).__name__}: {exc}", graceful=False)
+
     async def _ensure_session(self) -> _Session:
         """A session that has not failed (caller holds the lock)."""
         session = self._session
         if session is not None and session.failure is not None:
-            failure = session.failure
-            status = await session.handle.exit_status() if isinstance(failure, RuntimeEnded) else ""
-            log.warning(
-                "runtime_failed runtime=%s error=%s reason=%s %s",
-                session.handle.ident[:12],
-                type(failure).__name__,
-                failure,
-                status,
-            )
-            await self._discard(session, f"{type(failure).__name__}: {failure}", graceful=False)
+            await self._retire(session, session.failure)
             session = None
         if session is None:
             self._restarts += 1
@@ -834,7 +804,7 @@ class Supervisor(AsyncResource):
         session.pings[ping_id] = future
         timeout_s = self._settings.ping_timeout_s
         try:
-            await self._send(session, frames.ping(ping_id))
+            self._post(session, frames.ping(ping_id))
             async with asyncio.timeout(timeout_s):
                 await asyncio.shield(future)
         except TimeoutError:
