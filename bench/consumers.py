@@ -17,6 +17,8 @@ Protocol with the parent (`bench.common.Child`): the child connects and starts w
 needs (the agent: its runtime container), prints `READY {...}`, waits for `GO`, consumes
 until N results are stored and their jobs acked (N = 0: until `STOP`), and prints
 `DONE {"seconds", "cpu_s", ...}` where cpu_s is its own CPU time over the same window.
+Every contender takes the node's garbage-collector settings (`tune_for_serving`, as
+`resultity-node run` does once started) before `READY`: the floors get what the agent gets.
 """
 
 import argparse
@@ -44,6 +46,7 @@ from bench.common import (
 from containers.runtime.engines.echo import render
 from schemas.envelope import EnvelopeType
 from schemas.result import ResultBody
+from worker.core.gcpolicy import tune_for_serving
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 from worker.jobs.intake import InFlight, admit
@@ -363,6 +366,7 @@ async def _run(
     go: Callable[[], Awaitable[None]],
     counter: Counter,
 ) -> None:
+    tune_for_serving()
     say("READY", ready)
     if await read_line() != "GO":
         return

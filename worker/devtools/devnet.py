@@ -32,6 +32,7 @@ from schemas.node import NodeState
 from schemas.snapshot import Snapshot
 from worker.client import Outcome, new_job_id, submit
 from worker.core.errors import NodeError
+from worker.core.gcpolicy import tune_for_serving
 from worker.core.logs import STEP_LOGGER
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, load_key_file, write_key_file
@@ -396,6 +397,7 @@ async def _serve(
     outcome: Outcome | None = None
     step = Step(f"node {key.node_id[:16]}...: fetching the model, loading the runtime")
     async with agent:
+        tune_for_serving()
         serving = asyncio.create_task(agent.serve(stop))
         try:
             settled = asyncio.create_task(

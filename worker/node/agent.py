@@ -35,6 +35,7 @@ from schemas.event import ErrorCode, LifecycleKind
 from schemas.node import NodeState, NodeStatus, StatusReply, ValidationState
 from schemas.snapshot import ModelSpec, Snapshot
 from worker.core.errors import ModelInvalid, NodeError, ResourceClosed, RuntimeFailure
+from worker.core.gcpolicy import tune_for_serving
 from worker.core.metrics import Metrics, MetricsServer
 from worker.core.progress import ProgressReport
 from worker.core.resource import AsyncResource
@@ -652,6 +653,7 @@ async def run_until_signalled(settings: Settings, key: NodeKey) -> None:
     agent = Agent(settings, key)
     handle_signals(agent, stop)
     async with agent:
+        tune_for_serving()
         await agent.serve(stop)
 
 
