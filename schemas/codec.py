@@ -1,5 +1,6 @@
 """Bounded msgpack decoding of untrusted payloads into pydantic models."""
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgpack
@@ -79,6 +80,12 @@ def validate(model: type[M], value: Any) -> M:
 def decode(model: type[M], data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> M:
     """Decode untrusted msgpack bytes into `model`; raises only `SchemaError`."""
     return validate(model, unpack_map(data, max_bytes=max_bytes))
+
+
+def packer() -> Callable[[Any], bytes]:
+    """msgpack encoding without a new packer per call, for one thread's use only."""
+    pack_one: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
+    return pack_one
 
 
 def encode(payload: BaseModel) -> bytes:

@@ -23,7 +23,7 @@ item that breaks the job schema's rules fails that request alone (`failed`, `bad
 
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from enum import StrEnum
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
@@ -228,12 +228,6 @@ class FatalFrame(TypedDict):
 def pack(frame: Any) -> bytes:
     packed: bytes = msgpack.packb(frame, use_bin_type=True)
     return packed
-
-
-def packer() -> Callable[[Any], bytes]:
-    """`pack` without a new msgpack packer per call, for one thread's use only."""
-    pack_one: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
-    return pack_one
 
 
 def ready(

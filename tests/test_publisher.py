@@ -19,16 +19,20 @@ from tests.support.pipeline import settings_for
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, verify
 from worker.jobs.provision import provision
-from worker.jobs.publisher import AckDeadlines, Publisher
+from worker.jobs.publisher import AckDeadlines, Attestation, Publisher
 
 pytestmark = pytest.mark.nats
+
+
+ATTESTS = Attestation.of(
+    {"id": "demo", "version": "1", "sha256": "a" * 64},
+    {"image": "i", "engine": "e", "engine_version": "1", "device": "cpu"},
+)
 
 
 def fields(job_id: str, text: str = "ok") -> dict[str, Any]:
     return {
         "job_id": job_id,
-        "model": {"id": "demo", "version": "1", "sha256": "a" * 64},
-        "runtime": {"image": "i", "engine": "e", "engine_version": "1", "device": "cpu"},
         "config_version": 1,
         "input_sha256": "b" * 64,
         "output": {"text": text, "token_ids": [1, 2], "finish_reason": "stop"},
@@ -51,10 +55,10 @@ async def test_new_then_duplicate_and_the_stored_result_verifies(
     await provision(js, settings, ["demo"])
     pub = publisher(nc, settings)
     results = await asyncio.gather(
-        *(pub.publish_result(pub.result_body(fields(f"j{i}"))) for i in range(50))
+        *(pub.publish_result(pub.seal_result(ATTESTS, fields(f"j{i}"))) for i in range(50))
     )
     assert results == [True] * 50
-    assert await pub.publish_result(pub.result_body(fields("j7", text="again"))) is False
+    assert await pub.publish_result(pub.seal_result(ATTESTS, fields("j7", text="again"))) is False
     msg = await js.get_last_msg(settings.stream("RESULTS"), settings.subject("results", "j7"))
     stored = verify(msg.data)
     assert stored.body["output"]["text"] == "ok" and stored.signer == pub.node_id
@@ -64,7 +68,7 @@ async def test_new_then_duplicate_and_the_stored_result_verifies(
 async def test_no_stream_for_the_subject(nc: Client, tmp_path: Path) -> None:
     pub = publisher(nc, settings_for(tmp_path))
     with pytest.raises(nats.js.errors.NoStreamResponseError):
-        await pub.publish_result(pub.result_body(fields("nostream")))
+        await pub.publish_result(pub.seal_result(ATTESTS, fields("nostream")))
 
 
 async def test_a_store_the_stream_refuses_is_an_api_error(nc: Client, tmp_path: Path) -> None:
@@ -78,7 +82,7 @@ async def test_a_store_the_stream_refuses_is_an_api_error(nc: Client, tmp_path: 
     await js.update_stream(config)
     pub = publisher(nc, settings)
     with pytest.raises(nats.js.errors.APIError) as caught:
-        await pub.publish_result(pub.result_body(fields("toolarge")))
+        await pub.publish_result(pub.seal_result(ATTESTS, fields("toolarge")))
     assert caught.value.code is not None
 
 
@@ -93,7 +97,7 @@ async def test_no_puback_at_all_times_out(nc: Client, tmp_path: Path) -> None:
     await nc.subscribe(settings.subject("results", ">"), cb=swallow)
     pub = publisher(nc, settings, publish_timeout_s=0.3)
     with pytest.raises(nats.errors.TimeoutError):
-        await pub.publish_result(pub.result_body(fields("silent")))
+        await pub.publish_result(pub.seal_result(ATTESTS, fields("silent")))
     assert seen == [settings.subject("results", "silent")]
     assert pub.acks_pending == 0
 

@@ -4,16 +4,18 @@ server (the frames themselves are parsed by `schemas.frames`, tested in test_fra
 from typing import Any
 
 import msgpack
+import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from schemas.codec import validate
+from schemas.codec import encode, validate
+from schemas.envelope import EnvelopeType, unpack_envelope
 from schemas.result import ResultBody
 from tests.support.settings import make_settings
-from worker.core.signing import NodeKey
+from worker.core.signing import NodeKey, verify
 from worker.jobs.intake import admit
 from worker.jobs.pipeline import Pipeline, Serving
-from worker.jobs.publisher import Publisher
+from worker.jobs.publisher import Attestation, Publisher
 from worker.runtime.api import Completion, RuntimeFacts
 
 
@@ -40,7 +42,11 @@ def test_a_completion_maps_to_a_valid_result_body() -> None:
     record, rejected = admit(msg, model_id="demo", max_bytes=4096, now=0)
     assert rejected is None
     done = Completion("j-1", "hi", [5, 6, 7], "length", 2, first_token_s=0.25)
-    body = validate(ResultBody, pipe._result_body(record, done, 10.0, 11.0))
+    sealed = pipe._seal(record, done, 10.0, 11.0)
+    assert sealed is not None and sealed.job_id == "j-1"
+    signed = verify(sealed.envelope, expect=EnvelopeType.RESULT)
+    assert signed.signer == key.node_id
+    body = validate(ResultBody, signed.body)
     assert body.job_id == "j-1" and body.node_id == key.node_id
     assert (body.model.id, body.model.sha256, body.config_version) == ("demo", "a" * 64, 7)
     assert (body.runtime.engine, body.runtime.image) == ("echo", serving.image)
@@ -53,3 +59,63 @@ def test_a_completion_maps_to_a_valid_result_body() -> None:
     assert body.usage.first_token_s == 0.25 and body.output.logprobs is None
     assert body.network == settings.network
     assert (body.attempt, body.input_sha256) == (2, record.input_sha256)
+
+
+ATTESTS = Attestation.of(
+    {"id": "demo", "version": "1", "sha256": "a" * 64},
+    {"image": "sha256:" + "1" * 64, "engine": "echo", "engine_version": "1", "device": "cpu"},
+)
+
+
+def output(**extra: Any) -> dict[str, Any]:
+    return {"text": "héllo", "token_ids": [0, 5, 2**31 - 1], "finish_reason": "stop", **extra}
+
+
+@pytest.mark.parametrize(
+    ("out", "usage"),
+    [
+        (output(), {"prompt_tokens": 3, "completion_tokens": 3, "first_token_s": 0.5}),
+        (output(), {"prompt_tokens": 0, "completion_tokens": 3, "first_token_s": 0}),
+        (output(), {"prompt_tokens": 3, "completion_tokens": 3}),
+        (
+            output(
+                logprobs=[
+                    {"token_id": 0, "logprob": -0.5},
+                    {"token_id": 5, "logprob": 0, "top": [[5, 0], [7, -1.5]]},
+                    {"token_id": 2**31 - 1, "logprob": -2},
+                ]
+            ),
+            {"prompt_tokens": 3, "completion_tokens": 3, "first_token_s": 1},
+        ),
+    ],
+)
+def test_a_sealed_result_is_the_schemas_own_encoding(out: Any, usage: Any) -> None:
+    """The publisher packs the validated map, not a model dump: the signed bytes must be
+    exactly what `encode(ResultBody)` gives for the same body (logprobs, whose entries the
+    schema completes with defaults, take the dump)."""
+    settings = make_settings()
+    key = NodeKey.generate()
+    publisher = Publisher(Client(), None, key, settings)  # type: ignore[arg-type]
+    fields = {
+        "job_id": "j-1",
+        "config_version": 0,
+        "input_sha256": "b" * 64,
+        "output": out,
+        "usage": usage,
+        "attempt": 1,
+        "started_at": 1700000000.25,
+        "finished_at": 1700000001,
+    }
+    sealed = publisher.seal_result(ATTESTS, fields)
+    body = validate(
+        ResultBody,
+        {
+            **fields,
+            "node_id": key.node_id,
+            "network": settings.network,
+            "model": ATTESTS.model,
+            "runtime": ATTESTS.runtime,
+        },
+    )
+    assert unpack_envelope(sealed.envelope).body == encode(body)
+    assert verify(sealed.envelope).body["output"]["text"] == "héllo"

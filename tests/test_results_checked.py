@@ -21,7 +21,7 @@ from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 from worker.jobs.pipeline import Pipeline
 from worker.jobs.provision import provision
-from worker.jobs.publisher import Publisher
+from worker.jobs.publisher import Attestation, Publisher
 from worker.runtime.api import Completion, WorkItem
 
 pytestmark = pytest.mark.nats
@@ -131,11 +131,13 @@ async def test_the_publisher_refuses_an_invalid_body_before_signing(
     settings = settings_for(tmp_path)
     publisher = Publisher(nc, nc.jetstream(), NodeKey.generate(), settings)
     with pytest.raises(OutputMalformed, match="token_ids"):
-        publisher.result_body(
+        publisher.seal_result(
+            Attestation.of(
+                {"id": "demo", "version": "1", "sha256": "a" * 64},
+                {"image": "i", "engine": "e", "engine_version": "1", "device": "cpu"},
+            ),
             {
                 "job_id": "j",
-                "model": {"id": "demo", "version": "1", "sha256": "a" * 64},
-                "runtime": {"image": "i", "engine": "e", "engine_version": "1", "device": "cpu"},
                 "config_version": 1,
                 "input_sha256": "b" * 64,
                 "output": {"text": "", "token_ids": [1 << 40], "finish_reason": "stop"},
@@ -143,5 +145,5 @@ async def test_the_publisher_refuses_an_invalid_body_before_signing(
                 "attempt": 1,
                 "started_at": 1.0,
                 "finished_at": 2.0,
-            }
+            },
         )

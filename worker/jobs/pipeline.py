@@ -44,7 +44,6 @@ from nats.aio.subscription import Subscription
 
 from schemas.job import Job
 from schemas.limits import JOB_ID_PATTERN
-from schemas.result import ModelRef, ResultBody, RuntimeRef
 from worker.core.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -59,7 +58,7 @@ from worker.core.resource import AsyncResource
 from worker.core.settings import Settings
 from worker.jobs.intake import InFlight, JobSource, admit
 from worker.jobs.provision import consumer_name, ensure_consumer
-from worker.jobs.publisher import Publisher, checked
+from worker.jobs.publisher import Attestation, Publisher, SealedResult
 from worker.runtime.api import Completion, Partial, Runtime, RuntimeFacts, WorkItem
 
 log = logging.getLogger(__name__)
@@ -162,7 +161,7 @@ class Pipeline(AsyncResource):
         self._streams: dict[InFlight, _Stream] = {}
         self._stream_wake = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
-        self._refs: tuple[RuntimeFacts, ModelRef, RuntimeRef] | None = None
+        self._attestation: tuple[RuntimeFacts, Attestation] | None = None
         self._answers: list[tuple[InFlight, Completion, float, float]] = []
         self._answers_wake = asyncio.Event()
         self._acks_due: list[InFlight] = []
@@ -396,7 +395,9 @@ class Pipeline(AsyncResource):
                     assert record.job is not None
                     if record.job.stream:
                         await self._finish_stream(record, done)
-                    await self._succeed(record, done, started_at, finished_at)
+                    sealed = self._seal(record, done, started_at, finished_at)
+                    if sealed is not None:
+                        await self._store(record, sealed, 1)
                 except Exception:
                     # A bug: the job is handed back rather than lost or left held.
                     log.exception("result_failed job_id=%s", record.job_id)
@@ -541,33 +542,31 @@ class Pipeline(AsyncResource):
 
     # -- outcomes --------------------------------------------------------------------
 
-    async def _succeed(
+    def _seal(
         self, record: InFlight, done: Completion, started_at: float, finished_at: float
-    ) -> None:
+    ) -> SealedResult | None:
+        """The job's signed result, validated against the schema first; one that fails, or
+        that is too large to publish, ends the job with a final OUTPUT_MALFORMED (None)."""
         try:
-            # Validated against the schema before signing; one that fails, or that is too
-            # large to publish, ends the job with a final OUTPUT_MALFORMED.
-            body = self._result_body(record, done, started_at, finished_at)
+            return self._publisher.seal_result(
+                self._attests(), self._result_fields(record, done, started_at, finished_at)
+            )
         except OutputMalformed as exc:
             self._spawn(record, self._fail(record, exc, final=True))  # not in this loop
-            return
-        await self._store(record, body, 1)
+            return None
 
-    async def _store(self, record: InFlight, body: ResultBody, attempt: int) -> None:
+    async def _store(self, record: InFlight, result: SealedResult, attempt: int) -> None:
         """Publish a result; the job is settled when the stream answers (`_stored`), so
         its task ends here instead of waiting for the PubAck."""
         try:
-            stored = await self._publisher.store_result(body)
-        except OutputMalformed as exc:
-            self._spawn(record, self._fail(record, exc, final=True))
-            return
+            stored = await self._publisher.store_result(result)
         except Exception as exc:
-            self._spawn(record, self._store_failed(record, body, attempt, exc))
+            self._spawn(record, self._store_failed(record, result, attempt, exc))
             return
-        stored.add_done_callback(functools.partial(self._stored, record, body, attempt))
+        stored.add_done_callback(functools.partial(self._stored, record, result, attempt))
 
     def _stored(
-        self, record: InFlight, body: ResultBody, attempt: int, stored: "asyncio.Future[bool]"
+        self, record: InFlight, result: SealedResult, attempt: int, stored: "asyncio.Future[bool]"
     ) -> None:
         if stored.cancelled():
             return
@@ -578,10 +577,10 @@ class Pipeline(AsyncResource):
             self._acks_due.append(record)
             self._ack_wake.set()
         else:
-            self._spawn(record, self._store_failed(record, body, attempt, exc))
+            self._spawn(record, self._store_failed(record, result, attempt, exc))
 
     async def _store_failed(
-        self, record: InFlight, body: ResultBody, attempt: int, exc: BaseException
+        self, record: InFlight, result: SealedResult, attempt: int, exc: BaseException
     ) -> None:
         log.warning("result_publish_failed job_id=%s try=%d error=%r", record.job_id, attempt, exc)
         if attempt == PUBLISH_ATTEMPTS or not self.is_open:
@@ -593,7 +592,7 @@ class Pipeline(AsyncResource):
                 await self._settle(record, Settle.NAK)
             return
         await asyncio.sleep(0.2 * attempt)
-        await self._store(record, body, attempt + 1)
+        await self._store(record, result, attempt + 1)
 
     async def _ack_loop(self) -> None:
         """Ack the jobs whose results the stream stored, all that landed since the last
@@ -610,21 +609,17 @@ class Pipeline(AsyncResource):
                 self.completed += 1
                 await self._settle(record, Settle.ACK)
 
-    def _attests(self) -> tuple[ModelRef, RuntimeRef]:
+    def _attests(self) -> Attestation:
         """The result's `model` and `runtime` members, validated once per runtime (the
         facts of a new runtime are checked at its first result)."""
         facts = self._runtime.facts
-        if self._refs is None or self._refs[0] is not facts:
-            model = checked(
-                ModelRef,
+        if self._attestation is None or self._attestation[0] is not facts:
+            attestation = Attestation.of(
                 {
                     "id": self.serving.model_id,
                     "version": self.serving.model_version,
                     "sha256": self.serving.model_sha256,
                 },
-            )
-            runtime = checked(
-                RuntimeRef,
                 {
                     "image": self.serving.image,
                     "engine": facts.engine,
@@ -632,13 +627,14 @@ class Pipeline(AsyncResource):
                     "device": facts.device,
                 },
             )
-            self._refs = (facts, model, runtime)
-        return self._refs[1], self._refs[2]
+            self._attestation = (facts, attestation)
+        return self._attestation[1]
 
-    def _result_body(
+    def _result_fields(
         self, record: InFlight, done: Completion, started_at: float, finished_at: float
-    ) -> ResultBody:
-        model, runtime = self._attests()
+    ) -> dict[str, Any]:
+        """A result's fields but the node's identity and the attestation (the publisher
+        fills those in), with no None values."""
         assert record.job is not None
         output: dict[str, Any] = {
             "text": done.text,
@@ -647,23 +643,22 @@ class Pipeline(AsyncResource):
         }
         if done.logprobs is not None:
             output["logprobs"] = done.logprobs
-        fields: dict[str, Any] = {
+        usage: dict[str, Any] = {
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": len(done.token_ids),
+        }
+        if done.first_token_s is not None:
+            usage["first_token_s"] = done.first_token_s
+        return {
             "job_id": record.job.job_id,
-            "model": model,
-            "runtime": runtime,
             "config_version": self.serving.config_version,
             "input_sha256": record.input_sha256,
             "output": output,
-            "usage": {
-                "prompt_tokens": done.prompt_tokens,
-                "completion_tokens": len(done.token_ids),
-                "first_token_s": done.first_token_s,
-            },
+            "usage": usage,
             "attempt": record.attempt,
             "started_at": started_at,
             "finished_at": finished_at,
         }
-        return self._publisher.result_body(fields)
 
     async def _fail(self, record: InFlight, error: NodeError, final: bool) -> None:
         code = error_code(error)

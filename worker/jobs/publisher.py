@@ -17,7 +17,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -26,12 +27,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import BaseModel
 
-from schemas.codec import encode, validate
+from schemas.codec import encode, packer, validate
 from schemas.envelope import EnvelopeType
 from schemas.errors import SchemaError
 from schemas.event import MAX_MESSAGE_CHARS, ErrorCode, ErrorEvent, LifecycleEvent, LifecycleKind
 from schemas.node import Heartbeat, NodeStatus
-from schemas.result import ResultBody
+from schemas.result import ModelRef, ResultBody, RuntimeRef
 from schemas.stream import StreamBody
 from worker.core.errors import OutputMalformed
 from worker.core.settings import Settings
@@ -94,6 +95,35 @@ class AckDeadlines:
                 )
 
 
+class SealedResult(NamedTuple):
+    job_id: str
+    envelope: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Attestation:
+    """What a result attests besides its output: the model and the runtime that made it,
+    validated once per runtime instead of once per result, and their maps for the wire."""
+
+    model: ModelRef
+    runtime: RuntimeRef
+    wire: tuple[dict[str, Any], dict[str, Any]]
+
+    @classmethod
+    def of(cls, model: Mapping[str, Any], runtime: Mapping[str, Any]) -> "Attestation":
+        """`OutputMalformed` when a value (from the runtime's `ready` frame, say) breaks
+        the schema."""
+        model_ref, runtime_ref = checked(ModelRef, model), checked(RuntimeRef, runtime)
+        return cls(
+            model_ref,
+            runtime_ref,
+            (
+                model_ref.model_dump(mode="json", exclude_none=True),
+                runtime_ref.model_dump(mode="json", exclude_none=True),
+            ),
+        )
+
+
 def _api_error(error: object) -> nats.js.errors.APIError:
     """The error nats-py would raise for this PubAck's `error` member."""
     if not isinstance(error, dict) or not isinstance(error.get("code"), int):
@@ -130,6 +160,7 @@ class Publisher:
         self._acks = AckDeadlines(publish_timeout_s)
         self._ack_inbox: str | None = None
         self._ack_ids = itertools.count()
+        self._pack = packer()  # used on the event loop's thread only
 
     @property
     def acks_pending(self) -> int:
@@ -139,13 +170,8 @@ class Publisher:
     def _ours(self, body: Mapping[str, Any]) -> dict[str, Any]:
         return {**body, "node_id": self.node_id, "network": self.network}
 
-    def result_body(self, fields: Mapping[str, Any]) -> ResultBody:
-        """A result body from the pipeline's fields, this node's identity filled in,
-        validated: raises `OutputMalformed` when the runtime's values break the schema."""
-        return checked(ResultBody, self._ours(fields))
-
-    def _seal(self, typ: EnvelopeType, body: BaseModel) -> bytes:
-        envelope = self._key.sign_bytes(typ, encode(body))
+    def _sign(self, typ: EnvelopeType, packed: bytes) -> bytes:
+        envelope = self._key.sign_bytes(typ, packed)
         limit = self._nc.max_payload
         if limit and len(envelope) > limit:
             raise OutputMalformed(
@@ -154,18 +180,45 @@ class Publisher:
             )
         return envelope
 
-    async def publish_result(self, body: ResultBody) -> bool:
-        """Sign and store a result; True if it was new, False if the stream had it already.
-        `OutputMalformed` when it can never be published (too large); a NATS error
-        (`NoStreamResponseError`, `APIError`, `TimeoutError` after `publish_timeout_s`)
-        when the stream did not store it."""
-        return await (await self.store_result(body))
+    def _seal(self, typ: EnvelopeType, body: BaseModel) -> bytes:
+        return self._sign(typ, encode(body))
 
-    async def store_result(self, body: ResultBody) -> "asyncio.Future[bool]":
-        """Sign and publish a result; the returned future completes when the stream has
-        answered, as `publish_result` returns or raises. `OutputMalformed` here when the
-        result can never be published (too large); a NATS error when it was not sent."""
-        envelope = self._seal(EnvelopeType.RESULT, body)
+    def seal_result(self, attestation: Attestation, fields: Mapping[str, Any]) -> SealedResult:
+        """A signed result from the pipeline's fields (all of `ResultBody` but the node's
+        identity and the attested model and runtime, filled in here). The whole body is
+        validated first: `OutputMalformed` when the runtime's values break the schema or
+        the envelope is over the server's `max_payload`.
+
+        Encoded from the validated map itself, not from a model dump: the schema's types
+        are strict (nothing is converted) and `fields` holds no None, so the bytes are
+        those `encode(ResultBody)` gives, at a third of the cost. Logprobs (where the
+        schema fills in defaults) take the model dump."""
+        body = {
+            "job_id": fields["job_id"],
+            "node_id": self.node_id,
+            "network": self.network,
+            "model": attestation.model,
+            "runtime": attestation.runtime,
+            **fields,
+        }
+        validated = checked(ResultBody, body)
+        if validated.output.logprobs is None:
+            body["model"], body["runtime"] = attestation.wire
+            packed = self._pack(body)
+        else:
+            packed = encode(validated)
+        return SealedResult(validated.job_id, self._sign(EnvelopeType.RESULT, packed))
+
+    async def publish_result(self, result: SealedResult) -> bool:
+        """Store a signed result; True if it was new, False if the stream had it already.
+        A NATS error (`NoStreamResponseError`, `APIError`, `TimeoutError` after
+        `publish_timeout_s`) when the stream did not store it."""
+        return await (await self.store_result(result))
+
+    async def store_result(self, result: SealedResult) -> "asyncio.Future[bool]":
+        """Publish a signed result; the returned future completes when the stream has
+        answered, as `publish_result` returns or raises. A NATS error here when it was
+        not sent."""
         # The PubAck comes to this publisher's own inbox, with one deadline timer for all
         # results: no request, timer and wait_for per result (as `js.publish` makes), no
         # random token and PubAck object (as `publish_async` makes).
@@ -178,10 +231,10 @@ class Publisher:
         self._acks.watch(ack_id, stored)
         try:
             await self._nc.publish(
-                f"{self._results}.{body.job_id}",
-                envelope,
+                f"{self._results}.{result.job_id}",
+                result.envelope,
                 reply=f"{self._ack_inbox}.{ack_id}",
-                headers={"Nats-Msg-Id": body.job_id},
+                headers={"Nats-Msg-Id": result.job_id},
             )
         except BaseException:
             self._acks.pending.pop(ack_id, None)

@@ -15,7 +15,8 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Protocol, TypeVar
 
-from schemas.frames import TO_AGENT, Frame, FrameDecoder, FrameError, packer
+from schemas.codec import packer
+from schemas.frames import TO_AGENT, Frame, FrameDecoder, FrameError
 from worker.core.errors import RuntimeBroken, RuntimeEnded
 from worker.core.resource import finish_uncancellable
 from worker.runtime.api import LaunchSpec
