@@ -45,8 +45,8 @@ from bench.common import (
 )
 from containers.runtime.engines.echo import render
 from schemas.envelope import EnvelopeType
-from schemas.result import ResultBody
 from worker.core.gcpolicy import tune_for_serving
+from worker.core.metrics import Metrics
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 from worker.jobs.intake import InFlight, admit
@@ -101,13 +101,20 @@ def checkpoint(completed: int) -> None:
 
 
 def result_body(
-    record: InFlight, done: Completion, node_id: str, started: float, finished: float
+    record: InFlight,
+    done: Completion,
+    node_id: str,
+    network: str,
+    started: float,
+    finished: float,
 ) -> dict[str, Any]:
-    """The same map `Pipeline._result_body` builds (keep in step with it)."""
+    """The same map the agent signs (`Pipeline._result_fields` with the node's identity
+    and attestation; keep in step with it)."""
     assert record.job is not None
     return {
         "job_id": record.job.job_id,
         "node_id": node_id,
+        "network": network,
         "model": {"id": SERVING.model_id, "version": SERVING.model_version, "sha256": "0" * 64},
         "runtime": {
             "image": SERVING.image,
@@ -122,18 +129,23 @@ def result_body(
             "token_ids": done.token_ids,
             "finish_reason": done.finish_reason,
         },
-        "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.token_ids)},
+        "usage": {
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": len(done.token_ids),
+            "first_token_s": done.first_token_s,
+        },
         "attempt": record.attempt,
         "started_at": started,
         "finished_at": finished,
     }
 
 
-def agent_result_size(key: NodeKey) -> int:
+def agent_result_size(key: NodeKey, network: str) -> int:
     """Bytes of a typical signed result of the agent (what the strong floor pads to)."""
     body = {
         "job_id": "j100000",
         "node_id": key.node_id,
+        "network": network,
         "model": {"id": MODEL, "version": "1", "sha256": "0" * 64},
         "runtime": {
             "image": SERVING.image,
@@ -144,7 +156,7 @@ def agent_result_size(key: NodeKey) -> int:
         "config_version": 1,
         "input_sha256": "0" * 64,
         "output": {"text": SAMPLE.text, "token_ids": SAMPLE.token_ids, "finish_reason": "length"},
-        "usage": {"prompt_tokens": 7, "completion_tokens": 8},
+        "usage": {"prompt_tokens": 7, "completion_tokens": 8, "first_token_s": 1e-4},
         "attempt": 1,
         "started_at": time.time(),
         "finished_at": time.time(),
@@ -239,7 +251,7 @@ async def raw_floor(
     js = nc.jetstream(publish_async_max_pending=4 * CREDIT)
     results = settings.subject("results")
     node_id = key.node_id
-    pad = pad_for(key, agent_result_size(key))
+    pad = pad_for(key, agent_result_size(key, settings.network))
     acker = AckOnPubAck(None, counter)
 
     async def strong(msg: Msg) -> None:
@@ -260,7 +272,7 @@ async def raw_floor(
         runtime_payload(record.job)
         now = time.time()
         done = Completion(record.job.job_id, SAMPLE.text, SAMPLE.token_ids, "length", 7)
-        body = result_body(record, done, node_id, now, now)
+        body = result_body(record, done, node_id, settings.network, now, now)
         envelope = key.sign_bytes(EnvelopeType.RESULT, msgpack.packb(body))
         job_id = record.job.job_id
         fut = await js.publish_async(
@@ -288,7 +300,7 @@ async def faststream_peer(
     broker = NatsBroker(url, logger=None)
     results = settings.subject("results")
     results_stream = settings.stream("RESULTS")
-    pad = pad_for(key, agent_result_size(key))
+    pad = pad_for(key, agent_result_size(key, settings.network))
 
     async def one(raw: Msg) -> None:
         job_id = msgpack.unpackb(raw.data)["job_id"]
@@ -313,19 +325,25 @@ async def faststream_peer(
     return broker.start, broker.stop
 
 
-class CountingPublisher(Publisher):
-    """The agent's publisher, counting stored results (the end of the timed window)."""
+class CountingMetrics(Metrics):
+    """The agent's metrics, counting each job that succeeded (its result stored, its ack on
+    the way) into the bench's counter: the end of the timed window, without a callback of
+    its own per job."""
 
-    counter: Counter
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._succeeded = 0
+        super().__init__()
 
-    async def store_result(self, body: ResultBody) -> "asyncio.Future[bool]":
-        stored = await super().store_result(body)
-        stored.add_done_callback(self._count)
-        return stored
+    @property  # type: ignore[override]
+    def jobs_succeeded(self) -> int:
+        return self._succeeded
 
-    def _count(self, stored: "asyncio.Future[bool]") -> None:
-        if not stored.cancelled() and stored.exception() is None:
-            self.counter.add(1)
+    @jobs_succeeded.setter
+    def jobs_succeeded(self, value: int) -> None:
+        if value > self._succeeded:
+            self._counter.add(value - self._succeeded)
+        self._succeeded = value
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -347,9 +365,9 @@ async def serve(args: argparse.Namespace) -> None:
 
             async with supervised_echo("container") as runtime:
                 ready["container_id"] = runtime.stats().runtime_id  # type: ignore[attr-defined]
-                publisher = CountingPublisher(nc, nc.jetstream(), key, settings)
-                publisher.counter = counter
-                pipe = Pipeline(nc, settings, publisher, runtime, SERVING)
+                publisher = Publisher(nc, nc.jetstream(), key, settings)
+                metrics = CountingMetrics(counter)
+                pipe = Pipeline(nc, settings, publisher, runtime, SERVING, metrics)
 
                 async def go_agent() -> None:
                     await pipe.__aenter__()
