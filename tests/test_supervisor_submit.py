@@ -30,6 +30,9 @@ class ScriptedHandle:
         self.close_raises = close_raises
         self._out: asyncio.Queue[Frame | None] = asyncio.Queue()
         self.sent: list[Mapping[str, object]] = []
+        self.closing = False
+        self.close_gate: asyncio.Event | None = None
+        """When set, removing this runtime waits for it (a recovery under way)."""
 
     def write(self, frame: Mapping[str, object]) -> bool:
         frames.pack(frame)
@@ -72,6 +75,9 @@ class ScriptedHandle:
         return "exit_code=0"
 
     async def aclose(self, *, grace_s: float) -> None:
+        self.closing = True
+        if self.close_gate is not None:
+            await self.close_gate.wait()
         if self.close_raises:
             self.close_raises = False
             raise RuntimeError("container removal failed (daemon error)")
@@ -156,3 +162,29 @@ async def test_cancelling_a_submitted_request_posts_its_abort() -> None:
         assert [f["t"] for f in handle.sent] == ["submit", "abort"]
         assert handle.sent[1]["id"] == handle.sent[0]["id"]
         assert sup.stats().active == 0 and sup.stats().aborting == 1
+
+
+async def test_a_request_ends_once_whichever_way_comes_first() -> None:
+    """Answered, cancelled, or failed with its runtime: the slot is released once, also
+    when the caller cancels while the runtime under the request is being replaced."""
+    backend = ScriptedBackend()
+    async with supervisor(backend) as sup:
+        answered = sup.submit(item("answered"))
+        assert sup.stats().active == 1
+        assert (await answered).job_id == "answered"
+        assert not answered.cancel()  # too late: nothing happens
+        assert sup.stats().active == 0 and sup.stats().requests == 1
+
+        gate = asyncio.Event()
+        backend.handles[0].close_gate = gate
+        victim = sup.submit(item("victim", prompt="hold"))
+        backend.handles[0].die()
+        await wait_for(lambda: backend.handles[0].closing, timeout=10)  # recovery under way
+        assert sup.stats().active == 1
+        assert victim.cancel()
+        assert sup.stats().active == 0
+        gate.set()
+        later = await sup.submit(item("later"))
+        assert later.job_id == "later" and len(backend.handles) == 2
+        assert sup.stats().active == 0 and sup.stats().requests == 2
+        assert [f["t"] for f in backend.handles[0].sent] == ["submit", "submit"]  # no abort

@@ -84,6 +84,30 @@ class _Request:
     on_failure: Callable[[RuntimeFailure], None] | None = None
     """Set for a request started by `submit` without a task: called, instead of failing its
     future, when the runtime fails (the supervisor recovers, then fails the future)."""
+    on_end: Callable[[bool], None] | None = None
+    """Set with `on_failure`: called when the session has set the future (True: a
+    completion)."""
+    ended: bool = False
+    """A submitted request's slot was released (see `Supervisor._submitted_end`)."""
+
+
+class _Answer(asyncio.Future[Completion]):
+    """A `submit`ted request's outcome. Cancelling it aborts the request: the supervisor
+    hears of the cancel here, and of the answer from the frame reader, so no done callback
+    (a loop turn each) runs per request."""
+
+    __slots__ = ("on_cancel",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_cancel: Callable[[], None] | None = None
+
+    def cancel(self, msg: object = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        if self.on_cancel is not None:
+            self.on_cancel()
+        return True
 
 
 @dataclass(eq=False)
@@ -212,6 +236,8 @@ class _Session:
             req.future.set_result(outcome)
         else:
             req.future.set_exception(outcome)
+        if req.on_end is not None:
+            req.on_end(isinstance(outcome, Completion))
 
     def fail(self, exc: RuntimeFailure) -> None:
         if self.failure is None:
@@ -236,6 +262,8 @@ class _Session:
                 log.exception("request_failure_hook_failed job_id=%s", req.job_id)
                 if not req.future.done():
                     req.future.set_exception(RuntimeBroken(f"{exc} ({hook_exc!r})"))
+                if req.on_end is not None:
+                    req.on_end(False)
 
 
 def _completion(req: _Request, frame: Frame) -> Completion | NodeError:
@@ -416,13 +444,14 @@ class Supervisor(AsyncResource):
             or self._suspects.get(item.job_id, 0) >= SOLO_AFTER_STRIKES
         ):
             return self._generate_in_task(item, on_partial)
-        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
-        req = self._request(session, item, on_partial, future)
+        answer = _Answer()
+        req = self._request(session, item, on_partial, answer)
         req.on_failure = functools.partial(self._submitted_failed, session, req, item)
+        req.on_end = functools.partial(self._submitted_end, req)
+        answer.on_cancel = functools.partial(self._submitted_cancelled, session, req)
         self._active += 1
-        future.add_done_callback(functools.partial(self._submitted_done, session, req))
         self._post(session, self._submit_frame(req, item))
-        return future
+        return answer
 
     def _generate_in_task(
         self, item: WorkItem, on_partial: PartialSink | None
@@ -452,20 +481,27 @@ class Supervisor(AsyncResource):
         future.add_done_callback(lambda f: task.cancel() if f.cancelled() else None)
         return future
 
-    def _submitted_done(
-        self, session: _Session, req: _Request, future: "asyncio.Future[Completion]"
-    ) -> None:
+    # A submitted request ends when the runtime answers it (`on_end`), its caller cancels
+    # it (`on_cancel`) or its runtime fails under it (`on_failure`: recovery, then the
+    # future fails), whichever is first; its slot is released once, by `_submitted_end`.
+
+    def _submitted_end(self, req: _Request, completed: bool) -> None:
+        if req.ended:
+            return
+        req.ended = True
         self._release(False)
-        if future.cancelled():
-            # Cancelled (job cancelled, deadline, drain): stop it in the engine.
-            if session.requests.pop(req.request_id, None) is not None and session.failure is None:
-                session.forget_later(req.request_id)
-                if self.is_open:
-                    self._post(session, frames.abort(req.request_id))
-        elif future.exception() is None:
+        if completed:
             self._requests += 1
             if self._suspects:
                 self._suspects.pop(req.job_id, None)
+
+    def _submitted_cancelled(self, session: _Session, req: _Request) -> None:
+        """Cancelled (job cancelled, deadline, drain): stop it in the engine."""
+        self._submitted_end(req, False)
+        if session.requests.pop(req.request_id, None) is not None and session.failure is None:
+            session.forget_later(req.request_id)
+            if self.is_open:
+                self._post(session, frames.abort(req.request_id))
 
     def _submitted_failed(
         self, session: _Session, req: _Request, item: WorkItem, exc: RuntimeFailure
@@ -474,6 +510,7 @@ class Supervisor(AsyncResource):
         that case (recover first: the job is handed back once a runtime replaced this
         one), then the future fails."""
         if not self.is_open or self._tg is None:
+            self._submitted_end(req, False)
             if not req.future.done():
                 req.future.set_exception(_handed_back(item, exc))
             return
@@ -488,6 +525,7 @@ class Supervisor(AsyncResource):
         except Exception:
             log.exception("runtime_recover_failed job_id=%s", item.job_id)
         finally:
+            self._submitted_end(req, False)
             if not req.future.done():
                 if self.is_open and not isinstance(exc, RuntimeClosed):
                     self._strike(item.job_id)
