@@ -113,7 +113,10 @@ async def throughput(
 STAGES = [
     ("signing (Ed25519)", ("sign_bytes (",)),
     ("admit: decode, checks, input hash", ("admit (",)),
-    ("result body and runtime payload", ("_result_body (", "_payload (", "padded_body (")),
+    (
+        "result body (validate, encode) and runtime payload",
+        ("seal_result (", "_result_fields (", "_payload (", "padded_body (", "result_body ("),
+    ),
     ("runtime: submit frame out, partial/done frames in", ("worker/runtime/", "schemas/frames")),
     ("result publish (nats-py)", ("store_result (", "publish_async (", "_on_ack (")),
     ("ack (nats-py)", ("_settle (", "ack (nats/aio/msg.py", "_ack_loop (")),
@@ -130,12 +133,21 @@ STAGES = [
 ]
 
 
+LOOP_THREAD = "run_forever ("
+IDLE_LEAF = "select (selectors.py"
+
+
 def stage_breakdown(raw: str) -> dict[str, float]:
-    """Share of samples per stage from py-spy's raw (collapsed) output."""
+    """Share of samples per stage from py-spy's raw (collapsed) output, sampled with
+    `--idle`: a C call that released the GIL (Ed25519 signing, a socket write) is CPU time
+    py-spy would otherwise leave out. Kept: the event loop's thread (the others wait for
+    blocking Docker calls), but for its wait for I/O."""
     totals: dict[str, int] = defaultdict(int)
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
+            continue
+        if LOOP_THREAD not in stack or stack.rsplit(";", 1)[-1].startswith(IDLE_LEAF):
             continue
         stage = "event loop, other"
         for frame in reversed(stack.split(";")):
@@ -164,7 +176,7 @@ async def profile(
                 await asyncio.to_thread(child.expect, "READY")
                 spy = subprocess.Popen(  # noqa: ASYNC220 - py-spy runs beside us
                     ["py-spy", "record", "--pid", str(child.pid), "--format", "raw", "--rate",
-                     "500", "--nonblocking", "-o", str(out)],
+                     "500", "--nonblocking", "--idle", "-o", str(out)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
                 child.send("GO")
