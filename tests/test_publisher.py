@@ -19,7 +19,7 @@ from tests.support.pipeline import settings_for
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, verify
 from worker.jobs.provision import provision
-from worker.jobs.publisher import AckDeadlines, Attestation, Publisher
+from worker.jobs.publisher import AckDeadlines, Attestation, Publisher, tell
 
 pytestmark = pytest.mark.nats
 
@@ -104,12 +104,27 @@ async def test_no_puback_at_all_times_out(nc: Client, tmp_path: Path) -> None:
 
 async def test_deadlines_fail_only_what_is_due() -> None:
     deadlines = AckDeadlines(0.2)
-    loop = asyncio.get_running_loop()
-    answered, silent = loop.create_future(), loop.create_future()
-    deadlines.watch(1, answered)
-    deadlines.watch(2, silent)
-    deadlines.pending.pop(1).set_result(True)  # its PubAck landed
-    with pytest.raises(nats.errors.TimeoutError):
-        await silent
-    assert await answered is True
+    told: dict[str, bool | BaseException] = {}
+    timed_out = asyncio.Event()
+
+    def landed(name: str, outcome: bool | BaseException) -> None:
+        assert name not in told, "told twice"
+        told[name] = outcome
+        if name == "silent":
+            timed_out.set()
+
+    deadlines.watch(1, lambda outcome: landed("answered", outcome))
+    deadlines.watch(2, lambda outcome: landed("silent", outcome))
+    deadlines.pending.pop(1)(True)  # its PubAck landed
+    await asyncio.wait_for(timed_out.wait(), 10)
+    assert told["answered"] is True
+    assert isinstance(told["silent"], nats.errors.TimeoutError)
     assert len(deadlines) == 0
+
+
+def test_a_failing_landed_callback_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(outcome: bool | BaseException) -> None:
+        raise RuntimeError("bug in the caller")
+
+    tell(broken, True)  # the PubAck path goes on
+    assert "result_landed_callback_failed" in caplog.text

@@ -557,27 +557,24 @@ class Pipeline(AsyncResource):
 
     async def _store(self, record: InFlight, result: SealedResult, attempt: int) -> None:
         """Publish a result; the job is settled when the stream answers (`_stored`), so
-        its task ends here instead of waiting for the PubAck."""
+        the results task goes on instead of waiting for the PubAck."""
         try:
-            stored = await self._publisher.store_result(result)
+            await self._publisher.store_result(
+                result, functools.partial(self._stored, record, result, attempt)
+            )
         except Exception as exc:
             self._spawn(record, self._store_failed(record, result, attempt, exc))
-            return
-        stored.add_done_callback(functools.partial(self._stored, record, result, attempt))
 
     def _stored(
-        self, record: InFlight, result: SealedResult, attempt: int, stored: "asyncio.Future[bool]"
+        self, record: InFlight, result: SealedResult, attempt: int, outcome: bool | BaseException
     ) -> None:
-        if stored.cancelled():
-            return
-        exc = stored.exception()  # always retrieved
         if record not in self._in_flight:
             return
-        if exc is None:
+        if isinstance(outcome, BaseException):
+            self._spawn(record, self._store_failed(record, result, attempt, outcome))
+        else:
             self._acks_due.append(record)
             self._ack_wake.set()
-        else:
-            self._spawn(record, self._store_failed(record, result, attempt, exc))
 
     async def _store_failed(
         self, record: InFlight, result: SealedResult, attempt: int, exc: BaseException

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -53,26 +53,31 @@ def checked(model: type[M], body: Mapping[str, Any]) -> M:
         raise OutputMalformed(f"{model.__name__} refused before signing: {exc}") from exc
 
 
+Landed = Callable[[bool | BaseException], None]
+"""Told once how a stored result's publish ended: True (stored), False (the stream had it
+already: a duplicate), or the error (`NoStreamResponseError`, `APIError`, `TimeoutError`)."""
+
+
 class AckDeadlines:
-    """PubAck waits, by id, failed with `nats.errors.TimeoutError` once `timeout_s` has
-    passed, by one timer for all: they all share the timeout, so the oldest is always due
-    first. A wait leaves `pending` when its PubAck lands (the caller pops it) or here."""
+    """PubAck waits, by id, told `nats.errors.TimeoutError` once `timeout_s` has passed, by
+    one timer for all: they all share the timeout, so the oldest is always due first. A
+    wait leaves `pending` when its PubAck lands (the caller pops it) or here."""
 
     def __init__(self, timeout_s: float) -> None:
         self._timeout_s = timeout_s
-        self.pending: dict[int, asyncio.Future[bool]] = {}
+        self.pending: dict[int, Landed] = {}
         self._order: deque[tuple[float, int]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self.pending)
 
-    def watch(self, ack_id: int, future: "asyncio.Future[bool]") -> None:
+    def watch(self, ack_id: int, landed: Landed) -> None:
         loop = asyncio.get_running_loop()
         order, pending = self._order, self.pending
         while order and order[0][1] not in pending:
             order.popleft()
-        pending[ack_id] = future
+        pending[ack_id] = landed
         order.append((loop.time() + self._timeout_s, ack_id))
         if self._timer is None:
             self._timer = loop.call_at(order[0][0], self._expire)
@@ -88,11 +93,17 @@ class AckDeadlines:
                 self._timer = loop.call_at(at, self._expire)
                 return
             order.popleft()
-            future = pending.pop(ack_id, None)
-            if future is not None and not future.done():
-                future.set_exception(
-                    nats.errors.TimeoutError(f"no PubAck within {self._timeout_s}s")
-                )
+            landed = pending.pop(ack_id, None)
+            if landed is not None:
+                tell(landed, nats.errors.TimeoutError(f"no PubAck within {self._timeout_s}s"))
+
+
+def tell(landed: Landed, outcome: bool | BaseException) -> None:
+    """Run a `Landed` callback; its error is logged, never raised into the PubAck path."""
+    try:
+        landed(outcome)
+    except Exception:
+        log.exception("result_landed_callback_failed")
 
 
 class SealedResult(NamedTuple):
@@ -122,6 +133,20 @@ class Attestation:
                 runtime_ref.model_dump(mode="json", exclude_none=True),
             ),
         )
+
+
+def _pub_ack_outcome(msg: Msg) -> bool | BaseException:
+    """What the stream answered to a result's publish: new (True), duplicate (False), or
+    why it was not stored."""
+    if (msg.headers or {}).get("Status"):  # 503: no stream takes the subject
+        return nats.js.errors.NoStreamResponseError()
+    try:
+        reply = json.loads(msg.data)
+    except ValueError as exc:
+        return nats.errors.Error(f"PubAck is not JSON: {exc}")
+    if not isinstance(reply, dict) or "error" in reply:
+        return _api_error(reply.get("error") if isinstance(reply, dict) else None)
+    return not reply.get("duplicate")
 
 
 def _api_error(error: object) -> nats.js.errors.APIError:
@@ -213,12 +238,23 @@ class Publisher:
         """Store a signed result; True if it was new, False if the stream had it already.
         A NATS error (`NoStreamResponseError`, `APIError`, `TimeoutError` after
         `publish_timeout_s`) when the stream did not store it."""
-        return await (await self.store_result(result))
+        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
-    async def store_result(self, result: SealedResult) -> "asyncio.Future[bool]":
-        """Publish a signed result; the returned future completes when the stream has
-        answered, as `publish_result` returns or raises. A NATS error here when it was
-        not sent."""
+        def landed(outcome: bool | BaseException) -> None:
+            if stored.done():
+                return
+            if isinstance(outcome, BaseException):
+                stored.set_exception(outcome)
+            else:
+                stored.set_result(outcome)
+
+        await self.store_result(result, landed)
+        return await stored
+
+    async def store_result(self, result: SealedResult, landed: Landed) -> None:
+        """Publish a signed result; `landed` is told once when the stream has answered (or
+        `publish_timeout_s` passed), as `publish_result` returns or raises: a callback, not
+        a future per result. A NATS error here when it was not sent (`landed` is not told)."""
         # The PubAck comes to this publisher's own inbox, with one deadline timer for all
         # results: no request, timer and wait_for per result (as `js.publish` makes), no
         # random token and PubAck object (as `publish_async` makes).
@@ -226,9 +262,8 @@ class Publisher:
             self._ack_inbox = self._nc.new_inbox()  # set first: one subscription only
             await self._nc.subscribe(f"{self._ack_inbox}.*", cb=self._on_ack)
         ack_id = next(self._ack_ids)
-        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         # Watched before the publish: its PubAck may land while the publish flushes.
-        self._acks.watch(ack_id, stored)
+        self._acks.watch(ack_id, landed)
         try:
             await self._nc.publish(
                 f"{self._results}.{result.job_id}",
@@ -239,30 +274,15 @@ class Publisher:
         except BaseException:
             self._acks.pending.pop(ack_id, None)
             raise
-        return stored
 
     async def _on_ack(self, msg: Msg) -> None:
         """A PubAck (or the server's refusal) for one stored result."""
         try:
-            stored = self._acks.pending.pop(int(msg.subject.rpartition(".")[2]), None)
+            landed = self._acks.pending.pop(int(msg.subject.rpartition(".")[2]), None)
         except ValueError:
             return
-        if stored is None or stored.done():
-            return
-        status = (msg.headers or {}).get("Status")
-        if status:  # 503: no stream takes the subject
-            stored.set_exception(nats.js.errors.NoStreamResponseError())
-            return
-        try:
-            reply = json.loads(msg.data)
-        except ValueError as exc:
-            stored.set_exception(nats.errors.Error(f"PubAck is not JSON: {exc}"))
-            return
-        if not isinstance(reply, dict) or "error" in reply:
-            error = reply.get("error") if isinstance(reply, dict) else None
-            stored.set_exception(_api_error(error))
-            return
-        stored.set_result(not reply.get("duplicate"))
+        if landed is not None:
+            tell(landed, _pub_ack_outcome(msg))
 
     async def publish_stream(self, fields: Mapping[str, Any]) -> None:
         """Sign one partial-output message, this node's identity filled in and the body
