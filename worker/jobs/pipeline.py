@@ -599,12 +599,16 @@ class Pipeline(AsyncResource):
             self._ack_wake.clear()
             due, self._acks_due = self._acks_due, []
             for record in due:
-                if record not in self._in_flight:
+                if not self._forget(record):
                     continue  # handed back meanwhile (drain)
                 self.metrics.jobs_succeeded += 1
                 self.metrics.job_latency_seconds.observe(time.monotonic() - record.received)
                 self.completed += 1
-                await self._settle(record, Settle.ACK)
+                try:
+                    await record.msg.ack()
+                except Exception as exc:
+                    log.warning("settle_failed how=ack job_id=%s error=%r", record.job_id, exc)
+            self._source.wake()  # once per round: credit grew by the jobs settled
 
     def _attests(self) -> Attestation:
         """The result's `model` and `runtime` members, validated once per runtime (the
@@ -691,16 +695,8 @@ class Pipeline(AsyncResource):
             await self._settle(record, Settle.NAK, delay=nak_delay(record.attempt))
 
     async def _settle(self, record: InFlight, how: Settle, delay: float | None = None) -> None:
-        if record not in self._in_flight:
+        if not self._forget(record):
             return
-        self._in_flight.discard(record)
-        if record.job is not None and self._by_job.get(record.job.job_id) is record:
-            del self._by_job[record.job.job_id]
-        if record.deadline_timer is not None:
-            record.deadline_timer.cancel()
-        self.metrics.in_flight = len(self._in_flight)
-        if not self._in_flight:
-            self._idle.set()
         try:
             if how is Settle.ACK:
                 await record.msg.ack()
@@ -711,6 +707,21 @@ class Pipeline(AsyncResource):
         except Exception as exc:
             log.warning("settle_failed how=%s job_id=%s error=%r", how.value, record.job_id, exc)
         self._source.wake()
+
+    def _forget(self, record: InFlight) -> bool:
+        """Take a job out of flight as it is settled; False when it was not in flight (it
+        was settled or handed back already)."""
+        if record not in self._in_flight:
+            return False
+        self._in_flight.discard(record)
+        if record.job is not None and self._by_job.get(record.job.job_id) is record:
+            del self._by_job[record.job.job_id]
+        if record.deadline_timer is not None:
+            record.deadline_timer.cancel()
+        self.metrics.in_flight = len(self._in_flight)
+        if not self._in_flight:
+            self._idle.set()
+        return True
 
     # -- ack-wait keepalive ----------------------------------------------------------
 
