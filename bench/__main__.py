@@ -48,6 +48,7 @@ class Sizes:
     vllm_starts: int = 5
     vllm_rounds: int = 8
     interactive_small: bool = False
+    interactive_reps: int = 5
 
 
 QUICK = Sizes(
@@ -66,6 +67,7 @@ QUICK = Sizes(
     vllm_starts=1,
     vllm_rounds=2,
     interactive_small=True,
+    interactive_reps=1,
 )
 
 
@@ -198,7 +200,9 @@ async def _vllm(sizes: Sizes) -> dict[str, Any]:
 async def _interactive(sizes: Sizes) -> list[dict[str, Any]]:
     from bench import interactive
 
-    return await interactive.main_async("vllm", small=sizes.interactive_small)
+    return await interactive.main_async(
+        "vllm", small=sizes.interactive_small, reps=sizes.interactive_reps
+    )
 
 
 def _size(kind: type, value: str) -> Any:

@@ -9,7 +9,11 @@ container) next to vLLM's own engine loop in the same image, on the tiny demo mo
   own `usage.first_token_s` (target: the node adds <= 20 ms p50);
 - cancel: cancel publish -> `CANCELLED` error event, p50/p99 (target: p99 <= 200 ms).
 
-`python -m bench.interactive --small` runs each at a reduced size (a smoke run).
+The node and the engine loop take turns (ABBA, `--reps` repetitions, 5 by default): the
+node stays up, the engine loop is a fresh container each turn (vLLM loaded, each workload
+warmed up once, then timed); throughput figures and ratios are the median and IQR over
+the repetitions, each ratio taken within its repetition. `python -m bench.interactive
+--small` runs each at a reduced size, once (a smoke run).
 """
 
 import argparse
@@ -30,7 +34,7 @@ import msgpack
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from bench.common import connected, embedded_nats, percentile, record
+from bench.common import alternated, connected, embedded_nats, percentile, record, summary
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, verify
 from worker.jobs.pipeline import Pipeline, Serving
@@ -59,16 +63,20 @@ def uniform_requests(n: int, tokens: int) -> list[tuple[str, int]]:
     return [(f"Prompt number {i} asks the node", tokens) for i in range(n)]
 
 
-def engine_loop(image: str, model_dir: Path, requests: list[tuple[str, int]]) -> list[Any]:
-    """The baseline: vLLM's engine loop in the same image, all requests at once."""
+def engine_loop(
+    image: str, model_dir: Path, workloads: list[list[tuple[str, int]]]
+) -> list[list[tuple[int, float]]]:
+    """The baseline: vLLM's engine loop in the same image, each workload's requests all at
+    once; per workload, per request, its tokens and seconds to its completion."""
     script = Path(__file__).with_name("vllm_engine_loop.py")
     command = ["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp"]
     command += ["--shm-size", "512m", "--user", "65534:65534", "-v", f"{model_dir}:/model:ro"]
     command += ["-v", f"{script}:/bench/vllm_engine_loop.py:ro", "--entrypoint", "python3"]
-    command += [image, "/bench/vllm_engine_loop.py", json.dumps([requests, 2])]
+    command += [image, "/bench/vllm_engine_loop.py", json.dumps([workloads, 2])]
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1200)
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-    return [(int(t), float(s)) for t, s in json.loads(line.removeprefix("RESULT "))]
+    reported = json.loads(line.removeprefix("RESULT "))
+    return [[(int(t), float(s)) for t, s in runs] for runs in reported]
 
 
 @asynccontextmanager
@@ -223,60 +231,77 @@ async def cancels(node: Node, n: int) -> dict[str, Any]:
     return record("cancel: publish -> CANCELLED event", figures, None, "p99 <= 200 ms")
 
 
-async def main_async(engine: str = "vllm", small: bool = False) -> list[dict[str, Any]]:
+async def main_async(
+    engine: str = "vllm", small: bool = False, reps: int = 5
+) -> list[dict[str, Any]]:
     from worker.devtools.demomodel import make_demo_model
     from worker.devtools.images import ensure_image_async
 
     n_mixed, n_uniform, n_lat = (20, 16, 5) if small else (128, 64, 50)
+    reps = 1 if small else reps
     image = await ensure_image_async("vllm-cpu" if engine == "vllm" else "echo")
-    out: list[dict[str, Any]] = []
+    mixed = mixed_requests(n_mixed)
+    uniform = uniform_requests(n_uniform, 64)
+    node_runs: dict[str, list[list[tuple[int, float]]]] = {"mixed": [], "uniform": []}
+    engine_runs: dict[str, list[list[tuple[int, float]]]] = {"mixed": [], "uniform": []}
+    sides = ["engine", "node"] if engine == "vllm" else ["node"]
     with tempfile.TemporaryDirectory(prefix="rst-bench-model-") as tmp:
         model = await asyncio.to_thread(
             make_demo_model, Path(tmp), "llama" if engine == "vllm" else "echo"
         )
-        mixed = mixed_requests(n_mixed)
-        uniform = uniform_requests(n_uniform, 64)
-        base_mixed = base_uniform = None
-        if engine == "vllm":
-            base_mixed = await asyncio.to_thread(engine_loop, image, model.directory, mixed)
-            base_uniform = await asyncio.to_thread(engine_loop, image, model.directory, uniform)
-            log.info("engine_loop_done mixed=%s uniform=%s", base_mixed, base_uniform)
         async with node(engine, image, model.directory, model.sha256) as n:
             await node_workload(n, mixed, "warm")  # the engine gets faster over its first runs
-            node_mixed = await node_workload(n, mixed, "mixed")
-            node_uniform = await node_workload(n, uniform, "uniform")
+            for rep, side in alternated(sides, reps):
+                if side == "engine":
+                    got = await asyncio.to_thread(
+                        engine_loop, image, model.directory, [mixed, uniform]
+                    )
+                    engine_runs["mixed"].append(got[0])
+                    engine_runs["uniform"].append(got[1])
+                else:
+                    node_runs["mixed"].append(await node_workload(n, mixed, f"mixed{rep}"))
+                    node_runs["uniform"].append(await node_workload(n, uniform, f"uniform{rep}"))
+                log.info("interactive_turn rep=%d side=%s", rep, side)
             streaming = await first_messages(n, n_lat)
             cancel = await cancels(n, n_lat)
     figures: dict[str, Any] = {
         "jobs": len(mixed),
-        "node_tokens_per_s": round(_tps(node_mixed)),
-        "node_short_median_s": round(_short_median(node_mixed, mixed), 3),
+        "reps": reps,
+        "node_tokens_per_s": summary([_tps(r) for r in node_runs["mixed"]], 0),
+        "node_short_median_s": summary([_short_median(r, mixed) for r in node_runs["mixed"]]),
     }
     ratio = None
-    if base_mixed is not None:
-        figures["engine_tokens_per_s"] = round(_tps(base_mixed))
-        figures["engine_short_median_s"] = round(_short_median(base_mixed, mixed), 3)
-        figures["short_median_vs_engine"] = round(
-            figures["node_short_median_s"] / figures["engine_short_median_s"], 2
+    if engine_runs["mixed"]:
+        pairs = list(zip(node_runs["mixed"], engine_runs["mixed"], strict=True))
+        figures["engine_tokens_per_s"] = summary([_tps(r) for r in engine_runs["mixed"]], 0)
+        figures["engine_short_median_s"] = summary(
+            [_short_median(r, mixed) for r in engine_runs["mixed"]]
         )
-        ratio = round(_tps(node_mixed) / _tps(base_mixed), 3)
-    out.append(
+        figures["short_median_vs_engine"] = summary(
+            [_short_median(a, mixed) / _short_median(b, mixed) for a, b in pairs], 2
+        )
+        ratio = summary([_tps(a) / _tps(b) for a, b in pairs])
+    out: list[dict[str, Any]] = [
         record(
             f"mixed 80% x{SHORT} / 20% x{LONG} tokens: node vs engine loop ({engine})",
             figures,
             ratio,
             ">= 0.9, short median <= 1.5x",
         )
-    )
+    ]
     uniform_figures: dict[str, Any] = {
         "jobs": len(uniform),
         "max_tokens": 64,
-        "node_tokens_per_s": round(_tps(node_uniform)),
+        "reps": reps,
+        "node_tokens_per_s": summary([_tps(r) for r in node_runs["uniform"]], 0),
     }
     ratio = None
-    if base_uniform is not None:
-        uniform_figures["engine_tokens_per_s"] = round(_tps(base_uniform))
-        ratio = round(_tps(node_uniform) / _tps(base_uniform), 3)
+    if engine_runs["uniform"]:
+        pairs = list(zip(node_runs["uniform"], engine_runs["uniform"], strict=True))
+        uniform_figures["engine_tokens_per_s"] = summary(
+            [_tps(r) for r in engine_runs["uniform"]], 0
+        )
+        ratio = summary([_tps(a) / _tps(b) for a, b in pairs])
     out.append(
         record(
             f"uniform {len(uniform)} x 64: node vs engine loop ({engine})",
@@ -295,9 +320,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--engine", choices=["vllm", "echo"], default="vllm")
     parser.add_argument("--small", action="store_true", help="reduced sizes (a smoke run)")
+    parser.add_argument("--reps", type=int, default=5, help="alternated repetitions")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    print(json.dumps(asyncio.run(main_async(args.engine, args.small)), indent=2))
+    print(json.dumps(asyncio.run(main_async(args.engine, args.small, args.reps)), indent=2))
 
 
 if __name__ == "__main__":
