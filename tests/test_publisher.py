@@ -128,3 +128,33 @@ def test_a_failing_landed_callback_is_logged_not_raised(caplog: pytest.LogCaptur
 
     tell(broken, True)  # the PubAck path goes on
     assert "result_landed_callback_failed" in caplog.text
+
+
+async def test_a_publish_that_outlives_its_deadline_has_one_outcome(tmp_path: Path) -> None:
+    """The publish hangs past `publish_timeout_s`, then fails: the result's outcome is the
+    timeout, told once; the late failure is not raised as a second one."""
+    told: list[bool | BaseException] = []
+    timed_out = asyncio.Event()
+
+    def landed(outcome: bool | BaseException) -> None:
+        told.append(outcome)
+        timed_out.set()
+
+    class HangingClient:
+        max_payload = 1 << 20
+
+        def new_inbox(self) -> str:
+            return "_INBOX.test"
+
+        async def subscribe(self, subject: str, cb: Any) -> None:
+            return None
+
+        async def publish(self, *args: Any, **kwargs: Any) -> None:
+            await timed_out.wait()  # stuck until the deadline has passed
+            raise nats.errors.ConnectionClosedError()
+
+    key = NodeKey.generate()
+    pub = Publisher(HangingClient(), None, key, settings_for(tmp_path), publish_timeout_s=0.05)  # type: ignore[arg-type]
+    await pub.store_result(pub.seal_result(ATTESTS, fields("late")), landed)
+    assert len(told) == 1 and isinstance(told[0], nats.errors.TimeoutError)
+    assert pub.acks_pending == 0

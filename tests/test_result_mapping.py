@@ -119,3 +119,25 @@ def test_a_sealed_result_is_the_schemas_own_encoding(out: Any, usage: Any) -> No
     )
     assert unpack_envelope(sealed.envelope).body == encode(body)
     assert verify(sealed.envelope).body["output"]["text"] == "héllo"
+
+
+def test_the_fields_cannot_replace_the_nodes_identity_or_attestation() -> None:
+    settings = make_settings()
+    key = NodeKey.generate()
+    publisher = Publisher(Client(), None, key, settings)  # type: ignore[arg-type]
+    fields = {
+        "job_id": "j-1",
+        "node_id": "f" * 64,
+        "network": "othernet",
+        "model": {"id": "other", "version": "9", "sha256": "c" * 64},
+        "config_version": 0,
+        "input_sha256": "b" * 64,
+        "output": output(),
+        "usage": {"prompt_tokens": 3, "completion_tokens": 3},
+        "attempt": 1,
+        "started_at": 1.0,
+        "finished_at": 2.0,
+    }
+    body = verify(publisher.seal_result(ATTESTS, fields).envelope).body
+    assert (body["node_id"], body["network"]) == (key.node_id, settings.network)
+    assert body["model"] == ATTESTS.wire[0]

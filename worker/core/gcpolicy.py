@@ -13,7 +13,9 @@ agent's 135 µs of CPU per job went to the collector; with these settings, 6.
 - the young generation is collected every `YOUNG_THRESHOLD` net allocations instead of 700:
   at a few thousand jobs/s that is a few times a second, each pass a few milliseconds.
 
-Reference cycles are still collected and refcounting frees everything else as before;
+Reference cycles made while serving are still collected and refcounting frees everything
+else as before; a cycle that was alive at the freeze and is dropped later is not (a
+one-time, bounded cost: the objects of the start);
 `python -m bench.memory` shows the agent's memory flat over 300,000 jobs with them.
 """
 

@@ -662,6 +662,8 @@ class Pipeline(AsyncResource):
         }
 
     async def _fail(self, record: InFlight, error: NodeError, final: bool) -> None:
+        if record not in self._in_flight:
+            return  # settled or handed back meanwhile: nothing more to report
         code = error_code(error)
         message = str(error)
         if not final and record.attempt >= self._settings.max_deliver:

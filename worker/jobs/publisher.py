@@ -218,14 +218,10 @@ class Publisher:
         are strict (nothing is converted) and `fields` holds no None, so the bytes are
         those `encode(ResultBody)` gives, at a third of the cost. Logprobs (where the
         schema fills in defaults) take the model dump."""
-        body = {
-            "job_id": fields["job_id"],
-            "node_id": self.node_id,
-            "network": self.network,
-            "model": attestation.model,
-            "runtime": attestation.runtime,
-            **fields,
-        }
+        body: dict[str, Any] = dict.fromkeys(("job_id", "node_id", "network", "model", "runtime"))
+        body.update(fields)  # in the schema's order, and never over what is set next:
+        body["node_id"], body["network"] = self.node_id, self.network
+        body["model"], body["runtime"] = attestation.model, attestation.runtime
         validated = checked(ResultBody, body)
         if validated.output.logprobs is None:
             body["model"], body["runtime"] = attestation.wire
@@ -271,6 +267,12 @@ class Publisher:
                 reply=f"{self._ack_inbox}.{ack_id}",
                 headers={"Nats-Msg-Id": result.job_id},
             )
+        except Exception:
+            if self._acks.pending.pop(ack_id, None) is None:
+                # The publish outlived `publish_timeout_s`: `landed` was told already (one
+                # outcome per result, never a second one here).
+                return
+            raise
         except BaseException:
             self._acks.pending.pop(ack_id, None)
             raise

@@ -99,14 +99,17 @@ class _Answer(asyncio.Future[Completion]):
     __slots__ = ("on_cancel",)
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(loop=asyncio.get_running_loop())
         self.on_cancel: Callable[[], None] | None = None
 
     def cancel(self, msg: object = None) -> bool:
         if not super().cancel(msg):
             return False
         if self.on_cancel is not None:
-            self.on_cancel()
+            try:
+                self.on_cancel()
+            except Exception:  # a bug: the caller's cancel (a task's, gather's) goes on
+                log.exception("request_cancel_hook_failed")
         return True
 
 
