@@ -11,7 +11,8 @@ container) next to vLLM's own engine loop in the same image, on the tiny demo mo
 
 The node and the engine loop take turns (ABBA, `--reps` repetitions, 5 by default): the
 node stays up, the engine loop is a fresh container each turn (vLLM loaded, each workload
-warmed up once, then timed); throughput figures and ratios are the median and IQR over
+warmed up once, then timed; the node's runtime stays loaded meanwhile, idle: about 1 % of
+a core); throughput figures and ratios are the median and IQR over
 the repetitions, each ratio taken within its repetition. `python -m bench.interactive
 --small` runs each at a reduced size, once (a smoke run).
 """
@@ -250,7 +251,10 @@ async def main_async(
             make_demo_model, Path(tmp), "llama" if engine == "vllm" else "echo"
         )
         async with node(engine, image, model.directory, model.sha256) as n:
-            await node_workload(n, mixed, "warm")  # the engine gets faster over its first runs
+            # The engine gets faster over its first runs: each workload once, untimed (the
+            # engine loop warms each up the same way).
+            await node_workload(n, mixed, "warm")
+            await node_workload(n, uniform, "warmu")
             for rep, side in alternated(sides, reps):
                 if side == "engine":
                     got = await asyncio.to_thread(
