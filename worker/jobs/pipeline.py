@@ -85,7 +85,8 @@ class Serving:
 
 
 class Settle(enum.Enum):
-    ACK = "ack"
+    """How a job that did not succeed is handed back (a success is acked by the ack task)."""
+
     NAK = "nak"
     TERM = "term"
 
@@ -700,9 +701,7 @@ class Pipeline(AsyncResource):
         if not self._forget(record):
             return
         try:
-            if how is Settle.ACK:
-                await record.msg.ack()
-            elif how is Settle.TERM:
+            if how is Settle.TERM:
                 await record.msg.term()
             else:
                 await record.msg.nak(delay=delay)
