@@ -255,10 +255,7 @@ class Pipeline(AsyncResource):
         for record in list(self._in_flight):
             if record.stoppable:
                 # its request is aborted; or its failure outcome, not published yet, is not
-                if record.answer is not None:
-                    record.answer.cancel()
-                if record.task is not None:
-                    record.task.cancel()
+                self._cut_short(record)
             await self._settle(record, Settle.NAK)
         await self.aclose()
 
@@ -267,10 +264,15 @@ class Pipeline(AsyncResource):
             task.cancel()
         self._waiting.clear()
         for record in list(self._in_flight):
-            if record.answer is not None:
-                record.answer.cancel()
-            if record.task is not None:
-                record.task.cancel()
+            self._cut_short(record)
+
+    @staticmethod
+    def _cut_short(record: InFlight) -> None:
+        """Abort a job's request and stop the task ending it, whichever it has."""
+        if record.answer is not None:
+            record.answer.cancel()
+        if record.task is not None:
+            record.task.cancel()
 
     async def _recreate_consumer(self) -> None:
         try:

@@ -507,10 +507,15 @@ class Supervisor(AsyncResource):
     def _submitted_cancelled(self, session: _Session, req: _Request) -> None:
         """Cancelled (job cancelled, deadline, drain): stop it in the engine."""
         self._submitted_end(req, False)
-        if session.requests.pop(req.request_id, None) is not None and session.failure is None:
-            session.forget_later(req.request_id)
+        self._abort(session, req.request_id)
+
+    def _abort(self, session: _Session, request_id: int) -> None:
+        """A request its caller gave up on, if the runtime still runs it: stopped in the
+        engine, its last frames ignored."""
+        if session.requests.pop(request_id, None) is not None and session.failure is None:
+            session.forget_later(request_id)
             if self.is_open:
-                self._post(session, frames.abort(req.request_id))
+                self._post(session, frames.abort(request_id))
 
     def _submitted_failed(
         self, session: _Session, req: _Request, item: WorkItem, exc: RuntimeFailure
@@ -621,11 +626,7 @@ class Supervisor(AsyncResource):
             self._post(session, self._submit_frame(req, item))
             return await future
         finally:
-            if session.requests.pop(request_id, None) is not None and session.failure is None:
-                # Cancelled (job cancelled, deadline, drain): stop it in the engine.
-                session.forget_later(request_id)
-                if self.is_open:
-                    self._post(session, frames.abort(request_id))
+            self._abort(session, request_id)  # when cancelled (job cancel, deadline, drain)
 
     def _request(
         self,
