@@ -13,13 +13,15 @@ import nats.errors
 import nats.js.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
+from nats.js.errors import APIError
 
 from tests.support.pipeline import settings_for
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, verify
 from worker.jobs.provision import provision
-from worker.jobs.publisher import AckDeadlines, Attestation, Publisher, tell
+from worker.jobs.publisher import AckDeadlines, Attestation, Publisher, _pub_ack_outcome, tell
 
 pytestmark = pytest.mark.nats
 
@@ -158,3 +160,27 @@ async def test_a_publish_that_outlives_its_deadline_has_one_outcome(tmp_path: Pa
     await pub.store_result(pub.seal_result(ATTESTS, fields("late")), landed)
     assert len(told) == 1 and isinstance(told[0], nats.errors.TimeoutError)
     assert pub.acks_pending == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "data", "expected"),
+    [
+        (None, b'{"stream":"RST_RESULTS","seq":7}', True),
+        (None, b'{"stream":"RST_RESULTS","seq":7,"duplicate":true}', False),
+        ({"Status": "503"}, b"", nats.js.errors.NoStreamResponseError),
+        (None, b"not json", nats.errors.Error),
+        (None, b'{"error":{"code":400,"err_code":10054,"description":"bad"}}', APIError),
+        (None, b'{"error":"no code"}', APIError),
+        (None, b"[1, 2]", APIError),
+    ],
+    ids=["stored", "duplicate", "no_stream", "not_json", "refused", "malformed_error", "not_map"],
+)
+def test_each_puback_answer_is_one_outcome(
+    headers: dict[str, str] | None, data: bytes, expected: object
+) -> None:
+    msg = Msg(None, subject="_INBOX.x.1", data=data, headers=headers)  # type: ignore[arg-type]
+    outcome = _pub_ack_outcome(msg)
+    if isinstance(expected, bool):
+        assert outcome is expected
+    else:
+        assert isinstance(outcome, expected)  # type: ignore[arg-type]

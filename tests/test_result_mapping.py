@@ -12,6 +12,7 @@ from schemas.codec import encode, validate
 from schemas.envelope import EnvelopeType, unpack_envelope
 from schemas.result import ResultBody
 from tests.support.settings import make_settings
+from worker.core.errors import OutputMalformed
 from worker.core.signing import NodeKey, verify
 from worker.jobs.intake import admit
 from worker.jobs.pipeline import Pipeline, Serving
@@ -141,3 +142,35 @@ def test_the_fields_cannot_replace_the_nodes_identity_or_attestation() -> None:
     body = verify(publisher.seal_result(ATTESTS, fields).envelope).body
     assert (body["node_id"], body["network"]) == (key.node_id, settings.network)
     assert body["model"] == ATTESTS.wire[0]
+
+
+async def test_a_failure_of_a_job_no_longer_in_flight_reports_nothing() -> None:
+    """A job settled or handed back meanwhile (a late store failure, a drain) gets no error
+    event from a failure that comes after; one in flight gets its event."""
+    settings = make_settings()
+    nc = Client()
+    reported: list[str | None] = []
+
+    class RecordingPublisher(Publisher):
+        async def publish_error(self, code: Any, message: str, **kw: Any) -> None:
+            reported.append(kw.get("job_id"))
+
+    pipe = Pipeline(
+        nc,
+        settings,
+        RecordingPublisher(nc, None, NodeKey.generate(), settings),  # type: ignore[arg-type]
+        FixedRuntime(),
+        Serving("demo", "1", "a" * 64, "sha256:" + "1" * 64, 7),
+    )
+    records = []
+    for job_id in ("gone", "held"):
+        job = {"job_id": job_id, "model_id": "demo", "prompt": "hello"}
+        reply = "$JS.ACK.RST_JOBS.c.1.41.7.1700000000000000000.0"
+        msg = Msg(nc, subject="rst.jobs.demo", reply=reply, data=msgpack.packb(job))
+        records.append(admit(msg, model_id="demo", max_bytes=4096, now=0)[0])
+    gone, held = records
+    pipe._track(held)  # `gone` was never tracked, or was settled already
+    await pipe._fail(gone, OutputMalformed("late"), final=True)
+    await pipe._fail(held, OutputMalformed("now"), final=True)
+    assert reported == ["held"]
+    assert pipe.in_flight == 0  # `held` was settled (terminated)
