@@ -1,6 +1,6 @@
 """The vLLM CPU runtime image at its frame interface, for the vLLM tests
-(tests/test_vllm_runtime.py, tests/test_vllm_chat.py): the runtime container driven over
-`docker run -i`, and the tiny demo model."""
+(tests/containers/test_vllm_runtime.py, tests/containers/test_vllm_chat.py): the runtime
+container driven over `docker run -i`, and the tiny demo model."""
 
 import hashlib
 import importlib.util

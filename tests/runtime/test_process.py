@@ -14,7 +14,7 @@ from worker.runtime.api import LaunchSpec
 from worker.runtime.process import ProcessBackend
 from worker.runtime.supervisor import Supervisor, create_backend
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def spec(tmp_path: Path, **engine_args: object) -> LaunchSpec:

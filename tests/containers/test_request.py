@@ -1,7 +1,7 @@
 """The runtime's request layer without vLLM: chat rendering with the model's own template,
 the new sampling parameters, and vLLM logprobs to the wire (the vLLM image runs the rest in
-tests/test_vllm_chat.py). Items are parsed as the runtime parses them
-(`schemas.frames.parse_request_item`); bad items are tested in tests/test_frames.py."""
+tests/containers/test_vllm_chat.py). Items are parsed as the runtime parses them
+(`schemas.frames.parse_request_item`); bad items are tested in tests/schemas/test_frames.py."""
 
 import importlib.util
 import json

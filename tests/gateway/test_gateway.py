@@ -1,6 +1,6 @@
 """The OpenAI-compatible gateway, driven by the official `openai` client (and curl, from the
 README), in front of a real nats-server and a real agent running the echo engine as a local
-process. The vLLM features (logprobs, JSON output) are in tests/test_gateway_vllm.py."""
+process. The vLLM features (logprobs, JSON output) are in tests/gateway/test_gateway_vllm.py."""
 
 import asyncio
 import base64
@@ -30,7 +30,7 @@ from worker.gateway.app import running as gateway
 
 pytestmark = pytest.mark.nats
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from worker.devtools import images
 
 pytestmark = pytest.mark.docker
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 PIP_CONF = Path("/etc/pip.conf")
 HOST_CA = "/etc/resultity-host-ca.pem"

@@ -17,7 +17,7 @@ from schemas import frames
 from schemas.frames import Frame, FrameError
 from tests.support.framepipe import FramePipe
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TERMINAL = ("done", "failed")
 
 

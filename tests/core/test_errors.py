@@ -14,7 +14,7 @@ from schemas.event import ErrorCode
 from worker.core import errors
 from worker.core.errors import WIRE, NodeError, error_code, is_retryable
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def drawn_tree(doc: str) -> dict[str, str | None]:

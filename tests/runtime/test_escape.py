@@ -2,7 +2,7 @@
 network (host services on loopback, the Docker bridge, the host's address, the outside),
 writes outside /tmp, executing from /tmp, the agent's files and host paths, privilege gain
 (setuid, user and mount namespaces, mount), and the Docker socket. Everything must fail.
-`tests/test_container.py` covers interfaces, read-only root, capabilities and uid."""
+`tests/runtime/test_container.py` covers interfaces, read-only root, capabilities and uid."""
 
 import asyncio
 import json

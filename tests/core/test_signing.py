@@ -24,7 +24,7 @@ from schemas.envelope import EnvelopeType, pack_envelope, signing_message
 from worker.core.errors import KeyFileError, SignatureError
 from worker.core.signing import NodeKey, load_key_file, parse_public_key, verify, write_key_file
 
-VECTORS_DIR = Path(__file__).parent / "vectors"
+VECTORS_DIR = Path(__file__).resolve().parents[1] / "vectors"
 VECTORS: list[dict[str, Any]] = json.loads((VECTORS_DIR / "envelopes.json").read_text())
 
 

@@ -11,7 +11,7 @@ from schemas import export
 from worker.core.settings import Settings
 from worker.devtools import settingsdoc
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "job",
     "params",

@@ -31,7 +31,7 @@ from worker.runtime.api import Completion, LaunchSpec, WorkItem
 from worker.runtime.process import ProcessBackend
 from worker.runtime.supervisor import Supervisor
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = [sys.executable, str(ROOT / "tests" / "support" / "fuzz_runtime.py")]
 MAX_FRAME = 64 * 1024
 

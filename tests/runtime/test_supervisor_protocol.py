@@ -36,7 +36,7 @@ from worker.runtime.process import ProcessBackend
 from worker.runtime.supervisor import Supervisor
 from worker.runtime.transport import Backend
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAKE_LOCAL = ["python3", str(ROOT / "tests" / "support" / "fake_runtime.py")]
 
 BackendFactory = Callable[..., Backend]

@@ -14,7 +14,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +21,12 @@ from typing import Any
 
 import pytest
 
+from tests.support.polling import wait_until
 from worker.devtools import images
 from worker.devtools.devhome import CLIENT_FILE
 from worker.runtime.container import runtime_containers
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 NO_TRACEBACK = ("Traceback", "never retrieved", "Exception ignored")
 EXITED = r"^quickstart-exit=(\d+)"
@@ -60,12 +60,21 @@ class Terminal:
     def wait_for(self, pattern: str, timeout_s: float, *, unless: str = EXITED) -> re.Match[str]:
         """The first match of `pattern` in the output, once the terminal has written it;
         fails at once when `unless` shows up first (the quick start ended)."""
-        deadline = time.monotonic() + timeout_s
-        while (found := re.search(pattern, text := self.text(), re.MULTILINE)) is None:
-            if time.monotonic() > deadline or re.search(unless, text, re.MULTILINE):
-                raise AssertionError(f"no {pattern!r} within {timeout_s:.0f}s:\n{text}")
-            time.sleep(0.2)  # polling the terminal's output for the pattern, with a deadline
-        return found
+
+        def probe() -> re.Match[str] | None:
+            text = self.text()
+            if (found := re.search(pattern, text, re.MULTILINE)) is None and re.search(
+                unless, text, re.MULTILINE
+            ):
+                raise AssertionError(f"no {pattern!r}, the quick start ended:\n{text}")
+            return found
+
+        try:
+            return wait_until(probe, timeout=timeout_s)
+        except TimeoutError:
+            raise AssertionError(
+                f"no {pattern!r} within {timeout_s:.0f}s:\n{self.text()}"
+            ) from None
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], env=self.env, check=False)

@@ -31,6 +31,7 @@ from tests.support.chaoskit import (
     runtime_containers_of,
 )
 from tests.support.edges import unavailable
+from tests.support.polling import wait_for
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, write_key_file
 from worker.devtools.devnet import DevPlan, seed_network
@@ -94,17 +95,21 @@ async def node_state(nc: Client, settings: Settings, node_id: str) -> str | None
 
 
 async def wait_serving(nc: Client, settings: Settings, agents: list[AgentProc]) -> None:
-    deadline = time.monotonic() + 120
     waiting = list(agents)
-    while waiting:
+
+    async def all_serving() -> bool:
+        nonlocal waiting
         waiting = [a for a in waiting if await node_state(nc, settings, a.node_id) != "serving"]
         for agent in waiting:
             if agent.proc is not None and agent.proc.poll() is not None:
                 raise AssertionError(f"{agent.name} exited at start:\n{agent.log_tail()}")
-        if waiting and time.monotonic() > deadline:
-            tails = "\n".join(f"{a.name}:\n{a.log_tail()}" for a in waiting)
-            raise AssertionError(f"agents not serving after 120 s:\n{tails}")
-        await asyncio.sleep(0.5)
+        return not waiting
+
+    try:
+        await wait_for(all_serving, timeout=120, interval=0.5)
+    except TimeoutError:
+        tails = "\n".join(f"{a.name}:\n{a.log_tail()}" for a in waiting)
+        raise AssertionError(f"agents not serving after 120 s:\n{tails}") from None
 
 
 class Chaos:

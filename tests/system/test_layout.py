@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("worker", "schemas", "containers")
 GRAB_BAG_NAMES = {"utils", "util", "manager", "managers", "helpers", "helper", "misc", "common"}
 KNOWN_BAD_EDGES = {
@@ -167,7 +167,7 @@ def test_imports_between_tests() -> None:
     """Tests share code through tests/support/, never by importing a test module (or the
     conftest). Listed exceptions must still exist, so the list only shrinks."""
     found = set()
-    for path in sorted([*(ROOT / "tests").glob("*.py"), *(ROOT / "tests/support").glob("*.py")]):
+    for path in sorted((ROOT / "tests").rglob("*.py")):
         name = module_name(path)
         for imported in imported_names(name, path):
             target = imported.split(".")[:2]
@@ -181,3 +181,27 @@ def test_imports_between_tests() -> None:
 def test_no_module_is_named_for_a_grab_bag() -> None:
     bad = [name for name in MODULES if name.rpartition(".")[2] in GRAB_BAG_NAMES]
     assert not bad, f"name the concept instead: {bad}"
+
+
+TEST_FOLDERS = {
+    # a folder of tests per package of the node, plus the tests of the whole system and of
+    # the test harness itself
+    *(p.name for p in (ROOT / "worker").iterdir() if (p / "__init__.py").exists()),
+    "schemas",
+    "containers",
+    "client",
+    "system",
+    "harness",
+}
+
+
+def test_tests_live_in_folders_that_mirror_the_packages() -> None:
+    """A newcomer finds the tests of `worker/jobs/` in `tests/jobs/`: no test file at the top
+    of `tests/`, none in a folder that names no package, and no two test files whose names
+    suggest the same module."""
+    tests = ROOT / "tests"
+    assert not sorted(tests.glob("test_*.py")), "put each test file in its package's folder"
+    stray = {p.parent.name for p in tests.rglob("test_*.py")} - TEST_FOLDERS
+    assert not stray, f"test folders that mirror no package: {sorted(stray)}"
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names)), "two test files share a name"

@@ -16,7 +16,7 @@ from worker.devtools.natsd import NatsServer
 
 pytestmark = [pytest.mark.docker, pytest.mark.nats]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def medians(figures: dict[str, Any]) -> dict[str, float]:
