@@ -1,6 +1,7 @@
 """From a runtime's completion to the `ResultBody` the node signs, without a runtime or a
 server (the frames themselves are parsed by `schemas.frames`, tested in test_frames.py)."""
 
+from collections.abc import Coroutine
 from typing import Any
 
 import msgpack
@@ -17,6 +18,7 @@ from worker.core.signing import NodeKey, verify
 from worker.jobs.intake import admit
 from worker.jobs.pipeline import Pipeline, Serving
 from worker.jobs.publisher import Attestation, Publisher
+from worker.jobs.states import Malformed, Phase
 from worker.runtime.api import Completion, RuntimeFacts
 
 
@@ -169,8 +171,14 @@ async def test_a_failure_of_a_job_no_longer_in_flight_reports_nothing() -> None:
         msg = Msg(nc, subject="rst.jobs.demo", reply=reply, data=msgpack.packb(job))
         records.append(admit(msg, model_id="demo", max_bytes=4096, now=0)[0])
     gone, held = records
-    pipe._track(held)  # `gone` was never tracked, or was settled already
-    await pipe._fail(gone, OutputMalformed("late"), final=True)
-    await pipe._fail(held, OutputMalformed("now"), final=True)
+    gone.phase = Phase.NAKED  # handed back (or settled) before the failure came
+    held.phase = Phase.ANSWERED
+    pipe._held.add(held)
+    spawned: list[Coroutine[Any, Any, None]] = []
+    pipe._spawn = lambda record, outcome: spawned.append(outcome)  # type: ignore[method-assign]
+    pipe._apply(gone, Malformed(OutputMalformed("late")))
+    pipe._apply(held, Malformed(OutputMalformed("now")))
+    for outcome in spawned:
+        await outcome
     assert reported == ["held"]
-    assert pipe.in_flight == 0  # `held` was settled (terminated)
+    assert pipe.in_flight == 0 and held.phase is Phase.TERMED  # `held` was terminated

@@ -26,6 +26,7 @@ from schemas.errors import SchemaError
 from schemas.job import Job
 from schemas.limits import JOB_ID_PATTERN
 from worker.core.errors import BadRequest, DeadlineExceeded, JobRejected, NodeError, UnknownModel
+from worker.jobs.states import Phase
 from worker.runtime.api import Completion
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ MIN_PULL = 16
 
 @dataclass(slots=True, eq=False)
 class InFlight:
-    """A job message between its delivery and its ack, nak or term."""
+    """A job message between its delivery and its ack, nak or term: one record per job."""
 
     msg: Msg
     attempt: int
@@ -46,6 +47,11 @@ class InFlight:
     input_sha256: str
     received: float
     job: Job | None = None
+    phase: Phase = Phase.ADMITTED
+    """Where the job is; only `Pipeline._apply` moves it (`states.transition` decides)."""
+    reason: NodeError | None = None
+    """Its outcome once decided before it runs to the end: a refusal, a cancel, a deadline,
+    a runtime failure being reported."""
     progress_at: float = field(default=0.0)
     lease_until: float | None = None
     """Wall time after which in-progress acks stop: the job's run deadline."""
@@ -53,12 +59,8 @@ class InFlight:
     """The runtime's outcome for the job, once its request is submitted; cancelling it
     aborts the request."""
     task: "asyncio.Task[None] | None" = None
-    """A task that ends the job (its error event, a result publish retried): cancelled on
-    drain while the job is still stoppable."""
-    stop_reason: NodeError | None = None
-    """Why the job's run was cut short (cancel, live deadline); None: not stopped."""
-    stoppable: bool = True
-    """False once the runtime answered: a late cancel no longer applies."""
+    """A task that ends the job (its error event, a result publish retried): cancelled if
+    the job is handed back meanwhile."""
     deadline_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -151,9 +153,13 @@ class JobSource:
         self.state = SourceState.NEW
 
     async def run(self) -> None:
-        """Pull until `stop()`; the caller runs this in its task group."""
+        """Pull until `stop()`; the caller runs this in its task group. A source runs once:
+        stopped (even before it ran) means stopped."""
+        if self.state is not SourceState.NEW:
+            return
         self._sub = await self._nc.subscribe(self._inbox, cb=self._deliver)
-        self.state = SourceState.PULLING
+        if self.state is SourceState.NEW:  # not stopped while subscribing
+            self.state = SourceState.PULLING
         # One repeating tick wakes the loop at least every PULL_HEARTBEAT_S (no timer per
         # wake: under load it wakes on every turn that settled a job).
         self._tick()
@@ -179,9 +185,8 @@ class JobSource:
         self._ticker = asyncio.get_running_loop().call_later(PULL_HEARTBEAT_S, self._tick)
 
     def stop(self) -> None:
-        """Stop asking for jobs; messages already on their way are still delivered."""
-        if self.state is SourceState.PULLING:
-            self.state = SourceState.STOPPED
+        """Stop asking for jobs; a message already on its way is handed back (nak'ed)."""
+        self.state = SourceState.STOPPED
         self._wake.set()
 
     def wake(self) -> None:

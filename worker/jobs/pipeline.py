@@ -1,5 +1,5 @@
-"""The job pipeline for one served model: intake -> runtime, one request per job -> signed
-outcome, each job settled as soon as it completes.
+"""The job pipeline: intake -> runtime, one request per job -> signed outcome, each job
+settled as soon as it completes; it pulls from one model's consumer at a time.
 
 Every delivered job ends in exactly one of three ways, and only after what the network must
 see is stored in JetStream:
@@ -10,14 +10,17 @@ see is stored in JetStream:
     final error   publish a signed error event, term (bad input, cancelled, deadline passed)
 
 If a publish fails the job is nak'ed, never acked: it runs again and the stream's duplicate
-window turns the repeated result into a no-op.
+window turns the repeated result into a no-op. A job handed back (a drain, a model switch)
+is nak'ed with no error event: it was not at fault.
 
-The runtime is kept supplied with up to `runtime_max_active` requests (0: what the engine
-reports it runs concurrently; the others wait in a queue); results come back in completion
-order. No task runs per job: a job's request is submitted from the intake callback (or when
-a slot frees), the runtime completes its future, `_answered` hands a completion to the one
-results task (validate, sign, publish) and a failure to a task of its own, and the stream's
-PubAcks settle jobs through the one ack task. While a job runs:
+Each job is one record (`InFlight`) in one phase (`states.Phase`); `states.transition`
+decides every move, and this module carries the decisions out. The runtime is kept
+supplied with up to `runtime_max_active` requests (0: what the engine reports it runs
+concurrently; the others wait in a queue); results come back in completion order. No task
+runs per job on the way to a result: a job's request is submitted from the intake callback
+(or when a slot frees), the runtime completes its future, the one results task signs and
+publishes, the stream's PubAck lands in a callback, and the one settle task acks. A job
+that fails gets a task of its own to publish its error event. While a job runs:
 - `stream: true` jobs publish signed `stream` envelopes on `rst.stream.<job_id>`, coalesced
   by one publisher task, so the frame reader never waits on NATS;
 - a cancel on `rst.cancel.<job_id>` (also one that arrived up to `EARLY_CANCEL_S` before
@@ -27,7 +30,6 @@ PubAcks settle jobs through the one ack task. While a job runs:
 """
 
 import asyncio
-import enum
 import functools
 import logging
 import re
@@ -59,18 +61,36 @@ from worker.core.settings import Settings
 from worker.jobs.intake import InFlight, JobSource, admit
 from worker.jobs.provision import consumer_name, ensure_consumer
 from worker.jobs.publisher import Attestation, Publisher, SealedResult
+from worker.jobs.states import (
+    ABORTED,
+    ANSWER,
+    HAND_BACK,
+    REPORT_FAILED,
+    START,
+    STORED,
+    Do,
+    Event,
+    Failed,
+    Malformed,
+    Phase,
+    Reported,
+    Step,
+    Stop,
+    StoreFailed,
+    transition,
+)
 from worker.runtime.api import Completion, Partial, Runtime, RuntimeFacts, WorkItem
 
 log = logging.getLogger(__name__)
 
-NAK_BASE_DELAY_S = 1.0
-NAK_MAX_DELAY_S = 60.0
-PUBLISH_ATTEMPTS = 3
 EARLY_CANCEL_S = 60.0
 MAX_EARLY_CANCELS = 10_000
 DEFAULT_MAX_ACTIVE = 64
 LEASE_GRACE_S = 5.0
+SETTLE_FLUSH_S = 10.0
 _JOB_ID = re.compile(JOB_ID_PATTERN)
+_NOTHING, _SUBMIT, _ABORT, _PUBLISH, _REPUBLISH, _REPORT, _ACK, _NAK, _TERM = Do
+_ADMITTED, _ANSWERED, _ACKED, _NAKED = Phase.ADMITTED, Phase.ANSWERED, Phase.ACKED, Phase.NAKED
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,17 +102,6 @@ class Serving:
     model_sha256: str
     image: str
     config_version: int
-
-
-class Settle(enum.Enum):
-    """How a job that did not succeed is handed back (a success is acked by the ack task)."""
-
-    NAK = "nak"
-    TERM = "term"
-
-
-def nak_delay(attempt: int) -> float:
-    return min(NAK_MAX_DELAY_S, NAK_BASE_DELAY_S * 2.0 ** (attempt - 1))
 
 
 def runtime_payload(job: Job) -> dict[str, Any]:
@@ -129,7 +138,9 @@ class _Stream:
 
 
 class Pipeline(AsyncResource):
-    """Consumes one model's jobs until drained. `async with` starts it; `drain()` stops it."""
+    """Consumes one model's jobs at a time. `async with` starts it pulling from `serving`'s
+    consumer; `drain()` stops pulling and empties it, `resume()` pulls again (from another
+    model's consumer, say), `aclose()` ends it."""
 
     def __init__(
         self,
@@ -147,43 +158,57 @@ class Pipeline(AsyncResource):
         self._runtime = runtime
         self.serving = serving
         self.metrics = metrics or Metrics()
-        self._in_flight: set[InFlight] = set()
+        self._held: set[InFlight] = set()
+        """Every job not settled yet, whatever its phase."""
         self._by_job: dict[str, InFlight] = {}
+        """`_held` by job id, for cancels."""
         self._early_cancels: OrderedDict[str, float] = OrderedDict()
         self._idle = asyncio.Event()
         self._idle.set()
         self._tg: asyncio.TaskGroup | None = None
         self.max_active = DEFAULT_MAX_ACTIVE
-        self._running: set[InFlight] = set()
-        """Jobs holding a runtime slot (their request is with the runtime)."""
+        self._active = 0
+        """Requests with the runtime (their futures not called back yet): the slots taken."""
         self._waiting: deque[InFlight] = deque()
-        """Admitted jobs waiting for a slot, oldest first (submitted when one frees)."""
+        """Jobs admitted while every slot was taken, oldest first; one that left the
+        ADMITTED phase meanwhile (cancelled, handed back) is skipped."""
         self._dirty: dict[InFlight, _Stream] = {}
         self._streams: dict[InFlight, _Stream] = {}
         self._stream_wake = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        self._intake: asyncio.Task[None] | None = None
         self._attestation: tuple[RuntimeFacts, Attestation] | None = None
-        self._answers: list[tuple[InFlight, Completion, float, float]] = []
+        self._answers: list[tuple[InFlight, float, float]] = []
+        """ANSWERED jobs for the results task, with when their request started and ended."""
         self._answers_wake = asyncio.Event()
-        self._acks_due: list[InFlight] = []
-        self._ack_wake = asyncio.Event()
-        self.draining = False
+        self._settles: list[tuple[InFlight, float | None]] = []
+        """Settled jobs whose ack, nak (with its delay) or term the settle task sends."""
+        self._settle_wake = asyncio.Event()
+        self._settles_sent = asyncio.Event()
+        self._settles_sent.set()
         self.completed = 0
-        self._source = JobSource(
-            nc,
-            stream=settings.stream("JOBS"),
-            consumer=consumer_name(settings, serving.model_id),
+        self._source = self._source_for(serving.model_id)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._held)
+
+    @property
+    def pulling(self) -> bool:
+        return self._intake is not None and not self._intake.done()
+
+    def _credit(self) -> int:
+        return self._settings.max_in_flight - len(self._held)
+
+    def _source_for(self, model_id: str) -> JobSource:
+        return JobSource(
+            self._nc,
+            stream=self._settings.stream("JOBS"),
+            consumer=consumer_name(self._settings, model_id),
             credit=self._credit,
             on_message=self._on_message,
             on_consumer_lost=self._recreate_consumer,
         )
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
-    def _credit(self) -> int:
-        return self._settings.max_in_flight - len(self._in_flight)
 
     async def _open(self, stack: AsyncExitStack) -> None:
         self.max_active = self._settings.runtime_max_active or self._engine_max_active()
@@ -193,13 +218,13 @@ class Pipeline(AsyncResource):
         )
         stack.push_async_callback(self._unsubscribe, cancel_sub)
         for coro, name in (
-            (self._source.run(), "intake"),
             (self._progress_loop(), "progress"),
             (self._stream_loop(), "stream"),
             (self._results_loop(), "results"),
-            (self._ack_loop(), "ack"),
+            (self._settle_loop(), "settle"),
         ):
             self._background.append(self._tg.create_task(coro, name=name))
+        self._intake = self._tg.create_task(self._source.run(), name="intake")
         log.info("pipeline_started model=%s max_active=%d", self.serving.model_id, self.max_active)
 
     def _engine_max_active(self) -> int:
@@ -217,62 +242,89 @@ class Pipeline(AsyncResource):
             log.debug("cancel_unsubscribe_failed error=%r", exc)
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.drain(0 if exc[0] is not None else self._settings.shutdown_grace_s)
+        if self.is_open:
+            await self.drain(0 if exc[0] is not None else self._settings.shutdown_grace_s)
+        await self.aclose()
 
     def reset_pulls(self) -> None:
         """After a reconnect: the server may have forgotten our pull requests."""
         self._source.reset()
 
-    async def drain(self, grace_s: float, abort: asyncio.Event | None = None) -> None:
-        """Stop taking jobs, let those in flight finish for `grace_s`, hand back the rest.
+    # -- stop, hand back, resume ---------------------------------------------------------
+
+    async def pause(self) -> None:
+        """Stop pulling: returns once no pull request of this pipeline is left open (a late
+        delivery is nak'ed at once, so another node can take it). Jobs in flight go on."""
+        self._source.stop()
+        if self._intake is not None:
+            await asyncio.wait([self._intake])
+
+    async def drain(self, grace_s: float, abort: asyncio.Event | None = None) -> int:
+        """Stop pulling, let the jobs in flight finish for up to `grace_s`, hand back the
+        rest; returns how many were handed back. The pipeline stays open and paused:
+        `resume` pulls again, `aclose` ends it. `grace_s` 0 hands back everything now (a
+        revoked model).
 
         Order, and why:
-        1. stop pulling: no new work is accepted; late deliveries are nak'ed at once so
-           another node can take them;
+        1. stop pulling: no new work is accepted, so the wait below can end;
         2. wait up to `grace_s` (or until `abort` is set) for in-flight jobs: their results
            are published and acked as usual, which is the cheapest outcome for the network;
-        3. nak what is left, without delay (its requests are aborted): it is redelivered to
-           a live node instead of waiting out the ack wait;
-        4. close: background tasks stop, the task group ends; the runtime is closed by its
-           owner afterwards.
+        3. nak what is left, without delay and without an error event (its requests are
+           aborted): it is redelivered to a live node instead of waiting out the ack wait;
+        4. wait until the settle task has sent every ack and nak decided so far.
         """
-        if not self.is_open:
-            await self.aclose()
-            return
-        self.draining = True
-        self._source.stop()
-        waits = [asyncio.ensure_future(self._idle.wait())]
-        if abort is not None:
-            waits.append(asyncio.ensure_future(abort.wait()))
+        await self.pause()
+        if self._held and grace_s > 0:
+            waits = [asyncio.ensure_future(self._idle.wait())]
+            if abort is not None:
+                waits.append(asyncio.ensure_future(abort.wait()))
+            try:
+                await asyncio.wait(waits, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        handed_back = self._hand_back_all()
+        await self._flush_settles()
+        return handed_back
+
+    async def resume(self, serving: Serving) -> None:
+        """Pull again, from `serving`'s consumer (created if missing); its results attest
+        `serving`. Only once drained: a job in flight must not attest a model it did not
+        run on."""
+        self.check_open()
+        if self.pulling or self._held:
+            raise RuntimeError("resume() needs a drained pipeline")
+        await ensure_consumer(self._nc.jetstream(), self._settings, serving.model_id)
+        assert self._tg is not None
+        self.serving = serving
+        self._attestation = None
+        self._source = self._source_for(serving.model_id)
+        self._intake = self._tg.create_task(self._source.run(), name="intake")
+        log.info("pipeline_resumed model=%s", serving.model_id)
+
+    def _hand_back_all(self) -> int:
+        held = list(self._held)
+        if held:
+            log.warning("drain_handing_back jobs=%d", len(held))
+        for record in held:
+            self._apply(record, HAND_BACK)
+        return len(held)
+
+    async def _flush_settles(self) -> None:
         try:
-            await asyncio.wait(waits, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-        self._waiting.clear()  # nothing starts from here on
-        if self._in_flight:
-            log.warning("drain_handing_back jobs=%d", len(self._in_flight))
-        for record in list(self._in_flight):
-            if record.stoppable:
-                # its request is aborted; or its failure outcome, not published yet, is not
-                self._cut_short(record)
-            await self._settle(record, Settle.NAK)
-        await self.aclose()
+            await asyncio.wait_for(self._settles_sent.wait(), SETTLE_FLUSH_S)
+        except TimeoutError:
+            log.warning("settle_flush_timed_out pending=%d", len(self._settles))
 
     async def _close(self) -> None:
+        """Closing without a drain (a crash, a cancel): pull no more, hand back what is
+        held, send the naks, then stop the background tasks."""
+        self._source.stop()
+        if self._tg is not None:
+            self._hand_back_all()
+            await self._flush_settles()
         for task in self._background:
             task.cancel()
-        self._waiting.clear()
-        for record in list(self._in_flight):
-            self._cut_short(record)
-
-    @staticmethod
-    def _cut_short(record: InFlight) -> None:
-        """Abort a job's request and stop the task ending it, whichever it has."""
-        if record.answer is not None:
-            record.answer.cancel()
-        if record.task is not None:
-            record.task.cancel()
 
     async def _recreate_consumer(self) -> None:
         try:
@@ -280,6 +332,66 @@ class Pipeline(AsyncResource):
             await ensure_consumer(js, self._settings, self.serving.model_id)
         except Exception as exc:
             log.warning("consumer_recreate_failed error=%r", exc)
+
+    # -- one job's moves -----------------------------------------------------------------
+
+    def _apply(self, record: InFlight, event: Event) -> Step:
+        """Move `record` on `event` and carry out the decision; PUBLISH and REPUBLISH are
+        left to the caller, which holds what they need (the answer, the signed result)."""
+        step = transition(record, event, self._settings.max_deliver)
+        do = step.do
+        if do is _NOTHING:
+            return step
+        record.phase = step.phase
+        if do is _SUBMIT:
+            self._submit(record)
+        elif do is _ACK or do is _NAK or do is _TERM:
+            self._settle(record, step.delay)
+        elif do is _ABORT:
+            record.reason = step.error
+            if record.answer is not None:
+                record.answer.cancel()  # the runtime's answer comes back to `_answered`
+        elif do is _REPORT:
+            record.reason = step.error
+            self._end_stream(record)
+            self._spawn(record, self._report(record, step))
+        return step
+
+    def _start(self, record: InFlight) -> None:
+        self._apply(record, START)
+
+    def _stop(self, record: InFlight, reason: NodeError) -> None:
+        """Cut a job's run short (cancel, deadline): `reason` is its outcome, if it still
+        runs (a cancel once its answer is in changes nothing)."""
+        self._apply(record, Stop(reason))
+
+    def _spawn(self, record: InFlight, outcome: Coroutine[Any, Any, None]) -> None:
+        """Run what ends a job in a task of its own (it publishes, and may wait)."""
+        if self._tg is None or not self.is_open:
+            outcome.close()  # closing: the job goes back to the stream
+            self._apply(record, HAND_BACK)
+            return
+        record.task = self._tg.create_task(outcome)
+
+    def _settle(self, record: InFlight, delay: float | None) -> None:
+        """The job leaves the pipeline; the settle task sends its ack, nak or term."""
+        self._held.discard(record)
+        if record.job is not None and self._by_job.get(record.job.job_id) is record:
+            del self._by_job[record.job.job_id]
+        if record.deadline_timer is not None:
+            record.deadline_timer.cancel()
+        if record.answer is not None and not record.answer.done():
+            record.answer.cancel()  # handed back while running: its request is aborted
+        if record.task is not None and record.task is not asyncio.current_task():
+            record.task.cancel()
+        if self._streams:
+            self._end_stream(record)
+        self.metrics.in_flight = len(self._held)
+        if not self._held:
+            self._idle.set()
+        self._settles.append((record, delay))
+        self._settles_sent.clear()
+        self._settle_wake.set()
 
     # -- intake ----------------------------------------------------------------------
 
@@ -291,27 +403,31 @@ class Pipeline(AsyncResource):
             max_bytes=self._settings.max_job_bytes,
             now=time.time(),
         )
-        self._track(record)
+        self._held.add(record)
+        if record.job is not None:
+            self._by_job[record.job.job_id] = record
+        self._idle.clear()
+        self.metrics.in_flight = len(self._held)
         if rejection is None and record.job is not None:
             if self._take_early_cancel(record.job.job_id):
                 rejection = Cancelled(f"job {record.job.job_id} was cancelled before it arrived")
-        if rejection is not None or self._tg is None or not self.is_open:
-            await self._fail(record, rejection or RuntimeFailure("node stopping"), final=True)
+        if rejection is not None:
+            self._stop(record, rejection)
             return
         self._arm_deadline(record)
-        if self._waiting or len(self._running) >= self.max_active:
+        if self._waiting or self._active >= self.max_active:
             self._waiting.append(record)
         else:
             self._start(record)
 
     # -- runtime slots -----------------------------------------------------------------
 
-    def _start(self, record: InFlight) -> None:
-        """Give a job a runtime slot and submit its request; `_answered` goes on from there
-        (no task per job: the runtime completes the request's future)."""
+    def _submit(self, record: InFlight) -> None:
+        """Send a job's request; `_answered` goes on from there (no task per job: the
+        runtime completes the request's future)."""
         job = record.job
         assert job is not None
-        self._running.add(record)
+        self._active += 1
         started_at = time.time()
         run_deadline = started_at + self._settings.request_timeout_s + LEASE_GRACE_S
         record.lease_until = min(record.lease_until or run_deadline, run_deadline)
@@ -324,94 +440,38 @@ class Pipeline(AsyncResource):
         record.answer = answer
         answer.add_done_callback(functools.partial(self._answered, record, started_at))
 
-    def _free_slot(self, record: InFlight) -> None:
-        if record not in self._running:
-            return
-        self._running.discard(record)
-        while self._waiting and len(self._running) < self.max_active and self.is_open:
-            queued = self._waiting.popleft()
-            if queued in self._in_flight and queued.answer is None and queued.task is None:
-                self._start(queued)
-
     def _answered(
         self, record: InFlight, started_at: float, answer: "asyncio.Future[Completion]"
     ) -> None:
-        """The runtime's outcome for a job: a completion goes to the results task; a
-        failure, a cancel or a deadline to a task that publishes the job's error. Its slot
-        is freed last, once its own outcome is on its way."""
+        """The runtime's outcome for a job: a completion goes to the results task, a
+        failure to the job's error report. Its slot is freed last, once its own outcome is
+        on its way."""
+        self._active -= 1
         try:
-            self._answered_now(record, started_at, answer)
-        finally:
-            self._free_slot(record)
-
-    def _answered_now(
-        self, record: InFlight, started_at: float, answer: "asyncio.Future[Completion]"
-    ) -> None:
-        exc = None if answer.cancelled() else answer.exception()  # always retrieved
-        if record not in self._in_flight:
-            return  # handed back meanwhile (drain)
-        if record.stop_reason is not None:
-            # Cancelled or past its deadline before its answer was taken: that is its
-            # outcome, whatever the runtime answered.
-            self._end_stream(record)
-            self._spawn(record, self._fail(record, record.stop_reason, final=True))
-            return
-        if answer.cancelled():
-            if not self.draining:  # not drain's hand-back: cut short under it, retry it
-                self._end_stream(record)
-                failure = RuntimeFailure(f"job {record.job_id}: runtime request cancelled")
-                self._spawn(record, self._fail(record, failure, final=False))
-            return
-        record.stoppable = False
-        if exc is not None:
-            self._end_stream(record)
-            if isinstance(exc, NodeError):
-                self._spawn(record, self._fail(record, exc, final=not exc.retryable))
+            event: Event
+            if answer.cancelled():
+                event = ABORTED
+            elif (exc := answer.exception()) is None:
+                event = ANSWER
+            elif isinstance(exc, NodeError):
+                event = Failed(exc)
             else:
                 log.error("runtime_generate_failed job_id=%s", record.job_id, exc_info=exc)
-                failure = RuntimeFailure(f"runtime failed: {exc!r}")
-                self._spawn(record, self._fail(record, failure, final=False))
-            return
-        finished_at = time.time()
-        self.metrics.engine_seconds.observe(finished_at - started_at)
-        self._answers.append((record, answer.result(), started_at, finished_at))
-        self._answers_wake.set()
+                event = Failed(RuntimeFailure(f"runtime failed: {exc!r}"))
+            if self._apply(record, event).do is _PUBLISH:
+                finished_at = time.time()
+                self.metrics.engine_seconds.observe(finished_at - started_at)
+                self._answers.append((record, started_at, finished_at))
+                self._answers_wake.set()
+        finally:
+            self._free_slot()
 
-    def _spawn(self, record: InFlight, outcome: Coroutine[Any, Any, None]) -> None:
-        """Run what ends a job in a task of its own (it publishes, and may wait)."""
-        if self._tg is None or not self.is_open:
-            outcome.close()  # closing: the job is handed back
-            return
-        record.task = self._tg.create_task(outcome)
-
-    async def _results_loop(self) -> None:
-        """Sign and publish the results of the jobs the runtime completed since the last
-        round, in order, in one task."""
-        while True:
-            await self._answers_wake.wait()
-            self._answers_wake.clear()
-            answers, self._answers = self._answers, []
-            for record, done, started_at, finished_at in answers:
-                if record not in self._in_flight:
-                    continue  # handed back meanwhile (drain)
-                try:
-                    assert record.job is not None
-                    if record.job.stream:
-                        await self._finish_stream(record, done)
-                    sealed = self._seal(record, done, started_at, finished_at)
-                    if sealed is not None:
-                        await self._store(record, sealed, 1)
-                except Exception:
-                    # A bug: the job is handed back rather than lost or left held.
-                    log.exception("result_failed job_id=%s", record.job_id)
-                    await self._settle(record, Settle.NAK)
-
-    def _track(self, record: InFlight) -> None:
-        self._in_flight.add(record)
-        if record.job is not None:
-            self._by_job[record.job.job_id] = record
-        self._idle.clear()
-        self.metrics.in_flight = len(self._in_flight)
+    def _free_slot(self) -> None:
+        waiting = self._waiting
+        while waiting and self._active < self.max_active and self.is_open:
+            queued = waiting.popleft()
+            if queued.phase is _ADMITTED:
+                self._start(queued)
 
     # -- cancel and deadline ---------------------------------------------------------
 
@@ -436,21 +496,6 @@ class Pipeline(AsyncResource):
     def _take_early_cancel(self, job_id: str) -> bool:
         at = self._early_cancels.pop(job_id, None)
         return at is not None and at >= time.monotonic() - EARLY_CANCEL_S
-
-    def _stop(self, record: InFlight, reason: NodeError) -> None:
-        """Cut a job's run short: its request is aborted, `reason` is its outcome."""
-        if not record.stoppable or record.stop_reason is not None:
-            return
-        record.stop_reason = reason
-        if record.answer is not None:
-            record.answer.cancel()  # aborts the request; `_answered` ends the job
-        elif record.task is None:
-            # Waiting for a slot: it leaves the queue and ends here.
-            try:
-                self._waiting.remove(record)
-            except ValueError:
-                pass
-            self._spawn(record, self._fail(record, reason, final=True))
 
     # -- one job ---------------------------------------------------------------------
 
@@ -545,6 +590,31 @@ class Pipeline(AsyncResource):
 
     # -- outcomes --------------------------------------------------------------------
 
+    async def _results_loop(self) -> None:
+        """Sign and publish the results of the jobs the runtime completed since the last
+        round, in order, in one task."""
+        while True:
+            await self._answers_wake.wait()
+            self._answers_wake.clear()
+            answers, self._answers = self._answers, []
+            for record, started_at, finished_at in answers:
+                if record.phase is not _ANSWERED or record.answer is None:
+                    continue  # handed back meanwhile (drain)
+                try:
+                    done = record.answer.result()
+                    assert record.job is not None
+                    if record.job.stream:
+                        await self._finish_stream(record, done)
+                        if record.phase is not _ANSWERED:
+                            continue
+                    sealed = self._seal(record, done, started_at, finished_at)
+                    if sealed is not None:
+                        await self._store(record, sealed, 1)
+                except Exception:
+                    # A bug: the job is handed back rather than lost or left held.
+                    log.exception("result_failed job_id=%s", record.job_id)
+                    self._apply(record, HAND_BACK)
+
     def _seal(
         self, record: InFlight, done: Completion, started_at: float, finished_at: float
     ) -> SealedResult | None:
@@ -555,63 +625,101 @@ class Pipeline(AsyncResource):
                 self._attests(), self._result_fields(record, done, started_at, finished_at)
             )
         except OutputMalformed as exc:
-            self._spawn(record, self._fail(record, exc, final=True))  # not in this loop
+            self._apply(record, Malformed(exc))
             return None
 
-    async def _store(self, record: InFlight, result: SealedResult, attempt: int) -> None:
-        """Publish a result; the job is settled when the stream answers (`_stored`), so
-        the results task goes on instead of waiting for the PubAck."""
+    async def _store(self, record: InFlight, result: SealedResult, tries: int) -> None:
+        """Publish a result; the job moves on when the stream answers (`_stored`), so the
+        results task goes on instead of waiting for the PubAck."""
         try:
             await self._publisher.store_result(
-                result, functools.partial(self._stored, record, result, attempt)
+                result, functools.partial(self._stored, record, result, tries)
             )
         except Exception as exc:
-            self._spawn(record, self._store_failed(record, result, attempt, exc))
+            self._store_failed(record, result, tries, exc)
 
     def _stored(
-        self, record: InFlight, result: SealedResult, attempt: int, outcome: bool | BaseException
+        self, record: InFlight, result: SealedResult, tries: int, outcome: bool | BaseException
     ) -> None:
-        if record not in self._in_flight:
-            return
         if isinstance(outcome, BaseException):
-            self._spawn(record, self._store_failed(record, result, attempt, outcome))
+            self._store_failed(record, result, tries, outcome)
         else:
-            self._acks_due.append(record)
-            self._ack_wake.set()
+            self._apply(record, STORED)
 
-    async def _store_failed(
-        self, record: InFlight, result: SealedResult, attempt: int, exc: BaseException
+    def _store_failed(
+        self, record: InFlight, result: SealedResult, tries: int, exc: BaseException
     ) -> None:
-        log.warning("result_publish_failed job_id=%s try=%d error=%r", record.job_id, attempt, exc)
-        if attempt == PUBLISH_ATTEMPTS or not self.is_open:
-            if record.attempt >= self._settings.max_deliver:
-                # The last delivery always ends the job.
-                failure = RuntimeFailure(f"result not published: {exc!r}")
-                await self._fail(record, failure, final=False)
-            else:
-                await self._settle(record, Settle.NAK)
+        if record.phase is not _ANSWERED:
             return
-        await asyncio.sleep(0.2 * attempt)
-        await self._store(record, result, attempt + 1)
+        log.warning("result_publish_failed job_id=%s try=%d error=%r", record.job_id, tries, exc)
+        step = self._apply(record, StoreFailed(exc, tries))
+        if step.do is _REPUBLISH:
+            self._spawn(record, self._republish(record, result, tries + 1, step.delay or 0.0))
 
-    async def _ack_loop(self) -> None:
-        """Ack the jobs whose results the stream stored, all that landed since the last
-        round at once (one task, not one per job)."""
+    async def _republish(
+        self, record: InFlight, result: SealedResult, tries: int, delay: float
+    ) -> None:
+        await asyncio.sleep(delay)
+        await self._store(record, result, tries)
+
+    async def _report(self, record: InFlight, step: Step) -> None:
+        """Publish a job's error event as `step` says, then feed back how that went."""
+        error = step.error
+        assert error is not None
+        code = error_code(error)
+        message = str(error)
+        max_deliver = self._settings.max_deliver
+        if step.last_delivery:
+            message = f"{message} (last delivery: {record.attempt} of {max_deliver})"
+        # Final events are deduplicated per stream message, so a redelivery after a crash
+        # between publish and term does not report the same job twice.
+        msg_id = (
+            f"err-{record.stream_seq}"
+            if step.final
+            else f"err-{record.stream_seq}-{record.attempt}"
+        )
+        try:
+            await self._publisher.publish_error(
+                code,
+                message,
+                retryable=not step.final,
+                job_id=record.job_id,
+                attempt=record.attempt,
+                msg_id=msg_id,
+            )
+        except Exception as exc:
+            log.warning("error_publish_failed job_id=%s error=%r", record.job_id, exc)
+            self._apply(record, REPORT_FAILED)
+            return
+        self.metrics.jobs_failed[code.value] += 1
+        self._apply(record, Reported(step.final))
+
+    async def _settle_loop(self) -> None:
+        """Send the acks, naks and terms decided since the last round, all at once (one
+        task, not one per job)."""
         while True:
-            await self._ack_wake.wait()
-            self._ack_wake.clear()
-            due, self._acks_due = self._acks_due, []
-            for record in due:
-                if not self._forget(record):
-                    continue  # handed back meanwhile (drain)
-                self.metrics.jobs_succeeded += 1
-                self.metrics.job_latency_seconds.observe(time.monotonic() - record.received)
-                self.completed += 1
+            await self._settle_wake.wait()
+            self._settle_wake.clear()
+            due, self._settles = self._settles, []
+            for record, delay in due:
+                how = record.phase
                 try:
-                    await record.msg.ack()
+                    if how is _ACKED:
+                        self.metrics.jobs_succeeded += 1
+                        self.metrics.job_latency_seconds.observe(time.monotonic() - record.received)
+                        self.completed += 1
+                        await record.msg.ack()
+                    elif how is _NAKED:
+                        await record.msg.nak(delay=delay)
+                    else:
+                        await record.msg.term()
                 except Exception as exc:
-                    log.warning("settle_failed how=ack job_id=%s error=%r", record.job_id, exc)
+                    log.warning(
+                        "settle_failed how=%s job_id=%s error=%r", how.value, record.job_id, exc
+                    )
             self._source.wake()  # once per round: credit grew by the jobs settled
+            if not self._settles:
+                self._settles_sent.set()
 
     def _attests(self) -> Attestation:
         """The result's `model` and `runtime` members, validated once per runtime (the
@@ -664,68 +772,6 @@ class Pipeline(AsyncResource):
             "finished_at": finished_at,
         }
 
-    async def _fail(self, record: InFlight, error: NodeError, final: bool) -> None:
-        if record not in self._in_flight:
-            return  # settled or handed back meanwhile: nothing more to report
-        code = error_code(error)
-        message = str(error)
-        if not final and record.attempt >= self._settings.max_deliver:
-            final = True
-            message = f"{message} (last delivery: {record.attempt} of {self._settings.max_deliver})"
-        # Final events are deduplicated per stream message, so a redelivery after a crash
-        # between publish and term does not report the same job twice.
-        msg_id = (
-            f"err-{record.stream_seq}" if final else f"err-{record.stream_seq}-{record.attempt}"
-        )
-        try:
-            await self._publisher.publish_error(
-                code,
-                message,
-                retryable=not final,
-                job_id=record.job_id,
-                attempt=record.attempt,
-                msg_id=msg_id,
-            )
-        except Exception as exc:
-            log.warning("error_publish_failed job_id=%s error=%r", record.job_id, exc)
-            # A nak runs the job again and reports it then; but a nak on the last delivery
-            # would leave the job in the stream for ever: that one terminates unreported.
-            last = record.attempt >= self._settings.max_deliver
-            await self._settle(record, Settle.TERM if last else Settle.NAK)
-            return
-        self.metrics.jobs_failed[code.value] += 1
-        if final:
-            await self._settle(record, Settle.TERM)
-        else:
-            await self._settle(record, Settle.NAK, delay=nak_delay(record.attempt))
-
-    async def _settle(self, record: InFlight, how: Settle, delay: float | None = None) -> None:
-        if not self._forget(record):
-            return
-        try:
-            if how is Settle.TERM:
-                await record.msg.term()
-            else:
-                await record.msg.nak(delay=delay)
-        except Exception as exc:
-            log.warning("settle_failed how=%s job_id=%s error=%r", how.value, record.job_id, exc)
-        self._source.wake()
-
-    def _forget(self, record: InFlight) -> bool:
-        """Take a job out of flight as it is settled; False when it was not in flight (it
-        was settled or handed back already)."""
-        if record not in self._in_flight:
-            return False
-        self._in_flight.discard(record)
-        if record.job is not None and self._by_job.get(record.job.job_id) is record:
-            del self._by_job[record.job.job_id]
-        if record.deadline_timer is not None:
-            record.deadline_timer.cancel()
-        self.metrics.in_flight = len(self._in_flight)
-        if not self._in_flight:
-            self._idle.set()
-        return True
-
     # -- ack-wait keepalive ----------------------------------------------------------
 
     async def _progress_loop(self) -> None:
@@ -736,7 +782,7 @@ class Pipeline(AsyncResource):
             await asyncio.sleep(interval)
             due = time.monotonic() - self._settings.ack_wait_s / 2
             now = time.time()
-            for record in list(self._in_flight):
+            for record in list(self._held):
                 if record.progress_at < due and extends_lease(record, now):
                     record.progress_at = time.monotonic()
                     try:
