@@ -35,6 +35,7 @@ _JOB_ID = re.compile(JOB_ID_PATTERN)
 PULL_EXPIRES_S = 30.0
 PULL_HEARTBEAT_S = 1.0
 MIN_PULL = 16
+UNSUBSCRIBE_FLUSH_S = 2
 
 
 @dataclass(slots=True, eq=False)
@@ -177,6 +178,9 @@ class JobSource:
             if sub is not None and not self._nc.is_closed:
                 try:
                     await sub.unsubscribe()
+                    # Once the server has our UNSUB, its pull requests to this inbox have no
+                    # interest left: it delivers them nothing more (the jobs stay queued).
+                    await self._nc.flush(UNSUBSCRIBE_FLUSH_S)
                 except Exception as exc:
                     log.debug("pull_unsubscribe_failed error=%r", exc)
 

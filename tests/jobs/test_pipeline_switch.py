@@ -1,0 +1,137 @@
+"""A model switch, the pipeline's side, against a real nats-server: stop pulling, let jobs
+in flight finish up to a grace, hand back the rest with no error event, pull from another
+model's consumer; and a revoked model, handed back at once. Nothing is lost or duplicated."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from tests.support.jobnet import EchoRuntime, errors, job, publish_job, queue_empty, results
+from tests.support.pipeline import SERVING, settings_for
+from tests.support.polling import wait_for
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey
+from worker.jobs.pipeline import Pipeline, Serving
+from worker.jobs.provision import consumer_name, provision
+from worker.jobs.publisher import Publisher
+from worker.runtime.api import Completion, PartialSink, WorkItem
+
+pytestmark = pytest.mark.nats
+
+OTHER = Serving("other", "3", "b" * 64, SERVING.image, SERVING.config_version)
+
+
+class GatedRuntime(EchoRuntime):
+    """A request whose job id has a gate waits until the gate opens (or it is aborted);
+    `running` holds the ids of the requests under way."""
+
+    def __init__(self, *gated: str) -> None:
+        super().__init__()
+        self.gates = {job_id: asyncio.Event() for job_id in gated}
+        self.running: set[str] = set()
+
+    async def generate(self, item: WorkItem, on_partial: PartialSink | None = None) -> Completion:
+        self.running.add(item.job_id)
+        try:
+            gate = self.gates.get(item.job_id)
+            if gate is not None:
+                try:
+                    await gate.wait()
+                except asyncio.CancelledError:
+                    self.cancelled.append(item.job_id)
+                    raise
+            return await super().generate(item, on_partial)
+        finally:
+            self.running.discard(item.job_id)
+
+
+async def setup(nc: Client, tmp_path: Path) -> tuple[Settings, Publisher]:
+    settings = settings_for(tmp_path)
+    await provision(nc.jetstream(), settings, ["demo", "other"])
+    return settings, Publisher(nc, nc.jetstream(), NodeKey.generate(), settings)
+
+
+async def consumer(nc: Client, settings: Settings, model: str) -> tuple[int, int, int]:
+    """A model's consumer: (jobs never delivered, jobs delivered and not acked or termed,
+    open pull requests). A nak'ed job counts as delivered until it is redelivered."""
+    info = await nc.jetstream().consumer_info(
+        settings.stream("JOBS"), consumer_name(settings, model)
+    )
+    return info.num_pending, info.num_ack_pending, info.num_waiting
+
+
+async def test_a_switch_finishes_short_jobs_and_hands_back_long_ones(
+    nc: Client, tmp_path: Path
+) -> None:
+    settings, publisher = await setup(nc, tmp_path)
+    js = nc.jetstream()
+    for job_id in ("short", "long"):
+        await publish_job(js, settings, "demo", job(job_id), job_id)
+    runtime = GatedRuntime("short", "long")
+    async with Pipeline(nc, settings, publisher, runtime, SERVING) as pipe:
+        await wait_for(lambda: runtime.running == {"short", "long"}, timeout=10)
+        draining = asyncio.ensure_future(pipe.drain(5.0))
+        await wait_for(lambda: not pipe.pulling, timeout=10)
+        runtime.gates["short"].set()  # finishes within the grace; "long" does not
+        assert await draining == 1
+        assert runtime.cancelled == ["long"] and pipe.completed == 1 and pipe.in_flight == 0
+
+        # Paused: a new job of the old model stays queued (the server keeps no pull request
+        # of ours open); the other model's jobs are pulled once the pipeline resumes on its
+        # consumer.
+        assert (await consumer(nc, settings, "demo"))[2] == 0
+        await publish_job(js, settings, "demo", job("later"), "later")
+        await publish_job(js, settings, "other", job("o-1", model="other"), "o-1")
+        await pipe.resume(OTHER)
+        await wait_for(lambda: pipe.completed == 2, timeout=10)
+        # "later" not delivered, "long" waiting for its redelivery, no pull request open
+        assert await consumer(nc, settings, "demo") == (1, 1, 0)
+
+        assert await pipe.drain(5.0) == 0
+        runtime.gates["long"].set()
+        await pipe.resume(SERVING)
+        await wait_for(lambda: pipe.completed == 4, timeout=20)
+        await wait_for(lambda: queue_empty(nc, settings), timeout=10)
+
+    got = {(r.job_id, r.attempt, r.model.id) for r in await results(js, settings)}
+    assert got == {
+        ("short", 1, "demo"),
+        ("o-1", 1, "other"),
+        ("long", 2, "demo"),  # handed back, run again
+        ("later", 1, "demo"),
+    }
+    assert await errors(js, settings) == []  # a hand-back is not a failure
+
+
+async def test_a_revoked_model_hands_back_everything_at_once(nc: Client, tmp_path: Path) -> None:
+    settings, publisher = await setup(nc, tmp_path)
+    js = nc.jetstream()
+    ids = [f"r-{i}" for i in range(4)]
+    for job_id in ids:
+        await publish_job(js, settings, "demo", job(job_id), job_id)
+    runtime = GatedRuntime(*ids)
+    async with Pipeline(nc, settings, publisher, runtime, SERVING) as pipe:
+        await wait_for(lambda: len(runtime.running) == 4, timeout=10)
+        assert await pipe.drain(0) == 4
+        assert sorted(runtime.cancelled) == ids and pipe.in_flight == 0
+        assert await consumer(nc, settings, "demo") == (0, 4, 0)  # handed back, not pulled
+        for gate in runtime.gates.values():
+            gate.set()
+        await pipe.resume(SERVING)
+        await wait_for(lambda: pipe.completed == 4, timeout=20)
+    got = sorted((r.job_id, r.attempt) for r in await results(js, settings))
+    assert got == [(job_id, 2) for job_id in ids]
+    assert await errors(js, settings) == []
+
+
+async def test_resume_needs_a_drained_pipeline(nc: Client, tmp_path: Path) -> None:
+    settings, publisher = await setup(nc, tmp_path)
+    async with Pipeline(nc, settings, publisher, EchoRuntime(), SERVING) as pipe:
+        with pytest.raises(RuntimeError, match="drained"):
+            await pipe.resume(OTHER)
+        await pipe.pause()
+        assert not pipe.pulling
+        await pipe.resume(OTHER)
+        assert pipe.pulling and pipe.serving is OTHER
