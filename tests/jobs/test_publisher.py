@@ -21,7 +21,7 @@ from tests.support.pipeline import settings_for
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, verify
 from worker.jobs.provision import provision
-from worker.jobs.publisher import AckDeadlines, Attestation, Publisher, _pub_ack_outcome, tell
+from worker.jobs.publisher import Attestation, Publisher, _pub_ack_outcome, tell
 
 pytestmark = pytest.mark.nats
 
@@ -102,26 +102,6 @@ async def test_no_puback_at_all_times_out(nc: Client, tmp_path: Path) -> None:
         await pub.publish_result(pub.seal_result(ATTESTS, fields("silent")))
     assert seen == [settings.subject("results", "silent")]
     assert pub.acks_pending == 0
-
-
-async def test_deadlines_fail_only_what_is_due() -> None:
-    deadlines = AckDeadlines(0.2)
-    told: dict[str, bool | BaseException] = {}
-    timed_out = asyncio.Event()
-
-    def landed(name: str, outcome: bool | BaseException) -> None:
-        assert name not in told, "told twice"
-        told[name] = outcome
-        if name == "silent":
-            timed_out.set()
-
-    deadlines.watch(1, lambda outcome: landed("answered", outcome))
-    deadlines.watch(2, lambda outcome: landed("silent", outcome))
-    deadlines.pending.pop(1)(True)  # its PubAck landed
-    await asyncio.wait_for(timed_out.wait(), 10)
-    assert told["answered"] is True
-    assert isinstance(told["silent"], nats.errors.TimeoutError)
-    assert len(deadlines) == 0
 
 
 def test_a_failing_landed_callback_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:

@@ -15,7 +15,6 @@ import itertools
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -34,6 +33,7 @@ from schemas.event import MAX_MESSAGE_CHARS, ErrorCode, ErrorEvent, LifecycleEve
 from schemas.node import Heartbeat, NodeStatus
 from schemas.result import ModelRef, ResultBody, RuntimeRef
 from schemas.stream import StreamBody
+from worker.core.deadlines import Deadlines
 from worker.core.errors import OutputMalformed
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
@@ -56,46 +56,6 @@ def checked(model: type[M], body: Mapping[str, Any]) -> M:
 Landed = Callable[[bool | BaseException], None]
 """Told once how a stored result's publish ended: True (stored), False (the stream had it
 already: a duplicate), or the error (`NoStreamResponseError`, `APIError`, `TimeoutError`)."""
-
-
-class AckDeadlines:
-    """PubAck waits, by id, told `nats.errors.TimeoutError` once `timeout_s` has passed, by
-    one timer for all: they all share the timeout, so the oldest is always due first. A
-    wait leaves `pending` when its PubAck lands (the caller pops it) or here."""
-
-    def __init__(self, timeout_s: float) -> None:
-        self._timeout_s = timeout_s
-        self.pending: dict[int, Landed] = {}
-        self._order: deque[tuple[float, int]] = deque()
-        self._timer: asyncio.TimerHandle | None = None
-
-    def __len__(self) -> int:
-        return len(self.pending)
-
-    def watch(self, ack_id: int, landed: Landed) -> None:
-        loop = asyncio.get_running_loop()
-        order, pending = self._order, self.pending
-        while order and order[0][1] not in pending:
-            order.popleft()
-        pending[ack_id] = landed
-        order.append((loop.time() + self._timeout_s, ack_id))
-        if self._timer is None:
-            self._timer = loop.call_at(order[0][0], self._expire)
-
-    def _expire(self) -> None:
-        self._timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        order, pending = self._order, self.pending
-        while order:
-            at, ack_id = order[0]
-            if ack_id in pending and at > now:
-                self._timer = loop.call_at(at, self._expire)
-                return
-            order.popleft()
-            landed = pending.pop(ack_id, None)
-            if landed is not None:
-                tell(landed, nats.errors.TimeoutError(f"no PubAck within {self._timeout_s}s"))
 
 
 def tell(landed: Landed, outcome: bool | BaseException) -> None:
@@ -182,7 +142,7 @@ class Publisher:
         self._lifecycle = settings.subject("events", "node", key.node_id)
         self._heartbeat = settings.subject("nodes", key.node_id, "heartbeat")
         self._stream = settings.subject("stream")
-        self._acks = AckDeadlines(publish_timeout_s)
+        self._acks: Deadlines[int, Landed] = Deadlines(publish_timeout_s, self._timed_out)
         self._ack_inbox: str | None = None
         self._ack_ids = itertools.count()
         self._pack = packer()  # used on the event loop's thread only
@@ -268,19 +228,22 @@ class Publisher:
                 headers={"Nats-Msg-Id": result.job_id},
             )
         except Exception:
-            if self._acks.pending.pop(ack_id, None) is None:
+            if self._acks.pop(ack_id) is None:
                 # The publish outlived `publish_timeout_s`: `landed` was told already (one
                 # outcome per result, never a second one here).
                 return
             raise
         except BaseException:
-            self._acks.pending.pop(ack_id, None)
+            self._acks.pop(ack_id)
             raise
+
+    def _timed_out(self, ack_id: int, landed: Landed) -> None:
+        tell(landed, nats.errors.TimeoutError(f"no PubAck within {self._acks.timeout_s}s"))
 
     async def _on_ack(self, msg: Msg) -> None:
         """A PubAck (or the server's refusal) for one stored result."""
         try:
-            landed = self._acks.pending.pop(int(msg.subject.rpartition(".")[2]), None)
+            landed = self._acks.pop(int(msg.subject.rpartition(".")[2]))
         except ValueError:
             return
         if landed is not None:
