@@ -58,6 +58,7 @@ from worker.core.errors import (
 from worker.core.metrics import Metrics
 from worker.core.resource import AsyncResource
 from worker.core.settings import Settings
+from worker.core.tally import Tally
 from worker.jobs.intake import InFlight, JobSource, admit
 from worker.jobs.provision import consumer_name, ensure_consumer
 from worker.jobs.publisher import Attestation, Publisher, SealedResult
@@ -88,6 +89,7 @@ MAX_EARLY_CANCELS = 10_000
 DEFAULT_MAX_ACTIVE = 64
 LEASE_GRACE_S = 5.0
 SETTLE_FLUSH_S = 10.0
+CANCEL_SUMMARY_S = 10.0
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 _NOTHING, _SUBMIT, _ABORT, _PUBLISH, _REPUBLISH, _REPORT, _ACK, _NAK, _TERM = Do
 _ADMITTED, _ANSWERED, _ACKED, _NAKED = Phase.ADMITTED, Phase.ANSWERED, Phase.ACKED, Phase.NAKED
@@ -187,11 +189,19 @@ class Pipeline(AsyncResource):
         self._settles_sent = asyncio.Event()
         self._settles_sent.set()
         self.completed = 0
+        self._unheld_cancels = Tally(
+            log, "job_cancel_unheld job_id=%s", "job_cancels_unheld", period_s=CANCEL_SUMMARY_S
+        )
         self._source = self._source_for(serving.model_id)
 
     @property
     def in_flight(self) -> int:
         return len(self._held)
+
+    @property
+    def cancels_unheld(self) -> int:
+        """Cancels received for jobs this pipeline did not hold (remembered for a while)."""
+        return self._unheld_cancels.total
 
     @property
     def pulling(self) -> bool:
@@ -325,6 +335,7 @@ class Pipeline(AsyncResource):
             await self._flush_settles()
         for task in self._background:
             task.cancel()
+        self._unheld_cancels.close()
 
     async def _recreate_consumer(self) -> None:
         try:
@@ -480,10 +491,13 @@ class Pipeline(AsyncResource):
         if not _JOB_ID.fullmatch(job_id):
             return
         record = self._by_job.get(job_id)
-        log.info("job_cancel_received job_id=%s held=%s", job_id, record is not None)
         if record is not None:
+            log.info("job_cancel_received job_id=%s", job_id)
             self._stop(record, Cancelled(f"job {job_id} was cancelled"))
             return
+        # Remembered in case the job comes later; a flood of them (any client may cancel
+        # any id) is counted, not logged line by line.
+        self._unheld_cancels.add(job_id)
         now = time.monotonic()
         self._early_cancels[job_id] = now
         self._early_cancels.move_to_end(job_id)
