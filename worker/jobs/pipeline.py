@@ -186,6 +186,7 @@ class Pipeline(AsyncResource):
         self._settles: list[tuple[InFlight, float | None]] = []
         """Settled jobs whose ack, nak (with its delay) or term the settle task sends."""
         self._settle_wake = asyncio.Event()
+        self._settler: asyncio.Task[None] | None = None
         self._settles_sent = asyncio.Event()
         self._settles_sent.set()
         self.completed = 0
@@ -231,9 +232,10 @@ class Pipeline(AsyncResource):
             (self._progress_loop(), "progress"),
             (self._stream_loop(), "stream"),
             (self._results_loop(), "results"),
-            (self._settle_loop(), "settle"),
         ):
             self._background.append(self._tg.create_task(coro, name=name))
+        self._settler = self._tg.create_task(self._settle_loop(), name="settle")
+        self._background.append(self._settler)
         self._intake = self._tg.create_task(self._source.run(), name="intake")
         log.info("pipeline_started model=%s max_active=%d", self.serving.model_id, self.max_active)
 
@@ -321,10 +323,20 @@ class Pipeline(AsyncResource):
         return len(held)
 
     async def _flush_settles(self) -> None:
+        """Wait until the settle task has sent what was decided (not past its end: a task
+        group that failed has cancelled it)."""
+        settler = self._settler
+        if self._settles_sent.is_set() or settler is None or settler.done():
+            return
+        sent = asyncio.ensure_future(self._settles_sent.wait())
         try:
-            await asyncio.wait_for(self._settles_sent.wait(), SETTLE_FLUSH_S)
-        except TimeoutError:
-            log.warning("settle_flush_timed_out pending=%d", len(self._settles))
+            await asyncio.wait(
+                [sent, settler], timeout=SETTLE_FLUSH_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            sent.cancel()
+        if self._settles:
+            log.warning("settle_flush_incomplete pending=%d", len(self._settles))
 
     async def _close(self) -> None:
         """Closing without a drain (a crash, a cancel): pull no more, hand back what is
