@@ -135,3 +135,25 @@ async def test_resume_needs_a_drained_pipeline(nc: Client, tmp_path: Path) -> No
         assert not pipe.pulling
         await pipe.resume(OTHER)
         assert pipe.pulling and pipe.serving is OTHER
+
+
+async def test_a_close_without_a_drain_hands_back_with_no_error_event(
+    nc: Client, tmp_path: Path
+) -> None:
+    settings, publisher = await setup(nc, tmp_path)
+    js = nc.jetstream()
+    ids = ["c-0", "c-1"]
+    for job_id in ids:
+        await publish_job(js, settings, "demo", job(job_id), job_id)
+    runtime = GatedRuntime(*ids)
+    pipe = Pipeline(nc, settings, publisher, runtime, SERVING)
+    await pipe.__aenter__()
+    await wait_for(lambda: len(runtime.running) == 2, timeout=10)
+    await pipe.aclose()  # a crash of its owner, say: no drain first
+    assert sorted(runtime.cancelled) == ids and pipe.in_flight == 0
+    async with Pipeline(nc, settings, publisher, EchoRuntime(), SERVING) as again:
+        await wait_for(lambda: again.completed == 2, timeout=20)
+    assert sorted((r.job_id, r.attempt) for r in await results(js, settings)) == [
+        (job_id, 2) for job_id in ids
+    ]
+    assert await errors(js, settings) == []
