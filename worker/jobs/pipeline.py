@@ -300,9 +300,9 @@ class Pipeline(AsyncResource):
         return handed_back
 
     async def resume(self, serving: Serving) -> None:
-        """Pull again, from `serving`'s consumer (created if missing); its results attest
-        `serving`. Only once drained: a job in flight must not attest a model it did not
-        run on."""
+        """Pull again, from `serving`'s consumer (created if missing: a NATS error if it
+        cannot be, and the pipeline stays paused); its results attest `serving`. Only once
+        drained: a job in flight must not attest a model it did not run on."""
         self.check_open()
         if self.pulling or self._held:
             raise RuntimeError("resume() needs a drained pipeline")
