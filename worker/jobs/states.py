@@ -1,13 +1,16 @@
 """One delivered job's phases, and the one pure function that moves a job between them.
 
     ADMITTED --Start--> SUBMITTED --Answer--> ANSWERED --Stored--> ACKED
-        |                   |  |                  |
-        |                 Stop Failed/Aborted   StoreFailed (tries left: publish again;
-        |                   |  |                  |          last delivery: report; else NAKED)
-        |                   v  v                  v
-        |              ABORTING --(any answer)--> REPORTING --Reported--> TERMED (final)
-        +----Stop (refused, cancelled, deadline)--^    |                  NAKED (retryable)
-                                                       +--ReportFailed--> TERMED (last) / NAKED
+       |                 |       |                 |
+       | Stop            | Stop  | Failed,         | Malformed; StoreFailed on the last
+       |                 v       | Aborted         | delivery (before it: publish again,
+       |             ABORTING    |                 | then NAKED)
+       |                 | any answer              |
+       v                 v       v                 v
+    REPORTING <--------------------------------------
+       |--Reported (final)----> TERMED
+       |--Reported------------> NAKED, with a delay that grows per delivery
+       '--ReportFailed--------> TERMED on the last delivery, else NAKED
 
     HandBack (drain, close, a bug) takes any unsettled job to NAKED, without an error event.
 
