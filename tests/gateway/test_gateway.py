@@ -4,6 +4,7 @@ process. The vLLM features (logprobs, JSON output) are in tests/gateway/test_gat
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -183,11 +184,87 @@ async def test_client_gone_mid_stream_cancels_its_job_and_frees_its_slot(
         assert msg.subject == settings.subject("cancel", job_id)
         assert msgpack.unpackb(msg.data) == {"job_id": job_id}
 
-        async def slot_free() -> bool:
-            answer = await http.get("/v1/models")
-            return answer.status_code == 200
+        await wait_for(lambda: _slot_free(http), 10)
 
-        await wait_for(slot_free, 10)
+
+async def _slot_taken(http: httpx.AsyncClient) -> bool:
+    """Whether the gateway's one slot is held: a request for an unknown model is refused for
+    lack of a slot (429) before its model is looked up (404)."""
+    answer = await http.post("/v1/completions", json={"model": "no-such-model", "prompt": "x"})
+    assert answer.status_code in (404, 429), answer.text
+    return answer.status_code == 429
+
+
+async def _slot_free(http: httpx.AsyncClient) -> bool:
+    return not await _slot_taken(http)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+async def test_a_body_that_drips_in_past_its_deadline_is_408_and_frees_its_slot(
+    settings: Settings, snapshot: Snapshot
+) -> None:
+    """Issue 20 item 5: a client sending its body one byte at a time no longer holds its
+    slot for as long as it likes; the whole body has `gateway_body_timeout_s`."""
+    settings = settings.model_copy(
+        update={"gateway_max_concurrent": 1, "gateway_body_timeout_s": 0.5}
+    )
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100000\r\n\r\n"
+    )
+    async with gateway(settings, port=0) as url, httpx.AsyncClient(base_url=url) as http:
+        reader, writer = await asyncio.open_connection(*_host_port(url))
+
+        async def drip() -> None:
+            writer.write(head)
+            while True:  # a byte every tenth of a second: the body never ends
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+        dripping = asyncio.create_task(drip())
+        try:
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n"), 30)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            await wait_for(lambda: _slot_free(http), 30)
+        finally:
+            dripping.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await dripping
+            writer.close()
+
+
+async def test_client_gone_before_a_plain_answer_cancels_its_job_and_frees_its_slot(
+    settings: Settings, snapshot: Snapshot, nc: Client
+) -> None:
+    """Issue 20 item 5: a client that leaves a non-streamed request no longer keeps its slot
+    while its job runs on: the job is cancelled on the network and the slot is free."""
+    settings = settings.model_copy(update={"gateway_max_concurrent": 1})
+    model = snapshot.models[0].id
+    jobs = await nc.subscribe(settings.subject("jobs", model))
+    cancels = await nc.subscribe(settings.subject("cancel", ">"))
+    body = json.dumps({"model": model, "prompt": "x"}).encode()
+    request = (
+        "POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    # No node serves: the job waits in the queue, its request with it.
+    async with gateway(settings, port=0) as url, httpx.AsyncClient(base_url=url) as http:
+        _, writer = await asyncio.open_connection(*_host_port(url))
+        writer.write(request)
+        await writer.drain()
+        job_id = msgpack.unpackb((await jobs.next_msg(timeout=30)).data)["job_id"]
+        assert await _slot_taken(http)
+        writer.close()
+        await writer.wait_closed()
+        msg = await cancels.next_msg(timeout=30)
+        assert msg.subject == settings.subject("cancel", job_id)
+        assert msgpack.unpackb(msg.data) == {"job_id": job_id}
+        await wait_for(lambda: _slot_free(http), 30)
 
 
 async def test_stream_follows_the_nodes_signed_partial_output(

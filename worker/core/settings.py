@@ -143,6 +143,9 @@ class Settings(BaseSettings):
     gateway_timeout_s: float = Field(
         120.0, gt=0, description="deadline of a gateway request (and of its job)"
     )
+    gateway_body_timeout_s: float = Field(
+        10.0, gt=0, description="time a client has to send its whole request body; then 408"
+    )
 
     @field_validator("authority_keys", mode="before")
     @classmethod

@@ -10,8 +10,12 @@ node's signed `stream` envelopes on `rst.stream.<job_id>` (following the highest
 and completed from the result; a node that does not stream gives one chunk with the whole
 text. A client that goes away mid-stream gets its job cancelled on `rst.cancel.<job_id>`.
 
-Bounds: the body size, the requests served at once (429 past it) and each request's
-deadline (the job's `deadline` too; 504 past it), all from `Settings.gateway_*`.
+A client that goes away before its plain (not streamed) answer has its job cancelled the
+same way, and its slot freed.
+
+Bounds: the body size, the time to send it (408 past it), the requests served at once (429
+past it) and each request's deadline (the job's `deadline` too; 504 past it), all from
+`Settings.gateway_*`.
 """
 
 import asyncio
@@ -136,7 +140,7 @@ class Gateway:
                     # Frees the slot also when the client left before the stream started.
                     background=BackgroundTask(slot.release),
                 )
-            outcome = await self._run(job, spec)
+            outcome = await self._run_attended(request, job, spec)
             created = int(time.time())
             answer = (shapes.chat_completion if kind == "chat" else shapes.text_completion)(
                 outcome.result, outcome.envelope, created
@@ -156,13 +160,18 @@ class Gateway:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"request body is over {limit} bytes")
         data = bytearray()
+        # One deadline for the whole body: a client dripping it in holds a slot no longer.
+        within = self.settings.gateway_body_timeout_s
         try:
-            async for piece in request.stream():
-                data += piece
-                if len(data) > limit:
-                    raise ApiError(413, f"request body is over {limit} bytes")
+            async with asyncio.timeout(within):
+                async for piece in request.stream():
+                    data += piece
+                    if len(data) > limit:
+                        raise ApiError(413, f"request body is over {limit} bytes")
         except ClientDisconnect as exc:
             raise ApiError(400, "the client went away while sending") from exc
+        except TimeoutError as exc:
+            raise ApiError(408, f"the request body did not arrive within {within} s") from exc
         try:
             return json.loads(data)
         except (ValueError, RecursionError) as exc:
@@ -215,6 +224,27 @@ class Gateway:
         self._check(outcome.result, job_id, spec)
         log.info("gateway_result job_id=%s node_id=%s", job_id, outcome.result.node_id)
         return outcome
+
+    async def _run_attended(
+        self, request: Request, job: dict[str, Any], spec: ModelSpec
+    ) -> Outcome:
+        """`_run` while the client waits for a plain answer: a client that goes away has its
+        job cancelled on the network, and its slot is freed at once."""
+        running = asyncio.ensure_future(self._run(job, spec))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({running, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Also when this request is cancelled (the server stops): nothing is left behind.
+            abandoned = not running.done()
+            await drop(gone, running)
+            if abandoned:
+                log.info("gateway_client_gone job_id=%s: cancelling", job["job_id"])
+                with anyio.CancelScope(shield=True):
+                    await self._cancel(job["job_id"])
+        if running.cancelled():
+            raise ApiError(499, "the client went away", code="client_gone")
+        return running.result()
 
     @staticmethod
     def _check(result: ResultBody, job_id: str, spec: ModelSpec) -> None:
@@ -287,6 +317,12 @@ class Gateway:
                 await sub.unsubscribe()
             if running.done() and not running.cancelled():
                 running.exception()  # retrieved, so asyncio does not log it again
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client of `request`, whose body was read, has gone away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class Slot:
