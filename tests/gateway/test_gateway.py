@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from nats.aio.client import Client
 from schemas.snapshot import Snapshot
 from tests.support.gateway import check_provenance, client, node_settings, serving_node
 from tests.support.polling import wait_for
+from worker.core.logs import quiet_console
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 from worker.devtools.devnet import DevPlan, seed_network
@@ -364,3 +366,29 @@ async def test_gateway_command_serves_until_sigterm(settings: Settings, snapshot
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_the_dev_log_keeps_its_events_once_the_gateway_serves(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Issue 20 item 8: uvicorn's logging set-up closed every handler, `dev.log`'s too, so the
+    log went silent exactly when the gateway started."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    log_file = tmp_path / "dev.log"
+    try:
+        quiet_console(log_file)
+        async with gateway(settings, port=0):
+            logging.getLogger("worker.gateway.test").warning("event_while_serving")
+        logging.getLogger("worker.gateway.test").warning("event_after_serving")
+        for handler in root.handlers:
+            handler.flush()
+        text = log_file.read_text()
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    for event in ("gateway_listening", "event_while_serving", "event_after_serving"):
+        assert event in text

@@ -407,6 +407,9 @@ async def running(
         Gateway(settings, nc).app(),
         host=host,
         port=port,
+        # uvicorn's own logging set-up (dictConfig) would close every handler the process
+        # has, `dev.log`'s among them: its loggers go through ours instead.
+        log_config=None,
         log_level="warning",
         access_log=False,
         lifespan="off",
