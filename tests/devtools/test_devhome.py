@@ -2,6 +2,7 @@
 otherwise (pure; the terminal test in test_quickstart.py runs it for real)."""
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from worker.devtools.devhome import (
     CLIENT_FILE,
     HOME_VARIABLE,
     client_settings,
+    make_home,
     remove_client_file,
     write_client_file,
 )
@@ -89,3 +91,46 @@ def test_a_chat_vector_only_for_a_model_that_ships_a_chat_template(tmp_path: Pat
     assert not has_chat_template(tmp_path)
     config.write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
     assert has_chat_template(tmp_path)
+
+
+def _settings(home: Path) -> Settings:
+    return Settings(nats_url="nats://127.0.0.1:4999", key_file=home / "node.key")
+
+
+def test_client_file_never_follows_a_planted_link(tmp_path: Path) -> None:
+    """Issue 20 item 8: the file was written through a fixed temp name that followed links."""
+    home = tmp_path / "home"
+    make_home(home)
+    victim = tmp_path / "victim"
+    victim.write_text("mine\n")
+    (home / "client.tmp").symlink_to(victim)  # the old temp name
+    (home / CLIENT_FILE).symlink_to(victim)
+    path = write_client_file(home, _settings(home), "ab" * 32)
+    assert victim.read_text() == "mine\n"
+    assert not path.is_symlink() and json.loads(path.read_text())["node_id"] == "ab" * 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in home.iterdir()) == ["client.json", "client.tmp"]
+
+
+def test_a_home_others_may_write_is_refused_saying_what_to_change(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    make_home(home)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    for mode in (0o777, 0o770, 0o702):
+        home.chmod(mode)
+        with pytest.raises(PermissionError, match=r"writable by group or others .*chmod go-w"):
+            make_home(home)
+        with pytest.raises(PermissionError, match="writable by group or others"):
+            write_client_file(home, _settings(home), "ab" * 32)
+        assert not (home / CLIENT_FILE).exists()
+
+
+def test_dev_refuses_a_world_writable_home_before_writing_in_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o777)
+    assert main(["dev", "--home", str(home), "--once"]) == 2
+    assert f"chmod go-w {home}" in capsys.readouterr().err
+    assert list(home.iterdir()) == []

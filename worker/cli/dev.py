@@ -11,7 +11,7 @@ from typing import Any
 from worker.cli.base import add_command
 from worker.cli.submit import print_outcome
 from worker.core.logs import quiet_console
-from worker.devtools.devhome import DEFAULT_DEV_HOME, HOME_VARIABLE
+from worker.devtools.devhome import DEFAULT_DEV_HOME, HOME_VARIABLE, make_home
 from worker.devtools.devnet import DevPlan, choose, result_note, run_dev
 
 BAR_WIDTH = 30
@@ -19,6 +19,7 @@ BAR_WIDTH = 30
 
 def cmd_dev(args: argparse.Namespace) -> int:
     home = Path(args.home).expanduser().resolve()
+    make_home(home)  # before the log file is created in it
     log_file = home / "dev.log"
     quiet_console(log_file, verbose=args.verbose or args.dev_verbose)
     print(f"resultity-node dev: full log in {log_file}", file=sys.stderr, flush=True)

@@ -1,7 +1,8 @@
 """How client commands find a running `dev` network with no environment set.
 
 `resultity-node dev` writes `client.json` under its home (default `~/.resultity/dev`) once
-its network is up, and removes it when it stops:
+its network is up, and removes it when it stops (a home that group or others may write is
+refused: `make_home`):
 
     {"network": "dev", "nats_url": "nats://127.0.0.1:4222", "authority_keys": ["<hex>"],
      "node_id": "<hex>", "key_file": "<home>/node.key", "subject_prefix": "rst"}
@@ -17,6 +18,8 @@ which network it talks to.
 import json
 import logging
 import os
+import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,8 +58,35 @@ def dev_home() -> Path:
     return Path(configured).expanduser() if configured else DEFAULT_DEV_HOME
 
 
+def make_home(home: Path) -> None:
+    """Create the dev home (0700) if it is missing, and refuse one that others may write
+    in: they could plant a link where `dev` writes, or swap its keys."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_home(home)
+
+
+def check_home(home: Path) -> None:
+    """`PermissionError`, saying what to change, unless `home` is a directory of this user's
+    that neither group nor others may write."""
+    info = home.stat()
+    if info.st_uid != os.geteuid():
+        raise PermissionError(
+            f"the dev home {home} belongs to uid {info.st_uid}, not to you; choose another --home"
+        )
+    if info.st_mode & 0o022:
+        raise PermissionError(
+            f"the dev home {home} is writable by group or others "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}): run `chmod go-w {home}` "
+            "or choose another --home"
+        )
+
+
 def write_client_file(home: Path, settings: Settings, node_id: str) -> Path:
-    """Tell client commands how to reach the dev network whose home is `home`."""
+    """Tell client commands how to reach the dev network whose home is `home`.
+
+    Written to a fresh temp file (`O_EXCL|O_NOFOLLOW`: a link planted there is never
+    followed) renamed over `client.json` (a rename replaces a link, never its target)."""
+    check_home(home)
     path = home / CLIENT_FILE
     body = {
         "network": "dev",
@@ -66,9 +96,16 @@ def write_client_file(home: Path, settings: Settings, node_id: str) -> Path:
         "key_file": str(settings.key_file),
         "subject_prefix": settings.subject_prefix,
     }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body, indent=2) + "\n")
-    tmp.replace(path)
+    tmp = home / f".{CLIENT_FILE}.{secrets.token_hex(4)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(body, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     log.info("dev_client_file_written path=%s", path)
     return path
 

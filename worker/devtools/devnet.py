@@ -37,7 +37,7 @@ from worker.core.logs import STEP_LOGGER
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, load_key_file, write_key_file
 from worker.devtools.demomodel import ModelKind, make_demo_model, write_archive
-from worker.devtools.devhome import remove_client_file, write_client_file
+from worker.devtools.devhome import make_home, remove_client_file, write_client_file
 from worker.devtools.images import BuildStep, ensure_image_async
 from worker.devtools.natsd import NatsServer
 from worker.jobs.provision import ensure_streams
@@ -330,7 +330,7 @@ async def seed_network(
 
 async def run_dev(plan: DevPlan, *, on_result: Any, serve_forever: bool = True) -> Outcome:
     """Start everything, print one verified result through `on_result`, serve until stopped."""
-    plan.home.mkdir(parents=True, exist_ok=True)
+    make_home(plan.home)
     step = Step()
     server = NatsServer(plan.home / "nats", port=plan.port or -1, sync_always=True)
     await asyncio.to_thread(server.start)
