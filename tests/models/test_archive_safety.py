@@ -286,3 +286,20 @@ async def test_cancelled_prepare_stops_unpacking_and_leaves_nothing(
     assert saw_abort == [True]  # one entry written, then the thread saw the abort and ended
     assert_nothing_prepared(store)
     assert store.blob_path(spec.sha256).exists()  # nothing wrong with the blob
+
+
+@pytest.mark.parametrize("name", ["w\x00.bin", "d\x00ir/w.bin"])
+async def test_a_nul_byte_in_a_name_is_an_unsafe_archive_remembered(
+    store: ModelStore, name: str
+) -> None:
+    """Issue 20 item 8: a NUL in a (pax) member name raised a plain ValueError from
+    `os.open`: not MODEL_INVALID, not remembered, so the node retried it forever."""
+    info = entry(name)
+    info.pax_headers = {"path": name}
+    spec = seed(store, make_tar([(entry("fine.txt"), b"fine"), (info, b"x")]))
+    with pytest.raises(ModelInvalid, match="unsafe archive.*NUL"):
+        await store.prepare(spec)
+    assert_nothing_prepared(store)
+    store.blob_path(spec.sha256).unlink()  # remembered: refused without the blob
+    with pytest.raises(ModelInvalid, match="unsafe archive.*NUL"):
+        await store.fetch(spec)

@@ -575,6 +575,8 @@ _ARCHIVE_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno
 
 
 def _parts(name: str) -> tuple[str, ...]:
+    if "\x00" in name:  # a pax name may hold one; `os.open` would raise a plain ValueError
+        raise _Unsafe(f"member {name!r:.200} has a NUL byte in its name")
     if name.startswith("/"):
         raise _Unsafe(f"member {name!r:.200} is an absolute path")
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
