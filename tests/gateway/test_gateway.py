@@ -13,14 +13,18 @@ import re
 import signal
 import socket
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgpack
 import openai
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
+from schemas.envelope import EnvelopeType
 from schemas.snapshot import Snapshot
 from tests.support.gateway import check_provenance, client, node_settings, serving_node
 from tests.support.polling import wait_for
@@ -29,7 +33,9 @@ from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 from worker.devtools.devnet import DevPlan, seed_network
 from worker.devtools.natsd import NatsServer
+from worker.gateway import snapshots as gateway_snapshots
 from worker.gateway.app import running as gateway
+from worker.node.snapshots import check_snapshot, config_bucket, publish_snapshot
 
 pytestmark = pytest.mark.nats
 
@@ -392,3 +398,66 @@ async def test_the_dev_log_keeps_its_events_once_the_gateway_serves(
         root.setLevel(level)
     for event in ("gateway_listening", "event_while_serving", "event_after_serving"):
         assert event in text
+
+
+async def test_requests_read_the_watched_snapshot_with_no_kv_get_and_no_signature_check(
+    settings: Settings,
+    snapshot: Snapshot,
+    authority: NodeKey,
+    nc: Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 26 item 5: the gateway fetched and verified the snapshot on every request. It
+    now verifies each value once, as the watch delivers it, and keeps the highest of its own
+    network. Counted at two seams: the JetStream API requests on the wire (a KV get is one)
+    and the snapshot check."""
+    checks: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        checks.append(1)
+        return check_snapshot(*args, **kwargs)
+
+    monkeypatch.setattr(gateway_snapshots, "check_snapshot", counted)
+    api_requests: list[str] = []
+
+    async def on_api_request(msg: Msg) -> None:
+        api_requests.append(msg.subject)
+
+    await nc.subscribe("$JS.API.>", cb=on_api_request)
+    await nc.flush()
+    model = snapshot.models[0].id
+
+    async def models(http: httpx.AsyncClient) -> list[str]:
+        return [m["id"] for m in (await http.get("/v1/models")).json()["data"]]
+
+    def publish(**changes: Any) -> Awaitable[int]:
+        body = snapshot.model_dump(mode="json") | changes
+        envelope = authority.sign(EnvelopeType.CONFIG, body)
+        return publish_snapshot(nc, config_bucket(settings), envelope)
+
+    async with gateway(settings, port=0) as url, httpx.AsyncClient(base_url=url) as http:
+        await nc.flush()
+        api_requests.clear()  # the watch's set-up
+        for _ in range(20):
+            assert await models(http) == [model]
+            missing = await http.post("/v1/completions", json={"model": "other", "prompt": "x"})
+            assert missing.status_code == 404
+        await nc.flush()
+        assert [s for s in api_requests if ".GET." in s] == []
+        assert len(checks) == 1
+
+        # A newer snapshot reaches the requests through the watch; an older one, or one for
+        # another network, does not replace it.
+        renamed = [snapshot.models[0].model_dump(mode="json") | {"id": "renamed"}]
+        await publish(version=snapshot.version + 1, models=renamed)
+
+        async def renamed_served() -> bool:
+            return await models(http) == ["renamed"]
+
+        await wait_for(renamed_served, 30)
+        await publish(version=snapshot.version)
+        await publish(version=snapshot.version + 2, network="othernet")
+        await publish(version=snapshot.version + 3, models=renamed, issued_at=1.0)
+        await wait_for(lambda: len(checks) == 5, 30)
+        [served] = (await http.get("/v1/models")).json()["data"]
+        assert served["id"] == "renamed" and served["created"] == 1  # v+3's, verified

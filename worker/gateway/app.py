@@ -4,14 +4,13 @@
 Each request becomes one job published to `rst.jobs.<model>` (`Nats-Msg-Id`: the job id) and
 waits, as `worker.client.submit` does, for the signed result or the node's final error. No
 answer is passed on before the result's signature and its `input_sha256` (over the bytes
-published) verify, and its model is the one the verified snapshot approves (else 502). With
-`stream: true` the answer is server-sent events in OpenAI's chunk format, fed from the
-node's signed `stream` envelopes on `rst.stream.<job_id>` (following the highest attempt),
-and completed from the result; a node that does not stream gives one chunk with the whole
-text. A client that goes away mid-stream gets its job cancelled on `rst.cancel.<job_id>`.
-
-A client that goes away before its plain (not streamed) answer has its job cancelled the
-same way, and its slot freed.
+published) verify, and its model is the one the verified snapshot approves (else 502); the
+snapshot is watched and verified once per value (`worker.gateway.snapshots`), never fetched
+per request. With `stream: true` the answer is server-sent events in OpenAI's chunk format,
+fed from the node's signed `stream` envelopes on `rst.stream.<job_id>` (following the highest
+attempt), and completed from the result; a node that does not stream gives one chunk with
+the whole text. A client that goes away, mid-stream or before its plain answer, gets its
+job cancelled on `rst.cancel.<job_id>` and its slot freed.
 
 Bounds: the body size, the time to send it (408 past it), the requests served at once (429
 past it) and each request's deadline (the job's `deadline` too; 504 past it), all from
@@ -30,7 +29,6 @@ from typing import Any, Literal
 import anyio
 import uvicorn
 from nats.aio.client import Client
-from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
@@ -48,7 +46,6 @@ from worker.client import (
     Outcome,
     cancel,
     connect,
-    current_snapshot,
     drop,
     new_job_id,
     submit,
@@ -58,6 +55,7 @@ from worker.core.settings import Settings
 from worker.core.signing import verify
 from worker.gateway import shapes
 from worker.gateway.shapes import ApiError, ChatRequest, CompletionRequest
+from worker.gateway.snapshots import WatchedSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +73,10 @@ def _sse(payload: Any) -> bytes:
 class Gateway:
     """The ASGI app over one NATS connection; `app()` builds the Starlette application."""
 
-    def __init__(self, settings: Settings, nc: Client) -> None:
+    def __init__(self, settings: Settings, nc: Client, snapshots: WatchedSnapshot) -> None:
         self.settings = settings
         self.nc = nc
+        self.snapshots = snapshots
         self.busy = 0
 
     def app(self) -> Starlette:
@@ -186,11 +185,8 @@ class Gateway:
             log.warning("gateway_cancel_failed job_id=%s error=%r", job_id, exc)
 
     async def _snapshot(self) -> Snapshot | None:
-        try:
-            return await current_snapshot(self.nc, self.settings)
-        except (SignatureError, ValidationError, ValueError) as exc:
-            log.warning("gateway_snapshot_unverified error=%s", exc)
-            return None
+        """The watched snapshot: verified when it arrived, no I/O here."""
+        return self.snapshots.current
 
     async def _model(self, model_id: str) -> ModelSpec:
         snapshot = await self._snapshot()
@@ -376,21 +372,26 @@ class StreamParts:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its signal handlers: the caller owns the process's signals."""
+    """uvicorn without its signal handlers (the caller owns the process's signals), and
+    with `listening`: set once it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self.listening.set()
 
-@contextlib.asynccontextmanager
-async def running(
-    settings: Settings, *, host: str | None = None, port: int | None = None
-) -> AsyncIterator[str]:
-    """Serve the gateway while the context is open; yields its base URL (`http://h:p`)."""
-    host = host or settings.gateway_host
-    port = settings.gateway_port if port is None else port
-    # Bound here, so that a port in use is an OSError (uvicorn would exit the process).
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a port in use is an OSError (uvicorn would
+    exit the process)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -398,40 +399,52 @@ async def running(
     except OSError:
         sock.close()
         raise
-    try:
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def running(
+    settings: Settings, *, host: str | None = None, port: int | None = None
+) -> AsyncIterator[str]:
+    """Serve the gateway while the context is open; yields its base URL (`http://h:p`) once
+    it accepts connections and knows the snapshot the config bucket held at start."""
+    host = host or settings.gateway_host
+    port = settings.gateway_port if port is None else port
+    async with contextlib.AsyncExitStack() as stack:
+        sock = _bind(host, port)
+        stack.callback(sock.close)
         nc = await connect(settings.nats_url)
-    except BaseException:
-        sock.close()
-        raise
-    config = uvicorn.Config(
-        Gateway(settings, nc).app(),
-        host=host,
-        port=port,
-        # uvicorn's own logging set-up (dictConfig) would close every handler the process
-        # has, `dev.log`'s among them: its loggers go through ours instead.
-        log_config=None,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=5,
-    )
-    server = _Server(config)
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if serving.done():
+        stack.push_async_callback(nc.close)
+        snapshots = await stack.enter_async_context(WatchedSnapshot(nc, settings))
+        await snapshots.wait_synced()
+        config = uvicorn.Config(
+            Gateway(settings, nc, snapshots).app(),
+            host=host,
+            port=port,
+            # uvicorn's own logging set-up (dictConfig) would close every handler the
+            # process has, `dev.log`'s among them: its loggers go through ours instead.
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
+        server = _Server(config)
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            listening = asyncio.ensure_future(server.listening.wait())
+            await asyncio.wait({listening, serving}, return_when=asyncio.FIRST_COMPLETED)
+            if not listening.done():
+                await drop(listening)
                 serving.result()
                 raise OSError(f"the gateway could not serve on {host}:{port}")
-            await asyncio.sleep(0.05)
-        url = f"http://{host}:{sock.getsockname()[1]}"
-        log.info("gateway_listening url=%s", url)
-        yield url
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await serving
-        sock.close()
-        await nc.close()
+            url = f"http://{host}:{sock.getsockname()[1]}"
+            log.info("gateway_listening url=%s", url)
+            yield url
+        finally:
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await serving
 
 
 async def serve_until(
