@@ -1,12 +1,15 @@
 """Runtime images built locally from the Dockerfiles under `containers/`.
 
-Each engine has a recipe: a Dockerfile, the pip requirements of its wheelhouse (downloaded
-on the host, installed in the image without an index) and the public base image a user
-would pull. Where no registry answers, the base is made with `mmdebstrap` and
-`docker import`. A build is keyed on a hash of everything that goes into it (Dockerfile,
-runtime sources, wheel names, base image id); the image is tagged with that key, so an
-unchanged recipe is never rebuilt. All of it is blocking: from async code, call
-`ensure_image_async`, which runs in a worker thread.
+Each engine has a recipe: a Dockerfile for its dependencies, the pip requirements of its
+wheelhouse (downloaded on the host, installed in the image without an index) and the public
+base image a user would pull. Where no registry answers, the base is made with `mmdebstrap`
+and `docker import`. An image is built in two layers of work: the engine's dependencies
+(`resultity/deps-<engine>`, keyed on its Dockerfile, wheel names and base image id), then
+the runtime process on top (`containers/runtime.Dockerfile`, keyed on all of that and the
+runtime sources). Each is tagged with its key, so an unchanged recipe is never rebuilt and
+a change of the runtime code rebuilds a thin layer in seconds (the vLLM dependencies take
+minutes). All of it is blocking: from async code, call `ensure_image_async`, which runs in
+a worker thread.
 
 Settings (environment):
     RESULTITY_BUILD_CACHE   where wheelhouses and locks live (default ~/.cache/resultity)
@@ -43,6 +46,7 @@ TORCH_WHEEL = Path("/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_
 DEBIAN_SUITE = "bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "libnuma1", "libstdc++6", "ca-certificates")
 EXCLUDED_WHEELS = ("triton", "torchvision", "torchaudio", "torchcodec")
+RUNTIME_DOCKERFILE = "runtime.Dockerfile"
 BUILD_KEY_LABEL = "org.resultity.build-key"
 BASE_KEY_LABEL = "org.resultity.base-key"
 
@@ -180,17 +184,24 @@ def _runtime_sources() -> list[tuple[str, Path]]:
     return files
 
 
-def build_key(recipe: Recipe, base_id: str, wheels: Path) -> str:
-    """SHA-256 over everything that goes into the image."""
+def deps_key(recipe: Recipe, base_id: str, wheels: Path) -> str:
+    """SHA-256 over everything that goes into the engine's dependencies image."""
     digest = hashlib.sha256()
     digest.update(f"recipe\0{recipe.engine}\0base\0{base_id}\0".encode())
     digest.update((CONTAINERS_DIR / recipe.dockerfile).read_bytes())
-    for rel, path in _runtime_sources():
-        data = path.read_bytes()
-        digest.update(f"\0app/{rel}\0{len(data)}\0".encode() + data)
     for wheel in sorted(wheels.glob("*.whl")):
         # Wheel file names pin name, version and build; the size guards a torn download.
         digest.update(f"\0wheel\0{wheel.name}\0{wheel.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def build_key(recipe: Recipe, base_id: str, wheels: Path) -> str:
+    """SHA-256 over everything that goes into the image: its dependencies and the runtime."""
+    digest = hashlib.sha256(f"deps\0{deps_key(recipe, base_id, wheels)}\0".encode())
+    digest.update((CONTAINERS_DIR / RUNTIME_DOCKERFILE).read_bytes())
+    for rel, path in _runtime_sources():
+        data = path.read_bytes()
+        digest.update(f"\0app/{rel}\0{len(data)}\0".encode() + data)
     return digest.hexdigest()
 
 
@@ -201,11 +212,15 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _assemble_context(recipe: Recipe, wheels: Path, context: Path) -> None:
+def _deps_context(recipe: Recipe, wheels: Path, context: Path) -> None:
     shutil.copy2(CONTAINERS_DIR / recipe.dockerfile, context / "Dockerfile")
     (context / "wheels").mkdir()
     for wheel in sorted(wheels.glob("*.whl")):
         _link_or_copy(wheel, context / "wheels" / wheel.name)
+
+
+def _runtime_context(context: Path) -> None:
+    shutil.copy2(CONTAINERS_DIR / RUNTIME_DOCKERFILE, context / "Dockerfile")
     for rel, path in _runtime_sources():
         target = context / "app" / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -322,12 +337,27 @@ def _ensure_image(
         if (existing := image_id(client, tag)) is not None:
             log.info("image_cached image=%s tag=%s id=%s", engine, tag, existing)
             return existing
+        deps = _ensure_deps(recipe, client, base_id, wheels, on_step)
         with tempfile.TemporaryDirectory(prefix=f"resultity-{engine}-") as tmp:
             context = Path(tmp)
-            _assemble_context(recipe, wheels, context)
-            return build_tagged(
-                client, context, tag, key, {"BASE": base_id}, engine, on_step=on_step
-            )
+            _runtime_context(context)
+            return build_tagged(client, context, tag, key, {"DEPS": deps}, engine, on_step=on_step)
+
+
+def _ensure_deps(
+    recipe: Recipe, client: Any, base_id: str, wheels: Path, on_step: BuildStep | None
+) -> str:
+    """The id of the engine's dependencies image, built only if its key has none yet (the
+    caller holds the engine's lock)."""
+    key = deps_key(recipe, base_id, wheels)
+    tag = f"resultity/deps-{recipe.engine}:{key[:20]}"
+    if (existing := image_id(client, tag)) is not None:
+        return existing
+    what = f"{recipe.engine}-deps"
+    with tempfile.TemporaryDirectory(prefix=f"resultity-{recipe.engine}-deps-") as tmp:
+        context = Path(tmp)
+        _deps_context(recipe, wheels, context)
+        return build_tagged(client, context, tag, key, {"BASE": base_id}, what, on_step=on_step)
 
 
 def build_tagged(
