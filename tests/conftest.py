@@ -48,3 +48,11 @@ def docker_client() -> Iterator[object]:
         unavailable(f"no Docker engine answers ({type(exc).__name__}: {exc}); start dockerd")
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def vectors_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Validation vectors of reference runs, shared by the tests of one session (one version
+    of the code): with `DevPlan(vectors_dir=...)`, a demo model's vLLM reference run happens
+    once per session instead of once per test."""
+    return tmp_path_factory.mktemp("vectors")

@@ -25,7 +25,7 @@ CHAT = [{"role": "user", "content": "Who signs the results?"}]
 @pytest.mark.timeout(1800)
 @pytest.mark.skipif(not HAS_MODEL_DEPS, reason="needs the models extra (torch, transformers)")
 async def test_openai_client_against_vllm(
-    docker_client: Any, nats_server: NatsServer, tmp_path: Path, nc: Client
+    docker_client: Any, nats_server: NatsServer, tmp_path: Path, nc: Client, vectors_dir: Path
 ) -> None:
     from transformers import AutoTokenizer
 
@@ -39,7 +39,7 @@ async def test_openai_client_against_vllm(
         request_timeout_s=300,
         runtime_ready_timeout_s=600,
     )
-    plan = DevPlan(tmp_path / "dev", 0, "vllm", "docker", "hi")
+    plan = DevPlan(tmp_path / "dev", 0, "vllm", "docker", "hi", vectors_dir=vectors_dir)
     snapshot = await seed_network(settings, authority, plan, version=1)
     model = snapshot.models[0].id
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "dev" / "models" / model)

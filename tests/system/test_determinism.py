@@ -65,7 +65,7 @@ async def mixed(nc: Any, settings: Settings, model: str, tag: str) -> list[list[
 
 @pytest.mark.timeout(1800)
 async def test_token_ids_survive_batching_replacement_and_restart(
-    docker_client: object, nats_server: NatsServer, tmp_path: Path
+    docker_client: object, nats_server: NatsServer, tmp_path: Path, vectors_dir: Path
 ) -> None:
     authority = NodeKey.generate()
     settings = make_settings(
@@ -78,7 +78,10 @@ async def test_token_ids_survive_batching_replacement_and_restart(
         ack_wait_s=120,
     )
     snapshot = await seed_network(
-        settings, authority, DevPlan(tmp_path / "dev", 0, "vllm", "docker", "x"), version=1
+        settings,
+        authority,
+        DevPlan(tmp_path / "dev", 0, "vllm", "docker", "x", vectors_dir=vectors_dir),
+        version=1,
     )
     model = snapshot.models[0].id
     nc = await nats.connect(nats_server.url)

@@ -70,6 +70,9 @@ class DevPlan:
     """Told each step of a runtime image build (from a worker thread)."""
 
     gateway_port: int | None = None  # the OpenAI gateway on 127.0.0.1:<port>; None: none
+    vectors_dir: Path | None = None
+    """Where reference-run validation vectors are kept (by model, image and engine); None:
+    the home. The tests of one session share one: a vLLM reference run is a runtime start."""
 
 
 class Step:
@@ -309,7 +312,7 @@ async def seed_network(
         model_dir = await ModelStore(settings.cache_dir / "reference", js=js).prepare(model_spec)
         launch = LaunchSpec(plan.engine, image, model_dir, sha256, {})
         spec["validation"] = await _expected_vectors(
-            settings, launch, plan.home, chat=has_chat_template(plan.model_dir)
+            settings, launch, plan.vectors_dir or plan.home, chat=has_chat_template(plan.model_dir)
         )
         body = {
             "network": settings.network,
