@@ -22,12 +22,21 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from bench.common import embedded_nats
+from bench.common import embedded_nats, spread_pct
 
 HERE = Path(__file__).parent
 README = HERE.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-NAMES = ("throughput", "profile", "latency", "runtime", "fetch", "memory", "vllm", "interactive")
+NAMES = (
+    "throughput",
+    "profile",
+    "latency",
+    "runtime",
+    "fetch",
+    "memory",
+    "vllm",
+    "interactive",
+)
 NEEDS_VLLM = ("vllm", "interactive")
 
 
@@ -48,7 +57,8 @@ class Sizes:
     vllm_starts: int = 5
     vllm_rounds: int = 8
     interactive_small: bool = False
-    interactive_reps: int = 5
+    interactive_reps: int = 7
+    interactive_seconds: float = 10.0
 
 
 QUICK = Sizes(
@@ -68,6 +78,7 @@ QUICK = Sizes(
     vllm_rounds=2,
     interactive_small=True,
     interactive_reps=1,
+    interactive_seconds=0.0,
 )
 
 
@@ -118,6 +129,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _spread(r: dict[str, Any]) -> str:
+    """The ratio's IQR over its median, flagged past the row's `spread_limit`."""
+    ratio, limit = r["ratio"], r.get("spread_limit")
+    if limit is None or not isinstance(ratio, dict):
+        return ""
+    spread = spread_pct(ratio)
+    if spread is None:
+        return ""
+    if spread > limit * 100:
+        return f"<br>**spread {spread:g} % > {limit * 100:g} %: not steady**"
+    return f"<br>spread {spread:g} %"
+
+
 def table(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
     lines = [
         "| benchmark | figures: median [IQR] over alternated repetitions | ratio | target |",
@@ -125,7 +149,7 @@ def table(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
     ]
     for r in results:
         figures = "<br>".join(f"{k} {_fmt(v)}" for k, v in r["figures"].items())
-        ratio = "" if r["ratio"] is None else _fmt(r["ratio"])
+        ratio = "" if r["ratio"] is None else _fmt(r["ratio"]) + _spread(r)
         lines.append(f"| {r['name']} | {figures} | {ratio} | {r['target']} |")
     lines.append("")
     lines.append(
@@ -201,7 +225,10 @@ async def _interactive(sizes: Sizes) -> list[dict[str, Any]]:
     from bench import interactive
 
     return await interactive.main_async(
-        "vllm", small=sizes.interactive_small, reps=sizes.interactive_reps
+        "vllm",
+        small=sizes.interactive_small,
+        reps=sizes.interactive_reps,
+        seconds=sizes.interactive_seconds,
     )
 
 

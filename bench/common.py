@@ -52,6 +52,13 @@ def summary(values: Sequence[float], digits: int = 3) -> dict[str, Any]:
     }
 
 
+def spread_pct(value: dict[str, Any]) -> float | None:
+    """A summary's IQR over its median, in percent (None with fewer than two repetitions)."""
+    if value.get("n", 0) < 2 or not value["median"]:
+        return None
+    return round(abs(float(value["iqr"]) / float(value["median"])) * 100, 1)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")

