@@ -36,8 +36,9 @@ NAMES = (
     "memory",
     "vllm",
     "interactive",
+    "serve",
 )
-NEEDS_VLLM = ("vllm", "interactive")
+NEEDS_VLLM = ("vllm", "interactive", "serve")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class Sizes:
     interactive_small: bool = False
     interactive_reps: int = 7
     interactive_seconds: float = 10.0
+    serve_reps: int = 5
+    serve_requests: int = 64
 
 
 QUICK = Sizes(
@@ -79,6 +82,8 @@ QUICK = Sizes(
     interactive_small=True,
     interactive_reps=1,
     interactive_seconds=0.0,
+    serve_reps=1,
+    serve_requests=1,
 )
 
 
@@ -198,6 +203,7 @@ async def run_all(names: list[str], sizes: Sizes, floor_rate: float) -> list[dic
             "memory": lambda: memory.memory(url, sizes.memory_jobs),
             "vllm": lambda: _vllm(sizes),
             "interactive": lambda: _interactive(sizes),
+            "serve": lambda: _serve(sizes),
         }
         for name in names:
             started = time.monotonic()
@@ -230,6 +236,12 @@ async def _interactive(sizes: Sizes) -> list[dict[str, Any]]:
         reps=sizes.interactive_reps,
         seconds=sizes.interactive_seconds,
     )
+
+
+async def _serve(sizes: Sizes) -> list[dict[str, Any]]:
+    from bench import serve
+
+    return await serve.main_async("vllm", reps=sizes.serve_reps, requests=sizes.serve_requests)
 
 
 def _size(kind: type, value: str) -> Any:
