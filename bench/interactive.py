@@ -142,13 +142,20 @@ async def publish(node: Node, job_id: str, prompt: str, max_tokens: int, **extra
     await node.nc.jetstream().publish(subject, msgpack.packb(body), headers={"Nats-Msg-Id": job_id})
 
 
-STAGES = ("publish_to_runtime_ms", "runtime_ms", "engine_first_token_ms", "result_ms")
+STAGES = (
+    "publish_to_stored_ms",
+    "publish_to_runtime_ms",
+    "runtime_ms",
+    "engine_first_token_ms",
+    "result_ms",
+)
 """Where a job's time goes on the node, from timestamps it already has (all wall clock, this
-process's: the node runs in it): publish -> submitted to the runtime (`started_at`: the
-JetStream store, the pull, admission, a runtime slot); the runtime's part (`started_at` ->
-`finished_at`: the submit frame, the runtime's intake, the engine, the done frame), of which
-`engine_first_token_ms` is the engine's own add -> first token; and the result's way back
-(`finished_at` -> here: seal, sign, publish, store, delivery)."""
+process's: the node runs in it): publish -> its PubAck (stored in the JOBS stream, as this
+process saw it: an upper bound, the node shares its event loop); publish -> submitted to
+the runtime (`started_at`: the store, the pull, admission, a runtime slot); the runtime's
+part (`started_at` -> `finished_at`: the submit frame, the runtime's intake, the engine,
+the done frame), of which `engine_first_token_ms` is the engine's own add -> first token;
+and the result's way back (`finished_at` -> here: seal, sign, publish, store, delivery)."""
 
 
 @dataclass
@@ -166,6 +173,7 @@ async def node_wave(node: Node, requests: list[tuple[str, int]], tag: str) -> No
     done: dict[str, tuple[int, float]] = {}
     stages: dict[str, dict[str, float]] = {}
     published: dict[str, float] = {}
+    stored: dict[str, float] = {}
     all_done = asyncio.Event()
     started = time.perf_counter()
 
@@ -177,6 +185,7 @@ async def node_wave(node: Node, requests: list[tuple[str, int]], tag: str) -> No
         job_id = body["job_id"]
         done[job_id] = (len(body["output"]["token_ids"]), time.perf_counter() - started)
         stages[job_id] = {
+            "publish_to_stored_ms": (stored.get(job_id, now) - published[job_id]) * 1000,
             "publish_to_runtime_ms": (body["started_at"] - published[job_id]) * 1000,
             "runtime_ms": (body["finished_at"] - body["started_at"]) * 1000,
             "engine_first_token_ms": (body["usage"].get("first_token_s") or 0.0) * 1000,
@@ -189,6 +198,7 @@ async def node_wave(node: Node, requests: list[tuple[str, int]], tag: str) -> No
     async def publish_one(job_id: str, prompt: str, max_tokens: int) -> None:
         published[job_id] = time.time()
         await publish(node, job_id, prompt, max_tokens)
+        stored[job_id] = time.time()
 
     sub = await node.nc.subscribe(node.settings.subject("results", "*"), cb=on_result)
     try:
