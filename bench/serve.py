@@ -23,7 +23,8 @@ output tokens/s (all tokens over the round's wall time). The sides alternate (AB
 the repetitions, each N warmed up once per side first; figures are the median and IQR over
 repetitions, ratios and added milliseconds taken within each repetition. Beside them, CPU
 per 1,000 output tokens of each side's parts (from /proc and the containers' cgroups, left
-out where unreadable), and of the client.
+out where unreadable), and of the client; and one more gateway round at N = 8 with the dev
+process sampled by py-spy: its CPU per 1,000 tokens by stage (`PROFILE_STAGES`).
 
     python -m bench.serve [--reps 5] [--requests 64] [--quick] [--engine echo]
 
@@ -37,6 +38,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,6 +101,8 @@ class Endpoint:
     api_key: str
     model: str
     cpu: Callable[[], dict[str, float]] = field(default=lambda: {})
+    pid: int | None = None
+    """The side's own Python process, for a py-spy profile (the dev process)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +324,91 @@ def targets_met(
     return met
 
 
+# -- where the network path's CPU goes ---------------------------------------------------
+
+PROFILE_STREAMS = 8
+PROFILE_STAGES = [
+    ("signature verify (Ed25519)", ("verify (worker/core/signing",)),
+    ("signing (Ed25519)", ("sign_bytes (",)),
+    ("wire schemas (pydantic)", ("schemas/", "pydantic")),
+    ("gateway: stream envelopes -> SSE chunks", ("worker/gateway/",)),
+    ("gateway: HTTP (uvicorn, starlette, h11)", ("uvicorn/", "starlette/", "h11/", "anyio/")),
+    ("client side of the gateway (submit, result)", ("worker/client.py",)),
+    ("node: stream and result publishing", ("worker/jobs/publisher",)),
+    ("node: runtime frames", ("worker/runtime/", "schemas/frames")),
+    ("node: pipeline, intake", ("worker/jobs/",)),
+    ("nats-py", ("nats/",)),
+    ("msgpack, json", ("msgpack", "json/")),
+]
+"""Each py-spy sample goes to the innermost frame naming a stage (else 'other')."""
+
+
+def profile_stages(raw: str) -> dict[str, float]:
+    """Share of samples per stage from py-spy's raw (collapsed) output (CPU only: py-spy
+    leaves out threads it finds idle)."""
+    totals: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        stage = "event loop, other"
+        for frame in reversed(stack.split(";")):
+            hit = next(
+                (s for s, needles in PROFILE_STAGES if any(n in frame for n in needles)), None
+            )
+            if hit is not None:
+                stage = hit
+                break
+        totals[stage] = totals.get(stage, 0) + int(count)
+    total = sum(totals.values()) or 1
+    return {k: v / total for k, v in sorted(totals.items(), key=lambda x: -x[1])}
+
+
+async def profile(endpoint: Endpoint, n: int, requests: int) -> dict[str, Any]:
+    """One more round of `endpoint` at N = `n`, its Python process sampled by py-spy: its
+    CPU per 1,000 output tokens, split by stage (the agent and the gateway share the dev
+    process)."""
+    from openai import AsyncOpenAI
+
+    name = f"{endpoint.name} process CPU by stage (py-spy, one round, N={n})"
+    spy_binary = shutil.which("py-spy")
+    if endpoint.pid is None or spy_binary is None:
+        return record(name, {"skipped": "no py-spy (pip install -e .[bench])"}, None, "report")
+    client = AsyncOpenAI(
+        base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0, timeout=600
+    )
+    with tempfile.TemporaryDirectory(prefix="rst-bench-spy-") as tmp:
+        out = Path(tmp) / "spy.txt"
+        command = [spy_binary, "record", "--pid", str(endpoint.pid), "--format", "raw"]
+        command += ["--rate", "250", "--nonblocking", "-o", str(out)]
+        spy = await asyncio.to_thread(
+            subprocess.Popen, command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            before = pids_cpu_s([endpoint.pid])
+            got = await run_round(
+                client, endpoint, n, prompts(n * per_request(n, requests), "profile")
+            )
+            cpu_s = pids_cpu_s([endpoint.pid]) - before
+        finally:
+            spy.send_signal(signal.SIGINT)
+            await asyncio.to_thread(spy.wait, 60)
+            await client.close()
+        raw = await asyncio.to_thread(out.read_text) if out.exists() else ""
+    tokens = sum(r.tokens for r in got.requests)
+    per_1k = cpu_s / max(tokens, 1) * 1e6
+    figures = {
+        "streams": n,
+        "requests": len(got.requests),
+        "tokens_per_s": round(tokens / got.wall_s),
+        "process_cpu_ms_per_1k_tokens": round(per_1k),
+        "cpu_ms_per_1k_tokens_by_stage": {
+            k: round(v * per_1k, 1) for k, v in profile_stages(raw).items()
+        },
+    }
+    return record(name, figures, None, "report: where the network path's cores go")
+
+
 # -- the sides -------------------------------------------------------------------------
 
 
@@ -487,9 +576,8 @@ async def dev_gateway(engine: str) -> AsyncIterator[Endpoint]:
                     parts["runtime"] = seconds
                 return parts
 
-            yield Endpoint(
-                "gateway", f"{base}/v1", key, MODEL if engine == "vllm" else "echo-demo", cpu
-            )
+            model = MODEL if engine == "vllm" else "echo-demo"
+            yield Endpoint("gateway", f"{base}/v1", key, model, cpu, proc.pid)
         finally:
             await asyncio.to_thread(_stop, proc)
 
@@ -555,6 +643,7 @@ async def main_async(
             endpoints.append(await stack.enter_async_context(vllm_serve(image, model.directory)))
         endpoints.append(await stack.enter_async_context(dev_gateway(engine)))
         results = await compare(endpoints, reps, requests, concurrency)
+        results.append(await profile(endpoints[-1], PROFILE_STREAMS, max(requests, 16)))
     return results
 
 
@@ -566,7 +655,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 repetition, N requests")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for noisy in ("httpx", "httpx2"):  # a line per request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     reps, requests = (1, 1) if args.quick else (args.reps, args.requests)
     print(json.dumps(asyncio.run(main_async(args.engine, reps, requests)), indent=2))
 

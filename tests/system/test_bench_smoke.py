@@ -196,8 +196,10 @@ def test_quick_serve_through_an_echo_dev_network(tmp_path: Path, docker_client: 
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    records = json.loads(proc.stdout)
+    *records, profile = json.loads(proc.stdout)
     assert [r["figures"]["streams"] for r in records] == [1, 8, 32]
+    assert profile["name"].startswith("gateway process CPU by stage")
+    assert "process_cpu_ms_per_1k_tokens" in profile["figures"] or profile["figures"]["skipped"]
     for rec in records:
         figures = rec["figures"]
         assert figures["gateway_tokens_per_request"]["median"] > 0
@@ -206,3 +208,21 @@ def test_quick_serve_through_an_echo_dev_network(tmp_path: Path, docker_client: 
         assert {"agent_and_gateway", "nats_server", "client"} <= set(
             figures["gateway_cpu_ms_per_1k_tokens"]
         )
+
+
+def test_profile_stages_take_the_innermost_stage() -> None:
+    from bench.serve import profile_stages
+
+    raw = "\n".join(
+        [
+            "run (uvicorn/server.py:1);_stream (worker/gateway/app.py:2);"
+            "verify (worker/core/signing.py:3);_verify (nacl/bindings.py:4) 3",
+            "run (uvicorn/server.py:1);_stream (worker/gateway/app.py:2);dumps (json/x.py:5) 1",
+            "_run_once (asyncio/base_events.py:1);select (selectors.py:2) 4",
+        ]
+    )
+    assert profile_stages(raw) == {
+        "event loop, other": 0.5,
+        "signature verify (Ed25519)": 0.375,
+        "msgpack, json": 0.125,
+    }
