@@ -70,7 +70,6 @@ MODEL = "tiny-llama"  # the dev network's id for the demo model; `vllm serve` is
 MAX_TOKENS = 64
 CONCURRENCY = (1, 8, 32)
 REQUESTS = 64  # per N, side and repetition: 64 one after another at N = 1, 2 a stream at 32
-SIDES = ("vllm_serve", "gateway")
 SPREAD_LIMIT = 0.10
 START_TIMEOUT_S = 900
 VLLM_PORT = 8000
@@ -514,18 +513,14 @@ def free_port() -> int:
 
 
 def client_key(home: Path) -> str:
-    """The gateway's API key from the dev home's client.json, if it writes one."""
+    """The gateway's API key from the dev home's client.json (`gateway_api_key`), if it
+    writes one; else any key (a gateway without keys takes none)."""
     try:
         body = json.loads((home / "client.json").read_text())
     except (OSError, ValueError):
         return "none"
-    for name in ("api_key", "gateway_api_key", "gateway_key"):
-        if isinstance(body.get(name), str):
-            return str(body[name])
-    keys = body.get("api_keys")
-    if isinstance(keys, list) and keys and isinstance(keys[0], str):
-        return keys[0]
-    return "none"
+    key = body.get("gateway_api_key") if isinstance(body, dict) else None
+    return key if isinstance(key, str) else "none"
 
 
 def child_pids(pid: int) -> list[int]:

@@ -226,3 +226,13 @@ def test_profile_stages_take_the_innermost_stage() -> None:
         "signature verify (Ed25519)": 0.375,
         "msgpack, json": 0.125,
     }
+
+
+def test_serve_reads_the_gateway_key_of_the_dev_home(tmp_path: Path) -> None:
+    from bench.serve import client_key
+
+    assert client_key(tmp_path) == "none"
+    (tmp_path / "client.json").write_text(json.dumps({"network": "dev"}))
+    assert client_key(tmp_path) == "none"
+    (tmp_path / "client.json").write_text(json.dumps({"gateway_api_key": "rst-k"}))
+    assert client_key(tmp_path) == "rst-k"
