@@ -327,31 +327,38 @@ def targets_met(
 
 PROFILE_STREAMS = 8
 PROFILE_STAGES = [
-    ("signature verify (Ed25519)", ("verify (worker/core/signing",)),
-    ("signing (Ed25519)", ("sign_bytes (",)),
-    ("wire schemas (pydantic)", ("schemas/", "pydantic")),
+    ("signing (Ed25519)", ("sign_bytes (", "SigningKey.sign (")),
+    ("signature verify (Ed25519)", ("worker/core/signing", "VerifyKey.verify (")),
+    ("node: runtime frames", ("worker/runtime/", "schemas/frames")),
+    ("wire schemas, envelopes (pydantic, msgpack)", ("schemas/", "pydantic", "msgpack")),
+    ("JSON", ("json/",)),
     ("gateway: stream envelopes -> SSE chunks", ("worker/gateway/",)),
     ("gateway: HTTP (uvicorn, starlette, h11)", ("uvicorn/", "starlette/", "h11/", "anyio/")),
     ("client side of the gateway (submit, result)", ("worker/client.py",)),
     ("node: stream and result publishing", ("worker/jobs/publisher",)),
-    ("node: runtime frames", ("worker/runtime/", "schemas/frames")),
     ("node: pipeline, intake", ("worker/jobs/",)),
     ("nats-py", ("nats/",)),
-    ("msgpack, json", ("msgpack", "json/")),
+    ("socket I/O (asyncio transports)", ("asyncio/selector_events.py",)),
 ]
-"""Each py-spy sample goes to the innermost frame naming a stage (else 'other')."""
+"""Each py-spy sample goes to the innermost frame naming a stage (else 'event loop,
+other'); for one frame, the first stage in this list that names it."""
+IDLE_LEAVES = ("select (selectors.py", "wait (threading.py")
+"""A sample whose innermost frame is one of these waits (py-spy's own idle test misses
+them on a busy machine)."""
 
 
 def profile_stages(raw: str) -> dict[str, float]:
-    """Share of samples per stage from py-spy's raw (collapsed) output (CPU only: py-spy
-    leaves out threads it finds idle)."""
+    """Share of samples per stage from py-spy's raw (collapsed) output, waits left out."""
     totals: dict[str, int] = {}
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
+        frames = stack.split(";")
+        if any(idle in frames[-1] for idle in IDLE_LEAVES):
+            continue
         stage = "event loop, other"
-        for frame in reversed(stack.split(";")):
+        for frame in reversed(frames):
             hit = next(
                 (s for s, needles in PROFILE_STAGES if any(n in frame for n in needles)), None
             )
