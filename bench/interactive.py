@@ -427,6 +427,10 @@ def mixed_record(
         figures["short_median_vs_engine"] = short
         figures["short_median_vs_engine_spread_pct"] = spread_pct(short)
         ratio = summary([_tps(a) / _tps(b) for a, b in pairs])
+        figures["targets_met"] = {  # judged on the medians: reported, never asserted
+            "tokens_per_s_ge_0.9": ratio["median"] >= 0.9,
+            "short_median_le_1.3x": short["median"] <= 1.3,
+        }
     return record(
         f"mixed 80% x{SHORT} / 20% x{LONG} tokens: node vs engine loop ({engine})",
         figures,
@@ -457,6 +461,7 @@ def uniform_record(
         figures["engine_generation_s_per_rep"] = _generation_s(engine_runs)
         figures["engine_tokens_per_s"] = summary([_tps(r) for r in engine_runs], 0)
         ratio = summary([_tps(a) / _tps(b) for a, b in pairs])
+        figures["targets_met"] = {"tokens_per_s_ge_0.95": ratio["median"] >= 0.95}
     return record(
         f"uniform {len(uniform)} x 64: node vs engine loop ({engine})",
         figures,

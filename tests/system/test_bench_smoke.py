@@ -232,3 +232,28 @@ def test_serve_reads_the_gateway_key_of_the_dev_home(tmp_path: Path) -> None:
     assert client_key(tmp_path) == "none"
     (tmp_path / "client.json").write_text(json.dumps({"gateway_api_key": "rst-k"}))
     assert client_key(tmp_path) == "rst-k"
+
+
+@pytest.mark.docker
+@pytest.mark.nats
+def test_small_interactive_on_the_echo_engine_reports_the_short_jobs_by_stage(
+    docker_client: object,
+) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.interactive", "--engine", "echo", "--small"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    by_name = {r["name"].split(":")[0].split(" (")[0]: r for r in json.loads(proc.stdout)}
+    mixed = by_name["mixed 80% x16 / 20% x224 tokens"]["figures"]
+    assert mixed["node_waves_per_rep"]["median"] >= 1 and mixed["reps"] == 1
+    stages = by_name["short jobs by stage"]["figures"]
+    for stage in ("publish_to_stored", "publish_to_runtime", "runtime", "result", "completion"):
+        value = stages[f"short_{stage}_ms"]["median"]
+        assert value is not None and math.isfinite(value) and value >= 0, stage
+    assert stages["intake_spread_ms"]["median"] >= 0
