@@ -472,3 +472,43 @@ async def test_a_failed_switch_leaves_the_node_out_of_service_then_retries(
         await serving(agent, config_version=2)
         out = await submit(nc, settings, job(snapshot.models[0].id, "x", "after-retry"), wait_s=30)
     assert failures == [1] and out.result.config_version == 2
+
+
+async def test_a_node_stopping_a_revoked_runtime_no_longer_names_its_model(
+    settings: Settings,
+    authority: NodeKey,
+    tmp_path: Path,
+    nc: Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The race of issue 26: out of service was said before the runtime stopped and the
+    model was cleared only after, so `status()` named a revoked model meanwhile. The
+    runtime's close is held at the supervisor (a seam the project owns) to look then."""
+    from worker.runtime.supervisor import Supervisor
+
+    snapshot = await seeded(settings, authority, tmp_path)
+    await put_model(nc, settings, tmp_path, "m-v2", b"tampered " * 1000)
+    body = second_snapshot(snapshot, settings, b"model v2 " * 1000, source="m-v2")
+    closing, release = asyncio.Event(), asyncio.Event()
+    aclose = Supervisor.aclose
+
+    async def held_aclose(self: Supervisor) -> None:
+        if not closing.is_set():
+            closing.set()
+            await release.wait()
+        await aclose(self)
+
+    monkeypatch.setattr(Supervisor, "aclose", held_aclose)
+    async with running(settings) as agent:
+        await serving(agent)
+        await publish_snapshot(
+            nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
+        )
+        try:
+            await asyncio.wait_for(closing.wait(), 60)
+            status = agent.status()
+        finally:
+            release.set()
+        assert status.config_version == 2
+        assert status.state != "serving"
+        assert status.model is None, status.model
