@@ -512,3 +512,46 @@ async def test_a_node_stopping_a_revoked_runtime_no_longer_names_its_model(
         assert status.config_version == 2
         assert status.state != "serving"
         assert status.model is None, status.model
+
+
+async def test_every_failed_apply_ends_in_one_signed_error_event(
+    settings: Settings,
+    authority: NodeKey,
+    tmp_path: Path,
+    nc: Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 20 item 4: a runtime whose start fails with something that is no NodeError
+    (the Docker SDK's read timeout, for an image that floods stdout before `ready`) left
+    the node out of service and the network untold. Now exactly one error event says so,
+    then the retry serves."""
+    import requests
+
+    from worker.runtime.supervisor import Supervisor
+
+    settings = settings.model_copy(update={"apply_retry_s": 0.2})
+    snapshot = await seeded(settings, authority, tmp_path)
+    replace = Supervisor.replace
+    failures: list[int] = []
+
+    async def timing_out(self: Supervisor, spec: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise requests.exceptions.ReadTimeout(
+                "UnixHTTPConnectionPool(host='localhost', port=None): Read timed out."
+            )
+        return await replace(self, spec)
+
+    monkeypatch.setattr(Supervisor, "replace", timing_out)
+    async with running(settings) as agent:
+        await serving(agent)
+        body = snapshot.model_dump(mode="json") | {"version": 2}
+        body["runtime"]["engine_args"] = {"token_delay_ms": 1}
+        await publish_snapshot(
+            nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
+        )
+        await serving(agent, config_version=2)  # the retry: the failed apply is over
+        reported = await errors(nc.jetstream(), settings)
+    assert failures == [1]
+    assert len(reported) == 1, reported
+    assert reported[0].retryable and "Read timed out" in reported[0].message

@@ -321,3 +321,26 @@ def test_check_snapshot_is_pure() -> None:
         check_snapshot(signed(9), {AUTHORITY.public_key}, network="devnet", floor=9)
     with pytest.raises(ConfigRejected, match="for network 'devnet', not 'testnet'"):
         check_snapshot(signed(9), {AUTHORITY.public_key}, network="testnet")
+
+
+async def test_a_saved_snapshot_below_the_floor_is_never_applied_at_boot(
+    nats_server: NatsServer, nc: Client, settings: Settings
+) -> None:
+    """Issue 20 item 6: the saved copy is v3 but the floor says v10 was verified here (the
+    state directory was partly restored, say). With NATS down, nothing else comes: the
+    node must apply nothing rather than roll back to v3."""
+    settings.state_dir.mkdir(parents=True)
+    (settings.state_dir / SAVED_NAME).write_bytes(signed(3))
+    write_floor(settings.state_dir, Floor(10, "c" * 64))
+    await asyncio.to_thread(nats_server.stop)
+    rec = Recorder()
+    try:
+        async with watcher(nc, settings, rec) as config:
+            await rec.until(lambda: bool(rec.applied or rec.rejected))
+            assert rec.applied == [] and config.current is None
+            assert "not newer than version 10" in rec.rejected[0]
+            assert config.floor.version == 10
+    finally:
+        await asyncio.to_thread(nats_server.start)
+        await wait_for(lambda: nc.is_connected, 10)
+    assert not (settings.state_dir / SAVED_NAME).exists()
