@@ -173,12 +173,14 @@ def _write_atomically(state_dir: Path, name: str, data: bytes) -> Path:
 
 
 def load_saved(
-    state_dir: Path, authority_keys: Collection[bytes], *, network: str
+    state_dir: Path, authority_keys: Collection[bytes], *, network: str, floor: Floor = Floor()
 ) -> AcceptedSnapshot | None:
-    """The saved snapshot, re-verified; None if there is none.
+    """The saved snapshot, re-verified against `floor`; None if there is none.
 
-    A saved file that no longer verifies is renamed to `*.rejected` (kept for the operator,
-    never loaded again) and `ConfigRejected` is raised.
+    A saved file that no longer verifies, or that is older than the floor (a state
+    directory partly restored from a backup: applying it would be a rollback), is renamed
+    to `*.rejected` (kept for the operator, never loaded again) and `ConfigRejected` is
+    raised.
     """
     path = state_dir / SAVED_NAME
     try:
@@ -186,7 +188,7 @@ def load_saved(
     except FileNotFoundError:
         return None
     try:
-        snapshot, signer = check_snapshot(data, authority_keys, network=network)
+        snapshot, signer = check_snapshot(data, authority_keys, network=network, floor=floor)
     except ConfigRejected as exc:
         os.replace(path, path.with_name(SAVED_NAME + REJECTED_SUFFIX))
         raise ConfigRejected(f"saved {path} refused: {exc}") from exc
@@ -275,7 +277,7 @@ class ConfigWatcher(AsyncResource):
             log.error("config_floor_unreadable error=%s", exc)
         try:
             saved = await asyncio.to_thread(
-                load_saved, state_dir, self._keys, network=self._settings.network
+                load_saved, state_dir, self._keys, network=self._settings.network, floor=self._floor
             )
         except ConfigRejected as exc:
             log.error("config_saved_rejected reason=%s", exc)
