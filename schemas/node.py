@@ -14,6 +14,7 @@ class NodeState(StrEnum):
     NEW = "new"
     STARTING = "starting"
     WAITING_CONFIG = "waiting_config"
+    APPLYING = "applying"  # switching what runs: nothing is served meanwhile
     SERVING = "serving"
     OUT_OF_SERVICE = "out_of_service"
     STOPPING = "stopping"

@@ -34,7 +34,13 @@ from nats.js.errors import ServiceUnavailableError
 from schemas.event import ErrorCode, LifecycleKind
 from schemas.node import NodeState, NodeStatus, StatusReply, ValidationState
 from schemas.snapshot import ModelSpec, Snapshot
-from worker.core.errors import ModelInvalid, NodeError, ResourceClosed, RuntimeFailure
+from worker.core.errors import (
+    ModelInvalid,
+    NodeError,
+    ResourceClosed,
+    RuntimeFailure,
+    error_code,
+)
 from worker.core.gcpolicy import tune_for_serving
 from worker.core.metrics import Metrics, MetricsServer
 from worker.core.progress import ProgressReport
@@ -45,6 +51,8 @@ from worker.jobs.pipeline import Pipeline, Serving
 from worker.jobs.provision import ensure_consumer, ensure_streams
 from worker.jobs.publisher import Publisher
 from worker.models.store import ModelLimits, ModelStore
+from worker.node import lifecycle as lc
+from worker.node.lifecycle import Lifecycle
 from worker.node.services import heartbeat_loop, status_endpoint
 from worker.node.snapshots import AcceptedSnapshot, ConfigWatcher
 from worker.node.validation import validate_model
@@ -139,12 +147,9 @@ class Agent(AsyncResource):
         self.settings = settings
         self.key = key
         self.metrics = Metrics()
-        self._node_state = NodeState.NEW
+        self._life = Lifecycle()
         self._state_changed = asyncio.Event()
         self.started_at = time.time()
-        self.snapshot: Snapshot | None = None
-        self.model: ModelSpec | None = None
-        self.validation_state = ValidationState.NONE
         self.pipeline: Pipeline | None = None
         self.completed_before = 0
         self._nc: Client | None = None
@@ -167,20 +172,47 @@ class Agent(AsyncResource):
     # state
 
     @property
-    def node_state(self) -> NodeState:
-        return self._node_state
+    def lifecycle(self) -> Lifecycle:
+        """The node's state, snapshot in force and model in service, as one record."""
+        return self._life
 
-    def _set_state(self, state: NodeState) -> None:
-        self._node_state = state
+    @property
+    def node_state(self) -> NodeState:
+        return self._life.state
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._life.snapshot
+
+    @property
+    def model(self) -> ModelSpec | None:
+        return self._life.model
+
+    @property
+    def validation_state(self) -> ValidationState:
+        return self._life.validation
+
+    def _move(self, event: lc.Event) -> Lifecycle:
+        """Replace the lifecycle record by its successor: one step, no await, so that no
+        reader sees half of a change."""
+        before, self._life = self._life, lc.step(self._life, event)
+        if self._life.state is not before.state:
+            log.info(
+                "node_state state=%s was=%s reason=%s",
+                self._life.state.value,
+                before.state.value,
+                self._life.reason,
+            )
         changed, self._state_changed = self._state_changed, asyncio.Event()
         changed.set()
+        return self._life
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Return once `condition()` holds; it is checked at every change of state.
         Raises `ResourceClosed` if the agent stops first."""
         while not condition():
-            if self._node_state in (NodeState.STOPPING, NodeState.CLOSED):
-                raise ResourceClosed(f"agent is {self._node_state.value}")
+            if self.node_state in (NodeState.STOPPING, NodeState.CLOSED):
+                raise ResourceClosed(f"agent is {self.node_state.value}")
             await self._state_changed.wait()
 
     async def wait_serving(self, config_version: int = 0) -> None:
@@ -189,7 +221,7 @@ class Agent(AsyncResource):
         def serving() -> bool:
             pipeline = self.pipeline
             return (
-                self._node_state is NodeState.SERVING
+                self.node_state is NodeState.SERVING
                 and pipeline is not None
                 and pipeline.serving.config_version >= config_version
             )
@@ -199,7 +231,7 @@ class Agent(AsyncResource):
     # lifecycle
 
     async def _open(self, stack: AsyncExitStack) -> None:
-        self._set_state(NodeState.STARTING)
+        self._move(lc.Starting())
         # A runtime left by a previous agent of this node (killed, not stopped) goes first:
         # this agent may be stopped again before it ever starts a supervisor of its own.
         await self._remove_leftover_runtimes()
@@ -247,7 +279,7 @@ class Agent(AsyncResource):
         4. flush and close NATS last, so the acks and naks of step 2 reach the server.
         """
         forced = self._forced or self.force.is_set()
-        self._set_state(NodeState.STOPPING)
+        self._move(lc.Stopping())
         if self._publisher is not None and not forced:
             await self._publisher.try_lifecycle(LifecycleKind.STOPPING)
         await self._stop_pipeline(0 if forced else self.settings.shutdown_grace_s)
@@ -265,7 +297,7 @@ class Agent(AsyncResource):
             except Exception as exc:
                 log.warning("nats_drain_failed error=%r", exc)
                 await self._nc.close()
-        self._set_state(NodeState.CLOSED)
+        self._move(lc.Closed())
         log.info("agent_stopped node_id=%s", self.key.node_id)
 
     async def _remove_leftover_runtimes(self) -> None:
@@ -286,7 +318,7 @@ class Agent(AsyncResource):
 
         self.check_open()
         assert self._nc is not None and self._publisher is not None
-        self._set_state(NodeState.WAITING_CONFIG)
+        self._move(lc.AwaitingConfig())
         watcher = ConfigWatcher(
             self._nc, self.settings, apply=self._apply_accepted, on_rejected=self._report_rejected
         )
@@ -330,8 +362,11 @@ class Agent(AsyncResource):
         async with self._apply_lock:
             if snapshot is not self.snapshot:
                 self._retry_delay_s = self.settings.apply_retry_s
-            self.snapshot = snapshot
             self._retry_wanted.clear()
+            life = self._move(lc.InForce(snapshot))
+            if life.model is None and self.pipeline is not None:
+                # the model in service was revoked: it stops at once, no grace
+                await self._stop_pipeline(0)
             try:
                 await self._bring_into_service(snapshot)
             except Exception as exc:
@@ -342,6 +377,11 @@ class Agent(AsyncResource):
                     self._retry_delay_s,
                 )
                 await self._serve_nothing(snapshot, f"snapshot {snapshot.version}: {exc}")
+                # Whatever raised (a NodeError, or a Docker SDK read timeout), the network
+                # hears of it once, here, when the node has settled into serving nothing.
+                await self._publish_error(
+                    exc, retryable=True, context=f"snapshot {snapshot.version}"
+                )
                 self._retry_wanted.set()
                 raise
 
@@ -356,13 +396,9 @@ class Agent(AsyncResource):
             await self._serve_nothing(snapshot, "model not approved")
             return
         # 1. Prepare, touching nothing that runs.
-        try:
-            await self._store.fetch(spec, progress=ProgressReport(spec.size, "model_download"))
-            await self._check_image(snapshot.runtime.image)
-            model_dir = await self._store.prepare(spec)
-        except NodeError as exc:
-            await self._publish_error(exc, retryable=True)
-            raise
+        await self._store.fetch(spec, progress=ProgressReport(spec.size, "model_download"))
+        await self._check_image(snapshot.runtime.image)
+        model_dir = await self._store.prepare(spec)
         launch = LaunchSpec(
             engine=snapshot.runtime.engine,
             image=snapshot.runtime.image,
@@ -371,26 +407,17 @@ class Agent(AsyncResource):
             engine_args=dict(snapshot.runtime.engine_args),
         )
         # 2. Switch.
+        self._move(lc.Switching())
         await self._stop_pipeline(self.settings.shutdown_grace_s)
-        self.model = None
         await self._prune(snapshot)
         replacing = self._supervisor is not None
-        try:
-            await self._launch(launch)
-        except NodeError as exc:
-            await self._publish_error(exc, retryable=True)
-            raise
+        await self._launch(launch)
         kind = LifecycleKind.RUNTIME_REPLACED if replacing else LifecycleKind.RUNTIME_STARTED
         await self._publisher.try_lifecycle(kind, image=launch.image, engine=launch.engine)
         await self._publisher.try_lifecycle(LifecycleKind.CONFIG_APPLIED, version=snapshot.version)
-        self.model = spec
+        self._move(lc.Loaded(spec))
         # 3. Validate, then serve.
-        try:
-            valid = await self._validate()
-        except RuntimeFailure as exc:
-            await self._publish_error(exc, retryable=True)
-            raise
-        if not valid:
+        if not await self._validate():
             return
         await self._publisher.try_lifecycle(
             LifecycleKind.MODEL_READY, id=spec.id, version=spec.version, sha256=spec.sha256
@@ -401,7 +428,6 @@ class Agent(AsyncResource):
         """Under `snapshot`, nothing runs: no pipeline, no runtime, no unlisted model."""
         await self._take_out_of_service(why)
         await self._stop_runtime()
-        self.model = None
         try:
             await self._prune(snapshot)
         except Exception as exc:
@@ -464,13 +490,12 @@ class Agent(AsyncResource):
             await asyncio.to_thread(client.close)
 
     async def _validate(self) -> bool:
-
-        assert self.model is not None and self._publisher is not None
+        model = self.model
+        assert model is not None and self._publisher is not None
         assert self._supervisor is not None
-        self.validation_state = ValidationState.RUNNING
         for attempt in range(1, VALIDATION_ATTEMPTS + 1):
             try:
-                await validate_model(self._supervisor, self.model)
+                await validate_model(self._supervisor, model)
                 break
             except ModelInvalid as exc:
                 await self._model_invalid(exc)
@@ -480,25 +505,23 @@ class Agent(AsyncResource):
                 # the supervisor has started a fresh one, so try again, then give up for now.
                 log.warning("validation_runtime_failed try=%d error=%s", attempt, exc)
                 if attempt == VALIDATION_ATTEMPTS:
-                    self.validation_state = ValidationState.NOT_RUN
+                    self._move(lc.ValidationNotRun())
                     raise
-        self.validation_state = ValidationState.PASSED
+        self._move(lc.Validated())
         await self._publisher.try_lifecycle(
-            LifecycleKind.VALIDATION_PASSED,
-            id=self.model.id,
-            vectors=len(self.model.validation),
+            LifecycleKind.VALIDATION_PASSED, id=model.id, vectors=len(model.validation)
         )
         return True
 
     async def _model_invalid(self, exc: ModelInvalid) -> None:
-        self.validation_state = ValidationState.FAILED
         await self._publish_error(exc, retryable=False)
-        await self._take_out_of_service(str(exc))
+        await self._take_out_of_service(str(exc), invalid=True)
 
-    async def _take_out_of_service(self, why: str) -> None:
+    async def _take_out_of_service(self, why: str, *, invalid: bool = False) -> None:
+        """Say so first (state, model and validation in one step), then stop the pipeline."""
         log.warning("out_of_service reason=%s", why)
+        self._move(lc.OutOfService(why, invalid=invalid))
         await self._stop_pipeline(self.settings.shutdown_grace_s)
-        self._set_state(NodeState.OUT_OF_SERVICE)
 
     async def _start_pipeline(self, snapshot: Snapshot, spec: ModelSpec) -> None:
         assert self._nc is not None and self._publisher is not None
@@ -512,7 +535,7 @@ class Agent(AsyncResource):
             Pipeline(self._nc, self.settings, self._publisher, runtime, serving, self.metrics)
         )
         self._pipeline_stack = stack
-        self._set_state(NodeState.SERVING)
+        self._move(lc.Serving())
         log.info("serving model=%s version=%s config=%d", spec.id, spec.version, snapshot.version)
 
     async def _stop_pipeline(self, grace_s: float) -> None:
@@ -535,19 +558,27 @@ class Agent(AsyncResource):
         except Exception as exc:
             log.warning("error_publish_failed code=CONFIG_REJECTED error=%r", exc)
 
-    async def _publish_error(self, exc: NodeError, *, retryable: bool) -> None:
+    async def _publish_error(
+        self, exc: Exception, *, retryable: bool, context: str | None = None
+    ) -> None:
+        """One signed error event for `exc`: a NodeError's own code, `INTERNAL` for anything
+        else (named by its type, since its text alone may say little)."""
         assert self._publisher is not None
+        code = error_code(exc)
+        message = str(exc) if isinstance(exc, NodeError) else f"{type(exc).__name__}: {exc}"
+        if context is not None:
+            message = f"{context}: {message}"
         try:
-            await self._publisher.publish_error(exc.code, str(exc), retryable=retryable)
+            await self._publisher.publish_error(code, message, retryable=retryable)
         except Exception as pub_exc:
-            log.warning("error_publish_failed code=%s error=%r", exc.code.value, pub_exc)
+            log.warning("error_publish_failed code=%s error=%r", code.value, pub_exc)
 
     # background duties
 
     async def _validation_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.validation_interval_s)
-            if self._node_state is NodeState.SERVING and self.model is not None:
+            if self.node_state is NodeState.SERVING and self.model is not None:
                 async with self._apply_lock:
                     try:
                         await self._validate()
@@ -558,7 +589,7 @@ class Agent(AsyncResource):
         while True:
             exc = await self._troubles.get()
             async with self._apply_lock:
-                if self._node_state is NodeState.SERVING:
+                if self.node_state is NodeState.SERVING:
                     await self._model_invalid(exc)
 
     async def _metrics_server(self, stop: asyncio.Event) -> None:
@@ -585,7 +616,7 @@ class Agent(AsyncResource):
         sup = asdict(self._supervisor.stats()) if self._supervisor is not None else {}
         pipeline = self.pipeline
         return {
-            "state": self._node_state.value,
+            "state": self.node_state.value,
             "uptime_s": round(time.time() - self.started_at, 1),
             "config_version": self.snapshot.version if self.snapshot else None,
             "model": (
