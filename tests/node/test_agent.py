@@ -462,6 +462,7 @@ async def test_a_failed_switch_leaves_the_node_out_of_service_then_retries(
     async with running(settings) as agent:
         await serving(agent)
         body = snapshot.model_dump(mode="json") | {"version": 2}
+        body["runtime"]["engine_args"] = {"token_delay_ms": 1}  # a switch, not in place
         await publish_snapshot(
             nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
         )

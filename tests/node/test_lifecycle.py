@@ -165,3 +165,12 @@ def test_failed_vectors_take_the_model_out_with_the_reason() -> None:
     after = step(at(S.SERVING), OutOfService("vector 0 failed", invalid=True))
     assert after.validation is ValidationState.FAILED and after.model is None
     assert after.reason == "vector 0 failed"
+
+
+def test_the_model_in_service_takes_the_new_snapshots_spec_of_it() -> None:
+    """Same bytes, new vectors: the record holds the new spec (the agent reruns them)."""
+    body = snapshot_body() | {"version": 2}
+    body["models"][0]["validation"] = []
+    after = step(at(S.SERVING), InForce(Snapshot.model_validate(body)))
+    assert after.state is S.SERVING and after.model is not None
+    assert after.model.validation == [] != MODEL.validation

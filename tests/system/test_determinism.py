@@ -93,6 +93,8 @@ async def test_token_ids_survive_batching_replacement_and_restart(
             assert await mixed(nc, settings, model, "mixed") == first
             runtime_before = agent.status().runtime["runtime_id"]
             body = snapshot.model_dump(mode="json") | {"version": 2}
+            # something the runtime runs must change, or the snapshot is applied in place
+            body["runtime"]["engine_args"] = {"swap_space": 1}
             await publish_snapshot(
                 nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
             )

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         20.0, ge=0, description="time to finish jobs in flight on shutdown"
     )
+    switch_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="when a snapshot changes what runs: time the jobs in flight get to finish "
+        "on the old runtime before the rest is handed back (a revoked model gets none)",
+    )
     heartbeat_interval_s: float = Field(5.0, gt=0, description="seconds between heartbeats")
     apply_retry_s: float = Field(
         5.0,

@@ -20,7 +20,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
 from typing import Any
@@ -156,6 +156,8 @@ class Agent(AsyncResource):
         self._publisher: Publisher | None = None
         self._supervisor: Supervisor | None = None
         self._runtime_stack: AsyncExitStack | None = None
+        self._launched: LaunchSpec | None = None
+        """What the runtime in service was started from."""
         self._pipeline_stack: AsyncExitStack | None = None
         self._store: ModelStore | None = None
         self._apply_lock = asyncio.Lock()
@@ -363,12 +365,16 @@ class Agent(AsyncResource):
             if snapshot is not self.snapshot:
                 self._retry_delay_s = self.settings.apply_retry_s
             self._retry_wanted.clear()
+            before = self._life
             life = self._move(lc.InForce(snapshot))
             if life.model is None and self.pipeline is not None:
                 # the model in service was revoked: it stops at once, no grace
                 await self._stop_pipeline(0)
             try:
-                await self._bring_into_service(snapshot)
+                if self._runs_already(snapshot):
+                    await self._apply_in_place(snapshot, before.model)
+                else:
+                    await self._bring_into_service(snapshot)
             except Exception as exc:
                 log.error(
                     "apply_failed version=%d error=%r retry_in_s=%.1f",
@@ -384,6 +390,40 @@ class Agent(AsyncResource):
                 )
                 self._retry_wanted.set()
                 raise
+
+    def _runs_already(self, snapshot: Snapshot) -> bool:
+        """Whether the node serves, under `snapshot`, exactly what runs now: same engine,
+        image, engine arguments and model (id, version, bytes)."""
+        launched, model, pipeline = self._launched, self.model, self.pipeline
+        if launched is None or model is None or pipeline is None:
+            return False
+        if self.node_state is not NodeState.SERVING:
+            return False
+        chosen = snapshot.model(self.settings.model)
+        runtime = snapshot.runtime
+        return (
+            chosen == model
+            and (launched.engine, launched.image, launched.model_sha256)
+            == (runtime.engine, runtime.image, chosen.sha256)
+            and launched.engine_args == dict(runtime.engine_args)
+        )
+
+    async def _apply_in_place(self, snapshot: Snapshot, served: ModelSpec | None) -> None:
+        """Nothing this node runs changes: the runtime keeps running and no job is cut; the
+        results from now on attest the new snapshot. The vectors run again only if the
+        snapshot changed them."""
+        assert self._publisher is not None and self.pipeline is not None
+        model = self.model
+        assert model is not None
+        pipeline = self.pipeline
+        pipeline.serving = replace(pipeline.serving, config_version=snapshot.version)
+        await self._prune(snapshot)
+        await self._publisher.try_lifecycle(
+            LifecycleKind.CONFIG_APPLIED, version=snapshot.version, in_place=True
+        )
+        log.info("config_applied_in_place version=%d model=%s", snapshot.version, model.id)
+        if served is None or served.validation != model.validation:
+            await self._validate()
 
     async def _bring_into_service(self, snapshot: Snapshot) -> None:
         assert self._publisher is not None and self._store is not None
@@ -406,9 +446,10 @@ class Agent(AsyncResource):
             model_sha256=spec.sha256,
             engine_args=dict(snapshot.runtime.engine_args),
         )
-        # 2. Switch.
+        # 2. Switch: stop pulling, let the jobs in flight finish up to the grace, hand
+        # back the rest (they were not at fault: no error event), then swap.
         self._move(lc.Switching())
-        await self._stop_pipeline(self.settings.shutdown_grace_s)
+        await self._stop_pipeline(self.settings.switch_grace_s)
         await self._prune(snapshot)
         replacing = self._supervisor is not None
         await self._launch(launch)
@@ -457,6 +498,7 @@ class Agent(AsyncResource):
 
     async def _launch(self, launch: LaunchSpec) -> None:
         """Start the one runtime, or replace it; the supervisor removes the old container."""
+        self._launched = None
 
         if self._supervisor is None:
             stack = AsyncExitStack()
@@ -471,10 +513,12 @@ class Agent(AsyncResource):
             self._runtime_stack = stack
         else:
             await self._supervisor.replace(launch)
+        self._launched = launch
 
     async def _stop_runtime(self) -> None:
         stack, self._runtime_stack = self._runtime_stack, None
         self._supervisor = None
+        self._launched = None
         if stack is not None:
             await stack.aclose()
 

@@ -136,14 +136,19 @@ def step(life: Lifecycle, event: Event) -> Lifecycle:
             return replace(life, state=NodeState.WAITING_CONFIG)
         case InForce(snapshot):
             _expect(state, event, OPEN)
-            if life.model is not None and not _lists(snapshot, life.model):
+            if life.model is None:
+                return replace(life, snapshot=snapshot)
+            listed = _listed(snapshot, life.model)
+            if listed is None:
                 # Revoked: it stops at once, whatever the apply of the rest does.
                 return _out(
                     replace(life, snapshot=snapshot),
                     f"snapshot {snapshot.version} no longer approves model "
                     f"{life.model.id} {life.model.version}",
                 )
-            return replace(life, snapshot=snapshot)
+            # The same bytes stay in service, under the new snapshot's spec of them (its
+            # vectors, if they changed, are the agent's to run).
+            return replace(life, snapshot=snapshot, model=listed)
         case Switching():
             _expect(state, event, OPEN - {NodeState.STARTING})
             return replace(
@@ -190,8 +195,12 @@ def _out(life: Lifecycle, reason: str) -> Lifecycle:
     )
 
 
-def _lists(snapshot: Snapshot, model: ModelSpec) -> bool:
-    return any(m.sha256 == model.sha256 and m.id == model.id for m in snapshot.models)
+def _listed(snapshot: Snapshot, model: ModelSpec) -> ModelSpec | None:
+    """The snapshot's spec of `model` (same id, version and bytes), if it still lists it."""
+    for spec in snapshot.models:
+        if (spec.id, spec.version, spec.sha256) == (model.id, model.version, model.sha256):
+            return spec
+    return None
 
 
 def _expect(state: NodeState, event: Event, allowed: set[NodeState] | frozenset[NodeState]) -> None:

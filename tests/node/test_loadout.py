@@ -1,0 +1,179 @@
+"""What a node does when a snapshot changes (issue 25), against a real nats-server and the
+echo engine in a local process: apply in place when nothing it runs changes, switch without
+cutting work when something does, stop a revoked model at once."""
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from nats.aio.client import Client
+
+from schemas.envelope import EnvelopeType
+from schemas.node import NodeState
+from schemas.result import ResultBody
+from schemas.snapshot import Snapshot
+from tests.support.agent import running, serving
+from tests.support.jobnet import errors, results
+from tests.support.polling import wait_for
+from tests.support.settings import make_settings
+from worker.core.settings import Settings
+from worker.core.signing import NodeKey
+from worker.devtools.devnet import DevPlan, seed_network
+from worker.devtools.natsd import NatsServer
+from worker.models.objectstore import put_file
+from worker.node.agent import Agent
+from worker.node.snapshots import config_bucket, publish_snapshot
+
+pytestmark = pytest.mark.nats
+
+SLOW_MS = 500
+"""Echo's delay per token: a job of 16 tokens runs 8 s, far longer than any apply here."""
+
+
+@pytest.fixture
+def authority() -> NodeKey:
+    return NodeKey.generate()
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer, tmp_path: Path, authority: NodeKey) -> Settings:
+    return make_settings(
+        tmp_path,
+        nats_url=nats_server.url,
+        authority_keys=(authority.node_id,),
+        runtime_backend="process",
+        ack_wait_s=60,
+        shutdown_grace_s=0,
+        switch_grace_s=120,
+    )
+
+
+async def slow_network(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> dict[str, Any]:
+    """Version 2 of the demo network, its echo engine slowed down; returns its body."""
+    plan = DevPlan(tmp_path / "dev", 0, "echo", "process", "hi")
+    snapshot: Snapshot = await seed_network(settings, authority, plan, version=1)
+    body = snapshot.model_dump(mode="json") | {"version": 2}
+    body["runtime"]["engine_args"] = {"token_delay_ms": SLOW_MS}
+    await publish(nc, settings, authority, body)
+    return body
+
+
+async def publish(nc: Client, settings: Settings, authority: NodeKey, body: dict[str, Any]) -> None:
+    envelope = authority.sign(EnvelopeType.CONFIG, body)
+    await publish_snapshot(nc, config_bucket(settings), envelope)
+
+
+async def put_model(nc: Client, settings: Settings, tmp_path: Path, name: str) -> dict[str, Any]:
+    """Another model in the object store; its spec for a snapshot."""
+    data = f"model {name} ".encode() * 1000
+    path = tmp_path / f"{name}.bin"
+    path.write_bytes(data)
+    await put_file(nc.jetstream(), settings.models_bucket, name, path)
+    return {
+        "id": name,
+        "version": "1",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "source": f"nats-object://{settings.models_bucket}/{name}",
+        "validation": [],
+    }
+
+
+async def start_job(nc: Client, settings: Settings, agent: Agent, model: str, job_id: str) -> None:
+    """Publish a 16-token job and return once the agent holds it."""
+    body = {"job_id": job_id, "model_id": model, "prompt": "x", "params": {"max_tokens": 16}}
+    await nc.jetstream().publish(
+        settings.subject("jobs", model), msgpack.packb(body), headers={"Nats-Msg-Id": job_id}
+    )
+    await wait_for(lambda: agent.pipeline is not None and agent.pipeline.in_flight == 1, 30)
+
+
+async def result_of(nc: Client, settings: Settings, job_id: str) -> ResultBody:
+    found: list[ResultBody] = []
+
+    async def done() -> bool:
+        found[:] = [r for r in await results(nc.jetstream(), settings) if r.job_id == job_id]
+        return bool(found)
+
+    await wait_for(done, 60)
+    return found[0]
+
+
+def runtime_id(agent: Agent) -> Any:
+    return agent.status().runtime["runtime_id"]
+
+
+async def test_a_snapshot_that_changes_nothing_this_node_runs_cuts_no_job(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    """Another model added to the approved list: the new snapshot is in force at once, the
+    runtime keeps running (same id) and the job in flight ends as attempt 1."""
+    body = await slow_network(settings, authority, tmp_path, nc)
+    model = body["models"][0]["id"]
+    async with running(settings) as agent:
+        await serving(agent, config_version=2)
+        before = runtime_id(agent)
+        await start_job(nc, settings, agent, model, "kept")
+        body3 = body | {"version": 3, "models": [*body["models"], await put_model(
+            nc, settings, tmp_path, "unrelated"
+        )]}  # fmt: skip
+        await publish(nc, settings, authority, body3)
+        await serving(agent, config_version=3)
+        assert agent.pipeline is not None and agent.pipeline.in_flight == 1, "the job was cut"
+        assert runtime_id(agent) == before
+        done = await result_of(nc, settings, "kept")
+    assert done.attempt == 1 and done.config_version == 3
+    assert await errors(nc.jetstream(), settings) == []
+
+
+async def test_a_switch_lets_a_job_shorter_than_the_grace_finish_on_the_old_runtime(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    """The engine's arguments change (a new runtime is due): the node stops pulling, the
+    job in flight finishes on the old runtime (attempt 1, under the old snapshot), and
+    only then does the new runtime start."""
+    body = await slow_network(settings, authority, tmp_path, nc)
+    model = body["models"][0]["id"]
+    async with running(settings) as agent:
+        await serving(agent, config_version=2)
+        before = runtime_id(agent)
+        await start_job(nc, settings, agent, model, "finishes")
+        old = agent.pipeline
+        assert old is not None
+        body3 = body | {"version": 3, "runtime": body["runtime"] | {"engine_args": {}}}
+        await publish(nc, settings, authority, body3)
+        await agent.wait_until(lambda: agent.node_state is NodeState.APPLYING)
+        assert old.in_flight == 1 and old.draining, "the switch began with the job in flight"
+        await serving(agent, config_version=3)
+        assert runtime_id(agent) != before
+        done = await result_of(nc, settings, "finishes")
+    assert done.attempt == 1 and done.config_version == 2
+    assert await errors(nc.jetstream(), settings) == []
+
+
+async def test_a_revoked_model_stops_at_once(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    """A snapshot that no longer approves the model in service gives its jobs no grace:
+    the job in flight is handed back (no result, no error event) long before it could
+    have finished, and the successor serves."""
+    body = await slow_network(settings, authority, tmp_path, nc)
+    model = body["models"][0]["id"]
+    async with running(settings) as agent:
+        await serving(agent, config_version=2)
+        await start_job(nc, settings, agent, model, "revoked")
+        old = agent.pipeline
+        assert old is not None
+        body3 = body | {"version": 3, "models": [await put_model(nc, settings, tmp_path, "next")]}
+        body3["runtime"] = body["runtime"] | {"engine_args": {}}
+        await publish(nc, settings, authority, body3)
+        # Closed without the grace: a job that had finished would have published first.
+        await wait_for(lambda: not old.is_open, 30)
+        js = nc.jetstream()
+        assert [r for r in await results(js, settings) if r.job_id == "revoked"] == []
+        await serving(agent, config_version=3)
+    assert await errors(nc.jetstream(), settings) == []
