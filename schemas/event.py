@@ -31,6 +31,7 @@ class LifecycleKind(StrEnum):
     RUNTIME_STARTED = "runtime_started"
     RUNTIME_REPLACED = "runtime_replaced"
     VALIDATION_PASSED = "validation_passed"
+    MODEL_STATE = "model_state"
     STOPPING = "stopping"
 
 

@@ -31,6 +31,23 @@ class ValidationState(StrEnum):
     NOT_RUN = "not_run"  # the runtime broke before the vectors could run
 
 
+class ModelState(StrEnum):
+    """Where one approved model stands on this node (PROTOCOL.md, "Model states")."""
+
+    PENDING = "pending"  # approved, not verified in the cache yet
+    READY = "ready"  # verified in the cache, not loaded (inactive)
+    ACTIVE = "active"  # loaded in the runtime and served
+    FAILED = "failed"  # its bytes, archive or vectors failed (`reason`); retried with backoff
+    REMOVED = "removed"  # no longer approved: deleted from the cache
+
+
+class ModelStatus(ModelRef):
+    """One model of the node and its state."""
+
+    state: ModelState
+    reason: Annotated[StrictStr, Field(max_length=512)] | None = None
+
+
 class NodeStatus(Wire):
     """The node's state, as the heartbeat's `details` and the status reply carry it."""
 
@@ -40,6 +57,7 @@ class NodeStatus(Wire):
     model: ModelRef | None = None
     validation: ValidationState
     runtime: dict[StrictStr, Any]
+    models: Annotated[list[ModelStatus], Field(max_length=256)] = []
     pipeline: Annotated[StrictStr, Field(max_length=32)] | None = None
     in_flight: Count
     completed: Count

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from schemas.node import NodeState, ValidationState
+from schemas.node import ModelState, NodeState, ValidationState
 from schemas.snapshot import ModelSpec, Snapshot
 from tests.support.payloads import snapshot as snapshot_body
 from worker.node.lifecycle import (
@@ -15,6 +15,8 @@ from worker.node.lifecycle import (
     InForce,
     Lifecycle,
     Loaded,
+    ModelFailed,
+    ModelVerified,
     OutOfService,
     Serving,
     Starting,
@@ -58,6 +60,8 @@ EVENTS: dict[str, Event] = {
     "serving": Serving(),
     "out": OutOfService("why"),
     "invalid": OutOfService("vectors", invalid=True),
+    "verified": ModelVerified(MODEL),
+    "bad_bytes": ModelFailed(MODEL, "SHA-256 mismatch"),
     "stopping": Stopping(),
     "closed": Closed(),
 }
@@ -68,42 +72,50 @@ TABLE: dict[NodeState, dict[str, NodeState | type[TransitionError]]] = {
     S.NEW: {
         "starting": S.STARTING, "awaiting": X, "in_force": X, "revoking": X,
         "switching": X, "loaded": X, "validated": X, "not_run": X, "serving": X,
-        "out": X, "invalid": X, "stopping": S.STOPPING, "closed": S.CLOSED,
+        "out": X, "invalid": X, "stopping": S.STOPPING, "verified": X, "bad_bytes": X,
+        "closed": S.CLOSED,
     },
     S.STARTING: {
         "starting": X, "awaiting": S.WAITING_CONFIG, "in_force": S.STARTING,
         "revoking": S.STARTING, "switching": X, "loaded": X, "validated": X, "not_run": X,
         "serving": X, "out": S.OUT_OF_SERVICE, "invalid": S.OUT_OF_SERVICE,
-        "stopping": S.STOPPING, "closed": S.CLOSED,
+        "stopping": S.STOPPING, "verified": S.STARTING, "bad_bytes": S.STARTING,
+        "closed": S.CLOSED,
     },
     S.WAITING_CONFIG: {
         "starting": X, "awaiting": X, "in_force": S.WAITING_CONFIG,
         "revoking": S.WAITING_CONFIG, "switching": S.APPLYING, "loaded": X, "validated": X,
         "not_run": X, "serving": X, "out": S.OUT_OF_SERVICE, "invalid": S.OUT_OF_SERVICE,
-        "stopping": S.STOPPING, "closed": S.CLOSED,
+        "stopping": S.STOPPING, "verified": S.WAITING_CONFIG, "bad_bytes": S.WAITING_CONFIG,
+        "closed": S.CLOSED,
     },
     S.APPLYING: {
         "starting": X, "awaiting": X, "in_force": S.APPLYING, "revoking": S.OUT_OF_SERVICE,
         "switching": S.APPLYING, "loaded": S.APPLYING, "validated": S.APPLYING,
         "not_run": S.APPLYING, "serving": S.SERVING, "out": S.OUT_OF_SERVICE,
-        "invalid": S.OUT_OF_SERVICE, "stopping": S.STOPPING, "closed": S.CLOSED,
+        "invalid": S.OUT_OF_SERVICE, "stopping": S.STOPPING, "verified": S.APPLYING,
+        "bad_bytes": S.APPLYING,
+        "closed": S.CLOSED,
     },
     S.SERVING: {
         "starting": X, "awaiting": X, "in_force": S.SERVING, "revoking": S.OUT_OF_SERVICE,
         "switching": S.APPLYING, "loaded": X, "validated": S.SERVING, "not_run": S.SERVING,
         "serving": S.SERVING, "out": S.OUT_OF_SERVICE, "invalid": S.OUT_OF_SERVICE,
-        "stopping": S.STOPPING, "closed": S.CLOSED,
+        "stopping": S.STOPPING, "verified": S.SERVING, "bad_bytes": S.SERVING,
+        "closed": S.CLOSED,
     },
     S.OUT_OF_SERVICE: {
         "starting": X, "awaiting": X, "in_force": S.OUT_OF_SERVICE,
         "revoking": S.OUT_OF_SERVICE, "switching": S.APPLYING, "loaded": X, "validated": X,
         "not_run": X, "serving": X, "out": S.OUT_OF_SERVICE, "invalid": S.OUT_OF_SERVICE,
-        "stopping": S.STOPPING, "closed": S.CLOSED,
+        "stopping": S.STOPPING, "verified": S.OUT_OF_SERVICE, "bad_bytes": S.OUT_OF_SERVICE,
+        "closed": S.CLOSED,
     },
     S.STOPPING: {
         "starting": X, "awaiting": X, "in_force": X, "revoking": X, "switching": X,
         "loaded": X, "validated": X, "not_run": X, "serving": X, "out": X, "invalid": X,
-        "stopping": S.STOPPING, "closed": S.CLOSED,
+        "stopping": S.STOPPING, "verified": X, "bad_bytes": X,
+        "closed": S.CLOSED,
     },
     S.CLOSED: dict.fromkeys(EVENTS, X),
 }  # fmt: skip
@@ -143,7 +155,7 @@ def test_a_revoked_model_leaves_with_the_snapshot_that_revokes_it() -> None:
 
 def test_a_snapshot_that_keeps_the_model_keeps_serving_it() -> None:
     after = step(at(S.SERVING), InForce(V2_SAME))
-    assert after == replace(at(S.SERVING), snapshot=V2_SAME)
+    assert replace(after, models=()) == replace(at(S.SERVING), snapshot=V2_SAME)
 
 
 def test_a_model_of_the_same_id_with_other_bytes_is_revoked() -> None:
@@ -174,3 +186,43 @@ def test_the_model_in_service_takes_the_new_snapshots_spec_of_it() -> None:
     after = step(at(S.SERVING), InForce(Snapshot.model_validate(body)))
     assert after.state is S.SERVING and after.model is not None
     assert after.model.validation == [] != MODEL.validation
+
+
+def states(life: Lifecycle) -> dict[str, ModelState]:
+    return {m.id: m.state for m in life.models}
+
+
+def test_every_approved_model_has_one_state_from_pending_to_active() -> None:
+    life = step(at(S.WAITING_CONFIG), InForce(V1))
+    assert states(life) == {"tiny": ModelState.PENDING, "other": ModelState.PENDING}
+    life = step(life, ModelVerified(MODEL))
+    assert states(life)["tiny"] is ModelState.READY
+    for event in (Switching(), Loaded(MODEL), Validated(), Serving()):
+        life = step(life, event)
+    assert states(life) == {"tiny": ModelState.ACTIVE, "other": ModelState.PENDING}
+    life = step(life, Switching())
+    assert states(life)["tiny"] is ModelState.READY, "inactive while another loads"
+
+
+def test_a_model_that_fails_is_failed_with_its_reason_until_it_verifies() -> None:
+    life = step(step(at(S.WAITING_CONFIG), InForce(V1)), ModelFailed(MODEL, "SHA-256 mismatch"))
+    entry = life.model_state(MODEL)
+    assert entry is not None and entry.state is ModelState.FAILED
+    assert entry.reason == "SHA-256 mismatch"
+    life = step(life, InForce(V2_SAME))
+    assert states(life)["tiny"] is ModelState.FAILED, "a resync does not forget a failure"
+    assert states(step(life, ModelVerified(MODEL)))["tiny"] is ModelState.READY
+
+
+def test_failed_vectors_fail_the_model_in_service() -> None:
+    life = replace(step(at(S.WAITING_CONFIG), InForce(V1)), state=S.SERVING, model=MODEL)
+    life = step(life, OutOfService("vector 0", invalid=True))
+    assert states(life)["tiny"] is ModelState.FAILED and life.models[0].reason == "vector 0"
+
+
+def test_a_model_dropped_by_a_snapshot_is_removed_then_forgotten() -> None:
+    life = step(step(at(S.WAITING_CONFIG), InForce(V1)), InForce(V3_REVOKED))
+    assert states(life) == {"other": ModelState.PENDING, "tiny": ModelState.REMOVED}
+    body = snapshot_body() | {"version": 4, "models": [snapshot_body()["models"][1]]}
+    life = step(life, InForce(Snapshot.model_validate(body)))
+    assert states(life) == {"other": ModelState.PENDING}

@@ -177,3 +177,58 @@ async def test_a_revoked_model_stops_at_once(
         assert [r for r in await results(js, settings) if r.job_id == "revoked"] == []
         await serving(agent, config_version=3)
     assert await errors(nc.jetstream(), settings) == []
+
+
+async def test_a_failed_model_is_quarantined_then_retried_and_serves_once_it_verifies(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    """Every model has a state in `status()` and a lifecycle event per change: the new
+    model's bytes fail their hash (failed, with the reason), the old one is removed; the
+    apply is retried with backoff and, once the source holds the right bytes, the model
+    is active."""
+    from schemas.codec import validate
+    from schemas.event import LifecycleEvent
+    from tests.support.jobnet import read_all
+    from worker.core.signing import verify
+
+    settings = settings.model_copy(update={"apply_retry_s": 0.2})
+    body = await slow_network(settings, authority, tmp_path, nc)
+    old = body["models"][0]["id"]
+    spec = await put_model(nc, settings, tmp_path, "second")
+    await put_file_bytes(nc, settings, tmp_path, "second", b"t" * spec["size"])
+    async with running(settings) as agent:
+        await serving(agent, config_version=2)
+        assert [(m.id, m.state) for m in agent.status().models] == [(old, "active")]
+        await publish(nc, settings, authority, body | {"version": 3, "models": [spec]})
+
+        def state_of(model_id: str) -> tuple[str, str | None] | None:
+            found = [m for m in agent.status().models if m.id == model_id]
+            return (found[0].state.value, found[0].reason) if found else None
+
+        await wait_for(lambda: (state_of("second") or ("", None))[0] == "failed", 30)
+        state, reason = state_of("second") or ("", None)
+        assert reason is not None and "SHA-256" in reason
+        assert state_of(old) == ("removed", "not approved by snapshot 3")
+        await put_model(nc, settings, tmp_path, "second")
+        await serving(agent, config_version=3)
+        assert state_of("second") == ("active", None)
+        assert state_of(old) is None
+    stored = await read_all(
+        nc.jetstream(), settings.stream("EVENTS"), settings.subject("events", "node", ">")
+    )
+    events = [validate(LifecycleEvent, verify(d).body) for d in stored]
+    second = [
+        e.details["state"]
+        for e in events
+        if e.kind == "model_state" and e.details["id"] == "second"
+    ]
+    assert second[0] == "pending" and "failed" in second
+    assert second[-2:] == ["ready", "active"]
+
+
+async def put_file_bytes(
+    nc: Client, settings: Settings, tmp_path: Path, name: str, data: bytes
+) -> None:
+    path = tmp_path / f"{name}.bad"
+    path.write_bytes(data)
+    await put_file(nc.jetstream(), settings.models_bucket, name, path)

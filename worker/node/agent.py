@@ -169,6 +169,8 @@ class Agent(AsyncResource):
         # Failures found inside the pipeline's own tasks; handled by `_trouble_loop`, since
         # the pipeline cannot drain itself from within.
         self._troubles: asyncio.Queue[ModelInvalid] = asyncio.Queue()
+        # Model state changes, announced as lifecycle events by `_announce_loop` in order.
+        self._model_changes: asyncio.Queue[lc.ModelEntry] = asyncio.Queue()
         self.metrics.collect = self._collect_metrics
 
     # state
@@ -198,6 +200,10 @@ class Agent(AsyncResource):
         """Replace the lifecycle record by its successor: one step, no await, so that no
         reader sees half of a change."""
         before, self._life = self._life, lc.step(self._life, event)
+        if self._life.models != before.models:
+            for entry in self._life.models:
+                if entry not in before.models:
+                    self._model_changes.put_nowait(entry)
         if self._life.state is not before.state:
             log.info(
                 "node_state state=%s was=%s reason=%s",
@@ -338,6 +344,7 @@ class Agent(AsyncResource):
                 tg.create_task(self._validation_loop(), name="validation"),
                 tg.create_task(self._trouble_loop(), name="troubles"),
                 tg.create_task(self._retry_loop(), name="apply-retry"),
+                tg.create_task(self._announce_loop(), name="model-states"),
             ]
             if self.settings.metrics_port is not None:
                 duties.append(tg.create_task(self._metrics_server(stop), name="metrics"))
@@ -359,7 +366,7 @@ class Agent(AsyncResource):
         the node serves nothing under this snapshot (it no longer approves the old setup),
         removes the models it does not list, and retries with backoff until it succeeds or
         a newer snapshot comes; the failure is raised too (the watcher logs it). A model
-        whose validation vectors fail is out of service until a newer snapshot: no retry.
+        whose validation vectors fail is quarantined (failed) and retried the same way.
         """
         async with self._apply_lock:
             if snapshot is not self.snapshot:
@@ -436,9 +443,14 @@ class Agent(AsyncResource):
             await self._serve_nothing(snapshot, "model not approved")
             return
         # 1. Prepare, touching nothing that runs.
-        await self._store.fetch(spec, progress=ProgressReport(spec.size, "model_download"))
+        try:
+            await self._store.fetch(spec, progress=ProgressReport(spec.size, "model_download"))
+            model_dir = await self._store.prepare(spec)
+        except Exception as exc:
+            self._move(lc.ModelFailed(spec, str(exc)[:512]))
+            raise
+        self._move(lc.ModelVerified(spec))
         await self._check_image(snapshot.runtime.image)
-        model_dir = await self._store.prepare(spec)
         launch = LaunchSpec(
             engine=snapshot.runtime.engine,
             image=snapshot.runtime.image,
@@ -558,8 +570,11 @@ class Agent(AsyncResource):
         return True
 
     async def _model_invalid(self, exc: ModelInvalid) -> None:
+        """Quarantined: out of service, its state failed; the snapshot is applied again
+        with backoff (a newer snapshot may fix the vectors; the same one may not)."""
         await self._publish_error(exc, retryable=False)
         await self._take_out_of_service(str(exc), invalid=True)
+        self._retry_wanted.set()
 
     async def _take_out_of_service(self, why: str, *, invalid: bool = False) -> None:
         """Say so first (state, model and validation in one step), then stop the pipeline."""
@@ -636,6 +651,20 @@ class Agent(AsyncResource):
                 if self.node_state is NodeState.SERVING:
                     await self._model_invalid(exc)
 
+    async def _announce_loop(self) -> None:
+        """One `model_state` lifecycle event per change of a model's state."""
+        assert self._publisher is not None
+        while True:
+            entry = await self._model_changes.get()
+            await self._publisher.try_lifecycle(
+                LifecycleKind.MODEL_STATE,
+                id=entry.id,
+                version=entry.version,
+                sha256=entry.sha256,
+                state=entry.state.value,
+                reason=entry.reason,
+            )
+
     async def _metrics_server(self, stop: asyncio.Event) -> None:
         port = self.settings.metrics_port
         assert port is not None
@@ -669,6 +698,16 @@ class Agent(AsyncResource):
                 else None
             ),
             "validation": self.validation_state.value,
+            "models": [
+                {
+                    "id": m.id,
+                    "version": m.version,
+                    "sha256": m.sha256,
+                    "state": m.state.value,
+                    "reason": m.reason,
+                }
+                for m in self._life.models
+            ],
             "runtime": _plain(sup),
             "pipeline": pipeline.state.value if pipeline else None,
             "in_flight": pipeline.in_flight if pipeline else 0,
