@@ -108,6 +108,7 @@ def test_every_error_code_and_lifecycle_kind_decodes() -> None:
         "config_applied",
         "model_ready",
         "model_removed",
+        "model_state",
         "runtime_started",
         "runtime_replaced",
         "validation_passed",
