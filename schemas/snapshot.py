@@ -92,12 +92,21 @@ class RuntimeSpec(Wire):
         return self
 
 
+Placement = Annotated[
+    list[Annotated[StrictStr, Field(pattern=r"^(\*|[0-9a-f]{64})$")]],
+    Field(max_length=1024),
+]
+
+
 class Snapshot(Wire):
     network: Network
     version: Annotated[StrictInt, Field(ge=1)]
     issued_at: Number
     runtime: RuntimeSpec
     models: Annotated[list[ModelSpec], Field(min_length=1, max_length=MAX_MODELS)]
+    placement: Annotated[dict[ModelId, Placement], Field(max_length=MAX_MODELS)] = {}
+    """Which nodes may serve a model (node ids, or `*` for any); a model not named here may
+    be served by any node."""
 
     @model_validator(mode="after")
     def _unique_models(self) -> Self:
@@ -105,6 +114,11 @@ class Snapshot(Wire):
         if len(ids) != len(set(ids)):
             raise ValueError("model ids must be unique")
         return self
+
+    def placed(self, model_id: str, node_id: str) -> bool:
+        """Whether the placement lets `node_id` serve `model_id`."""
+        nodes = self.placement.get(model_id)
+        return nodes is None or "*" in nodes or node_id in nodes
 
     def model(self, model_id: str | None) -> ModelSpec | None:
         """The model a node serves: the one named, or else the first listed."""

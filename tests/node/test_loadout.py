@@ -1,234 +1,125 @@
-"""What a node does when a snapshot changes (issue 25), against a real nats-server and the
-echo engine in a local process: apply in place when nothing it runs changes, switch without
-cutting work when something does, stop a revoked model at once."""
+"""The loadout and the on-demand switch policy (worker/node/loadout.py): pure, no server."""
 
-import hashlib
-from pathlib import Path
-from typing import Any
-
-import msgpack
 import pytest
-from nats.aio.client import Client
 
-from schemas.envelope import EnvelopeType
-from schemas.node import NodeState
-from schemas.result import ResultBody
 from schemas.snapshot import Snapshot
-from tests.support.agent import running, serving
-from tests.support.jobnet import errors, results
-from tests.support.polling import wait_for
-from tests.support.settings import make_settings
-from worker.core.settings import Settings
-from worker.core.signing import NodeKey
-from worker.devtools.devnet import DevPlan, seed_network
-from worker.devtools.natsd import NatsServer
-from worker.models.objectstore import put_file
-from worker.node.agent import Agent
-from worker.node.snapshots import config_bucket, publish_snapshot
+from tests.support.payloads import snapshot as snapshot_body
+from worker.node.loadout import Queue, Switcher, choose_loadout
 
-pytestmark = pytest.mark.nats
-
-SLOW_MS = 500
-"""Echo's delay per token: a job of 16 tokens runs 8 s, far longer than any apply here."""
+NODE = "a" * 64
+OTHER_NODE = "b" * 64
+BIG = 1 << 40
 
 
-@pytest.fixture
-def authority() -> NodeKey:
-    return NodeKey.generate()
+def snapshot(**over: object) -> Snapshot:
+    return Snapshot.model_validate(snapshot_body() | over)
 
 
-@pytest.fixture
-def settings(nats_server: NatsServer, tmp_path: Path, authority: NodeKey) -> Settings:
-    return make_settings(
-        tmp_path,
-        nats_url=nats_server.url,
-        authority_keys=(authority.node_id,),
-        runtime_backend="process",
-        ack_wait_s=60,
-        shutdown_grace_s=0,
-        switch_grace_s=120,
-    )
+def test_default_loadout_is_every_approved_model() -> None:
+    assert choose_loadout(snapshot(), (), NODE, BIG).ids() == ["tiny", "other"]
 
 
-async def slow_network(
-    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
-) -> dict[str, Any]:
-    """Version 2 of the demo network, its echo engine slowed down; returns its body."""
-    plan = DevPlan(tmp_path / "dev", 0, "echo", "process", "hi")
-    snapshot: Snapshot = await seed_network(settings, authority, plan, version=1)
-    body = snapshot.model_dump(mode="json") | {"version": 2}
-    body["runtime"]["engine_args"] = {"token_delay_ms": SLOW_MS}
-    await publish(nc, settings, authority, body)
-    return body
+def test_the_operators_list_narrows_it() -> None:
+    chosen = choose_loadout(snapshot(), ("other", "unknown"), NODE, BIG)
+    assert chosen.ids() == ["other"]
+    assert [(m.id, why) for m, why in chosen.left_out] == [("tiny", "not in RESULTITY_MODELS")]
 
 
-async def publish(nc: Client, settings: Settings, authority: NodeKey, body: dict[str, Any]) -> None:
-    envelope = authority.sign(EnvelopeType.CONFIG, body)
-    await publish_snapshot(nc, config_bucket(settings), envelope)
+def test_placement_steers_models_to_nodes() -> None:
+    placed = snapshot(placement={"tiny": [OTHER_NODE], "other": ["*"]})
+    assert choose_loadout(placed, (), NODE, BIG).ids() == ["other"]
+    assert choose_loadout(placed, (), OTHER_NODE, BIG).ids() == ["tiny", "other"]
 
 
-async def put_model(nc: Client, settings: Settings, tmp_path: Path, name: str) -> dict[str, Any]:
-    """Another model in the object store; its spec for a snapshot."""
-    data = f"model {name} ".encode() * 1000
-    path = tmp_path / f"{name}.bin"
-    path.write_bytes(data)
-    await put_file(nc.jetstream(), settings.models_bucket, name, path)
-    return {
-        "id": name,
-        "version": "1",
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size": len(data),
-        "source": f"nats-object://{settings.models_bucket}/{name}",
-        "validation": [],
-    }
+def test_the_cache_budget_keeps_what_fits_in_snapshot_order() -> None:
+    s = snapshot()
+    size = s.models[0].size
+    chosen = choose_loadout(s, (), NODE, size)
+    assert chosen.ids() == ["tiny"]
+    assert "over the cache budget" in chosen.left_out[0][1]
 
 
-async def start_job(nc: Client, settings: Settings, agent: Agent, model: str, job_id: str) -> None:
-    """Publish a 16-token job and return once the agent holds it."""
-    body = {"job_id": job_id, "model_id": model, "prompt": "x", "params": {"max_tokens": 16}}
-    await nc.jetstream().publish(
-        settings.subject("jobs", model), msgpack.packb(body), headers={"Nats-Msg-Id": job_id}
-    )
-    await wait_for(lambda: agent.pipeline is not None and agent.pipeline.in_flight == 1, 30)
+def test_placement_names_node_ids_or_any() -> None:
+    with pytest.raises(ValueError):
+        snapshot(placement={"tiny": ["not-a-node"]})
 
 
-async def result_of(nc: Client, settings: Settings, job_id: str) -> ResultBody:
-    found: list[ResultBody] = []
-
-    async def done() -> bool:
-        found[:] = [r for r in await results(nc.jetstream(), settings) if r.job_id == job_id]
-        return bool(found)
-
-    await wait_for(done, 60)
-    return found[0]
+def q(pending: int = 0, waiting: int = 0) -> Queue:
+    return Queue(pending, waiting)
 
 
-def runtime_id(agent: Agent) -> Any:
-    return agent.status().runtime["runtime_id"]
+def switcher(**over: float) -> Switcher:
+    values = {"min_residency_s": 10.0, "starve_s": 30.0} | over
+    return Switcher(min_residency_s=values["min_residency_s"], starve_s=values["starve_s"])
 
 
-async def test_a_snapshot_that_changes_nothing_this_node_runs_cuts_no_job(
-    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
-) -> None:
-    """Another model added to the approved list: the new snapshot is in force at once, the
-    runtime keeps running (same id) and the job in flight ends as attempt 1."""
-    body = await slow_network(settings, authority, tmp_path, nc)
-    model = body["models"][0]["id"]
-    async with running(settings) as agent:
-        await serving(agent, config_version=2)
-        before = runtime_id(agent)
-        await start_job(nc, settings, agent, model, "kept")
-        body3 = body | {"version": 3, "models": [*body["models"], await put_model(
-            nc, settings, tmp_path, "unrelated"
-        )]}  # fmt: skip
-        await publish(nc, settings, authority, body3)
-        await serving(agent, config_version=3)
-        assert agent.pipeline is not None and agent.pipeline.in_flight == 1, "the job was cut"
-        assert runtime_id(agent) == before
-        done = await result_of(nc, settings, "kept")
-    assert done.attempt == 1 and done.config_version == 3
-    assert await errors(nc.jetstream(), settings) == []
+def test_an_idle_model_gives_way_to_one_nobody_serves_after_confirmation() -> None:
+    s = switcher()
+    queues = {"a": q(), "b": q(pending=5)}
+    assert s.observe(20.0, "a", queues, in_flight=0) is None, "first look: not confirmed"
+    assert s.observe(22.0, "a", queues, in_flight=0) == "b"
 
 
-async def test_a_switch_lets_a_job_shorter_than_the_grace_finish_on_the_old_runtime(
-    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
-) -> None:
-    """The engine's arguments change (a new runtime is due): the node stops pulling, the
-    job in flight finishes on the old runtime (attempt 1, under the old snapshot), and
-    only then does the new runtime start."""
-    body = await slow_network(settings, authority, tmp_path, nc)
-    model = body["models"][0]["id"]
-    async with running(settings) as agent:
-        await serving(agent, config_version=2)
-        before = runtime_id(agent)
-        await start_job(nc, settings, agent, model, "finishes")
-        old = agent.pipeline
-        assert old is not None
-        body3 = body | {"version": 3, "runtime": body["runtime"] | {"engine_args": {}}}
-        await publish(nc, settings, authority, body3)
-        await agent.wait_until(lambda: agent.node_state is NodeState.APPLYING)
-        assert old.in_flight == 1 and old.draining, "the switch began with the job in flight"
-        await serving(agent, config_version=3)
-        assert runtime_id(agent) != before
-        done = await result_of(nc, settings, "finishes")
-    assert done.attempt == 1 and done.config_version == 2
-    assert await errors(nc.jetstream(), settings) == []
+def test_no_switch_before_the_minimum_residency() -> None:
+    s = switcher()
+    s.loaded(100.0)
+    queues = {"a": q(), "b": q(pending=5)}
+    assert s.observe(101.0, "a", queues, in_flight=0) is None
+    assert s.observe(105.0, "a", queues, in_flight=0) is None
+    assert s.observe(110.0, "a", queues, in_flight=0) == "b"
 
 
-async def test_a_revoked_model_stops_at_once(
-    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
-) -> None:
-    """A snapshot that no longer approves the model in service gives its jobs no grace:
-    the job in flight is handed back (no result, no error event) long before it could
-    have finished, and the successor serves."""
-    body = await slow_network(settings, authority, tmp_path, nc)
-    model = body["models"][0]["id"]
-    async with running(settings) as agent:
-        await serving(agent, config_version=2)
-        await start_job(nc, settings, agent, model, "revoked")
-        old = agent.pipeline
-        assert old is not None
-        body3 = body | {"version": 3, "models": [await put_model(nc, settings, tmp_path, "next")]}
-        body3["runtime"] = body["runtime"] | {"engine_args": {}}
-        await publish(nc, settings, authority, body3)
-        # Closed without the grace: a job that had finished would have published first.
-        await wait_for(lambda: not old.is_open, 30)
-        js = nc.jetstream()
-        assert [r for r in await results(js, settings) if r.job_id == "revoked"] == []
-        await serving(agent, config_version=3)
-    assert await errors(nc.jetstream(), settings) == []
+@pytest.mark.parametrize(
+    ("queues", "in_flight", "why"),
+    [
+        ({"a": q(pending=1), "b": q(pending=5)}, 0, "the loaded model has work queued"),
+        ({"a": q(), "b": q(pending=5)}, 1, "a job is in flight here"),
+        ({"a": q(), "b": q(pending=5, waiting=2)}, 0, "another node pulls b"),
+        ({"a": q(), "b": q()}, 0, "nothing waits for b"),
+        ({"b": q(pending=5)}, 0, "the loaded model's queue could not be read"),
+    ],
+)
+def test_no_switch_when(queues: dict[str, Queue], in_flight: int, why: str) -> None:
+    s = switcher()
+    for t in (20.0, 22.0, 24.0):
+        assert s.observe(t, "a", queues, in_flight) is None, why
 
 
-async def test_a_failed_model_is_quarantined_then_retried_and_serves_once_it_verifies(
-    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
-) -> None:
-    """Every model has a state in `status()` and a lifecycle event per change: the new
-    model's bytes fail their hash (failed, with the reason), the old one is removed; the
-    apply is retried with backoff and, once the source holds the right bytes, the model
-    is active."""
-    from schemas.codec import validate
-    from schemas.event import LifecycleEvent
-    from tests.support.jobnet import read_all
-    from worker.core.signing import verify
-
-    settings = settings.model_copy(update={"apply_retry_s": 0.2})
-    body = await slow_network(settings, authority, tmp_path, nc)
-    old = body["models"][0]["id"]
-    spec = await put_model(nc, settings, tmp_path, "second")
-    await put_file_bytes(nc, settings, tmp_path, "second", b"t" * spec["size"])
-    async with running(settings) as agent:
-        await serving(agent, config_version=2)
-        assert [(m.id, m.state) for m in agent.status().models] == [(old, "active")]
-        await publish(nc, settings, authority, body | {"version": 3, "models": [spec]})
-
-        def state_of(model_id: str) -> tuple[str, str | None] | None:
-            found = [m for m in agent.status().models if m.id == model_id]
-            return (found[0].state.value, found[0].reason) if found else None
-
-        await wait_for(lambda: (state_of("second") or ("", None))[0] == "failed", 30)
-        state, reason = state_of("second") or ("", None)
-        assert reason is not None and "SHA-256" in reason
-        assert state_of(old) == ("removed", "not approved by snapshot 3")
-        await put_model(nc, settings, tmp_path, "second")
-        await serving(agent, config_version=3)
-        assert state_of("second") == ("active", None)
-        assert state_of(old) is None
-    stored = await read_all(
-        nc.jetstream(), settings.stream("EVENTS"), settings.subject("events", "node", ">")
-    )
-    events = [validate(LifecycleEvent, verify(d).body) for d in stored]
-    second = [
-        e.details["state"]
-        for e in events
-        if e.kind == "model_state" and e.details["id"] == "second"
-    ]
-    assert second[0] == "pending" and "failed" in second
-    assert second[-2:] == ["ready", "active"]
+def test_the_busiest_unserved_model_wins() -> None:
+    s = switcher()
+    queues = {"a": q(), "b": q(pending=2), "c": q(pending=9)}
+    s.observe(20.0, "a", queues, 0)
+    assert s.observe(21.0, "a", queues, 0) == "c"
 
 
-async def put_file_bytes(
-    nc: Client, settings: Settings, tmp_path: Path, name: str, data: bytes
-) -> None:
-    path = tmp_path / f"{name}.bad"
-    path.write_bytes(data)
-    await put_file(nc.jetstream(), settings.models_bucket, name, path)
+def test_a_starved_model_gets_its_turn_even_while_the_loaded_one_is_busy() -> None:
+    s = switcher(starve_s=30.0)
+    queues = {"a": q(pending=100), "b": q(pending=1)}
+    assert s.observe(20.0, "a", queues, in_flight=4) is None
+    assert s.observe(40.0, "a", queues, in_flight=4) is None, "not starved for 30 s yet"
+    assert s.observe(50.0, "a", queues, in_flight=4) is None, "starved: to be confirmed"
+    assert s.observe(52.0, "a", queues, in_flight=4) == "b"
+
+
+def test_a_candidate_that_changes_starts_the_confirmation_again() -> None:
+    s = switcher()
+    s.observe(20.0, "a", {"a": q(), "b": q(pending=5)}, 0)
+    assert s.observe(21.0, "a", {"a": q(), "c": q(pending=5)}, 0) is None
+    assert s.observe(22.0, "a", {"a": q(), "c": q(pending=5)}, 0) == "c"
+
+
+def test_steady_traffic_on_both_never_thrashes() -> None:
+    """Both models always have work: the node stays with the loaded one until the other
+    has starved for `starve_s`, then stays `min_residency_s` at least: a bounded number of
+    switches per unit of time."""
+    s = switcher(min_residency_s=10.0, starve_s=30.0)
+    loaded, switches, now = "a", 0, 0.0
+    s.loaded(now)
+    while now < 600.0:
+        queues = {"a": q(pending=50), "b": q(pending=50)}
+        target = s.observe(now, loaded, queues, in_flight=8)
+        if target is not None:
+            loaded, switches = target, switches + 1
+            s.loaded(now)
+        now += 2.0
+    assert 0 < switches <= 600 // 30

@@ -3,6 +3,7 @@
 Secrets are never values here: the node key is read from the file `key_file` names.
 """
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -75,7 +76,30 @@ class Settings(BaseSettings):
     )
 
     # serving
-    model: str | None = Field(None, pattern=MODEL_ID_PATTERN, description="model id to serve")
+    model: str | None = Field(
+        None,
+        pattern=MODEL_ID_PATTERN,
+        description="serve only this model id (a loadout of one; RESULTITY_MODELS takes a list)",
+    )
+    models: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="the node's loadout: model ids it may serve, comma-separated; unset: every "
+        "approved model that fits the cache budget",
+    )
+    cache_budget_bytes: int = Field(
+        0,
+        ge=0,
+        description="bytes of model files the cache may hold; 0: the cache disk's free space "
+        "plus what the cache holds",
+    )
+    switch_min_residency_s: float = Field(
+        30.0,
+        ge=0,
+        description="least time a model stays loaded before the node switches to another on demand",
+    )
+    switch_check_interval_s: float = Field(
+        2.0, gt=0, description="seconds between looks at the queues of the loadout's models"
+    )
     max_in_flight: int = Field(256, ge=1, description="jobs fetched but not yet acked, at most")
     runtime_max_active: int = Field(
         0,
@@ -153,7 +177,7 @@ class Settings(BaseSettings):
         10.0, gt=0, description="time a client has to send its whole request body; then 408"
     )
 
-    @field_validator("authority_keys", mode="before")
+    @field_validator("authority_keys", "models", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -166,6 +190,14 @@ class Settings(BaseSettings):
         for key in value:
             parse_public_key(key)
         return tuple(k.lower() for k in value)
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for model_id in value:
+            if not re.fullmatch(MODEL_ID_PATTERN, model_id):
+                raise ValueError(f"model id {model_id!r} does not match {MODEL_ID_PATTERN}")
+        return value
 
     def authority_key_bytes(self) -> frozenset[bytes]:
         return frozenset(parse_public_key(k) for k in self.authority_keys)

@@ -246,6 +246,39 @@ class ModelStore:
         """SHA-256s of the blobs in the cache (verified when written, not since)."""
         return {p.name for p in self._blobs.iterdir() if p.is_file()}
 
+    def cached_bytes(self) -> int:
+        """Bytes of the blobs in the cache."""
+        return sum(p.stat().st_size for p in self._blobs.iterdir() if p.is_file())
+
+    async def touch(self, sha256: str) -> None:
+        """Mark the model as served now (eviction takes the least recently served first)."""
+        blob = self.blob_path(sha256)
+        try:
+            await asyncio.to_thread(os.utime, blob)
+        except FileNotFoundError:
+            pass
+
+    async def evict(self, keep: Iterable[str], budget_bytes: int) -> list[str]:
+        """Delete cached models not in `keep`, least recently served first, until the blobs
+        fit in `budget_bytes`; returns the removed SHA-256s."""
+        return await asyncio.to_thread(self._evict_sync, set(keep), budget_bytes)
+
+    def _evict_sync(self, keep: set[str], budget_bytes: int) -> list[str]:
+        blobs = [p for p in self._blobs.iterdir() if p.is_file()]
+        total = sum(p.stat().st_size for p in blobs)
+        removed: list[str] = []
+        for blob in sorted(blobs, key=lambda p: p.stat().st_mtime):
+            if total <= budget_bytes:
+                break
+            if blob.name in keep or self._lock(blob.name).locked():
+                continue
+            total -= blob.stat().st_size
+            _remove_quietly(blob)
+            for d in self._models.glob(f"{blob.name}.*"):
+                _remove_quietly(d)
+            removed.append(blob.name)
+        return removed
+
     def _lock(self, sha256: str) -> asyncio.Lock:
         return self._locks.setdefault(sha256, asyncio.Lock())
 

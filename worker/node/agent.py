@@ -16,12 +16,15 @@ Agent (an AsyncResource)
 
 import asyncio
 import logging
+import random
+import shutil
 import signal
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -32,7 +35,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import ServiceUnavailableError
 
 from schemas.event import ErrorCode, LifecycleKind
-from schemas.node import NodeState, NodeStatus, StatusReply, ValidationState
+from schemas.node import ModelState, NodeState, NodeStatus, StatusReply, ValidationState
 from schemas.snapshot import ModelSpec, Snapshot
 from worker.core.errors import (
     ModelInvalid,
@@ -48,11 +51,12 @@ from worker.core.resource import AsyncResource
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 from worker.jobs.pipeline import Pipeline, Serving
-from worker.jobs.provision import ensure_consumer, ensure_streams
+from worker.jobs.provision import consumer_name, ensure_consumer, ensure_streams
 from worker.jobs.publisher import Publisher
 from worker.models.store import ModelLimits, ModelStore
 from worker.node import lifecycle as lc
 from worker.node.lifecycle import Lifecycle
+from worker.node.loadout import Loadout, Queue, Switcher, choose_loadout
 from worker.node.services import heartbeat_loop, status_endpoint
 from worker.node.snapshots import AcceptedSnapshot, ConfigWatcher
 from worker.node.validation import validate_model
@@ -171,6 +175,16 @@ class Agent(AsyncResource):
         self._troubles: asyncio.Queue[ModelInvalid] = asyncio.Queue()
         # Model state changes, announced as lifecycle events by `_announce_loop` in order.
         self._model_changes: asyncio.Queue[lc.ModelEntry] = asyncio.Queue()
+        self._budget = settings.cache_budget_bytes
+        # The starvation wait is jittered per node, so that two nodes seeing the same
+        # starved model do not both switch to it at the same moment.
+        self._switcher = Switcher(
+            min_residency_s=settings.switch_min_residency_s,
+            starve_s=max(settings.switch_min_residency_s, 4 * settings.switch_check_interval_s)
+            * random.uniform(1.0, 1.5),
+        )
+        self.switches = 0
+        """Switches on demand from one model of the loadout to another."""
         self.metrics.collect = self._collect_metrics
 
     # state
@@ -345,6 +359,7 @@ class Agent(AsyncResource):
                 tg.create_task(self._trouble_loop(), name="troubles"),
                 tg.create_task(self._retry_loop(), name="apply-retry"),
                 tg.create_task(self._announce_loop(), name="model-states"),
+                tg.create_task(self._demand_loop(), name="demand"),
             ]
             if self.settings.metrics_port is not None:
                 duties.append(tg.create_task(self._metrics_server(stop), name="metrics"))
@@ -360,13 +375,16 @@ class Agent(AsyncResource):
     async def apply(self, snapshot: Snapshot) -> None:
         """Bring `snapshot` (verified: it is in force from now on) into service.
 
-        Everything the new snapshot needs (model fetched and verified, image present, model
-        directory prepared) is made ready while the old runtime still serves; only then is
-        the old one stopped and the new one started and validated. When any of that fails,
-        the node serves nothing under this snapshot (it no longer approves the old setup),
-        removes the models it does not list, and retries with backoff until it succeeds or
-        a newer snapshot comes; the failure is raised too (the watcher logs it). A model
-        whose validation vectors fail is quarantined (failed) and retried the same way.
+        The node's loadout under it (`worker.node.loadout`) is worked out; when nothing
+        that runs changes, the snapshot is applied in place. Otherwise everything the
+        model to load needs (fetched and verified, image present, directory prepared) is
+        made ready while the old runtime still serves; only then is the old one drained
+        and replaced, and the new one validated. The rest of the loadout is prefetched
+        into the cache after. When any of that fails, the node serves nothing under this
+        snapshot, removes the models it does not list, publishes one error event and
+        retries with backoff until it succeeds or a newer snapshot comes; the failure is
+        raised too (the watcher logs it). A model whose bytes or validation vectors fail
+        is quarantined (failed) and retried the same way.
         """
         async with self._apply_lock:
             if snapshot is not self.snapshot:
@@ -378,44 +396,73 @@ class Agent(AsyncResource):
                 # the model in service was revoked: it stops at once, no grace
                 await self._stop_pipeline(0)
             try:
-                if self._runs_already(snapshot):
-                    await self._apply_in_place(snapshot, before.model)
+                self._budget = await asyncio.to_thread(self._cache_budget)
+                loadout = self.loadout()
+                if not loadout.models:
+                    await self._config_rejected(
+                        f"snapshot {snapshot.version}: no approved model is in this node's "
+                        f"loadout ({_why_left_out(loadout)}); it serves nothing until one is"
+                    )
+                    await self._serve_nothing(snapshot, "no model of the loadout approved")
+                    return
+                if self._runs_already(snapshot, loadout):
+                    await self._apply_in_place(snapshot, before)
                 else:
-                    await self._bring_into_service(snapshot)
+                    await self._bring_into_service(snapshot, self._candidates(loadout))
+                await self._prefetch(snapshot, loadout)
             except Exception as exc:
-                log.error(
-                    "apply_failed version=%d error=%r retry_in_s=%.1f",
-                    snapshot.version,
-                    exc,
-                    self._retry_delay_s,
-                )
-                await self._serve_nothing(snapshot, f"snapshot {snapshot.version}: {exc}")
-                # Whatever raised (a NodeError, or a Docker SDK read timeout), the network
-                # hears of it once, here, when the node has settled into serving nothing.
-                await self._publish_error(
-                    exc, retryable=True, context=f"snapshot {snapshot.version}"
-                )
-                self._retry_wanted.set()
+                await self._apply_failed(snapshot, exc)
                 raise
 
-    def _runs_already(self, snapshot: Snapshot) -> bool:
+    async def _apply_failed(self, snapshot: Snapshot, exc: Exception) -> None:
+        log.error(
+            "apply_failed version=%d error=%r retry_in_s=%.1f",
+            snapshot.version,
+            exc,
+            self._retry_delay_s,
+        )
+        await self._serve_nothing(snapshot, f"snapshot {snapshot.version}: {exc}")
+        # Whatever raised (a NodeError, or a Docker SDK read timeout), the network hears
+        # of it once, here, when the node has settled into serving nothing.
+        await self._publish_error(exc, retryable=True, context=f"snapshot {snapshot.version}")
+        self._retry_wanted.set()
+
+    def loadout(self) -> Loadout:
+        """The models this node serves under the snapshot in force."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return Loadout(())
+        wanted = (self.settings.model,) if self.settings.model else self.settings.models
+        return choose_loadout(snapshot, wanted, self.key.node_id, self._budget)
+
+    def _cache_budget(self) -> int:
+        if self.settings.cache_budget_bytes:
+            return self.settings.cache_budget_bytes
+        assert self._store is not None
+        return shutil.disk_usage(self.settings.cache_dir).free + self._store.cached_bytes()
+
+    def _candidates(self, loadout: Loadout) -> list[ModelSpec]:
+        """The models to try loading, in order: the one loaded now if it stays, then the
+        others of the loadout, those that failed last."""
+        loaded = self._launched.model_sha256 if self._launched else None
+        failed = {m.sha256 for m in self._life.models if m.state is ModelState.FAILED}
+        return sorted(loadout.models, key=lambda m: (m.sha256 != loaded, m.sha256 in failed))
+
+    def _runs_already(self, snapshot: Snapshot, loadout: Loadout) -> bool:
         """Whether the node serves, under `snapshot`, exactly what runs now: same engine,
-        image, engine arguments and model (id, version, bytes)."""
+        image, engine arguments, and a model of the loadout (same id, version, bytes)."""
         launched, model, pipeline = self._launched, self.model, self.pipeline
         if launched is None or model is None or pipeline is None:
             return False
-        if self.node_state is not NodeState.SERVING:
+        if self.node_state is not NodeState.SERVING or model not in loadout.models:
             return False
-        chosen = snapshot.model(self.settings.model)
         runtime = snapshot.runtime
         return (
-            chosen == model
-            and (launched.engine, launched.image, launched.model_sha256)
-            == (runtime.engine, runtime.image, chosen.sha256)
-            and launched.engine_args == dict(runtime.engine_args)
-        )
+            (launched.engine, launched.image, launched.model_sha256)
+            == (runtime.engine, runtime.image, model.sha256)
+        ) and launched.engine_args == dict(runtime.engine_args)
 
-    async def _apply_in_place(self, snapshot: Snapshot, served: ModelSpec | None) -> None:
+    async def _apply_in_place(self, snapshot: Snapshot, before: Lifecycle) -> None:
         """Nothing this node runs changes: the runtime keeps running and no job is cut; the
         results from now on attest the new snapshot. The vectors run again only if the
         snapshot changed them."""
@@ -425,24 +472,32 @@ class Agent(AsyncResource):
         pipeline = self.pipeline
         pipeline.serving = replace(pipeline.serving, config_version=snapshot.version)
         await self._prune(snapshot)
+        if before.snapshot is snapshot:
+            return  # a retry of this snapshot: only its prefetch failed
         await self._publisher.try_lifecycle(
             LifecycleKind.CONFIG_APPLIED, version=snapshot.version, in_place=True
         )
         log.info("config_applied_in_place version=%d model=%s", snapshot.version, model.id)
-        if served is None or served.validation != model.validation:
+        if before.model is None or before.model.validation != model.validation:
             await self._validate()
 
-    async def _bring_into_service(self, snapshot: Snapshot) -> None:
-        assert self._publisher is not None and self._store is not None
-        spec = snapshot.model(self.settings.model)
-        if spec is None:
-            await self._config_rejected(
-                f"snapshot {snapshot.version} does not approve model {self.settings.model!r}"
-                " (RESULTITY_MODEL); this node serves nothing until one does"
-            )
-            await self._serve_nothing(snapshot, "model not approved")
+    async def _bring_into_service(self, snapshot: Snapshot, candidates: list[ModelSpec]) -> None:
+        """Load the first candidate that verifies (the others are marked failed)."""
+        first_error: NodeError | None = None
+        for spec in candidates:
+            try:
+                model_dir = await self._ready_model(spec)
+            except NodeError as exc:
+                first_error = first_error or exc
+                continue
+            await self._switch(snapshot, spec, model_dir, self.settings.switch_grace_s)
             return
-        # 1. Prepare, touching nothing that runs.
+        assert first_error is not None
+        raise first_error
+
+    async def _ready_model(self, spec: ModelSpec) -> Path:
+        """The model fetched, verified and unpacked: its directory for the runtime."""
+        assert self._store is not None
         try:
             await self._store.fetch(spec, progress=ProgressReport(spec.size, "model_download"))
             model_dir = await self._store.prepare(spec)
@@ -450,6 +505,13 @@ class Agent(AsyncResource):
             self._move(lc.ModelFailed(spec, str(exc)[:512]))
             raise
         self._move(lc.ModelVerified(spec))
+        return model_dir
+
+    async def _switch(
+        self, snapshot: Snapshot, spec: ModelSpec, model_dir: Path, grace_s: float
+    ) -> None:
+        """Swap the runtime for one serving `spec` (its directory ready in `model_dir`)."""
+        assert self._publisher is not None and self._store is not None
         await self._check_image(snapshot.runtime.image)
         launch = LaunchSpec(
             engine=snapshot.runtime.engine,
@@ -458,24 +520,51 @@ class Agent(AsyncResource):
             model_sha256=spec.sha256,
             engine_args=dict(snapshot.runtime.engine_args),
         )
-        # 2. Switch: stop pulling, let the jobs in flight finish up to the grace, hand
-        # back the rest (they were not at fault: no error event), then swap.
+        # Stop pulling, let the jobs in flight finish up to the grace, hand back the rest
+        # (they were not at fault: no error event), then swap.
         self._move(lc.Switching())
-        await self._stop_pipeline(self.settings.switch_grace_s)
+        await self._stop_pipeline(grace_s)
         await self._prune(snapshot)
         replacing = self._supervisor is not None
         await self._launch(launch)
+        self._switcher.loaded(asyncio.get_running_loop().time())
         kind = LifecycleKind.RUNTIME_REPLACED if replacing else LifecycleKind.RUNTIME_STARTED
         await self._publisher.try_lifecycle(kind, image=launch.image, engine=launch.engine)
         await self._publisher.try_lifecycle(LifecycleKind.CONFIG_APPLIED, version=snapshot.version)
         self._move(lc.Loaded(spec))
-        # 3. Validate, then serve.
+        await self._store.touch(spec.sha256)
+        # Validate, then serve.
         if not await self._validate():
             return
         await self._publisher.try_lifecycle(
             LifecycleKind.MODEL_READY, id=spec.id, version=spec.version, sha256=spec.sha256
         )
         await self._start_pipeline(snapshot, spec)
+
+    async def _prefetch(self, snapshot: Snapshot, loadout: Loadout) -> None:
+        """Every model of the loadout verified in the cache (and its consumer made), so a
+        switch to it costs no download; least recently served models past the budget go."""
+        assert self._store is not None and self._nc is not None
+        js = self._nc.jetstream()
+        for spec in loadout.models:
+            entry = self._life.model_state(spec)
+            if entry is None or entry.state not in (ModelState.READY, ModelState.ACTIVE):
+                try:
+                    await self._store.fetch(spec)
+                except NodeError as exc:
+                    self._move(lc.ModelFailed(spec, str(exc)[:512]))
+                    await self._publish_error(exc, retryable=True, context=f"prefetch {spec.id}")
+                    self._retry_wanted.set()  # with backoff, like a failed apply
+                    continue
+                self._move(lc.ModelVerified(spec))
+            if self.settings.provision and spec != self.model:
+                try:
+                    await ensure_consumer(js, self.settings, spec.id)
+                except Exception as exc:
+                    log.warning("consumer_create_failed model=%s error=%r", spec.id, exc)
+        keep = {m.sha256 for m in loadout.models}
+        for sha in await self._store.evict(keep, self._budget):
+            log.info("model_evicted sha256=%s budget=%d", sha, self._budget)
 
     async def _serve_nothing(self, snapshot: Snapshot, why: str) -> None:
         """Under `snapshot`, nothing runs: no pipeline, no runtime, no unlisted model."""
@@ -651,6 +740,56 @@ class Agent(AsyncResource):
                 if self.node_state is NodeState.SERVING:
                     await self._model_invalid(exc)
 
+    async def _demand_loop(self) -> None:
+        """Look at the loadout's queues and switch models on demand (`Switcher` decides)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.switch_check_interval_s)
+            life, pipeline = self._life, self.pipeline
+            if life.state is not NodeState.SERVING or life.model is None or pipeline is None:
+                continue
+            loadout = self.loadout()
+            if len(loadout.models) < 2:
+                continue
+            queues = await self._queues(loadout)
+            target = self._switcher.observe(loop.time(), life.model.id, queues, pipeline.in_flight)
+            if target is None:
+                continue
+            async with self._apply_lock:
+                spec = loadout.get(target)
+                snapshot = self.snapshot
+                if self._life is not life or spec is None or snapshot is None:
+                    continue  # something changed meanwhile: look again
+                log.info(
+                    "model_switch from=%s to=%s pending=%d",
+                    life.model.id,
+                    target,
+                    queues[target].pending,
+                )
+                self.switches += 1
+                try:
+                    model_dir = await self._ready_model(spec)
+                    await self._switch(snapshot, spec, model_dir, self.settings.switch_grace_s)
+                except Exception as exc:
+                    await self._apply_failed(snapshot, exc)
+
+    async def _queues(self, loadout: Loadout) -> dict[str, Queue]:
+        """Each loadout model's consumer: jobs pending, pull requests waiting."""
+        assert self._nc is not None
+        js = self._nc.jetstream()
+        stream = self.settings.stream("JOBS")
+        queues: dict[str, Queue] = {}
+        for spec in loadout.models:
+            try:
+                info = await js.consumer_info(
+                    stream, consumer_name(self.settings, spec.id), timeout=2
+                )
+            except Exception as exc:
+                log.debug("consumer_info_failed model=%s error=%r", spec.id, exc)
+                continue
+            queues[spec.id] = Queue(info.num_pending or 0, info.num_waiting or 0)
+        return queues
+
     async def _announce_loop(self) -> None:
         """One `model_state` lifecycle event per change of a model's state."""
         assert self._publisher is not None
@@ -769,6 +908,10 @@ async def run_until_signalled(settings: Settings, key: NodeKey) -> None:
     async with agent:
         tune_for_serving()
         await agent.serve(stop)
+
+
+def _why_left_out(loadout: Loadout) -> str:
+    return "; ".join(f"{spec.id}: {why}" for spec, why in loadout.left_out) or "none listed"
 
 
 def _plain(value: Any) -> Any:
