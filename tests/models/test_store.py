@@ -221,3 +221,22 @@ async def test_prune_removes_unapproved(js: JetStreamContext, store: ModelStore,
     assert store.cached() == {spec_b.sha256}
     assert not store.blob_path(spec_a.sha256).exists()
     assert list((store.cache_dir / "models").iterdir()) == []
+
+
+async def test_evict_takes_the_least_recently_served_first_and_spares_the_kept(
+    js: JetStreamContext, store: ModelStore, tmp_path: Path
+):
+    blobs = {name: os.urandom(10_000) for name in ("a", "b", "c")}
+    specs = {}
+    for when, (name, data) in enumerate(blobs.items(), start=1):
+        await publish(js, tmp_path, name, data)
+        specs[name] = spec_for(data, name=name, id=name)
+        await store.prepare(specs[name])
+        os.utime(store.blob_path(specs[name].sha256), (when * 1000, when * 1000))
+    await store.touch(specs["a"].sha256)  # served just now: a is the most recent
+    assert store.cached_bytes() == 30_000
+    kept = {specs["b"].sha256}  # b is the oldest but in the loadout
+    assert await store.evict(kept, 20_000) == [specs["c"].sha256]
+    assert store.cached() == {specs["a"].sha256, specs["b"].sha256}
+    assert not list((store.cache_dir / "models").glob(f"{specs['c'].sha256}.*"))
+    assert await store.evict(kept, 20_000) == []
