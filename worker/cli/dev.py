@@ -23,7 +23,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     log_file = home / "dev.log"
     quiet_console(log_file, verbose=args.verbose or args.dev_verbose)
     print(f"resultity-node dev: full log in {log_file}", file=sys.stderr, flush=True)
-    model_dir = Path(args.model).expanduser().resolve() if args.model else None
+    model_dirs = [Path(m).expanduser().resolve() for m in args.model or []]
+    model_dir = model_dirs[0] if model_dirs else None
     engine, backend = choose(args.engine, args.backend, model_dir)
     plan = DevPlan(
         home,
@@ -32,6 +33,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         backend,
         args.prompt,
         model_dir,
+        more_model_dirs=tuple(model_dirs[1:]),
         on_build_step=build_bar(),
         gateway_port=None if args.no_gateway else args.gateway_port,
     )
@@ -114,8 +116,10 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--model",
         metavar="DIR",
+        action="append",
         help="serve this Hugging Face model directory (config, tokenizer, safetensors) "
-        "instead of the demo model",
+        "instead of the demo model; give it twice for a loadout of two models, switched on "
+        "demand (resultity-node status shows both and their states)",
     )
     p.add_argument("--prompt", default="Resultity nodes sign every result", help="demo prompt")
     p.add_argument("--once", action="store_true", help="exit after the demo result")

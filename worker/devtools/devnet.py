@@ -29,7 +29,7 @@ import nats
 from schemas.envelope import EnvelopeType
 from schemas.job import MODEL_ID_PATTERN
 from schemas.node import NodeState
-from schemas.snapshot import Snapshot
+from schemas.snapshot import ModelSpec, Snapshot
 from worker.client import Outcome, new_job_id, submit
 from worker.core.errors import NodeError
 from worker.core.gcpolicy import tune_for_serving
@@ -66,6 +66,9 @@ class DevPlan:
     prompt: str
     model_dir: Path | None = None
     """A Hugging Face model directory to serve instead of the demo model."""
+    more_model_dirs: tuple[Path, ...] = ()
+    """More model directories (`dev --model A --model B`): the node's loadout holds them
+    all, one runtime at a time, and switches between them on demand."""
     on_build_step: BuildStep | None = None
     """Told each step of a runtime image build (from a worker thread)."""
 
@@ -192,16 +195,17 @@ def check_model_dir(directory: Path) -> None:
         )
 
 
-async def _model(plan: DevPlan) -> PackedModel:
-    """The model to serve, packed as the network distributes models."""
+async def _model(plan: DevPlan, model_dir: Path | None) -> PackedModel:
+    """A model to serve (the demo model without `model_dir`), packed as the network
+    distributes models."""
     step = Step()
-    if plan.model_dir is not None:
-        check_model_dir(plan.model_dir)
-        model_id = model_id_for(plan.model_dir)
+    if model_dir is not None:
+        check_model_dir(model_dir)
+        model_id = model_id_for(model_dir)
         archive = plan.home / "models" / f"{model_id}.tar"
-        sha256 = await asyncio.to_thread(write_archive, plan.model_dir, archive)
+        sha256 = await asyncio.to_thread(write_archive, model_dir, archive)
         packed = PackedModel(model_id, archive, sha256, archive.stat().st_size)
-        what = f"from {plan.model_dir}"
+        what = f"from {model_dir}"
     else:
         kind: ModelKind = "llama" if plan.engine == "vllm" else "echo"
         demo = await asyncio.to_thread(make_demo_model, plan.home / "models", kind)
@@ -272,63 +276,73 @@ async def seed_network(
     version: int | None = None,
     image: str | None = None,
 ) -> Snapshot:
-    """Provision, upload the plan's model and publish a signed snapshot naming it (and
+    """Provision, upload the plan's models and publish a signed snapshot naming them (and
     `image`, or the runtime image built here for the plan's engine)."""
 
-    model = await _model(plan)
     image = image or await _image_for(plan)
-    model_id, archive, sha256, size = model.id, model.archive, model.sha256, model.size
+    runtime: dict[str, Any] = {
+        "name": f"{plan.engine}-demo",
+        "image": image,
+        "engine": plan.engine,
+        "engine_args": {},
+    }
     nc = await nats.connect(settings.nats_url.split(","))
     try:
         js = nc.jetstream()
         await ensure_streams(js, settings)
-        step = Step()
-        await put_file(js, settings.models_bucket, f"{model_id}-{sha256[:12]}", archive)
-        step.done(f"model published to the object store bucket {settings.models_bucket}")
-        source = f"nats-object://{settings.models_bucket}/{model_id}-{sha256[:12]}"
-        spec: dict[str, Any] = {
-            "id": model_id,
-            "version": "1",
-            "sha256": sha256,
-            "size": size,
-            "source": source,
-            "validation": [],
-        }
-        runtime: dict[str, Any] = {
-            "name": f"{plan.engine}-demo",
-            "image": image,
-            "engine": plan.engine,
-            "engine_args": {},
-        }
-        model_spec = Snapshot.model_validate(
-            {
-                "network": settings.network,
-                "version": 1,
-                "issued_at": 0.0,
-                "runtime": runtime,
-                "models": [spec],
-            }
-        ).models[0]
-        model_dir = await ModelStore(settings.cache_dir / "reference", js=js).prepare(model_spec)
-        launch = LaunchSpec(plan.engine, image, model_dir, sha256, {})
-        spec["validation"] = await _expected_vectors(
-            settings, launch, plan.vectors_dir or plan.home, chat=has_chat_template(plan.model_dir)
-        )
+        specs = []
+        for model_dir in (plan.model_dir, *plan.more_model_dirs):
+            model = await _model(plan, model_dir)
+            specs.append(await _publish_model(settings, js, plan, runtime, model, model_dir))
         body = {
             "network": settings.network,
             "version": version or int(time.time()),
             "issued_at": time.time(),
             "runtime": runtime,
-            "models": [spec],
+            "models": specs,
         }
         snapshot = Snapshot.model_validate(body)
         envelope = authority.sign(EnvelopeType.CONFIG, body)
         await publish_snapshot(nc, config_bucket(settings), envelope)
-        log.info("dev_snapshot_published version=%d model=%s", snapshot.version, model_id)
+        log.info(
+            "dev_snapshot_published version=%d models=%s",
+            snapshot.version,
+            ",".join(m.id for m in snapshot.models),
+        )
         Step().done(f"snapshot v{snapshot.version} signed by the authority key and published")
         return snapshot
     finally:
         await nc.close()
+
+
+async def _publish_model(
+    settings: Settings,
+    js: Any,
+    plan: DevPlan,
+    runtime: dict[str, Any],
+    model: PackedModel,
+    model_dir: Path | None,
+) -> dict[str, Any]:
+    """Upload one model and author its spec, validation vectors included."""
+    step = Step()
+    name = f"{model.id}-{model.sha256[:12]}"
+    await put_file(js, settings.models_bucket, name, model.archive)
+    step.done(f"model published to the object store bucket {settings.models_bucket}")
+    spec: dict[str, Any] = {
+        "id": model.id,
+        "version": "1",
+        "sha256": model.sha256,
+        "size": model.size,
+        "source": f"nats-object://{settings.models_bucket}/{name}",
+        "validation": [],
+    }
+    model_spec = ModelSpec.model_validate(spec)
+    prepared = await ModelStore(settings.cache_dir / "reference", js=js).prepare(model_spec)
+    launch = LaunchSpec(plan.engine, runtime["image"], prepared, model.sha256, {})
+    spec["validation"] = await _expected_vectors(
+        settings, launch, plan.vectors_dir or plan.home, chat=has_chat_template(model_dir)
+    )
+    return spec
 
 
 async def run_dev(plan: DevPlan, *, on_result: Any, serve_forever: bool = True) -> Outcome:
