@@ -46,7 +46,7 @@ def choose_loadout(
     used = 0
     for spec in snapshot.models:
         if wanted and spec.id not in wanted:
-            left_out.append((spec, "not in RESULTITY_MODELS"))
+            left_out.append((spec, "not in RESULTITY_MODELS (or RESULTITY_MODEL)"))
         elif not snapshot.placed(spec.id, node_id):
             left_out.append((spec, "placed on other nodes"))
         elif used + spec.size > budget_bytes:
