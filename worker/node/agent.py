@@ -748,10 +748,18 @@ class Agent(AsyncResource):
             life, pipeline = self._life, self.pipeline
             if life.state is not NodeState.SERVING or life.model is None or pipeline is None:
                 continue
+            # Only a model verified in the cache is a switch target: a pending one is still
+            # being fetched, a failed one is quarantined until a retry verifies it.
             loadout = self.loadout()
-            if len(loadout.models) < 2:
+            usable = [
+                spec
+                for spec in loadout.models
+                if (entry := life.model_state(spec)) is not None
+                and entry.state in (ModelState.READY, ModelState.ACTIVE)
+            ]
+            if len(usable) < 2:
                 continue
-            queues = await self._queues(loadout)
+            queues = await self._queues(usable)
             target = self._switcher.observe(loop.time(), life.model.id, queues, pipeline.in_flight)
             if target is None:
                 continue
@@ -766,20 +774,27 @@ class Agent(AsyncResource):
                     target,
                     queues[target].pending,
                 )
-                self.switches += 1
                 try:
                     model_dir = await self._ready_model(spec)
+                except Exception as exc:
+                    # Nothing was stopped yet: the loaded model keeps serving; the other one
+                    # is failed (quarantined) and the retry fetches it again.
+                    await self._publish_error(exc, retryable=True, context=f"switch to {target}")
+                    self._retry_wanted.set()
+                    continue
+                self.switches += 1
+                try:
                     await self._switch(snapshot, spec, model_dir, self.settings.switch_grace_s)
                 except Exception as exc:
                     await self._apply_failed(snapshot, exc)
 
-    async def _queues(self, loadout: Loadout) -> dict[str, Queue]:
-        """Each loadout model's consumer: jobs pending, pull requests waiting."""
+    async def _queues(self, models: list[ModelSpec]) -> dict[str, Queue]:
+        """Each model's consumer: jobs pending, pull requests waiting."""
         assert self._nc is not None
         js = self._nc.jetstream()
         stream = self.settings.stream("JOBS")
         queues: dict[str, Queue] = {}
-        for spec in loadout.models:
+        for spec in models:
             try:
                 info = await js.consumer_info(
                     stream, consumer_name(self.settings, spec.id), timeout=2
