@@ -46,8 +46,8 @@ def test_placement_names_node_ids_or_any() -> None:
         snapshot(placement={"tiny": ["not-a-node"]})
 
 
-def q(pending: int = 0, waiting: int = 0) -> Queue:
-    return Queue(pending, waiting)
+def q(pending: int = 0, waiting: int = 0, delivered: int = 0) -> Queue:
+    return Queue(pending, waiting, delivered)
 
 
 def switcher(**over: float) -> Switcher:
@@ -125,3 +125,19 @@ def test_steady_traffic_on_both_never_thrashes() -> None:
             s.loaded(now)
         now += 2.0
     assert 0 < switches <= 600 // 30
+
+
+def test_a_model_another_node_is_busy_pulling_is_not_starved() -> None:
+    """A busy puller has no pull request waiting, but its deliveries grow: served."""
+    s = switcher(starve_s=4.0)
+    for i, t in enumerate((20.0, 22.0, 24.0, 26.0, 28.0)):
+        queues = {"a": q(), "b": q(pending=500, delivered=100 * i)}
+        assert s.observe(t, "a", queues, in_flight=0) is None
+
+
+def test_a_model_whose_puller_stopped_is_unserved_again() -> None:
+    s = switcher()
+    s.observe(20.0, "a", {"a": q(), "b": q(pending=5, delivered=7)}, 0)
+    s.observe(21.0, "a", {"a": q(), "b": q(pending=5, delivered=9)}, 0)
+    assert s.observe(22.0, "a", {"a": q(), "b": q(pending=5, delivered=9)}, 0) is None
+    assert s.observe(23.0, "a", {"a": q(), "b": q(pending=5, delivered=9)}, 0) == "b"

@@ -802,7 +802,8 @@ class Agent(AsyncResource):
             except Exception as exc:
                 log.debug("consumer_info_failed model=%s error=%r", spec.id, exc)
                 continue
-            queues[spec.id] = Queue(info.num_pending or 0, info.num_waiting or 0)
+            delivered = info.delivered.consumer_seq if info.delivered else 0
+            queues[spec.id] = Queue(info.num_pending or 0, info.num_waiting or 0, delivered or 0)
         return queues
 
     async def _announce_loop(self) -> None:

@@ -8,7 +8,8 @@ load another:
 
 - the loaded model has nothing to do (nothing pending on its consumer, nothing in
   flight here), and another model of the loadout has jobs pending that no node is pulling
-  (its consumer has no waiting pull request): switch to the one with the most pending;
+  (its consumer has no waiting pull request, and delivered nothing since the last look):
+  switch to the one with the most pending;
 - or another model has been starved that way (pending, nobody pulling) for
   `starve_s` while the loaded one still has work: switch, so that no model of the loadout
   waits for ever behind a busy one.
@@ -65,6 +66,9 @@ class Queue:
     """Jobs not yet delivered to any node (`num_pending`)."""
     waiting: int
     """Pull requests waiting for jobs, from any node (`num_waiting`)."""
+    delivered: int = 0
+    """Deliveries so far (`delivered.consumer_seq`): when it grows, some node is pulling,
+    even one too busy to have a pull request waiting."""
 
 
 @dataclass(slots=True)
@@ -78,6 +82,7 @@ class Switcher:
     _candidate: str | None = None
     _seen: int = 0
     _starving_since: dict[str, float] = field(default_factory=dict)
+    _delivered: dict[str, int] = field(default_factory=dict)
 
     def loaded(self, now: float) -> None:
         """A model was (re)loaded: residency starts again."""
@@ -90,10 +95,16 @@ class Switcher:
     ) -> str | None:
         """The model to switch to now, if any. `queues` has every loadout model's queue
         (the loaded one included, when it could be read)."""
+        pulled = {
+            model_id
+            for model_id, q in queues.items()
+            if q.waiting > 0 or q.delivered != self._delivered.get(model_id, q.delivered)
+        }
+        self._delivered.update((model_id, q.delivered) for model_id, q in queues.items())
         unserved = {
             model_id: q.pending
             for model_id, q in queues.items()
-            if model_id != loaded and q.pending > 0 and q.waiting == 0
+            if model_id != loaded and q.pending > 0 and model_id not in pulled
         }
         for model_id in list(self._starving_since):
             if model_id not in unserved:
