@@ -147,7 +147,7 @@ async def test_a_switch_lets_a_job_shorter_than_the_grace_finish_on_the_old_runt
         body3 = body | {"version": 3, "runtime": body["runtime"] | {"engine_args": {}}}
         await publish(nc, settings, authority, body3)
         await agent.wait_until(lambda: agent.node_state is NodeState.APPLYING)
-        assert old.in_flight == 1 and old.draining, "the switch began with the job in flight"
+        assert old.in_flight == 1, "the switch began with the job in flight"
         await serving(agent, config_version=3)
         assert runtime_id(agent) != before
         done = await result_of(nc, settings, "finishes")
