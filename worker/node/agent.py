@@ -1,15 +1,20 @@
 """The agent: connects to NATS, follows signed snapshots, keeps one runtime, runs the pipeline.
 
-Agent (an AsyncResource)
+Agent (an AsyncResource); its state is one `Lifecycle` record (worker.node.lifecycle)
+replaced whole by a pure `step`, so state, snapshot, model and model states never disagree
 ├── NATS connection (reconnects forever; pull requests are re-issued after a reconnect)
 ├── ConfigWatcher  --verified snapshot, now in force-->  apply()
+│                                   ├── loadout (worker.node.loadout); nothing that runs
+│                                   │   changes: applied in place, no job cut
 │                                   ├── prepare: ModelStore.fetch / prepare, image check
 │                                   │   (nothing running is touched until this succeeds)
-│                                   ├── switch: stop pipeline, prune, Supervisor.replace
+│                                   ├── switch: drain with a grace, prune, Supervisor.replace
 │                                   ├── validation vectors
-│                                   └── Pipeline for the served model
+│                                   ├── Pipeline for the loaded model
+│                                   └── prefetch the rest of the loadout, evict past budget
 │       a failed prepare or switch: serve nothing under the snapshot in force, remove
 │       what it does not list, retry with backoff until it works or a newer one comes
+├── demand: switch to another model of the loadout when its jobs wait (Switcher decides)
 ├── heartbeat, status endpoint (worker.node.services), periodic validation, metrics
 └── shutdown sequence (see `_close`)
 """
