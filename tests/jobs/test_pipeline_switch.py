@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from tests.support.jobnet import EchoRuntime, errors, job, publish_job, queue_empty, results
 from tests.support.pipeline import SERVING, settings_for
 from tests.support.polling import wait_for
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
+from worker.jobs.intake import JobSource
 from worker.jobs.pipeline import Pipeline, Serving
 from worker.jobs.provision import consumer_name, provision
 from worker.jobs.publisher import Publisher
@@ -157,3 +159,51 @@ async def test_a_close_without_a_drain_hands_back_with_no_error_event(
         (job_id, 2) for job_id in ids
     ]
     assert await errors(js, settings) == []
+
+
+async def test_jobs_delivered_but_not_taken_when_pulling_stops_are_handed_back(
+    nc: Client, tmp_path: Path
+) -> None:
+    """Jobs the server delivered that still wait in the client's queue when the source
+    stops are nak'ed, so another node takes them at once. A plain `unsubscribe()` discarded
+    them: the server held them as delivered until their ack wait ran out."""
+    settings, _ = await setup(nc, tmp_path)
+    js = nc.jetstream()
+    ids = [f"q-{i}" for i in range(4)]
+    for job_id in ids:
+        await publish_job(js, settings, "demo", job(job_id), job_id)
+    naks: list[str] = []
+
+    async def on_ack(msg: Msg) -> None:
+        if msg.data.startswith(b"-NAK"):
+            naks.append(msg.subject)
+
+    await nc.subscribe(f"$JS.ACK.{settings.stream('JOBS')}.>", cb=on_ack)
+    taken: list[Msg] = []
+    gate = asyncio.Event()
+
+    async def on_message(msg: Msg) -> None:
+        taken.append(msg)
+        await gate.wait()  # the first job holds the callback: the others queue behind it
+
+    source = JobSource(
+        nc,
+        stream=settings.stream("JOBS"),
+        consumer=consumer_name(settings, "demo"),
+        credit=lambda: 16,
+        on_message=on_message,
+    )
+    pulling = asyncio.ensure_future(source.run())
+    await wait_for(lambda: len(taken) == 1, timeout=10)
+
+    async def all_delivered() -> bool:
+        return (await consumer(nc, settings, "demo"))[:2] == (0, 4)
+
+    await wait_for(all_delivered, timeout=10)
+    await nc.flush()  # the three others are read: they wait in the subscription's queue
+    source.stop()
+    await wait_for(lambda: source._sub is None, timeout=10)  # it let its subscription go
+    gate.set()
+    await asyncio.wait_for(pulling, 10)
+    await wait_for(lambda: len(naks) == 3, timeout=10)
+    assert len(taken) == 1

@@ -35,7 +35,7 @@ _JOB_ID = re.compile(JOB_ID_PATTERN)
 PULL_EXPIRES_S = 30.0
 PULL_HEARTBEAT_S = 1.0
 MIN_PULL = 16
-UNSUBSCRIBE_FLUSH_S = 2
+UNSUBSCRIBE_FLUSH_S = 5.0
 
 
 @dataclass(slots=True, eq=False)
@@ -177,10 +177,12 @@ class JobSource:
             sub, self._sub = self._sub, None
             if sub is not None and not self._nc.is_closed:
                 try:
-                    await sub.unsubscribe()
                     # Once the server has our UNSUB, its pull requests to this inbox have no
-                    # interest left: it delivers them nothing more (the jobs stay queued).
-                    await self._nc.flush(UNSUBSCRIBE_FLUSH_S)
+                    # interest left: it delivers them nothing more (the jobs stay queued). A
+                    # drain, not an unsubscribe (which discards them), still gives what was
+                    # delivered before to `_deliver`, which hands it back at once.
+                    async with asyncio.timeout(UNSUBSCRIBE_FLUSH_S):
+                        await sub.drain()  # type: ignore[no-untyped-call]
                 except Exception as exc:
                     log.debug("pull_unsubscribe_failed error=%r", exc)
 
