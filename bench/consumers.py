@@ -375,7 +375,8 @@ async def serve(args: argparse.Namespace) -> None:
                 try:
                     await _run(args, ready, go_agent, counter)
                 finally:
-                    await pipe.drain(5)
+                    await pipe.drain(5)  # a drain leaves the pipeline open, paused
+                    await pipe.aclose()
 
 
 async def _run(
