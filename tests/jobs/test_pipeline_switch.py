@@ -55,6 +55,18 @@ async def setup(nc: Client, tmp_path: Path) -> tuple[Settings, Publisher]:
     return settings, Publisher(nc, nc.jetstream(), NodeKey.generate(), settings)
 
 
+async def nak_spy(nc: Client, settings: Settings) -> list[str]:
+    """The ack subjects of the naks sent for the jobs stream's messages from now on."""
+    naks: list[str] = []
+
+    async def on_ack(msg: Msg) -> None:
+        if msg.data.startswith(b"-NAK"):
+            naks.append(msg.subject)
+
+    await nc.subscribe(f"$JS.ACK.{settings.stream('JOBS')}.>", cb=on_ack)
+    return naks
+
+
 async def consumer(nc: Client, settings: Settings, model: str) -> tuple[int, int, int]:
     """A model's consumer: (jobs never delivered, jobs delivered and not acked or termed,
     open pull requests). A nak'ed job counts as delivered until it is redelivered."""
@@ -172,13 +184,7 @@ async def test_jobs_delivered_but_not_taken_when_pulling_stops_are_handed_back(
     ids = [f"q-{i}" for i in range(4)]
     for job_id in ids:
         await publish_job(js, settings, "demo", job(job_id), job_id)
-    naks: list[str] = []
-
-    async def on_ack(msg: Msg) -> None:
-        if msg.data.startswith(b"-NAK"):
-            naks.append(msg.subject)
-
-    await nc.subscribe(f"$JS.ACK.{settings.stream('JOBS')}.>", cb=on_ack)
+    naks = await nak_spy(nc, settings)
     taken: list[Msg] = []
     gate = asyncio.Event()
 
@@ -207,3 +213,29 @@ async def test_jobs_delivered_but_not_taken_when_pulling_stops_are_handed_back(
     await asyncio.wait_for(pulling, 10)
     await wait_for(lambda: len(naks) == 3, timeout=10)
     assert len(taken) == 1
+
+
+async def test_a_close_after_the_settle_task_ended_still_sends_its_naks(
+    nc: Client, tmp_path: Path
+) -> None:
+    """A task group that failed has cancelled the settle task; a close then hands back what
+    is held all the same. It waited for the ended task no longer (it did, 10 s), but the
+    naks it decided were never sent: the jobs waited out their ack wait."""
+    settings, publisher = await setup(nc, tmp_path)
+    js = nc.jetstream()
+    ids = ["e-0", "e-1"]
+    for job_id in ids:
+        await publish_job(js, settings, "demo", job(job_id), job_id)
+    naks = await nak_spy(nc, settings)
+    runtime = GatedRuntime(*ids)
+    pipe = Pipeline(nc, settings, publisher, runtime, SERVING)
+    await pipe.__aenter__()
+    await wait_for(lambda: len(runtime.running) == 2, timeout=10)
+    settler = pipe._settler
+    assert settler is not None
+    settler.cancel()  # as a task group that failed does
+    await asyncio.wait([settler])
+    await pipe.aclose()
+    assert sorted(runtime.cancelled) == ids and pipe.in_flight == 0
+    await wait_for(lambda: len(naks) == 2, timeout=10)
+    assert await errors(js, settings) == []

@@ -323,10 +323,14 @@ class Pipeline(AsyncResource):
         return len(held)
 
     async def _flush_settles(self) -> None:
-        """Wait until the settle task has sent what was decided (not past its end: a task
-        group that failed has cancelled it)."""
+        """Wait until the settle task has sent what was decided; once it has ended (a task
+        group that failed has cancelled it), send it here."""
         settler = self._settler
-        if self._settles_sent.is_set() or settler is None or settler.done():
+        if self._settles_sent.is_set() or settler is None:
+            return
+        if settler.done():
+            while self._settles:
+                await self._send_settles()
             return
         sent = asyncio.ensure_future(self._settles_sent.wait())
         try:
@@ -726,26 +730,30 @@ class Pipeline(AsyncResource):
         while True:
             await self._settle_wake.wait()
             self._settle_wake.clear()
-            due, self._settles = self._settles, []
-            for record, delay in due:
-                how = record.phase
-                try:
-                    if how is _ACKED:
-                        self.metrics.jobs_succeeded += 1
-                        self.metrics.job_latency_seconds.observe(time.monotonic() - record.received)
-                        self.completed += 1
-                        await record.msg.ack()
-                    elif how is _NAKED:
-                        await record.msg.nak(delay=delay)
-                    else:
-                        await record.msg.term()
-                except Exception as exc:
-                    log.warning(
-                        "settle_failed how=%s job_id=%s error=%r", how.value, record.job_id, exc
-                    )
-            self._source.wake()  # once per round: credit grew by the jobs settled
-            if not self._settles:
-                self._settles_sent.set()
+            await self._send_settles()
+
+    async def _send_settles(self) -> None:
+        """One round: what was decided since the last one."""
+        due, self._settles = self._settles, []
+        for record, delay in due:
+            how = record.phase
+            try:
+                if how is _ACKED:
+                    self.metrics.jobs_succeeded += 1
+                    self.metrics.job_latency_seconds.observe(time.monotonic() - record.received)
+                    self.completed += 1
+                    await record.msg.ack()
+                elif how is _NAKED:
+                    await record.msg.nak(delay=delay)
+                else:
+                    await record.msg.term()
+            except Exception as exc:
+                log.warning(
+                    "settle_failed how=%s job_id=%s error=%r", how.value, record.job_id, exc
+                )
+        self._source.wake()  # once per round: credit grew by the jobs settled
+        if not self._settles:
+            self._settles_sent.set()
 
     def _attests(self) -> Attestation:
         """The result's `model` and `runtime` members, validated once per runtime (the
