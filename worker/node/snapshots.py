@@ -37,6 +37,7 @@ from worker.core.errors import ConfigRejected, SignatureError
 from worker.core.resource import AsyncResource
 from worker.core.settings import Settings
 from worker.core.signing import verify
+from worker.core.statefile import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +130,14 @@ def check_snapshot(
 
 def save_snapshot(state_dir: Path, envelope: bytes) -> Path:
     """Write the envelope atomically (temp file, fsync, rename, fsync the directory)."""
-    return _write_atomically(state_dir, SAVED_NAME, envelope)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return write_atomically(state_dir / SAVED_NAME, envelope)
 
 
 def write_floor(state_dir: Path, floor: Floor) -> Path:
     """Record the floor (atomically, like the snapshot): `<version> <sha256>`."""
-    return _write_atomically(state_dir, FLOOR_NAME, f"{floor.version} {floor.sha256}\n".encode())
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return write_atomically(state_dir / FLOOR_NAME, f"{floor.version} {floor.sha256}\n".encode())
 
 
 def read_floor(state_dir: Path) -> Floor:
@@ -148,28 +151,6 @@ def read_floor(state_dir: Path) -> Floor:
     if floor.version < 0 or not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise ValueError(f"malformed floor {text.strip()!r}")
     return floor
-
-
-def _write_atomically(state_dir: Path, name: str, data: bytes) -> Path:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / name
-    tmp = state_dir / f".{name}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(state_dir, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return path
 
 
 def load_saved(
