@@ -10,8 +10,9 @@ Requests are independent: the runtime answers each `submit` with `partial` frame
 generates (streaming requests only, at most one per request per engine step), then exactly
 one `done` or `failed`, in completion order. An `abort` for a running request ends it with
 `failed` (code `aborted`); an abort for an id the runtime does not run is ignored. `ping` is
-answered between engine steps. `shutdown` is the explicit end of input (closing stdin over
-Docker's attach API is not reliable).
+answered between engine steps, its `pong` carrying the engine's figures (`EngineStats`).
+`shutdown` is the explicit end of input (closing stdin over Docker's attach API is not
+reliable).
 
 Both sides parse with the functions below, so a request item is validated by one set of
 rules (the bounds of `schemas.limits`, the same as the job schema's). A value that is not a
@@ -183,9 +184,22 @@ class PingFrame(TypedDict):
     id: int
 
 
+class EngineStats(TypedDict, total=False):
+    """The engine's own figures at the time of a `pong` (each only where the engine has it):
+    requests it runs and holds waiting, the share of its KV cache in use, and its prefix
+    cache's lookups and hits in tokens since it started."""
+
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
 class PongFrame(TypedDict):
     t: Literal["pong"]
     id: int
+    stats: NotRequired[EngineStats]
 
 
 class ShutdownFrame(TypedDict):
@@ -301,8 +315,11 @@ def ping(ping_id: int) -> PingFrame:
     return {"t": "ping", "id": ping_id}
 
 
-def pong(ping_id: int) -> PongFrame:
-    return {"t": "pong", "id": ping_id}
+def pong(ping_id: int, stats: EngineStats | None = None) -> PongFrame:
+    frame: PongFrame = {"t": "pong", "id": ping_id}
+    if stats is not None:
+        frame["stats"] = stats
+    return frame
 
 
 def shutdown() -> ShutdownFrame:
@@ -506,8 +523,35 @@ def parse_ping(frame: Frame) -> PingFrame:
     return {"t": "ping", "id": _frame_id(frame)}
 
 
+MAX_STAT_COUNT = 1 << 62
+_STATS = frozenset(EngineStats.__annotations__)
+
+
+def parse_engine_stats(value: Any) -> EngineStats:
+    raw = _map(value, "pong.stats", _STATS)
+    stats: EngineStats = {}
+    if raw.get("running") is not None:
+        stats["running"] = _int(raw["running"], "pong.stats.running", 0, 1 << 20)
+    if raw.get("waiting") is not None:
+        stats["waiting"] = _int(raw["waiting"], "pong.stats.waiting", 0, 1 << 20)
+    if raw.get("kv_cache_usage") is not None:
+        stats["kv_cache_usage"] = _num(raw["kv_cache_usage"], "pong.stats.kv_cache_usage", 0, 1)
+    if raw.get("prefix_cache_queries") is not None:
+        stats["prefix_cache_queries"] = _int(
+            raw["prefix_cache_queries"], "pong.stats.prefix_cache_queries", 0, MAX_STAT_COUNT
+        )
+    if raw.get("prefix_cache_hits") is not None:
+        stats["prefix_cache_hits"] = _int(
+            raw["prefix_cache_hits"], "pong.stats.prefix_cache_hits", 0, MAX_STAT_COUNT
+        )
+    return stats
+
+
 def parse_pong(frame: Frame) -> PongFrame:
-    return {"t": "pong", "id": _frame_id(frame)}
+    parsed: PongFrame = {"t": "pong", "id": _frame_id(frame)}
+    if frame.get("stats") is not None:
+        parsed["stats"] = parse_engine_stats(frame["stats"])
+    return parsed
 
 
 def parse_ready(frame: Frame) -> ReadyFrame:

@@ -19,7 +19,7 @@ from containers.runtime.config import ConfigError, RuntimeConfig
 from containers.runtime.engines import Engine, EngineError, load_engine
 from containers.runtime.request import RequestError
 from schemas import frames
-from schemas.frames import FailCode, Frame, FrameError, FrameKind
+from schemas.frames import EngineStats, FailCode, Frame, FrameError, FrameKind
 
 log = logging.getLogger("containers.runtime")
 
@@ -72,7 +72,7 @@ class Loop:
         """Act on one frame; False on `shutdown`."""
         kind = frame["t"]
         if kind == FrameKind.PING:
-            self._channel.send(frames.pong(frames.parse_ping(frame)["id"]))
+            self._channel.send(frames.pong(frames.parse_ping(frame)["id"], self._stats()))
         elif kind == FrameKind.SUBMIT:
             self._submit(frame)
         elif kind == FrameKind.ABORT:
@@ -84,6 +84,15 @@ class Loop:
             log.info("runtime_shutdown")
             return False
         return True
+
+    def _stats(self) -> EngineStats | None:
+        """The engine's figures for a `pong`; a failure to read them costs the figures,
+        never the pong (the agent would take the runtime for hung)."""
+        try:
+            return self._engine.stats()
+        except Exception:
+            log.warning("runtime_stats_failed", exc_info=True)
+            return None
 
     def _submit(self, frame: Frame) -> None:
         submit = frames.parse_submit(frame)

@@ -280,7 +280,10 @@ def test_pings_are_answered_while_generating(spawn: Any) -> None:
     rt.send(frames.submit(1, req("long", max_tokens=200), stream=True))  # type: ignore[arg-type]
     rt.until("partial", 1)
     rt.send(frames.ping(42))
-    assert rt.until("pong") == frames.pong(42)
+    pong = rt.until("pong")
+    assert frames.parse_pong(pong) == frames.pong(
+        42, {"running": 1, "waiting": 0, "kv_cache_usage": 1 / 256}
+    ), "the pong carries the engine's figures: one request of 256 slots"
     assert not [f for f in rt.seen if f["t"] == "done"], "the pong waited for the request"
 
 
@@ -288,7 +291,7 @@ def test_ping_pong_and_shutdown(spawn: Any) -> None:
     rt = spawn()
     rt.ready()
     rt.send(frames.ping(42))
-    assert rt.receive() == frames.pong(42)
+    assert rt.receive() == frames.pong(42, {"running": 0, "waiting": 0, "kv_cache_usage": 0.0})
     rt.send(frames.shutdown())
     assert rt.wait() == 0
     with pytest.raises(EOFError):

@@ -124,6 +124,54 @@ async def test_status_endpoint_and_heartbeat(
     assert "resultity_runtime_restarts_total 0" in agent.metrics.render()
 
 
+async def test_heartbeat_says_what_the_node_runs_on_and_how_it_is_doing(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    snapshot = await seeded(settings, authority, tmp_path)
+    envelope = await (await nc.jetstream().key_value(config_bucket(settings))).get("snapshot")
+    assert envelope.value is not None
+    settings = settings.model_copy(update={"ping_interval_s": 0.2})
+    async with running(settings) as agent:
+        await serving(agent)
+        beat = await nc.subscribe(settings.subject("nodes", agent.key.node_id, "heartbeat"))
+        seen: list[Heartbeat] = []
+
+        async def pinged() -> bool:
+            msg = await beat.next_msg(timeout=5)
+            seen.append(validate(Heartbeat, verify(msg.data).body))
+            return (
+                seen[-1].details.health is not None
+                and seen[-1].details.health.ping_rtt_ms is not None
+            )
+
+        await wait_for(pinged, timeout=30)
+    details = seen[-1].details
+    assert details.config_version == snapshot.version
+    assert details.config_hash == hashlib.sha256(envelope.value).hexdigest()
+    assert details.software is not None
+    assert details.software.agent_version and details.software.engine == "echo"
+    assert details.software.runtime_image == snapshot.runtime.image
+    assert details.software.engine_version
+    hardware = details.hardware
+    assert hardware is not None
+    assert hardware.cpu.cores >= 1 and hardware.cpu.model
+    assert 0 < hardware.memory.available_bytes <= hardware.memory.total_bytes
+    assert 0 < hardware.disk.free_bytes <= hardware.disk.total_bytes
+    assert hardware.gpus == [], "no GPU here: an empty list, not an error"
+    served = snapshot.models[0]
+    assert [(m.id, m.sha256, m.state.value) for m in details.models][0] == (
+        served.id,
+        served.sha256,
+        "active",
+    )
+    assert all(m.state.value in ("ready", "pending") for m in details.models[1:])
+    health = details.health
+    assert health is not None and health.restarts == 0
+    assert health.ping_rtt_ms is not None and health.ping_rtt_ms >= 0
+    assert health.running == 0 and health.waiting == 0
+    assert health.kv_cache_usage == 0.0, "echo reports its slot use (idle: none)"
+
+
 async def test_submit_reports_a_final_error_for_its_job(
     settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
 ) -> None:

@@ -253,3 +253,36 @@ def test_runtime_and_job_schema_accept_the_same_requests(item: dict[str, Any]) -
     except FrameError:
         runtime_ok = False
     assert schema_ok == runtime_ok, item
+
+
+def test_a_pong_carries_bounded_engine_stats() -> None:
+    stats: frames.EngineStats = {
+        "running": 3,
+        "waiting": 2,
+        "kv_cache_usage": 0.25,
+        "prefix_cache_queries": 1000,
+        "prefix_cache_hits": 400,
+    }
+    (decoded,) = decode(frames.pong(9, stats))
+    assert frames.parse_pong(decoded) == frames.pong(9, stats)
+    (bare,) = decode(frames.pong(9))
+    assert frames.parse_pong(bare) == {"t": "pong", "id": 9}, "stats are optional"
+
+
+@pytest.mark.parametrize(
+    "stats",
+    [
+        {"running": -1},
+        {"waiting": 1.5},
+        {"kv_cache_usage": 1.5},
+        {"kv_cache_usage": "full"},
+        {"prefix_cache_hits": -3},
+        {"gpu": 1},
+        [1, 2],
+    ],
+    ids=["negative", "float-count", "over-one", "str", "negative-hits", "unknown-key", "list"],
+)
+def test_a_pong_with_stats_out_of_bounds_is_a_frame_error(stats: Any) -> None:
+    (decoded,) = decode({"t": "pong", "id": 1, "stats": stats})
+    with pytest.raises(FrameError, match="pong.stats"):
+        frames.parse_pong(decoded)

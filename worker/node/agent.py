@@ -20,6 +20,7 @@ replaced whole by a pure `step`, so state, snapshot, model and model states neve
 """
 
 import asyncio
+import hashlib
 import logging
 import random
 import shutil
@@ -60,6 +61,8 @@ from worker.jobs.provision import consumer_name, ensure_consumer, ensure_streams
 from worker.jobs.publisher import Publisher
 from worker.models.store import ModelLimits, ModelStore
 from worker.node import lifecycle as lc
+from worker.node import status as node_status
+from worker.node.inventory import HardwareMonitor
 from worker.node.lifecycle import Lifecycle
 from worker.node.loadout import Loadout, Queue, Switcher, choose_loadout
 from worker.node.services import heartbeat_loop, status_endpoint
@@ -159,6 +162,9 @@ class Agent(AsyncResource):
         self._life = Lifecycle()
         self._state_changed = asyncio.Event()
         self.started_at = time.time()
+        self.config_hash: str | None = None
+        """SHA-256 of the signed envelope of the snapshot in force (heartbeat, status)."""
+        self.hardware: HardwareMonitor | None = None
         self.pipeline: Pipeline | None = None
         self.completed_before = 0
         self._nc: Client | None = None
@@ -280,6 +286,9 @@ class Agent(AsyncResource):
         if self.settings.provision:
             await _provision_at_start(js, self.settings)
 
+        self.hardware = await stack.enter_async_context(
+            HardwareMonitor(self.settings.cache_dir, self.settings.heartbeat_interval_s)
+        )
         self._store = ModelStore(
             self.settings.cache_dir, js=js, limits=ModelLimits.from_settings(self.settings)
         )
@@ -375,6 +384,7 @@ class Agent(AsyncResource):
     # config
 
     async def _apply_accepted(self, accepted: AcceptedSnapshot) -> None:
+        self.config_hash = hashlib.sha256(accepted.envelope).hexdigest()
         await self.apply(accepted.snapshot)
 
     async def apply(self, snapshot: Snapshot) -> None:
@@ -846,9 +856,15 @@ class Agent(AsyncResource):
         return StatusReply.model_validate(fields)
 
     def _status_fields(self) -> dict[str, Any]:
-        sup = asdict(self._supervisor.stats()) if self._supervisor is not None else {}
+        stats = self._supervisor.stats() if self._supervisor is not None else None
+        facts = node_status.runtime_facts(self._supervisor)
+        sup = asdict(stats) if stats is not None else {}
         pipeline = self.pipeline
         return {
+            "config_hash": self.config_hash,
+            "software": node_status.software(_version(), facts),
+            "hardware": self.hardware.latest() if self.hardware is not None else None,
+            "health": node_status.runtime_health(stats),
             "state": self.node_state.value,
             "uptime_s": round(time.time() - self.started_at, 1),
             "config_version": self.snapshot.version if self.snapshot else None,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from schemas import frames
-from schemas.frames import PROTOCOL_VERSION, FailCode, Frame, FrameError, FrameKind
+from schemas.frames import PROTOCOL_VERSION, EngineStats, FailCode, Frame, FrameError, FrameKind
 from schemas.limits import DEFAULT_MAX_TOKENS
 from worker.core.errors import (
     BadRequest,
@@ -68,6 +68,10 @@ class SupervisorStats:
     active: int
     aborting: int
     uptime_s: float
+    ping_rtt_ms: float | None = None
+    """The last ping's round trip (None before the first `pong`)."""
+    engine: EngineStats | None = None
+    """The engine's figures from the last `pong` (`schemas.frames.EngineStats`)."""
 
 
 @dataclass(eq=False)
@@ -128,6 +132,10 @@ class _Session:
     reader: "asyncio.Task[None] | None" = None
     started_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
+    pinged_at: float = field(default_factory=time.monotonic)
+    ping_rtt_ms: float | None = None
+    engine_stats: EngineStats | None = None
+    """From the last `pong`."""
     request_timeout_s: float = 0.0
     expiry: asyncio.TimerHandle | None = None
     """One timer for all requests' answer deadlines: it is due when the oldest request's
@@ -383,6 +391,8 @@ class Supervisor(AsyncResource):
             active=self._active,
             aborting=len(session.aborted) if session else 0,
             uptime_s=time.monotonic() - self._opened_at if self._opened_at else 0.0,
+            ping_rtt_ms=session.ping_rtt_ms if session else None,
+            engine=session.engine_stats if session else None,
         )
 
     async def generate(self, item: WorkItem, on_partial: PartialSink | None = None) -> Completion:
@@ -819,8 +829,9 @@ class Supervisor(AsyncResource):
         return session
 
     async def _watch(self) -> None:
-        """Restart a runtime that died; ping one that has been quiet, also while it runs
-        requests (a hung engine step answers no ping)."""
+        """Restart a runtime that died; ping it every `ping_interval_s`, also while it runs
+        requests (a hung engine step answers no ping; each `pong` brings the engine's
+        figures, kept for `stats`)."""
         interval_s = self._settings.ping_interval_s
         while self.is_open:
             try:
@@ -845,8 +856,10 @@ class Supervisor(AsyncResource):
                 if self.is_open:
                     await self._ensure_session()
             return
-        if time.monotonic() - session.last_active < self._settings.ping_interval_s:
-            return
+        now, interval_s = time.monotonic(), self._settings.ping_interval_s
+        if now - session.last_active < interval_s and now - session.pinged_at < interval_s:
+            return  # busy and its figures fresh: frames show it alive
+        session.pinged_at = now
         ping_id = next(self._ids)
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         session.pings[ping_id] = future
@@ -854,7 +867,9 @@ class Supervisor(AsyncResource):
         try:
             self._post(session, frames.ping(ping_id))
             async with asyncio.timeout(timeout_s):
-                await asyncio.shield(future)
+                pong = frames.parse_pong(await asyncio.shield(future))
+            session.ping_rtt_ms = round((time.monotonic() - now) * 1000, 3)
+            session.engine_stats = pong.get("stats")
         except TimeoutError:
             exc: RuntimeFailure = RuntimeTimeout(
                 f"no 'pong' within ping_timeout_s={timeout_s}s (hung runtime?)"

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from containers.runtime.config import RuntimeConfig
-from schemas.frames import DoneFrame, FailedFrame, PartialFrame, RequestItem
+from schemas.frames import DoneFrame, EngineStats, FailedFrame, PartialFrame, RequestItem
 
 RawWriter = Callable[[bytes], None]
 """Writes bytes straight to the frame stream (only the echo engine's fault injection)."""
@@ -42,6 +42,10 @@ class Engine(Protocol):
 
     def step(self) -> list[StepFrame]:
         """One engine step over every running request."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """The engine's own figures now, for the next `pong` (must not block)."""
         ...
 
     def close(self) -> None:

@@ -41,7 +41,7 @@ from containers.runtime.config import RuntimeConfig
 from containers.runtime.engines import EngineError, RawWriter, StepFrame
 from containers.runtime.request import RequestError
 from schemas import frames, runtime_env
-from schemas.frames import FailCode, RequestItem
+from schemas.frames import EngineStats, FailCode, RequestItem
 from schemas.limits import DEFAULT_MAX_TOKENS
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,16 @@ class EchoEngine:
         for run in list(self._runs.values()):
             out.extend(self._advance(run))
         return out
+
+    def stats(self) -> EngineStats:
+        """Echo keeps no KV cache: its `kv_cache_usage` is the share of its request slots
+        in use, so the figure moves with load as a real engine's does."""
+        running = len(self._runs)
+        return {
+            "running": running,
+            "waiting": 0,
+            "kv_cache_usage": min(1.0, running / self.max_active) if self.max_active else 0.0,
+        }
 
     def close(self) -> None:
         self._runs.clear()

@@ -19,7 +19,7 @@ from containers.runtime.config import RuntimeConfig
 from containers.runtime.engines import EngineError, StepFrame
 from containers.runtime.request import RequestError, to_vllm, wire_logprobs
 from schemas import frames, runtime_env
-from schemas.frames import FailCode, RequestItem, TokenLogprob
+from schemas.frames import EngineStats, FailCode, RequestItem, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,39 @@ class VllmEngine:
         scheduler = getattr(self._engine.vllm_config, "scheduler_config", None)
         self.max_active = int(getattr(scheduler, "max_num_seqs", 0) or 0)
         self._runs: dict[int, _Run] = {}
+        self._scheduler_stats: Any = None
+        self._prefix_queries = 0
+        self._prefix_hits = 0
+        self._watch_scheduler_stats()
+
+    def _watch_scheduler_stats(self) -> None:
+        """Keep the scheduler's figures (`SchedulerStats`: running and waiting requests,
+        KV-cache use, prefix-cache lookups this step) from each step's engine-core outputs.
+
+        `LLMEngine.step` hands them only to its stat loggers, which `LLM` gives no way to
+        add to, so the engine-core client's `get_output` is wrapped here; the default
+        loggers (a throughput line every few seconds, an unserved Prometheus registry)
+        are dropped, as they were with stats off."""
+        core: Any = getattr(self._engine, "engine_core", None)
+        get_output = getattr(core, "get_output", None)
+        if get_output is None:
+            log.warning("vllm_stats_unavailable reason=no engine_core.get_output")
+            return
+
+        def get_output_keeping_stats() -> Any:
+            outputs = get_output()
+            stats = getattr(outputs, "scheduler_stats", None)
+            if stats is not None:
+                self._scheduler_stats = stats
+                prefix = getattr(stats, "prefix_cache_stats", None)
+                if prefix is not None:
+                    self._prefix_queries += int(prefix.queries)
+                    self._prefix_hits += int(prefix.hits)
+            return outputs
+
+        core.get_output = get_output_keeping_stats
+        if hasattr(self._engine, "logger_manager"):
+            self._engine.logger_manager = None
 
     @classmethod
     def load(cls, config: RuntimeConfig) -> "VllmEngine":
@@ -125,6 +158,9 @@ class VllmEngine:
             "model": str(config.model_dir),
             "seed": 0,
             "structured_outputs_config": STRUCTURED_OUTPUTS,
+            # The engine core then sends its scheduler's figures with every step's
+            # outputs (`stats`); `LLM` turns them off unless asked.
+            "disable_log_stats": False,
         }
         if device == "cpu":
             kwargs.update(CPU_DEFAULTS)
@@ -194,6 +230,18 @@ class VllmEngine:
             del self._runs[run.request_id]
             out.append(self._finish(run, completion.finish_reason))
         return out
+
+    def stats(self) -> EngineStats:
+        stats = self._scheduler_stats
+        if stats is None:  # no step yet
+            return {"running": len(self._runs), "waiting": 0}
+        return {
+            "running": int(stats.num_running_reqs),
+            "waiting": int(stats.num_waiting_reqs) + int(stats.num_skipped_waiting_reqs),
+            "kv_cache_usage": min(1.0, max(0.0, float(stats.kv_cache_usage))),
+            "prefix_cache_queries": self._prefix_queries,
+            "prefix_cache_hits": self._prefix_hits,
+        }
 
     def close(self) -> None:
         # Stops the engine-core and worker processes now rather than from atexit hooks.
