@@ -165,3 +165,5 @@ class StatusReply(NodeStatus):
 
     node_id: NodeId
     network: Network
+    last_heartbeat_at: Number | None = None
+    """When the node last published its heartbeat (None: not yet)."""

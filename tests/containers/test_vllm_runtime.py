@@ -120,6 +120,33 @@ def test_vllm_short_request_overtakes_and_streams_concatenate(vllm_runtime: Any)
 @pytest.mark.docker
 @pytest.mark.vllm
 @pytest.mark.timeout(1800)
+def test_vllm_pong_carries_the_scheduler_figures(vllm_runtime: Any) -> None:
+    runtime, _ = vllm_runtime
+    prompt = _req("The same long prompt, twice over, for the prefix cache " * 3, max_tokens=200)
+    first = runtime.submit(prompt, stream=True)
+    runtime.until("partial", first)
+    second = runtime.submit(prompt, stream=True)
+    runtime.until("partial", second)
+    runtime.send(frames.ping(7001))
+    busy = frames.parse_pong(runtime.until("pong", 7001))["stats"]
+    assert busy["running"] + busy["waiting"] == 2, busy
+    assert 0 < busy["kv_cache_usage"] <= 1, busy
+    assert busy["prefix_cache_queries"] > 0 and busy["prefix_cache_hits"] > 0, (
+        "the second request's prompt was found in the prefix cache",
+        busy,
+    )
+    runtime.send(frames.abort(first))
+    runtime.send(frames.abort(second))
+    assert runtime.outcome(first)["code"] == runtime.outcome(second)["code"] == "aborted"
+    runtime.send(frames.ping(7002))
+    idle = frames.parse_pong(runtime.until("pong", 7002))["stats"]
+    assert (idle["running"], idle["waiting"], idle["kv_cache_usage"]) == (0, 0, 0.0), idle
+    assert idle["prefix_cache_queries"] >= busy["prefix_cache_queries"]
+
+
+@pytest.mark.docker
+@pytest.mark.vllm
+@pytest.mark.timeout(1800)
 def test_vllm_abort_and_deadline(vllm_runtime: Any) -> None:
     runtime, _ = vllm_runtime
     others = [runtime.submit(_req(f"other {i}", max_tokens=200)) for i in range(32)]

@@ -4,8 +4,10 @@ a client dripping a request forever, more connections than the cap."""
 import asyncio
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from worker.core.metrics import Metrics, MetricsServer
+from schemas.node import Gpu
+from worker.core.metrics import EngineGauges, Metrics, MetricsServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -79,3 +81,60 @@ async def test_connections_over_the_cap_are_refused() -> None:
             writer.close()
             await writer.wait_closed()
     assert b"200 OK" not in refused
+
+
+def test_model_engine_and_gpu_families_follow_prometheus_names() -> None:
+    metrics = Metrics()
+    metrics.observe_completion(
+        "tiny", prompt_tokens=5, generated_tokens=11, first_token_s=0.05, engine_s=0.55
+    )
+    metrics.observe_queue_wait("tiny", 0.2)
+    metrics.observe_queue_wait("tiny", -1.0)  # a server clock ahead of ours: no wait
+    metrics.model_switched("other", 4.0)
+    metrics.engine = EngineGauges("tiny", 3, 1, 0.5, prefix_cache_queries=90, prefix_cache_hits=30)
+    metrics.gpus = [
+        Gpu(
+            index=0,
+            uuid="GPU-1",
+            name="NVIDIA H200",
+            memory_total_bytes=100,
+            memory_used_bytes=40,
+            driver_version="550",
+            temperature_celsius=60,
+            utilization_ratio=0.5,
+            power_watts=300.5,
+        )
+    ]
+    text = metrics.render()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    tiny = (("model", "tiny"),)
+    assert samples[("resultity_time_to_first_token_seconds_count", tiny)] == 1
+    assert samples[("resultity_time_to_first_token_seconds_sum", tiny)] == 0.05
+    assert samples[("resultity_time_per_output_token_seconds_sum", tiny)] == 0.05
+    assert samples[("resultity_prompt_tokens_total", tiny)] == 5
+    assert samples[("resultity_generation_tokens_total", tiny)] == 11
+    assert samples[("resultity_queue_wait_seconds_count", tiny)] == 2
+    assert samples[("resultity_queue_wait_seconds_sum", tiny)] == 0.2
+    assert samples[("resultity_model_switches_total", (("model", "other"),))] == 1
+    assert samples[("resultity_model_switch_downtime_seconds_sum", (("model", "other"),))] == 4
+    assert samples[("resultity_requests_running", tiny)] == 3
+    assert samples[("resultity_requests_waiting", tiny)] == 1
+    assert samples[("resultity_kv_cache_usage_ratio", tiny)] == 0.5
+    assert samples[("resultity_prefix_cache_hits_total", tiny)] == 30
+    gpu = (("gpu", "0"), ("name", "NVIDIA H200"), ("uuid", "GPU-1"))
+    assert samples[("resultity_gpu_memory_used_bytes", gpu)] == 40
+    assert samples[("resultity_gpu_power_watts", gpu)] == 300.5
+    assert ("resultity_gpu_temperature_celsius", gpu) in samples
+    units = ("_seconds", "_bytes", "_ratio", "_celsius", "_watts", "_total")
+    for family in text_string_to_metric_families(text):
+        assert family.name.startswith("resultity_")
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+        elif family.type == "histogram":
+            assert family.name.endswith("_seconds"), family.name
+        elif family.type == "gauge" and "gpu" in family.name:
+            assert family.name.endswith(units), family.name

@@ -82,6 +82,7 @@ async def test_snapshot_to_verified_result(
         await serving(agent)
         out = await submit(nc, settings, job(model, "hello", "e2e-1"), wait_s=30)
         status = agent.status()
+        exposition = agent.metrics.render()
     r = out.result
     assert r.node_id == agent.key.node_id
     assert r.model.sha256 == snapshot.models[0].sha256
@@ -89,6 +90,15 @@ async def test_snapshot_to_verified_result(
     assert r.input_sha256 == hashlib.sha256(out.job_bytes).hexdigest()
     assert r.runtime.engine == "echo" and r.runtime.image == snapshot.runtime.image
     assert status.validation == "passed" and status.completed == 1
+    label = f'{{model="{model}"}}'
+    for line in (
+        f"resultity_time_to_first_token_seconds_count{label} 1.0",
+        f"resultity_time_per_output_token_seconds_count{label} 1.0",
+        f"resultity_queue_wait_seconds_count{label} 1.0",
+        f"resultity_generation_tokens_total{label} {float(r.usage.completion_tokens)}",
+        f"resultity_prompt_tokens_total{label} {float(r.usage.prompt_tokens)}",
+    ):
+        assert line in exposition, line
     assert r.network == settings.network == status.network
     kinds = await lifecycle(nc, settings)
     for kind in (

@@ -36,6 +36,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         more_model_dirs=tuple(model_dirs[1:]),
         on_build_step=build_bar(),
         gateway_port=None if args.no_gateway else args.gateway_port,
+        metrics_port=None if args.no_metrics else args.metrics_port,
     )
 
     def show(outcome: Any) -> None:
@@ -133,4 +134,11 @@ def register(sub: Any) -> None:
         "--gateway-port", type=int, default=8000, help="port of the OpenAI gateway on 127.0.0.1"
     )
     p.add_argument("--no-gateway", action="store_true", help="do not start the OpenAI gateway")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9464,
+        help="port of the node's Prometheus metrics on 127.0.0.1",
+    )
+    p.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
     p.set_defaults(handler=cmd_dev)

@@ -76,6 +76,7 @@ class DevPlan:
     vectors_dir: Path | None = None
     """Where reference-run validation vectors are kept (by model, image and engine); None:
     the home. The tests of one session share one: a vLLM reference run is a runtime start."""
+    metrics_port: int | None = None  # Prometheus metrics on 127.0.0.1:<port>; None: none
 
 
 class Step:
@@ -370,6 +371,8 @@ async def run_dev(plan: DevPlan, *, on_result: Any, serve_forever: bool = True) 
             runtime_memory="4g",
             request_timeout_s=300,
             shutdown_grace_s=10,
+            metrics_port=plan.metrics_port,
+            metrics_host="127.0.0.1",
         )
         log.info("dev_nats url=%s store=%s", server.url, plan.home / "nats")
         snapshot = await seed_network(settings, authority, plan)

@@ -165,6 +165,7 @@ class Agent(AsyncResource):
         self.config_hash: str | None = None
         """SHA-256 of the signed envelope of the snapshot in force (heartbeat, status)."""
         self.hardware: HardwareMonitor | None = None
+        self.last_heartbeat_at: float | None = None
         self.pipeline: Pipeline | None = None
         self.completed_before = 0
         self._nc: Client | None = None
@@ -360,7 +361,7 @@ class Agent(AsyncResource):
         )
         status_subject = self.settings.subject("nodes", self.key.node_id, "status")
         heartbeats = heartbeat_loop(
-            self._publisher, self.node_status, self.settings.heartbeat_interval_s
+            self._publisher, self.node_status, self.settings.heartbeat_interval_s, self._beat
         )
         async with (
             status_endpoint(self._nc, status_subject, self.status),
@@ -838,12 +839,21 @@ class Agent(AsyncResource):
     async def _metrics_server(self, stop: asyncio.Event) -> None:
         port = self.settings.metrics_port
         assert port is not None
-        async with MetricsServer(self.metrics, self.settings.metrics_host, port):
-            await stop.wait()
+        try:
+            async with MetricsServer(self.metrics, self.settings.metrics_host, port):
+                await stop.wait()
+        except OSError as exc:  # the port is taken: the node serves on, without metrics
+            log.error("metrics_unavailable port=%d error=%s", port, exc)
+
+    def _beat(self, at: float) -> None:
+        self.last_heartbeat_at = at
 
     def _collect_metrics(self) -> None:
-        if self._supervisor is not None:
-            self.metrics.runtime_restarts = self._supervisor.stats().restarts
+        stats = self._supervisor.stats() if self._supervisor is not None else None
+        if stats is not None:
+            self.metrics.runtime_restarts = stats.restarts
+        self.metrics.engine = node_status.engine_gauges(self.model, stats)
+        self.metrics.gpus = self.hardware.latest().gpus if self.hardware is not None else []
 
     def node_status(self) -> NodeStatus:
         """The state the heartbeat's `details` carry."""
@@ -852,7 +862,11 @@ class Agent(AsyncResource):
     def status(self) -> StatusReply:
         """The answer of the status endpoint."""
         fields = self._status_fields()
-        fields.update(node_id=self.key.node_id, network=self.settings.network)
+        fields.update(
+            node_id=self.key.node_id,
+            network=self.settings.network,
+            last_heartbeat_at=self.last_heartbeat_at,
+        )
         return StatusReply.model_validate(fields)
 
     def _status_fields(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ node, and answer them in its name.
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 from nats.aio.client import Client
@@ -21,12 +22,18 @@ log = logging.getLogger(__name__)
 
 
 async def heartbeat_loop(
-    publisher: Publisher, status: Callable[[], NodeStatus], interval_s: float
+    publisher: Publisher,
+    status: Callable[[], NodeStatus],
+    interval_s: float,
+    sent: Callable[[float], None] | None = None,
 ) -> None:
-    """Publish a heartbeat every `interval_s` until cancelled; a failed one is skipped."""
+    """Publish a heartbeat every `interval_s` until cancelled; a failed one is skipped.
+    `sent` is told the time of each one published."""
     while True:
         try:
             await publisher.heartbeat(status())
+            if sent is not None:
+                sent(time.time())
         except Exception as exc:
             log.debug("heartbeat_failed error=%r", exc)
         await asyncio.sleep(interval_s)

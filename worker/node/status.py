@@ -2,7 +2,9 @@
 its software and the runtime's health (and the engine's figures for the metrics)."""
 
 from schemas.node import RuntimeHealth, Software
+from schemas.snapshot import ModelSpec
 from worker.core.errors import RuntimeStartError
+from worker.core.metrics import EngineGauges
 from worker.runtime.api import RuntimeFacts
 from worker.runtime.supervisor import Supervisor, SupervisorStats
 
@@ -42,4 +44,19 @@ def runtime_health(stats: SupervisorStats | None) -> RuntimeHealth:
         waiting=engine.get("waiting", 0),
         kv_cache_usage=engine.get("kv_cache_usage"),
         prefix_cache_hit_rate=(hits / queries if queries and hits is not None else None),
+    )
+
+
+def engine_gauges(served: ModelSpec | None, stats: SupervisorStats | None) -> EngineGauges | None:
+    """The engine's figures for the metrics, labelled with the model it serves."""
+    if served is None or stats is None:
+        return None
+    engine = stats.engine or {}
+    return EngineGauges(
+        model=served.id,
+        running=engine.get("running", stats.active),
+        waiting=engine.get("waiting", 0),
+        kv_cache_usage=engine.get("kv_cache_usage"),
+        prefix_cache_queries=engine.get("prefix_cache_queries"),
+        prefix_cache_hits=engine.get("prefix_cache_hits"),
     )

@@ -235,6 +235,16 @@ class VllmEngine:
         stats = self._scheduler_stats
         if stats is None:  # no step yet
             return {"running": len(self._runs), "waiting": 0}
+        if not self._runs:
+            # Idle: no step has run since the last request left, so the last figures are
+            # those of a step that still held it; freed blocks count as free.
+            return {
+                "running": 0,
+                "waiting": 0,
+                "kv_cache_usage": 0.0,
+                "prefix_cache_queries": self._prefix_queries,
+                "prefix_cache_hits": self._prefix_hits,
+            }
         return {
             "running": int(stats.num_running_reqs),
             "waiting": int(stats.num_waiting_reqs) + int(stats.num_skipped_waiting_reqs),
