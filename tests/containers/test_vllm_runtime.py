@@ -122,22 +122,24 @@ def test_vllm_short_request_overtakes_and_streams_concatenate(vllm_runtime: Any)
 @pytest.mark.timeout(1800)
 def test_vllm_pong_carries_the_scheduler_figures(vllm_runtime: Any) -> None:
     runtime, _ = vllm_runtime
-    prompt = _req("The same long prompt, twice over, for the prefix cache " * 3, max_tokens=200)
-    first = runtime.submit(prompt, stream=True)
+    # Longer than one KV block of the CPU engine (128 tokens), so a block of it is cached.
+    shared = "The same long prompt, twice over, for the prefix cache " * 5
+    runtime.alone(_req(shared, max_tokens=4))
+    first = runtime.submit(_req("A long story begins", max_tokens=200), stream=True)
     runtime.until("partial", first)
-    second = runtime.submit(prompt, stream=True)
+    second = runtime.submit(_req(shared, max_tokens=80), stream=True)
     runtime.until("partial", second)
     runtime.send(frames.ping(7001))
     busy = frames.parse_pong(runtime.until("pong", 7001))["stats"]
     assert busy["running"] + busy["waiting"] == 2, busy
     assert 0 < busy["kv_cache_usage"] <= 1, busy
-    assert busy["prefix_cache_queries"] > 0 and busy["prefix_cache_hits"] > 0, (
-        "the second request's prompt was found in the prefix cache",
+    assert 0 < busy["prefix_cache_hits"] < busy["prefix_cache_queries"], (
+        "the second run of the shared prompt found its first block cached",
         busy,
     )
     runtime.send(frames.abort(first))
     runtime.send(frames.abort(second))
-    assert runtime.outcome(first)["code"] == runtime.outcome(second)["code"] == "aborted"
+    assert {runtime.outcome(first)["t"], runtime.outcome(second)["t"]} <= {"failed", "done"}
     runtime.send(frames.ping(7002))
     idle = frames.parse_pong(runtime.until("pong", 7002))["stats"]
     assert (idle["running"], idle["waiting"], idle["kv_cache_usage"]) == (0, 0, 0.0), idle

@@ -158,7 +158,8 @@ def test_quick_start_in_a_terminal(docker_client: Any, terminal: Terminal, home:
     assert f"network: dev at {dev['nats_url']}" in submitted.stderr
     status = second_shell(commands[1], home)
     assert status.returncode == 0, status.stderr
-    assert json.loads(status.stdout)["node_id"] == node_id
+    assert status.stdout.splitlines()[0] == f"node      {node_id}", status.stdout
+    assert "state     serving" in status.stdout, status.stdout
     assert f"network: dev at {dev['nats_url']}" in status.stderr
 
     terminal.interrupt()

@@ -4,12 +4,15 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import msgpack
+from pydantic import ValidationError
 
 from schemas.envelope import EnvelopeType
+from schemas.node import StatusReply
 from worker.cli.base import CliError, add_command, jsonable
 from worker.client import connect
 from worker.core.settings import Settings
@@ -88,8 +91,112 @@ def cmd_status(args: argparse.Namespace) -> int:
             await nc.close()
         return msgpack.unpackb(reply.data)
 
-    print(json.dumps(asyncio.run(go()), indent=2))
+    raw = asyncio.run(go())
+    if args.json:
+        print(json.dumps(raw, indent=2))
+        return 0
+    try:
+        reply = StatusReply.model_validate(raw)
+    except ValidationError:
+        # A node of another version: its own words, as they came.
+        print("(a reply this version cannot read field by field; raw:)", file=sys.stderr)
+        print(json.dumps(raw, indent=2))
+        return 0
+    print(render_status(reply, time.time()))
     return 0
+
+
+def render_status(reply: StatusReply, now: float) -> str:
+    """The status reply as a person reads it: state, software, models, runtime, hardware."""
+    lines = [
+        f"node      {reply.node_id}",
+        f"network   {reply.network}",
+        f"state     {reply.state.value.replace('_', ' ')}, up {_duration(reply.uptime_s)}"
+        + (f", pipeline {reply.pipeline}" if reply.pipeline else ""),
+        "heartbeat "
+        + (
+            f"{_duration(max(0.0, now - reply.last_heartbeat_at))} ago"
+            if reply.last_heartbeat_at is not None
+            else "none sent yet"
+        ),
+    ]
+    if reply.config_version is None:
+        lines.append("config    no snapshot in force yet")
+    else:
+        digest = f" (envelope sha256 {reply.config_hash[:16]}...)" if reply.config_hash else ""
+        lines.append(f"config    snapshot version {reply.config_version}{digest}")
+    software = reply.software
+    if software is not None:
+        lines.append(f"software  resultity-node {software.agent_version}")
+        if software.engine is not None:
+            lines.append(
+                f"          engine {software.engine} {software.engine_version or '?'}"
+                f" in {software.runtime_image or '?'}"
+            )
+    lines.append(f"jobs      {reply.in_flight} in flight, {reply.completed} completed")
+    lines.append(f"vectors   validation {reply.validation.value.replace('_', ' ')}")
+    if reply.models:
+        width = max(len(f"{m.id} {m.version}") for m in reply.models)
+        for i, m in enumerate(reply.models):
+            name = f"{m.id} {m.version}".ljust(width)
+            reason = f" ({m.reason})" if m.reason else ""
+            head = "models    " if i == 0 else "          "
+            lines.append(f"{head}{name}  {m.state.value:<8} sha256 {m.sha256[:12]}...{reason}")
+    else:
+        lines.append("models    none approved yet")
+    health = reply.health
+    if health is not None:
+        ping = f"{health.ping_rtt_ms:.1f} ms" if health.ping_rtt_ms is not None else "not yet"
+        engine = f"{health.running} running, {health.waiting} waiting"
+        if health.kv_cache_usage is not None:
+            engine += f", KV cache {health.kv_cache_usage:.0%} used"
+        if health.prefix_cache_hit_rate is not None:
+            engine += f", prefix cache {health.prefix_cache_hit_rate:.0%} hits"
+        lines.append(f"runtime   {health.restarts} restarts, last ping {ping}; {engine}")
+    hardware = reply.hardware
+    if hardware is not None:
+        lines.append(f"hardware  {hardware.cpu.model}, {hardware.cpu.cores} cores")
+        lines.append(
+            f"          memory {_gib(hardware.memory.available_bytes)} free"
+            f" of {_gib(hardware.memory.total_bytes)};"
+            f" model cache disk {_gib(hardware.disk.free_bytes)} free"
+            f" of {_gib(hardware.disk.total_bytes)}"
+        )
+        if not hardware.gpus:
+            lines.append("          no NVIDIA GPU seen (none here, or no driver or 'gpu' extra)")
+        for gpu in hardware.gpus:
+            figures = [f"{_gib(gpu.memory_used_bytes)} of {_gib(gpu.memory_total_bytes)} used"]
+            if gpu.utilization_ratio is not None:
+                figures.append(f"{gpu.utilization_ratio:.0%} busy")
+            if gpu.temperature_celsius is not None:
+                figures.append(f"{gpu.temperature_celsius:.0f} °C")
+            if gpu.power_watts is not None:
+                figures.append(f"{gpu.power_watts:.0f} W")
+            if gpu.ecc_errors_uncorrected:
+                figures.append(f"{gpu.ecc_errors_uncorrected} uncorrected ECC errors")
+            if gpu.throttle_reasons:
+                figures.append("throttled: " + ", ".join(gpu.throttle_reasons))
+            lines.append(f"          GPU {gpu.index} {gpu.name}: " + ", ".join(figures))
+            lines.append(
+                f"                {gpu.uuid}, driver {gpu.driver_version}"
+                + (f", CUDA {gpu.cuda_version}" if gpu.cuda_version else "")
+            )
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
 
 
 def register(sub: Any) -> None:
@@ -141,4 +248,5 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--node", help="node id (default: the running dev network's, or RESULTITY_KEY_FILE's)"
     )
+    p.add_argument("--json", action="store_true", help="print the node's raw reply as JSON")
     p.set_defaults(handler=cmd_status)
