@@ -1,9 +1,13 @@
 """The compose stack as an operator runs it: `stack prepare`, Debian's `docker-compose up`,
-one job submitted from the host, a verified signed result, and `down -v` leaving nothing."""
+one job submitted from the host, a verified signed result, the dashboard's query for it
+answered by the stack's Prometheus, and `down -v` leaving nothing."""
 
 import asyncio
+import json
 import shutil
 import subprocess
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,9 +16,10 @@ import nats
 import pytest
 
 from tests.support.edges import unavailable
+from tests.support.polling import wait_until
 from worker.client import Outcome, new_job_id, submit
 from worker.core.settings import Settings
-from worker.devtools.stack import COMPOSE_FILE, Stack, prepare
+from worker.devtools.stack import COMPOSE_FILE, OBSERVABILITY, Stack, prepare
 from worker.runtime.container import runtime_containers
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
@@ -51,6 +56,28 @@ async def _submit(url: str, stack: Stack, prompt: str) -> Outcome:
         await nc.close()
 
 
+def _panel_query(title: str) -> str:
+    dashboard = json.loads(
+        (OBSERVABILITY / "grafana" / "dashboards" / "resultity-node.json").read_text()
+    )
+    (panel,) = [p for p in dashboard["panels"] if p["title"] == title]
+    expr: str = panel["targets"][0]["expr"]
+    return expr
+
+
+def _prometheus(port: int, expr: str) -> list[tuple[dict[str, str], str]] | None:
+    """The instant vector Prometheus answers for `expr`; None while it has no sample."""
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = json.load(response)
+    except OSError:
+        return None  # not up yet
+    assert body["status"] == "success", body
+    found = [(r["metric"], r["value"][1]) for r in body["data"]["result"]]
+    return found or None
+
+
 def test_compose_stack_serves_a_verified_result_from_the_host(
     docker_client: Any, tmp_path: Path
 ) -> None:
@@ -60,7 +87,8 @@ def test_compose_stack_serves_a_verified_result_from_the_host(
     project = f"rsttest{uuid.uuid4().hex[:10]}"
     # An ephemeral port on 127.0.0.1, so parallel runs and a developer's stack do not clash.
     with stack.env_file.open("a") as env:
-        env.write("RESULTITY_NATS_PUBLISH=127.0.0.1:\n")
+        for service in ("NATS", "METRICS", "PROMETHEUS", "GRAFANA"):
+            env.write(f"RESULTITY_{service}_PUBLISH=127.0.0.1:\n")
     leftovers: list[Any] = []
     try:
         _compose(stack, project, "up", "-d")
@@ -80,6 +108,14 @@ def test_compose_stack_serves_a_verified_result_from_the_host(
         assert result.runtime.image == stack.runtime_image
         assert result.output.finish_reason == "length"
         assert len(result.output.token_ids) == 8
+        host, port = _compose(stack, project, "port", "prometheus", "9090").strip().rsplit(":", 1)
+        assert host == "127.0.0.1"
+        expr = _panel_query("Tokens generated").replace("$model", ".*")
+        try:
+            answer = wait_until(lambda: _prometheus(int(port), expr), timeout=90)
+        except TimeoutError as exc:
+            raise AssertionError(f"no answer to {expr}:\n{_logs(stack, project)}") from exc
+        assert answer == [({"model": "echo-demo"}, "8")], answer
     finally:
         _compose(stack, project, "down", "-v", "--timeout", "40")
         leftovers = runtime_containers(docker_client, stack.node_id)

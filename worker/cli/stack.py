@@ -22,7 +22,8 @@ def register(sub: Any) -> None:
     p = add_command(
         actions,
         "prepare",
-        "create keys (0600) and env files, build the NATS, agent and echo runtime images",
+        "create keys (0600) and env files, build the NATS, agent, echo runtime and"
+        " Prometheus (and, where its base can be had, Grafana) images",
         "resultity-node stack prepare --dir ~/.resultity/stack",
     )
     p.add_argument("--dir", default=str(DEFAULT_STACK_DIR), help="stack directory")
@@ -51,7 +52,19 @@ def _cmd_prepare(args: Any) -> int:
         f"images     {stack.nats.tag}  {stack.agent.tag}  runtime {stack.runtime_image}\n"
         f"start      docker-compose -f {COMPOSE_FILE} --env-file {env} up -d\n"
         f"stop       docker-compose -f {COMPOSE_FILE} --env-file {env} down\n"
+        "metrics    Prometheus on http://127.0.0.1:9090 (the node's own on 127.0.0.1:9464)\n"
     )
+    if stack.grafana is not None:
+        sys.stdout.write(
+            f"dashboard  docker-compose -f {COMPOSE_FILE} --env-file {env} --profile dashboard"
+            " up -d; then http://127.0.0.1:3000\n"
+        )
+    else:
+        sys.stdout.write(
+            "dashboard  Grafana's image could not be built here (no registry answers and none"
+            " is present; Debian does not package it): the dashboard's queries work in"
+            " Prometheus\n"
+        )
     return 0
 
 

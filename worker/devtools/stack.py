@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 DEFAULT_STACK_DIR = DEFAULT_HOME / "stack"
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 NATS_CONF = CONTAINERS_DIR / "compose" / "nats.conf"
+OBSERVABILITY = CONTAINERS_DIR / "observability"
+PROMETHEUS_PUBLIC_BASE = "prom/prometheus:v2.42.0"
+GRAFANA_PUBLIC_BASE = "grafana/grafana-oss:10.4.2"
 AGENT_PUBLIC_BASE = "python:3.11-slim"
 SOURCE_PACKAGES = ("worker", "schemas", "containers")
 SOURCE_SUFFIXES = (".py", ".json")
@@ -65,6 +68,9 @@ class Stack:
     agent: BuiltImage
     agent_base: str
     runtime_image: str
+    prometheus: BuiltImage | None = None
+    grafana: BuiltImage | None = None
+    """None where no Grafana base can be had (no registry answers, none present)."""
 
     @property
     def env_file(self) -> Path:
@@ -130,6 +136,78 @@ def ensure_nats_image(*, client: Any | None = None, context: Path | None = None)
             (where / "data").mkdir()
             (where / "data" / ".keep").write_text("")
             return _build(client, where, tag, key, {}, "nats")
+
+
+def _public_base(client: Any, ref: str) -> str | None:
+    """The id of `ref`, present or pulled; None when neither (no registry answers)."""
+    import docker.errors
+
+    found = images.image_id(client, ref)
+    if found is not None:
+        return found
+    try:
+        pulled: str = client.images.pull(ref).id
+        return pulled
+    except docker.errors.APIError as exc:
+        log.info("base_unpullable image=%s error=%s", ref, str(exc)[:200])
+        return None
+
+
+def ensure_prometheus_image(
+    *, client: Any | None = None, context: Path | None = None
+) -> BuiltImage:
+    """Prometheus with the stack's scrape config, on the public image or else on a Debian
+    base made by mmdebstrap with Debian's `prometheus` package."""
+    with images.docker_client(client) as client:
+        base_id = _public_base(client, PROMETHEUS_PUBLIC_BASE) or images.debian_image(
+            client, packages=("prometheus",), name="resultity/prometheus-base"
+        )
+        files = [
+            ("Dockerfile", OBSERVABILITY / "prometheus.Dockerfile"),
+            ("prometheus.yml", OBSERVABILITY / "prometheus.yml"),
+        ]
+        digest = hashlib.sha256(f"resultity-prometheus\0base\0{base_id}\0".encode())
+        _hash_files(digest, files)
+        key = digest.hexdigest()
+        tag = f"resultity/prometheus:{key[:20]}"
+        with images.locked("image-prometheus"), tempfile.TemporaryDirectory(prefix="rst-p-") as tmp:
+            where = context or Path(tmp) / "context"
+            _fill_context(where, files)
+            (where / "data").mkdir()
+            (where / "data" / ".keep").write_text("")
+            return _build(client, where, tag, key, {"BASE": base_id}, "prometheus")
+
+
+def ensure_grafana_image(
+    *, client: Any | None = None, context: Path | None = None
+) -> BuiltImage | None:
+    """Grafana with the data source and the node's dashboard provisioned; None when no
+    Grafana base can be had (Debian does not package Grafana). The build context is left in
+    `context` either way: compose checks every service's build path, profile or not."""
+    root = OBSERVABILITY / "grafana"
+    files = [("Dockerfile", OBSERVABILITY / "grafana.Dockerfile")]
+    files += sorted(
+        (f"grafana/{p.relative_to(root).as_posix()}", p) for p in root.rglob("*") if p.is_file()
+    )
+    if context is not None:
+        _fill_context(context, files)
+    with images.docker_client(client) as client:
+        base_id = _public_base(client, GRAFANA_PUBLIC_BASE)
+        if base_id is None:
+            log.warning(
+                "grafana_unavailable base=%s: no registry answers and none is present; "
+                "the stack runs without the dashboard (Prometheus still serves the queries)",
+                GRAFANA_PUBLIC_BASE,
+            )
+            return None
+        digest = hashlib.sha256(f"resultity-grafana\0base\0{base_id}\0".encode())
+        _hash_files(digest, files)
+        key = digest.hexdigest()
+        tag = f"resultity/grafana:{key[:20]}"
+        with images.locked("image-grafana"), tempfile.TemporaryDirectory(prefix="rst-g-") as tmp:
+            where = context or Path(tmp) / "context"
+            _fill_context(where, files)
+            return _build(client, where, tag, key, {"BASE": base_id}, "grafana")
 
 
 def agent_recipe() -> Recipe:
@@ -211,20 +289,33 @@ def prepare(
         agent, agent_base = ensure_agent_image(
             client=client, base=base, context=stack_dir / "build" / "agent"
         )
+        prometheus = ensure_prometheus_image(
+            client=client, context=stack_dir / "build" / "prometheus"
+        )
+        grafana = ensure_grafana_image(client=client, context=stack_dir / "build" / "grafana")
         stack = Stack(
-            stack_dir, node.node_id, authority.node_id, nats, agent, agent_base, runtime_image
+            stack_dir,
+            node.node_id,
+            authority.node_id,
+            nats,
+            agent,
+            agent_base,
+            runtime_image,
+            prometheus,
+            grafana,
         )
-        _write_env(
-            stack.env_file,
-            {
-                "RESULTITY_STACK_DIR": str(stack_dir),
-                "RESULTITY_CACHE_DIR": str(stack.cache_dir),
-                "RESULTITY_NATS_IMAGE": nats.tag,
-                "RESULTITY_AGENT_IMAGE": agent.tag,
-                "RESULTITY_AGENT_BASE": agent_base,
-                "RESULTITY_RUNTIME_IMAGE": runtime_image,
-            },
-        )
+        values = {
+            "RESULTITY_STACK_DIR": str(stack_dir),
+            "RESULTITY_CACHE_DIR": str(stack.cache_dir),
+            "RESULTITY_NATS_IMAGE": nats.tag,
+            "RESULTITY_AGENT_IMAGE": agent.tag,
+            "RESULTITY_AGENT_BASE": agent_base,
+            "RESULTITY_RUNTIME_IMAGE": runtime_image,
+            "RESULTITY_PROMETHEUS_IMAGE": prometheus.tag,
+        }
+        if grafana is not None:
+            values["RESULTITY_GRAFANA_IMAGE"] = grafana.tag
+        _write_env(stack.env_file, values)
         _write_env(stack_dir / "agent.env", {"RESULTITY_AUTHORITY_KEYS": authority.node_id})
         log.info("stack_prepared dir=%s node_id=%s", stack_dir, node.node_id)
         return stack
