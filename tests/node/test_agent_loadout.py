@@ -275,6 +275,10 @@ async def test_two_models_with_alternating_bursts_are_both_served_with_few_switc
             assert served == {model}
         switches = agent.switches
         states = {m.id: m.state.value for m in agent.status().models}
+        counted = {model: f.switches for model, f in agent.metrics.models.items() if f.switches}
+        downtimes = sum(f.switch_downtime.count for f in agent.metrics.models.values())
     assert 1 <= switches <= 3
+    assert sum(counted.values()) == switches == downtimes, (counted, switches)
+    assert set(counted) <= {first, "second"}
     assert states == {first: "ready", "second": "active"}
     assert await errors(js, settings) == []

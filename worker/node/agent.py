@@ -538,8 +538,10 @@ class Agent(AsyncResource):
         )
         # Stop pulling, let the jobs in flight finish up to the grace, hand back the rest
         # (they were not at fault: no error event), then swap.
+        previous = self.model
         self._move(lc.Switching())
         await self._stop_pipeline(grace_s)
+        stopped_at = time.monotonic()  # the old model's last result is out: no model serves
         await self._prune(snapshot)
         replacing = self._supervisor is not None
         await self._launch(launch)
@@ -556,6 +558,8 @@ class Agent(AsyncResource):
             LifecycleKind.MODEL_READY, id=spec.id, version=spec.version, sha256=spec.sha256
         )
         await self._start_pipeline(snapshot, spec)
+        if previous is not None and previous.sha256 != spec.sha256:
+            self.metrics.model_switched(spec.id, time.monotonic() - stopped_at)
 
     async def _prefetch(self, snapshot: Snapshot, loadout: Loadout) -> None:
         """Every model of the loadout verified in the cache (and its consumer made), so a
