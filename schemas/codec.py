@@ -7,8 +7,9 @@ import msgpack
 from pydantic import BaseModel, ValidationError
 
 from schemas.errors import SchemaError
+from schemas.limits import MAX_ENVELOPE_BYTES
 
-DEFAULT_MAX_BYTES = 1 << 20
+DEFAULT_MAX_BYTES = MAX_ENVELOPE_BYTES
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -31,6 +31,8 @@ from typing import Any, Literal, NotRequired, TypedDict, cast
 import msgpack
 
 from schemas.limits import (
+    MAX_FRAME_ARRAY_LEN,
+    MAX_FRAME_BYTES,
     MAX_LOGPROBS,
     MAX_MESSAGES,
     MAX_NEW_TOKENS,
@@ -48,12 +50,12 @@ from schemas.limits import (
     RESPONSE_FORMATS,
     SCHEMA_NAME_PATTERN,
     check_json_schema,
+    check_output_fits,
+    max_tokens,
 )
 
 PROTOCOL_VERSION = 2
-MAX_FRAME_BYTES = 8 << 20
-"""A `done` frame of 100k tokens with text and 20 logprob alternatives per token fits."""
-MAX_ARRAY_LEN = MAX_PROMPT_TOKENS + 1024
+MAX_ARRAY_LEN = MAX_FRAME_ARRAY_LEN
 MAX_MAP_LEN = MAX_SCHEMA_BYTES // 2
 """A `response_format` schema within the job schema's size bound may hold maps this long."""
 MAX_BIN_LEN = 1024
@@ -461,6 +463,10 @@ def parse_params(value: Any) -> Params:
             params["frequency_penalty"] = _penalty(item, key)
         elif key == "response_format":
             params["response_format"] = _response_format(item)
+    try:
+        check_output_fits(max_tokens(params), params.get("logprobs"))
+    except ValueError as exc:
+        raise FrameError(f"params: {exc}") from exc
     return params
 
 

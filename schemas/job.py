@@ -30,6 +30,8 @@ from schemas.limits import (
     MAX_TOP_K,
     SCHEMA_NAME_PATTERN,
     check_json_schema,
+    check_output_fits,
+    max_tokens,
 )
 from schemas.limits import MODEL_ID_PATTERN as MODEL_ID_PATTERN
 
@@ -107,6 +109,11 @@ class Params(Wire):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _output_fits(self) -> Self:
+        check_output_fits(max_tokens({"max_tokens": self.max_tokens}), self.logprobs)
+        return self
 
 
 class Prompted(Wire):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas import runtime_env
-from schemas.frames import MAX_FRAME_BYTES
+from schemas.limits import MAX_FRAME_BYTES
 
 
 class ConfigError(ValueError):

@@ -16,10 +16,11 @@ import time
 
 from containers.runtime.channel import EndOfInput, FrameChannel
 from containers.runtime.config import ConfigError, RuntimeConfig
-from containers.runtime.engines import Engine, EngineError, load_engine
+from containers.runtime.engines import Engine, EngineError, StepFrame, load_engine
 from containers.runtime.request import RequestError
 from schemas import frames
 from schemas.frames import EngineStats, FailCode, Frame, FrameError, FrameKind
+from schemas.limits import MAX_FRAME_BYTES
 
 log = logging.getLogger("containers.runtime")
 
@@ -35,9 +36,12 @@ def _setup_logging() -> None:
 class Loop:
     """The engine loop over one channel (see the module docstring)."""
 
-    def __init__(self, channel: FrameChannel, engine: Engine) -> None:
+    def __init__(
+        self, channel: FrameChannel, engine: Engine, *, max_frame_bytes: int = MAX_FRAME_BYTES
+    ) -> None:
         self._channel = channel
         self._engine = engine
+        self._max_frame_bytes = max_frame_bytes
         self._deadlines: dict[int, float] = {}
         self._active: set[int] = set()
 
@@ -64,9 +68,33 @@ class Loop:
             self._expire()
             if self._active:
                 for out in self._engine.step():
-                    if out["t"] != "partial":
-                        self._finished(out["id"])
-                    self._channel.send(out)
+                    self._output(out)
+
+    def _output(self, out: StepFrame) -> None:
+        """Send one request's output. A frame over the agent's limit would break the whole
+        runtime there: that request fails alone (`bad_request`: it asked for more output
+        than a frame carries) and is stopped in the engine."""
+        request_id = out["id"]
+        data = frames.pack(out)
+        if len(data) > self._max_frame_bytes:
+            log.warning(
+                "runtime_output_too_large request=%d bytes=%d limit=%d",
+                request_id,
+                len(data),
+                self._max_frame_bytes,
+            )
+            if out["t"] == "partial":
+                self._engine.abort(request_id)
+            self._finished(request_id)
+            reason = (
+                f"output of {len(data)} bytes is over the frame limit of "
+                f"{self._max_frame_bytes}: ask for fewer tokens or logprobs"
+            )
+            self._channel.send(frames.failed(request_id, FailCode.BAD_REQUEST, reason))
+            return
+        if out["t"] != "partial":
+            self._finished(request_id)
+        self._channel.write_raw(data)
 
     def _handle(self, frame: Frame) -> bool:
         """Act on one frame; False on `shutdown`."""
@@ -138,7 +166,7 @@ def main() -> int:
     try:
         config = RuntimeConfig.from_env()
     except ConfigError as exc:
-        channel = FrameChannel.claim_stdio(max_frame_bytes=frames.MAX_FRAME_BYTES)
+        channel = FrameChannel.claim_stdio(max_frame_bytes=MAX_FRAME_BYTES)
         channel.send(frames.fatal(str(exc)))
         return 2
     channel = FrameChannel.claim_stdio(max_frame_bytes=config.max_frame_bytes)
@@ -168,7 +196,7 @@ def main() -> int:
         engine.max_active,
     )
     try:
-        status = Loop(channel, engine).serve()
+        status = Loop(channel, engine, max_frame_bytes=config.max_frame_bytes).serve()
     except EndOfInput:
         log.info("runtime_end_of_input")
         status = 0

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from schemas.frames import Message, Params, RequestItem, ResponseFormat, TokenLogprob
-from schemas.limits import DEFAULT_MAX_TOKENS
+from schemas.limits import max_tokens
 
 LOGPROB_FLOOR = -9999.0
 """What a token the engine ruled out (logprob -inf, e.g. by a JSON grammar) reports: JSON and
@@ -77,7 +77,7 @@ def sampling_kwargs(params: Params) -> dict[str, Any]:
     object and the output kind (both vLLM objects)."""
     kwargs: dict[str, Any] = {
         "n": 1,
-        "max_tokens": params.get("max_tokens", DEFAULT_MAX_TOKENS),
+        "max_tokens": max_tokens(params),
         "temperature": params.get("temperature", 0.0),
         "top_p": params.get("top_p", 1.0),
         "seed": params.get("seed"),

@@ -15,6 +15,7 @@ import pytest
 
 from schemas import frames
 from schemas.frames import Frame, FrameError
+from schemas.limits import MAX_NEW_TOKENS
 from tests.support.framepipe import FramePipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -427,6 +428,31 @@ def test_duplicate_running_id_is_fatal(spawn: Any) -> None:
     frame = rt.until("fatal")
     assert "running" in frame["message"]
     assert rt.wait() == 1
+
+
+def test_an_output_over_the_frame_limit_fails_that_request_alone(spawn: Any) -> None:
+    """The job of death, second layer: a `done` too large for the agent's frame limit would
+    break the runtime there (and every request on it); it fails its own request instead."""
+    rt = spawn(RESULTITY_MAX_FRAME_BYTES="4096")
+    rt.ready()
+    big, small = rt.run(req("big", max_tokens=2000), req("small", max_tokens=4))
+    assert big["t"] == "failed" and big["code"] == "bad_request", big
+    assert "over the frame limit of 4096" in big["reason"]
+    assert small["t"] == "done" and len(small["token_ids"]) == 4
+    (after,) = rt.run(req("after", max_tokens=4), first_id=3)
+    assert after["t"] == "done" and rt.proc.poll() is None
+
+
+def test_a_request_above_the_output_limit_is_refused(spawn: Any) -> None:
+    """The job of death, first layer, on the runtime's side: more tokens than a result can
+    carry is a bad request, refused before the engine runs it."""
+    rt = spawn()
+    rt.ready()
+    (refused,) = rt.run(req("huge", max_tokens=MAX_NEW_TOKENS + 1))
+    assert refused["t"] == "failed" and refused["code"] == "bad_request"
+    assert "max_tokens" in refused["reason"] and str(MAX_NEW_TOKENS) in refused["reason"]
+    (after,) = rt.run(req("after", max_tokens=4), first_id=2)
+    assert after["t"] == "done"
 
 
 def test_oversized_input_is_fatal(spawn: Any) -> None:

@@ -53,8 +53,19 @@ def test_a_valid_job_is_admitted_with_its_delivery_facts() -> None:
         (delivered(job(model_id="other"), subject="rst.jobs.other"), UnknownModel, "j-1"),
         (delivered(job(model_id="other")), UnknownModel, "j-1"),
         (delivered(job(deadline=NOW - 1)), DeadlineExceeded, "j-1"),
+        (delivered(job(params={"max_tokens": 300_000})), BadRequest, "hdr-1"),
+        (delivered(job(params={"max_tokens": 100_000, "logprobs": 20})), BadRequest, "hdr-1"),
     ],
-    ids=["garbage", "bad_field", "oversize", "other_model", "subject_mismatch", "expired"],
+    ids=[
+        "garbage",
+        "bad_field",
+        "oversize",
+        "other_model",
+        "subject_mismatch",
+        "expired",
+        "job_of_death",
+        "logprobs_of_death",
+    ],
 )
 def test_a_rejected_job_keeps_a_record_for_its_error_event(
     msg: Msg, error: type[Exception], job_id: str

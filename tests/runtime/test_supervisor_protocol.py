@@ -226,6 +226,19 @@ async def test_deadline_mid_run_ends_the_request(harness: Harness) -> None:
         assert sup.stats().restarts == 0
 
 
+async def test_a_job_of_death_fails_alone_and_the_runtime_serves_on(harness: Harness) -> None:
+    """One job asking for more tokens than a result can carry (300,000) broke every runtime
+    that ran it, and its batch-mates with it. Past admission (which refuses it), the
+    runtime refuses it too: that job's `BadRequest`, nothing else."""
+    async with harness.supervisor() as sup:
+        harness.remember(sup)
+        death = WorkItem("death", {"prompt": "p", "params": {"max_tokens": 300_000}})
+        out = await sup.run([*items("a", "b"), death])
+        assert [type(o) for o in out] == [Completion, Completion, BadRequest], out
+        assert "max_tokens" in str(out[2]) and not out[2].retryable
+        assert sup.stats().restarts == 0
+
+
 async def test_item_error_fails_only_that_job(harness: Harness) -> None:
     async with harness.supervisor() as sup:
         harness.remember(sup)

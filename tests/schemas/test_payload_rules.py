@@ -6,10 +6,18 @@ import msgpack
 import pytest
 from pydantic import BaseModel
 
+from schemas import frames
 from schemas.codec import decode, encode
 from schemas.errors import SchemaError
 from schemas.event import ErrorCode, ErrorEvent, LifecycleEvent, LifecycleKind
 from schemas.job import Job, Params
+from schemas.limits import (
+    MAX_ENVELOPE_BYTES,
+    MAX_NEW_TOKENS,
+    MAX_TOKEN_ID,
+    RESULT_RESERVED_BYTES,
+    TOKEN_ID_BYTES,
+)
 from schemas.result import ResultBody
 from schemas.snapshot import ModelSpec, RuntimeSpec, Snapshot, ValidationVector
 from tests.support.payloads import (
@@ -147,6 +155,9 @@ JOB_REJECTS = [
     ("params.max_tokens", 1.0, "max_tokens"),
     ("params.max_tokens", "16", "max_tokens"),
     ("params.max_tokens", True, "max_tokens"),
+    ("params.max_tokens", 300_000, "max_tokens"),
+    ("params.max_tokens", MAX_NEW_TOKENS + 1, "max_tokens"),
+    ("params", {"max_tokens": 100_000, "logprobs": 20}, "params"),
     ("params.temperature", -0.01, "temperature"),
     ("params.temperature", 2.01, "temperature"),
     ("params.temperature", 3, "temperature"),
@@ -452,3 +463,22 @@ def test_payload_models_are_frozen() -> None:
 def test_node_id_constant_is_valid() -> None:
     assert len(NODE_ID) == 64
     assert IMAGE_DIGEST.endswith("ef" * 32)
+
+
+def test_the_most_tokens_a_job_may_ask_for_fit_a_frame_and_a_result() -> None:
+    """`MAX_NEW_TOKENS` is derived, not chosen: that many token ids fit one `done` frame's
+    array and one result envelope; a job at the bound is valid, one past it is not."""
+    assert MAX_NEW_TOKENS <= frames.MAX_ARRAY_LEN
+    assert MAX_NEW_TOKENS * TOKEN_ID_BYTES <= MAX_ENVELOPE_BYTES - RESULT_RESERVED_BYTES
+    Params(max_tokens=MAX_NEW_TOKENS)
+    packed = frames.pack(
+        frames.done(
+            1,
+            token_ids=[MAX_TOKEN_ID] * MAX_NEW_TOKENS,
+            text="",
+            finish_reason="length",
+            prompt_tokens=1,
+            first_token_s=0.0,
+        )
+    )
+    assert frames.FrameDecoder(frames.TO_AGENT).feed(packed)[0]["t"] == "done"

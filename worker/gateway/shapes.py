@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.codec import describe
 from schemas.job import Job
-from schemas.limits import DEFAULT_MAX_TOKENS
 from schemas.result import ResultBody
 
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -176,7 +175,6 @@ def completion_job(req: CompletionRequest, job_id: str, deadline: float) -> dict
     if req.echo or req.suffix:
         raise ApiError(400, "echo and suffix are not supported")
     params = _params(req)
-    params.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     if req.logprobs is not None:
         params["logprobs"] = req.logprobs
     job: dict[str, Any] = {"job_id": job_id, "model_id": req.model, "params": params}

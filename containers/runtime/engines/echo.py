@@ -14,7 +14,7 @@ Fault injection (a test engine, so these are features): a prompt starting with `
     !fault:crash          the process exits (status 3) at the request's first step
     !fault:hang           two tokens, then the engine loop blocks forever (pings go unanswered)
     !fault:garbage        non-msgpack bytes are written to the frame stream
-    !fault:oversize       the `done` frame is larger than RESULTITY_MAX_FRAME_BYTES
+    !fault:oversize       a `done` frame larger than RESULTITY_MAX_FRAME_BYTES, written raw
     !fault:error          only that request fails (`failed`, code `engine`)
     !fault:unknown_id     a `partial` for a request id the agent never sent
     !fault:done_twice     two `done` frames for the request
@@ -42,7 +42,7 @@ from containers.runtime.engines import EngineError, RawWriter, StepFrame
 from containers.runtime.request import RequestError
 from schemas import frames, runtime_env
 from schemas.frames import EngineStats, FailCode, RequestItem
-from schemas.limits import DEFAULT_MAX_TOKENS
+from schemas.limits import max_tokens as output_tokens
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class EchoEngine:
             if fault == "bad_request":
                 raise RequestError("injected bad request (echo fault)")
         params = item["params"]
-        max_tokens = params.get("max_tokens", DEFAULT_MAX_TOKENS)
+        max_tokens = output_tokens(params)
         material = b"\0".join([self._model_hash, source, str(params.get("seed")).encode()])
         raw = hashlib.shake_256(material).digest(3 * max_tokens)
         token_ids = [
@@ -267,16 +267,18 @@ class EchoEngine:
             return None
         del self._runs[rid]
         if fault == "oversize":
-            return [
-                frames.done(
-                    rid,
-                    token_ids=[],
-                    text="x" * (self._max_frame_bytes + 1),
-                    finish_reason="length",
-                    prompt_tokens=0,
-                    first_token_s=0.0,
-                )
-            ]
+            # Written past the loop, which would turn an oversized output into that
+            # request's `failed`: the agent must meet the frame itself.
+            oversized = frames.done(
+                rid,
+                token_ids=[],
+                text="x" * (self._max_frame_bytes + 1),
+                finish_reason="length",
+                prompt_tokens=0,
+                first_token_s=0.0,
+            )
+            self._write_raw(frames.pack(oversized))
+            return []
         if fault == "error":
             return [frames.failed(rid, FailCode.ENGINE, "injected error (echo fault)")]
         if fault == "unknown_id":
