@@ -24,7 +24,6 @@ item that breaks the job schema's rules fails that request alone (`failed`, `bad
 
 import math
 import re
-from collections.abc import Iterator
 from enum import StrEnum
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
@@ -63,6 +62,11 @@ MAX_DEPTH = 8
 """Nesting of a frame, not counting inside a submit's `response_format` schema: user JSON,
 bounded by the job schema's rule (`check_json_schema`) when the request is parsed."""
 MAX_REASON_CHARS = 2000
+MAX_FRAME_OBJECTS = 1 << 19
+"""Values one frame may decode to (every element of every list and map, and the containers
+themselves): what bounds a frame's decoding cost, since one byte of msgpack can make a
+Python list. A `done` frame with the most tokens and logprobs a job may ask for
+(`schemas.limits.check_output_fits`) holds fewer than 350k."""
 
 
 class FrameError(ValueError):
@@ -693,49 +697,113 @@ def _schema_in(frame: Frame) -> Any:
 _SAFE_REPR = re.compile(r"[^\x20-\x7e]")
 
 
+class _TooManyObjects(Exception):
+    pass
+
+
+def _not_msgpack(exc: Exception) -> FrameError:
+    return FrameError(f"not a msgpack frame ({type(exc).__name__}: {exc})")
+
+
 class FrameDecoder:
     """Incremental decoder: `feed()` bytes as they arrive, get complete frames back.
 
-    The unpacker refuses any frame over `max_frame_bytes` and any container longer than the
-    protocol needs, before building it; maps use string keys only; nesting is bounded."""
+    A frame's bytes are counted before it is decoded: a scanner that builds nothing finds
+    where each frame ends, and a frame over `max_frame_bytes` is refused whole, however its
+    bytes are spread. A complete frame is then decoded at once, refusing any container
+    longer than the protocol needs and stopping after `MAX_FRAME_OBJECTS` values, so no
+    frame costs more than a bounded amount of memory and time; maps use string keys only;
+    nesting is bounded."""
 
     def __init__(self, allowed: frozenset[str], *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         self._allowed = allowed
         self._max = max_frame_bytes
-        self._unpacker = msgpack.Unpacker(
-            raw=False,
-            strict_map_key=True,
-            max_buffer_size=max_frame_bytes,
-            max_str_len=max_frame_bytes,
-            max_bin_len=MAX_BIN_LEN,
-            max_array_len=MAX_ARRAY_LEN,
-            max_map_len=MAX_MAP_LEN,
-            max_ext_len=0,
-        )
+        self._scanner = msgpack.Unpacker(max_buffer_size=max_frame_bytes)
+        self._unpacker = msgpack.Unpacker(max_buffer_size=max_frame_bytes, **self._limits())
+        """Decodes the complete frames too small to need counting (see `_split`)."""
+        self._pending = bytearray()
+        """The bytes of the frames not decoded yet: the scanner's stream from `_offset` on."""
+        self._offset = 0
 
     def feed(self, data: bytes) -> list[Frame]:
         frames: list[Frame] = []
         view = memoryview(data)
         step = max(1, self._max // 2)
         for start in range(0, len(view), step):
+            chunk = view[start : start + step]
             try:
-                self._unpacker.feed(view[start : start + step])
+                self._scanner.feed(chunk)
             except msgpack.BufferFull as exc:
                 raise FrameError(f"frame larger than {self._max} bytes") from exc
-            frames.extend(self._drain())
+            self._pending += chunk
+            self._split(frames)
+            if len(self._pending) > self._max:
+                raise FrameError(f"frame larger than {self._max} bytes")
         return frames
 
-    def _drain(self) -> Iterator[Frame]:
-        while True:
-            try:
-                value = next(self._unpacker)
-            except StopIteration:
-                return
-            except UnicodeDecodeError as exc:
-                raise FrameError("frame holds a string that is not UTF-8") from exc
-            except Exception as exc:
-                raise FrameError(f"not a msgpack frame ({type(exc).__name__}: {exc})") from exc
-            yield self._check(value)
+    def _split(self, frames: list[Frame]) -> None:
+        """Decode every complete frame in `_pending`, then drop their bytes (once: a read
+        may hold hundreds of small frames)."""
+        head = 0
+        unpacker = self._unpacker
+        try:
+            with memoryview(self._pending) as pending:
+                while True:
+                    try:
+                        self._scanner.skip()
+                    except msgpack.OutOfData:
+                        return
+                    except Exception as exc:
+                        raise _not_msgpack(exc) from exc
+                    end = self._scanner.tell() - self._offset
+                    if end - head > self._max:
+                        raise FrameError(f"frame larger than {self._max} bytes")
+                    if end - head <= MAX_FRAME_OBJECTS:
+                        # Too small to hold more values than allowed (a value takes a
+                        # byte at least): no count needed.
+                        unpacker.feed(pending[head:end])
+                        value = unpacker.unpack()
+                    else:
+                        value = self._decode_counted(pending[head:end])
+                    frames.append(self._check(value))
+                    head = end
+        except FrameError:
+            raise
+        except UnicodeDecodeError as exc:
+            raise FrameError("frame holds a string that is not UTF-8") from exc
+        except Exception as exc:
+            raise _not_msgpack(exc) from exc
+        finally:
+            del self._pending[:head]
+            self._offset += head
+
+    def _limits(self) -> dict[str, Any]:
+        return {
+            "raw": False,
+            "strict_map_key": True,
+            "max_str_len": self._max,
+            "max_bin_len": MAX_BIN_LEN,
+            "max_array_len": MAX_ARRAY_LEN,
+            "max_map_len": MAX_MAP_LEN,
+            "max_ext_len": 0,
+        }
+
+    def _decode_counted(self, data: memoryview) -> Any:
+        """A frame large enough to hold more than `MAX_FRAME_OBJECTS` values, counted as
+        it decodes and stopped there."""
+        budget = MAX_FRAME_OBJECTS
+
+        def counted(container: Any) -> Any:
+            nonlocal budget
+            budget -= len(container) + 1
+            if budget < 0:
+                raise _TooManyObjects
+            return container
+
+        try:
+            return msgpack.unpackb(data, list_hook=counted, object_hook=counted, **self._limits())
+        except _TooManyObjects as exc:
+            raise FrameError(f"frame holds more than {MAX_FRAME_OBJECTS} values") from exc
 
     def _check(self, value: Any) -> Frame:
         if not isinstance(value, dict):

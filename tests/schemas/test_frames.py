@@ -1,6 +1,7 @@
 """The runtime frame codec (`schemas.frames`): bounded decoding (frame bombs), kind and id
 types, and one set of rules for a request on both sides of the pipe."""
 
+import tracemalloc
 from typing import Any
 
 import msgpack
@@ -12,7 +13,15 @@ from pydantic import ValidationError
 from schemas import frames
 from schemas.frames import FrameDecoder, FrameError
 from schemas.job import Prompted
-from schemas.limits import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH
+from schemas.limits import (
+    LOGPROB_PAIR_BYTES,
+    LOGPROB_TOKEN_BYTES,
+    MAX_LOGPROB_BYTES,
+    MAX_LOGPROBS,
+    MAX_SCHEMA_BYTES,
+    MAX_SCHEMA_DEPTH,
+    check_output_fits,
+)
 from tests.support.payloads import json_schema_format, nested
 
 
@@ -71,6 +80,62 @@ def test_default_frame_size_fits_a_real_result_and_no_more() -> None:
     assert len(frames.pack(done)) < frames.MAX_FRAME_BYTES <= 8 << 20
     with pytest.raises(FrameError, match="larger than"):
         FrameDecoder(frames.TO_AGENT).feed(frames.pack({"t": "fatal", "message": "x" * (9 << 20)}))
+
+
+def fed_in_pieces(data: bytes, piece: int = 64 << 10) -> list[frames.Frame]:
+    decoder = FrameDecoder(frames.TO_AGENT)
+    out: list[frames.Frame] = []
+    for start in range(0, len(data), piece):
+        out += decoder.feed(data[start : start + piece])
+    return out
+
+
+def test_a_frame_is_bounded_by_its_bytes_however_they_are_spread() -> None:
+    """The limit bounded one string, not one frame: 24 MiB over 24 strings passed."""
+    spread = msgpack.packb({"t": "done", "a": ["x" * (1 << 20)] * 24})
+    with pytest.raises(FrameError, match="larger than"):
+        fed_in_pieces(spread)
+    just_under = msgpack.packb({"t": "fatal", "message": ["x" * (1 << 20)] * 7})
+    assert len(just_under) < frames.MAX_FRAME_BYTES
+    assert fed_in_pieces(just_under)[0]["t"] == "fatal"
+
+
+@pytest.mark.parametrize("empty", [[], {}], ids=["lists", "maps"])
+def test_a_frame_of_many_tiny_values_is_refused_at_a_bounded_cost(empty: Any) -> None:
+    """8 MiB of empty lists (one byte each) decoded to +559 MiB and held the loop for
+    seconds; the decoder now stops after `MAX_FRAME_OBJECTS` values."""
+    bomb = msgpack.packb({"t": "done", "a": [[empty] * 100_000 for _ in range(80)]})
+    assert len(bomb) < frames.MAX_FRAME_BYTES
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameError, match="values"):
+            fed_in_pieces(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 96 << 20
+
+
+def test_the_largest_output_a_job_may_ask_for_decodes() -> None:
+    """The object bound leaves room for a `done` with the most logprobs a job may ask for."""
+    per_token = LOGPROB_TOKEN_BYTES + (MAX_LOGPROBS + 1) * LOGPROB_PAIR_BYTES
+    tokens = MAX_LOGPROB_BYTES // per_token
+    check_output_fits(tokens, MAX_LOGPROBS)
+    top = [[7, -0.5]] * (MAX_LOGPROBS + 1)
+    logprobs: list[frames.TokenLogprob] = [
+        {"token_id": 7, "logprob": -0.5, "top": top} for _ in range(tokens)
+    ]
+    done = frames.done(
+        1,
+        token_ids=[7] * tokens,
+        text="w " * tokens,
+        finish_reason="length",
+        prompt_tokens=1,
+        first_token_s=0.0,
+        logprobs=logprobs,
+    )
+    (decoded,) = fed_in_pieces(frames.pack(done))
+    assert len(frames.parse_done(decoded)["logprobs"]) == tokens
 
 
 def test_constructors_round_trip_through_the_parsers() -> None:
