@@ -150,7 +150,7 @@ def _settings() -> Settings:
         request_timeout_s=3.0,
         runtime_write_timeout_s=3.0,
         ping_interval_s=600,
-        ping_timeout_s=5,
+        ping_timeout_s=2,
         runtime_stop_timeout_s=0.5,
         runtime_max_frame_bytes=MAX_FRAME,
     )
@@ -223,7 +223,9 @@ def test_supervisor_survives_fuzzed_frames(tmp_path_factory: pytest.TempPathFact
     @example(plans=[{"kind": "failed_bad", "fields": {"code": None}}])
     def run(plans: list[dict[str, Any]]) -> None:
         tmp = tmp_path_factory.mktemp("fuzz-frames")
-        # every outcome is due within request_timeout_s: a wait past that is a hang
+        # every outcome is due within request_timeout_s and a ping's ping_timeout_s (a
+        # request past its run time is aborted alone, or with its runtime if no pong comes):
+        # a wait past that is a hang
         asyncio.run(asyncio.wait_for(_play(plans, tmp, counts), 60))
         counts["examples"] += 1
 

@@ -226,6 +226,29 @@ async def test_deadline_mid_run_ends_the_request(harness: Harness) -> None:
         assert sup.stats().restarts == 0
 
 
+async def test_a_job_past_its_run_time_is_aborted_alone(harness: Harness) -> None:
+    """A runtime that answers pings is healthy: a job without a deadline that runs past
+    request_timeout_s fails alone (DeadlineExceeded, final), the job that runs beside it
+    goes on, and the runtime is not replaced (it was, with every job on it, before)."""
+    async with harness.supervisor(
+        engine_args={"token_delay_ms": 2}, request_timeout_s=3.0, ping_interval_s=0.5
+    ) as sup:
+        harness.remember(sup)
+        ident = sup.stats().runtime_id
+        long_sink, mate_sink = Sink(), Sink()
+        long = sup.submit(streaming("long"), long_sink)
+        await wait_for(lambda: len(long_sink.token_ids) >= 300, timeout=20)
+        mate = sup.submit(streaming("mate"), mate_sink)  # due later by the 300 tokens
+        with pytest.raises(DeadlineExceeded, match="request_timeout_s") as overran:
+            await long
+        assert not overran.value.retryable
+        assert not mate.done() and mate_sink.parts
+        mate.cancel()
+        await wait_for(lambda: sup.stats().aborting == 0 and sup.stats().active == 0, timeout=20)
+        assert isinstance(await sup.generate(items("after")[0]), Completion)
+        assert sup.stats().runtime_id == ident and sup.stats().restarts == 0
+
+
 async def test_a_job_of_death_fails_alone_and_the_runtime_serves_on(harness: Harness) -> None:
     """One job asking for more tokens than a result can carry (300,000) broke every runtime
     that ran it, and its batch-mates with it. Past admission (which refuses it), the

@@ -149,7 +149,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         600.0,
         gt=0,
-        description="how long the runtime may take for one request before it is replaced",
+        description=(
+            "how long one request may run: past it, if the runtime still answers a ping,"
+            " that request alone is aborted (DEADLINE_EXCEEDED)"
+        ),
     )
     runtime_write_timeout_s: float = Field(
         10.0, gt=0, description="how long the runtime may take to accept one input frame"

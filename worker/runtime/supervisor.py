@@ -1,13 +1,20 @@
-"""The runtime supervisor: keeps exactly one runtime running, hands it requests one by one,
-and replaces it when it crashes, hangs, or talks nonsense.
+"""The runtime supervisor: keeps exactly one runtime running, hands it requests, and
+replaces it when it crashes, hangs, or talks nonsense.
 
 A runtime is trusted for nothing: every frame is parsed, every write and every wait has a
 deadline, pings go out while requests run (a runtime hung mid-generation is found by the
 ping timeout), and a runtime that breaks any rule is killed and removed before a fresh one
-starts. Requests in flight on a runtime that dies come back as retryable `RuntimeFailure`s
-(the pipeline hands their jobs back). A job that was in flight at `SOLO_AFTER_STRIKES`
-runtime deaths runs alone next time (no other request on the runtime); if the runtime dies
-again it fails alone (`ItemFailed`, final) and no other job is failed because of it.
+starts. A runtime that answers pings is healthy: a request that runs longer than
+`request_timeout_s` is aborted alone (`DeadlineExceeded`) and the runtime serves on.
+
+Each request is one record (`Request`, which is also its caller's future) moved by the
+pure `worker.runtime.request.transition`; this module is the I/O around it: it turns frames,
+cancels, timers and runtime failures into events and carries out the decisions. Requests
+in flight on a runtime that fails come back as retryable `RuntimeFailure`s once a fresh
+runtime replaced it (the pipeline hands their jobs back). A job that was in flight at
+`SOLO_AFTER_STRIKES` runtime failures runs alone next time (no other request on the
+runtime); if the runtime fails again it fails alone (`ItemFailed`, final) and no other job
+is failed because of it.
 """
 
 import asyncio
@@ -16,20 +23,16 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import cast
 
 from schemas import frames
-from schemas.frames import PROTOCOL_VERSION, EngineStats, FailCode, Frame, FrameError, FrameKind
-from schemas.limits import DEFAULT_MAX_TOKENS
+from schemas.frames import PROTOCOL_VERSION, EngineStats, Frame, FrameError, FrameKind
+from schemas.limits import max_tokens
 from worker.core.errors import (
-    BadRequest,
-    DeadlineExceeded,
-    ItemFailed,
     NodeError,
-    OutputMalformed,
     RuntimeBroken,
     RuntimeClosed,
     RuntimeEnded,
@@ -43,19 +46,39 @@ from worker.runtime.api import (
     Completion,
     ItemOutcome,
     LaunchSpec,
-    Partial,
     PartialSink,
     RuntimeFacts,
     WorkItem,
 )
 from worker.runtime.process import ProcessBackend
+from worker.runtime.request import (
+    CANCEL,
+    DISPATCH,
+    FINAL,
+    SEND_ABORT,
+    SEND_SUBMIT,
+    SOLO_AFTER_STRIKES,
+    BreakRuntime,
+    Emit,
+    Event,
+    Fail,
+    FailOnceReplaced,
+    GotDone,
+    GotFailed,
+    GotPartial,
+    Overrun,
+    Resolve,
+    RuntimeLost,
+    StartFailed,
+    State,
+    transition,
+)
 from worker.runtime.transport import Backend, RuntimeHandle
 
 log = logging.getLogger(__name__)
 
 MAX_SUSPECTS = 4096
 MAX_ABORTED = 4096
-SOLO_AFTER_STRIKES = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,60 +97,81 @@ class SupervisorStats:
     """The engine's figures from the last `pong` (`schemas.frames.EngineStats`)."""
 
 
-@dataclass(eq=False)
-class _Request:
-    request_id: int
-    job_id: str
-    stream: bool
-    max_tokens: int
-    future: "asyncio.Future[Completion]"
-    on_partial: PartialSink | None
-    expires: float
-    """Monotonic time by which the runtime must have answered (request_timeout_s)."""
-    streamed: int = 0
-    on_failure: Callable[[RuntimeFailure], None] | None = None
-    """Set for a request started by `submit` without a task: called, instead of failing its
-    future, when the runtime fails (the supervisor recovers, then fails the future)."""
-    on_end: Callable[[bool], None] | None = None
-    """Set with `on_failure`: called when the session has set the future (True: a
-    completion)."""
-    ended: bool = False
-    """A submitted request's slot was released (see `Supervisor._submitted_end`)."""
+class Request(asyncio.Future[Completion]):
+    """One request: its record (state, tokens streamed, the runtime it is on) and its
+    caller's future in one object. Cancelling it aborts the request: the supervisor hears
+    of the cancel here, and of the answer from the frame reader, so no task and no done
+    callback runs per request."""
 
+    __slots__ = (
+        "_owner",
+        "item",
+        "job_id",
+        "max_tokens",
+        "released",
+        "request_id",
+        "session",
+        "sink",
+        "solo",
+        "state",
+        "stream",
+        "streamed",
+        "expires",
+    )
 
-class _Answer(asyncio.Future[Completion]):
-    """A `submit`ted request's outcome. Cancelling it aborts the request: the supervisor
-    hears of the cancel here, and of the answer from the frame reader, so no done callback
-    (a loop turn each) runs per request."""
-
-    __slots__ = ("on_cancel",)
-
-    def __init__(self) -> None:
-        super().__init__(loop=asyncio.get_running_loop())
-        self.on_cancel: Callable[[], None] | None = None
+    def __init__(
+        self,
+        owner: "Supervisor",
+        request_id: int,
+        item: WorkItem,
+        sink: PartialSink | None,
+        *,
+        solo: bool,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(loop=loop)
+        self._owner: Supervisor | None = owner
+        self.request_id = request_id
+        self.item = item
+        self.job_id = item.job_id
+        self.stream = item.stream
+        self.max_tokens = max_tokens(item.payload.get("params", {}))
+        self.sink = sink
+        self.solo = solo
+        self.state = State.WAITING
+        self.streamed = 0
+        self.session: _Session | None = None
+        self.expires = 0.0
+        """Loop time by which the runtime must have answered (request_timeout_s)."""
+        self.released = False
+        """Its place among the supervisor's active requests was given up."""
 
     def cancel(self, msg: object = None) -> bool:
         if not super().cancel(msg):
             return False
-        if self.on_cancel is not None:
+        owner = self._owner
+        if owner is not None:
             try:
-                self.on_cancel()
+                owner._cancelled(self)
             except Exception:  # a bug: the caller's cancel (a task's, gather's) goes on
-                log.exception("request_cancel_hook_failed")
+                log.exception("request_cancel_failed job_id=%s", self.job_id)
         return True
 
 
 @dataclass(eq=False)
 class _Session:
-    """One runtime from launch to removal, and the waits on its answers."""
+    """One runtime from launch to removal, and the requests and pings on it."""
 
     handle: RuntimeHandle
     spec: LaunchSpec
     ready: "asyncio.Future[Frame]"
-    requests: dict[int, _Request] = field(default_factory=dict)
+    requests: dict[int, Request] = field(default_factory=dict)
+    """The requests on this runtime, in the order they were sent (so by answer deadline)."""
     pings: "dict[int, asyncio.Future[Frame]]" = field(default_factory=dict)
     aborted: dict[int, None] = field(default_factory=dict)
     """Requests aborted by the agent, oldest first (an ordered set)."""
+    serving: bool = False
+    """It said `ready`, the facts were accepted, and it has not failed: requests go to it."""
     failure: RuntimeFailure | None = None
     reader: "asyncio.Task[None] | None" = None
     started_at: float = field(default_factory=time.monotonic)
@@ -136,40 +180,13 @@ class _Session:
     ping_rtt_ms: float | None = None
     engine_stats: EngineStats | None = None
     """From the last `pong`."""
-    request_timeout_s: float = 0.0
     expiry: asyncio.TimerHandle | None = None
-    """One timer for all requests' answer deadlines: it is due when the oldest request's
-    is (requests are kept in submit order, and all share one timeout)."""
-    on_expired: Callable[[], None] | None = None
+    """One timer for all requests' run time limits: it is due when the oldest request's is
+    (requests are kept in the order sent, and all share one limit)."""
+    overdue: bool = False
+    """A request is past its limit: the next ping decides whether it alone is aborted."""
     draining: "asyncio.Task[None] | None" = None
     """The task waiting for a full input buffer to drain (frames posted without waiting)."""
-
-    def add(self, req: _Request) -> None:
-        self.requests[req.request_id] = req
-        if self.expiry is None:
-            self.expiry = asyncio.get_running_loop().call_at(req.expires, self._check_expiry)
-
-    def _check_expiry(self) -> None:
-        self.expiry = None
-        oldest = next(iter(self.requests.values()), None)
-        if oldest is None or self.failure is not None:
-            return
-        loop = asyncio.get_running_loop()
-        if oldest.expires > loop.time():
-            self.expiry = loop.call_at(oldest.expires, self._check_expiry)
-            return
-        self.fail(
-            RuntimeTimeout(
-                f"no answer for job {oldest.job_id} within "
-                f"request_timeout_s={self.request_timeout_s}s"
-            )
-        )
-        if self.on_expired is not None:
-            self.on_expired()
-
-    def is_ready(self) -> bool:
-        """The runtime said `ready` and it was accepted (requests may go to it)."""
-        return self.ready.done() and not self.ready.cancelled() and self.ready.exception() is None
 
     def forget_later(self, request_id: int) -> None:
         """Remember an aborted request, so its last frames are ignored; bounded, since a
@@ -177,138 +194,6 @@ class _Session:
         self.aborted[request_id] = None
         while len(self.aborted) > MAX_ABORTED:
             del self.aborted[next(iter(self.aborted))]
-
-    def deliver(self, frame: Frame) -> None:
-        """One frame from the runtime. Raises `RuntimeFailure` when the runtime broke the
-        protocol: the reader then fails the whole session."""
-        self.last_active = time.monotonic()
-        kind = frame["t"]
-        try:
-            if not self.ready.done():
-                if kind != FrameKind.READY:
-                    raise RuntimeBroken(f"first frame is {kind!r}, expected 'ready'")
-                self.ready.set_result(frame)
-            elif kind == FrameKind.READY:
-                raise RuntimeBroken("second 'ready' frame")
-            elif kind == FrameKind.FATAL:
-                message = frames.parse_fatal(frame)["message"]
-                raise RuntimeEnded(f"runtime reported fatal: {message[:500]}")
-            elif kind == FrameKind.PONG:
-                future = self.pings.pop(frames.parse_pong(frame)["id"], None)
-                if future is None:
-                    raise RuntimeBroken(f"'pong' for unknown ping {frame.get('id')!r}")
-                if not future.done():
-                    future.set_result(frame)
-            else:
-                self._request_frame(kind, frame)
-        except FrameError as exc:
-            raise RuntimeBroken(f"bad {kind!r} frame: {exc}") from exc
-
-    def _request_frame(self, kind: str, frame: Frame) -> None:
-        request_id = frame.get("id")
-        if not isinstance(request_id, int):
-            raise RuntimeBroken(f"{kind!r} frame without a request id")
-        req = self.requests.get(request_id)
-        if req is None:
-            if request_id in self.aborted:
-                if kind != FrameKind.PARTIAL:
-                    self.aborted.pop(request_id, None)  # its last frame: forget it
-                return
-            raise RuntimeBroken(f"{kind!r} frame for unknown request {request_id}")
-        if kind == FrameKind.PARTIAL:
-            part = frames.parse_partial(frame)
-            if not req.stream:
-                raise RuntimeBroken(f"'partial' for request {request_id}, which does not stream")
-            req.streamed += len(part["token_ids"])
-            if req.streamed > req.max_tokens:
-                raise RuntimeBroken(
-                    f"request {request_id} streamed {req.streamed} tokens, "
-                    f"max_tokens is {req.max_tokens}"
-                )
-            if req.on_partial is not None:
-                try:
-                    req.on_partial(Partial(part["token_ids"], part["text"]))
-                except Exception:
-                    log.exception("partial_sink_failed job_id=%s", req.job_id)
-            return
-        if kind == FrameKind.DONE:
-            outcome = _completion(req, frame)
-        else:
-            # A bad frame raises with the request still registered: the session's failure
-            # is its outcome.
-            failed = frames.parse_failed(frame)
-            if failed["code"] == FailCode.ABORTED:
-                raise RuntimeBroken(f"runtime aborted request {request_id} on its own")
-            outcome = _failure(req, failed["code"], failed["reason"])
-        del self.requests[request_id]
-        if req.future.done():  # its caller was cancelled; the request is being aborted
-            return
-        if isinstance(outcome, Completion):
-            req.future.set_result(outcome)
-        else:
-            req.future.set_exception(outcome)
-        if req.on_end is not None:
-            req.on_end(isinstance(outcome, Completion))
-
-    def fail(self, exc: RuntimeFailure) -> None:
-        if self.failure is None:
-            self.failure = exc
-        if self.expiry is not None:
-            self.expiry.cancel()
-            self.expiry = None
-        waits: list[asyncio.Future[object]] = [self.ready, *self.pings.values()]  # type: ignore[list-item]
-        failed = [r for r in self.requests.values() if r.on_failure is not None]
-        waits += [r.future for r in self.requests.values() if r.on_failure is None]  # type: ignore[misc]
-        for future in waits:
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # the waiter may be gone; never "never retrieved"
-        self.requests.clear()
-        self.pings.clear()
-        for req in failed:
-            assert req.on_failure is not None
-            try:
-                req.on_failure(exc)
-            except Exception as hook_exc:  # a bug: the request fails now, never hangs
-                log.exception("request_failure_hook_failed job_id=%s", req.job_id)
-                if not req.future.done():
-                    req.future.set_exception(RuntimeBroken(f"{exc} ({hook_exc!r})"))
-                if req.on_end is not None:
-                    req.on_end(False)
-
-
-def _completion(req: _Request, frame: Frame) -> Completion | NodeError:
-    try:
-        done = frames.parse_done(frame)
-    except FrameError as exc:
-        return OutputMalformed(f"job {req.job_id}: {exc}")
-    if req.streamed > len(done["token_ids"]):
-        return OutputMalformed(
-            f"job {req.job_id}: {req.streamed} tokens streamed, {len(done['token_ids'])} in done"
-        )
-    if len(done["token_ids"]) > req.max_tokens:
-        return OutputMalformed(
-            f"job {req.job_id}: {len(done['token_ids'])} tokens, max_tokens is {req.max_tokens}"
-        )
-    logprobs = done.get("logprobs")
-    return Completion(
-        job_id=req.job_id,
-        text=done["text"],
-        token_ids=done["token_ids"],
-        finish_reason=done["finish_reason"],
-        prompt_tokens=done["prompt_tokens"],
-        first_token_s=done["first_token_s"],
-        logprobs=[dict(e) for e in logprobs] if logprobs is not None else None,
-    )
-
-
-def _failure(req: _Request, code: str, reason: str) -> NodeError:
-    message = f"job {req.job_id}: {reason[:1000]}"
-    if code == FailCode.BAD_REQUEST:
-        return BadRequest(message)
-    if code == FailCode.DEADLINE:
-        return DeadlineExceeded(message)
-    return ItemFailed(f"job {req.job_id}: engine error: {reason[:1000]}")
 
 
 class Supervisor(AsyncResource):
@@ -331,9 +216,11 @@ class Supervisor(AsyncResource):
         self._requests = 0
         self._opened_at = 0.0
         self._active = 0
-        self._solo_running = False
-        self._solo_waiting = 0
-        self._admission_changed = asyncio.Event()
+        """Requests admitted and not yet ended (waiting ones included)."""
+        self._waiting: dict[Request, None] = {}
+        """Requests on no runtime yet, oldest first (an ordered set)."""
+        self._solo: Request | None = None
+        """The request running alone, if one does."""
 
     # -- resource --------------------------------------------------------------------
 
@@ -353,14 +240,17 @@ class Supervisor(AsyncResource):
         # tasks are all ending by now) and the backend:
         # (1) state CLOSING (set by AsyncResource): no new request starts;
         # (2) stop the watcher, so no ping or restart races the shutdown;
-        # (3) hand back the requests in flight: they end as `RuntimeClosed` (retryable) at
-        #     once instead of after their deadline;
+        # (3) hand back the requests in flight and waiting: they end as `RuntimeClosed`
+        #     (retryable) at once instead of after their deadline;
         # (4) stop the runtime: `shutdown` frame, up to runtime_stop_timeout_s to exit,
         #     then kill and remove (uncancellable: a cancelled close still removes it).
         if self._watcher is not None:
             self._watcher.cancel()
+        closed = RuntimeClosed("the supervisor is closing")
         if self._session is not None:
-            self._session.fail(RuntimeClosed("the supervisor is closing"))
+            self._fail_session(self._session, closed)
+        for req in list(self._waiting):
+            self._step(req, RuntimeLost(closed, closing=True))
         async with self._lock:
             session = self._session
             if session is not None:
@@ -395,165 +285,37 @@ class Supervisor(AsyncResource):
             engine=session.engine_stats if session else None,
         )
 
-    async def generate(self, item: WorkItem, on_partial: PartialSink | None = None) -> Completion:
-        """Run one request (see `Runtime.generate`)."""
+    def submit(self, item: WorkItem, on_partial: PartialSink | None = None) -> Request:
+        """Start one request; the returned future completes with its `Completion` or fails
+        with a `NodeError` (a retryable `RuntimeFailure` means the job may be tried again),
+        and cancelling it aborts the request. No task runs it: with a runtime ready and no
+        solo request about, its `submit` frame goes out in this call; otherwise it waits for
+        its turn, and the runtime's reader and the supervisor's own tasks move it on."""
         self._check_open()
-        solo = self._suspects.get(item.job_id, 0) >= SOLO_AFTER_STRIKES
-        if solo or self._solo_running or self._solo_waiting:
-            await self._await_turn(solo)
+        solo = bool(self._suspects) and self._suspects.get(item.job_id, 0) >= SOLO_AFTER_STRIKES
+        loop = asyncio.get_running_loop()
+        req = Request(self, next(self._ids), item, on_partial, solo=solo, loop=loop)
         self._active += 1
-        self._solo_running = solo
-        try:
-            self._check_open()
-            session = self._session
-            if session is None or session.failure is not None or not session.is_ready():
-                try:
-                    session = await self._ready_session()
-                except RuntimeFailure as exc:
-                    raise _handed_back(item, exc) from exc
-            try:
-                done = await self._attempt(session, item, on_partial)
-            except RuntimeFailure as exc:
-                await self._recover(session, exc)
-                if isinstance(exc, RuntimeClosed) or not self.is_open:
-                    raise _handed_back(item, exc) from exc
-                strikes = self._strike(item.job_id)
-                if solo:
-                    self._suspects.pop(item.job_id, None)
-                    log.error(
-                        "runtime_poison_job job_id=%s strikes=%d reason=%s",
-                        item.job_id,
-                        strikes,
-                        exc,
-                    )
-                    raise ItemFailed(
-                        f"job {item.job_id} was in flight at {strikes} runtime failures, the last "
-                        f"time alone ({type(exc).__name__}: {exc})"
-                    ) from exc
-                raise _handed_back(item, exc) from exc
-        finally:
-            self._release(solo)
-        self._requests += 1
-        self._suspects.pop(item.job_id, None)
-        return done
-
-    def submit(
-        self, item: WorkItem, on_partial: PartialSink | None = None
-    ) -> "asyncio.Future[Completion]":
-        """Start one request; the future completes as `generate` returns or raises, and
-        cancelling it aborts the request. With the runtime ready and no solo request about,
-        no task runs it: the `submit` frame goes out now, the reader completes the future,
-        and a runtime failure is recovered from before the future fails. Otherwise
-        `generate` runs in a task."""
-        self._check_open()
-        assert self._tg is not None
         session = self._session
         if (
-            session is None
-            or session.failure is not None
-            or not session.is_ready()
-            or self._solo_running
-            or self._solo_waiting
-            or self._suspects.get(item.job_id, 0) >= SOLO_AFTER_STRIKES
+            session is not None
+            and session.serving
+            and not solo
+            and self._solo is None
+            and not self._waiting
         ):
-            return self._generate_in_task(item, on_partial)
-        answer = _Answer()
-        req = self._request(session, item, on_partial, answer)
-        req.on_failure = functools.partial(self._submitted_failed, session, req, item)
-        req.on_end = functools.partial(self._submitted_end, req)
-        answer.on_cancel = functools.partial(self._submitted_cancelled, session, req)
-        self._active += 1
-        self._post(session, self._submit_frame(req, item))
-        return answer
+            self._step(req, DISPATCH, session)
+        else:
+            self._waiting[req] = None
+            if session is not None and session.serving:
+                self._dispatch_waiting()  # a solo turn: it goes now if nothing else runs
+            else:
+                self._wake.set()  # the watcher starts a runtime, which takes the waiting
+        return req
 
-    def _generate_in_task(
-        self, item: WorkItem, on_partial: PartialSink | None
-    ) -> "asyncio.Future[Completion]":
-        """`generate` in a task of the supervisor's group, its outcome in the returned
-        future (an error ends the request, never the group); cancelling it cancels the task."""
-        assert self._tg is not None
-        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
-
-        async def run() -> None:
-            try:
-                done = await self.generate(item, on_partial)
-            except asyncio.CancelledError:
-                # Not the caller's cancel (that cancelled the future first): the group is
-                # closing, and the request is handed back.
-                if not future.done():
-                    future.set_exception(RuntimeClosed(f"job {item.job_id}: supervisor closing"))
-                raise
-            except BaseException as exc:
-                if not future.done():
-                    future.set_exception(exc)
-                return
-            if not future.done():
-                future.set_result(done)
-
-        task = self._tg.create_task(run())
-        future.add_done_callback(lambda f: task.cancel() if f.cancelled() else None)
-        return future
-
-    # A submitted request ends when the runtime answers it (`on_end`), its caller cancels
-    # it (`on_cancel`) or its runtime fails under it (`on_failure`: recovery, then the
-    # future fails), whichever is first; its slot is released once, by `_submitted_end`.
-
-    def _submitted_end(self, req: _Request, completed: bool) -> None:
-        if req.ended:
-            return
-        req.ended = True
-        # The hooks refer back to the request: dropped here, so that a finished request is
-        # freed at once, not left in a reference cycle for the garbage collector (under
-        # CPython's default thresholds that cost a quarter more CPU per request).
-        req.on_failure = req.on_end = None
-        if isinstance(req.future, _Answer):
-            req.future.on_cancel = None
-        self._release(False)
-        if completed:
-            self._requests += 1
-            if self._suspects:
-                self._suspects.pop(req.job_id, None)
-
-    def _submitted_cancelled(self, session: _Session, req: _Request) -> None:
-        """Cancelled (job cancelled, deadline, drain): stop it in the engine."""
-        self._submitted_end(req, False)
-        self._abort(session, req.request_id)
-
-    def _abort(self, session: _Session, request_id: int) -> None:
-        """A request its caller gave up on, if the runtime still runs it: stopped in the
-        engine, its last frames ignored."""
-        if session.requests.pop(request_id, None) is not None and session.failure is None:
-            session.forget_later(request_id)
-            if self.is_open:
-                self._post(session, frames.abort(request_id))
-
-    def _submitted_failed(
-        self, session: _Session, req: _Request, item: WorkItem, exc: RuntimeFailure
-    ) -> None:
-        """The runtime failed under a request started by `submit`: what `generate` does in
-        that case (recover first: the job is handed back once a runtime replaced this
-        one), then the future fails."""
-        if not self.is_open or self._tg is None:
-            self._submitted_end(req, False)
-            if not req.future.done():
-                req.future.set_exception(_handed_back(item, exc))
-            return
-        self._tg.create_task(self._recover_then_fail(session, req, item, exc))
-
-    async def _recover_then_fail(
-        self, session: _Session, req: _Request, item: WorkItem, exc: RuntimeFailure
-    ) -> None:
-        # Never raises: an error here would end the supervisor's task group.
-        try:
-            await self._recover(session, exc)
-        except Exception:
-            log.exception("runtime_recover_failed job_id=%s", item.job_id)
-        finally:
-            self._submitted_end(req, False)
-            if not req.future.done():
-                if self.is_open and not isinstance(exc, RuntimeClosed):
-                    self._strike(item.job_id)
-                req.future.set_exception(_handed_back(item, exc))
+    async def generate(self, item: WorkItem, on_partial: PartialSink | None = None) -> Completion:
+        """`submit`, awaited: cancelling the call aborts the request."""
+        return await self.submit(item, on_partial)
 
     async def run(self, items: Sequence[WorkItem]) -> list[ItemOutcome]:
         """Each item `submit`ted, concurrently; one outcome per item, in order."""
@@ -589,82 +351,242 @@ class Supervisor(AsyncResource):
             )
             return facts
 
-    # -- internals -------------------------------------------------------------------
+    # -- requests: events in, decisions out ------------------------------------------
 
-    def _check_open(self) -> None:
-        if not self.is_open:
-            raise RuntimeClosed(f"the supervisor is {self.state.value}")
+    def _step(
+        self, req: Request, event: Event, session: "_Session | None" = None
+    ) -> FailOnceReplaced | None:
+        """Move `req` by `event` and carry out the decisions; a `FailOnceReplaced` is
+        returned for the caller to carry out (see `_fail_session`). Raises `RuntimeBroken`
+        when the event was a frame that broke the protocol (the reader fails the runtime)."""
+        deferred = None
+        before = req.state
+        step = transition(req, event)
+        req.state = step.state
+        req.streamed = step.streamed
+        if step.state in FINAL:
+            if before is State.WAITING:
+                self._waiting.pop(req, None)
+            elif req.session is not None:
+                req.session.requests.pop(req.request_id, None)
+        for action in step.actions:
+            if action is SEND_SUBMIT:
+                assert session is not None
+                self._send(session, req)
+            elif type(action) is Emit:
+                if req.sink is not None:
+                    try:
+                        req.sink(action.partial)
+                    except Exception:
+                        log.exception("partial_sink_failed job_id=%s", req.job_id)
+            elif type(action) is Resolve:
+                if not req.done():
+                    req.set_result(action.completion)
+                self._requests += 1
+                self._end(req)
+            elif type(action) is Fail:
+                self._settle(req, action.error)
+            elif action is SEND_ABORT:
+                self._send_abort(req)
+            elif type(action) is FailOnceReplaced:
+                deferred = action
+            elif type(action) is BreakRuntime:
+                raise action.error
+        return deferred
 
-    async def _await_turn(self, solo: bool) -> None:
-        """A solo request waits until nothing else runs, and holds off new requests (with
-        no solo request about, `generate` does not call this: nothing to wait for)."""
-        if solo:
-            self._solo_waiting += 1
-        try:
-            while self._solo_running or (self._active if solo else self._solo_waiting):
-                await self._admission_changed.wait()
-        finally:
-            if solo:
-                self._solo_waiting -= 1
-                self._admission_changed_now()
-
-    def _release(self, solo: bool) -> None:
-        self._active -= 1
-        if solo:
-            self._solo_running = False
-        if solo or self._solo_waiting:
-            self._admission_changed_now()
-
-    def _admission_changed_now(self) -> None:
-        self._admission_changed.set()
-        self._admission_changed = asyncio.Event()
-
-    def _strike(self, job_id: str) -> int:
-        strikes = self._suspects.pop(job_id, 0) + 1
-        self._suspects[job_id] = strikes
-        while len(self._suspects) > MAX_SUSPECTS:
-            self._suspects.popitem(last=False)
-        return strikes
-
-    async def _attempt(
-        self, session: _Session, item: WorkItem, on_partial: PartialSink | None
-    ) -> Completion:
-        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
-        req = self._request(session, item, on_partial, future)
-        request_id = req.request_id
-        try:
-            self._post(session, self._submit_frame(req, item))
-            return await future
-        finally:
-            self._abort(session, request_id)  # when cancelled (job cancel, deadline, drain)
-
-    def _request(
-        self,
-        session: _Session,
-        item: WorkItem,
-        on_partial: PartialSink | None,
-        future: "asyncio.Future[Completion]",
-    ) -> _Request:
-        """A new request on `session`. Its answer deadline is the session's expiry timer
-        (which fails the session and so this request): no timer per request."""
-        max_tokens = item.payload.get("params", {}).get("max_tokens", DEFAULT_MAX_TOKENS)
-        expires = asyncio.get_running_loop().time() + self._settings.request_timeout_s
-        req = _Request(
-            next(self._ids), item.job_id, item.stream, max_tokens, future, on_partial, expires
-        )
-        session.add(req)
-        return req
-
-    @staticmethod
-    def _submit_frame(req: _Request, item: WorkItem) -> frames.SubmitFrame:
-        return frames.submit(
+    def _send(self, session: "_Session", req: Request) -> None:
+        loop = req.get_loop()
+        req.session = session
+        req.expires = loop.time() + self._settings.request_timeout_s
+        session.requests[req.request_id] = req
+        if session.expiry is None:
+            session.expiry = loop.call_at(req.expires, self._expire, session)
+        item = req.item
+        frame = frames.submit(
             req.request_id,
             item.payload,  # type: ignore[arg-type]
             stream=item.stream,
             deadline=item.deadline,
         )
+        self._post(session, frame)
 
-    def _post(self, session: _Session, frame: object) -> None:
+    def _send_abort(self, req: Request) -> None:
+        session = req.session
+        if session is None or session.failure is not None:
+            return
+        session.forget_later(req.request_id)
+        if self.is_open:
+            self._post(session, frames.abort(req.request_id))
+
+    def _settle(self, req: Request, error: NodeError) -> None:
+        if not req.done():
+            req.set_exception(error)
+        self._end(req)
+
+    def _end(self, req: Request) -> None:
+        """The request's outcome is set (or it was cancelled): its place is released, once,
+        and the next waiting request may go."""
+        if req.released:
+            return
+        req.released = True
+        # The record refers back to the supervisor and its runtime: dropped here, so that a
+        # finished request is freed at once, not left in a reference cycle for the garbage
+        # collector (under CPython's default thresholds that cost a quarter more CPU).
+        req._owner = None
+        req.session = None
+        self._active -= 1
+        if self._suspects and req.state is not State.HANDED_BACK:
+            self._suspects.pop(req.job_id, None)
+        if req is self._solo:
+            self._solo = None
+        if self._waiting:
+            self._dispatch_waiting()
+
+    def _cancelled(self, req: Request) -> None:
+        """Its caller cancelled it (job cancelled, deadline, drain)."""
+        self._step(req, CANCEL)
+        self._end(req)
+
+    def _dispatch_waiting(self) -> None:
+        """Send waiting requests, oldest first, to a serving runtime: a solo request goes
+        once nothing else runs, and nothing goes while it runs."""
+        session = self._session
+        if session is None or not session.serving:
+            return
+        while self._waiting and self._solo is None:
+            req = next(iter(self._waiting))
+            if req.solo:
+                if self._active > len(self._waiting):  # others still run
+                    return
+                self._solo = req
+            del self._waiting[req]
+            self._step(req, DISPATCH, session)
+
+    def _strike(self, job_id: str) -> None:
+        strikes = self._suspects.pop(job_id, 0) + 1
+        self._suspects[job_id] = strikes
+        while len(self._suspects) > MAX_SUSPECTS:
+            self._suspects.popitem(last=False)
+
+    def _expire(self, session: "_Session") -> None:
+        """The oldest request's run time limit is due: the watcher pings the runtime now.
+        If it answers, it is healthy and the requests past their limit are aborted alone
+        (`_abort_overdue`); if not, it is replaced and they are handed back with the rest."""
+        session.expiry = None
+        if session.failure is None:
+            session.overdue = True
+            self._wake.set()
+
+    def _abort_overdue(self, session: "_Session") -> None:
+        session.overdue = False
+        loop = asyncio.get_running_loop()
+        limit = Overrun(self._settings.request_timeout_s)
+        while session.requests:
+            req = next(iter(session.requests.values()))
+            if req.expires > loop.time():
+                if session.expiry is None:
+                    session.expiry = loop.call_at(req.expires, self._expire, session)
+                return
+            log.warning("runtime_request_overran job_id=%s limit_s=%s", req.job_id, limit.limit_s)
+            self._step(req, limit)
+
+    # -- runtimes --------------------------------------------------------------------
+
+    def _deliver(self, session: "_Session", frame: Frame) -> None:
+        """One frame from the runtime. Raises `RuntimeFailure` when the runtime broke the
+        protocol: the reader then fails the whole session."""
+        session.last_active = time.monotonic()
+        kind = frame["t"]
+        try:
+            if not session.ready.done():
+                if kind != FrameKind.READY:
+                    raise RuntimeBroken(f"first frame is {kind!r}, expected 'ready'")
+                session.ready.set_result(frame)
+            elif kind == FrameKind.READY:
+                raise RuntimeBroken("second 'ready' frame")
+            elif kind == FrameKind.FATAL:
+                message = frames.parse_fatal(frame)["message"]
+                raise RuntimeEnded(f"runtime reported fatal: {message[:500]}")
+            elif kind == FrameKind.PONG:
+                future = session.pings.pop(frames.parse_pong(frame)["id"], None)
+                if future is None:
+                    raise RuntimeBroken(f"'pong' for unknown ping {frame.get('id')!r}")
+                if not future.done():
+                    future.set_result(frame)
+            else:
+                self._request_frame(session, kind, frame)
+        except FrameError as exc:
+            raise RuntimeBroken(f"bad {kind!r} frame: {exc}") from exc
+
+    def _request_frame(self, session: "_Session", kind: str, frame: Frame) -> None:
+        request_id = frame.get("id")
+        if not isinstance(request_id, int):
+            raise RuntimeBroken(f"{kind!r} frame without a request id")
+        req = session.requests.get(request_id)
+        if req is None:
+            if request_id in session.aborted:
+                if kind != FrameKind.PARTIAL:
+                    session.aborted.pop(request_id, None)  # its last frame: forget it
+                return
+            raise RuntimeBroken(f"{kind!r} frame for unknown request {request_id}")
+        if kind == FrameKind.PARTIAL:
+            self._step(req, GotPartial(frame))
+        elif kind == FrameKind.DONE:
+            self._step(req, GotDone(frame))
+        else:
+            self._step(req, GotFailed(frame))
+
+    def _fail_session(self, session: "_Session", exc: RuntimeFailure) -> None:
+        """The runtime failed or is being closed: its pings and its requests learn it; the
+        requests' outcomes wait until a fresh runtime replaced it (`_recover_then_settle`)."""
+        if session.failure is None:
+            session.failure = exc
+        session.serving = False
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        for future in [session.ready, *session.pings.values()]:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # the waiter may be gone; never "never retrieved"
+        session.pings.clear()
+        requests = list(session.requests.values())
+        session.requests.clear()
+        event = RuntimeLost(exc, closing=not self.is_open)
+        lost = []
+        for req in requests:
+            action = self._step(req, event)
+            if action is not None:
+                lost.append((req, action))
+        self._wake.set()
+        if not lost:
+            return
+        if self.is_open and self._tg is not None:
+            self._tg.create_task(self._recover_then_settle(session, exc, lost))
+        else:
+            self._settle_lost(lost)
+
+    async def _recover_then_settle(
+        self,
+        session: "_Session",
+        exc: RuntimeFailure,
+        lost: list[tuple[Request, FailOnceReplaced]],
+    ) -> None:
+        # Never raises: an error here would end the supervisor's task group.
+        try:
+            await self._recover(session, exc)
+        except Exception:
+            log.exception("runtime_recover_failed runtime=%s", session.handle.ident[:12])
+        finally:
+            self._settle_lost(lost)
+
+    def _settle_lost(self, lost: list[tuple[Request, FailOnceReplaced]]) -> None:
+        for req, action in lost:
+            if action.strike and self.is_open and not req.done():
+                self._strike(req.job_id)
+            self._settle(req, action.error)
+
+    def _post(self, session: "_Session", frame: object) -> None:
         """Queue a frame without waiting. When the runtime's input buffer is over its limit,
         one task waits for it to drain and fails the session if it does not within
         `runtime_write_timeout_s` (a runtime that stops reading its input is broken); a
@@ -675,56 +597,56 @@ class Supervisor(AsyncResource):
                 return
         except Exception as exc:
             kind = frame.get("t") if isinstance(frame, dict) else None
-            session.fail(
+            self._fail_session(
+                session,
                 exc
                 if isinstance(exc, RuntimeFailure)
-                else RuntimeBroken(f"{kind!r} frame not sent: {exc!r}")
+                else RuntimeBroken(f"{kind!r} frame not sent: {exc!r}"),
             )
-            self._wake.set()
             return
         assert self._tg is not None
         session.draining = self._tg.create_task(self._drain_or_fail(session))
 
-    async def _drain_or_fail(self, session: _Session) -> None:
+    async def _drain_or_fail(self, session: "_Session") -> None:
         timeout_s = self._settings.runtime_write_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 await session.handle.drained()
         except TimeoutError:
-            session.fail(
+            self._fail_session(
+                session,
                 RuntimeTimeout(
                     f"runtime {session.handle.ident[:12]} took no input for "
                     f"runtime_write_timeout_s={timeout_s}s"
-                )
+                ),
             )
-            self._wake.set()
         except RuntimeFailure as exc:
-            session.fail(exc)
-            self._wake.set()
+            self._fail_session(session, exc)
         finally:
             session.draining = None
 
-    async def _ready_session(self) -> _Session:
-        session = self._session
-        if session is not None and session.failure is None and session.is_ready():
-            return session
-        async with self._lock:
-            self._check_open()
-            return await self._ensure_session()
+    def _check_open(self) -> None:
+        if not self.is_open:
+            raise RuntimeClosed(f"the supervisor is {self.state.value}")
 
     async def _start(self, spec: LaunchSpec) -> RuntimeFacts:
-        """Launch a runtime and wait for its `ready` (caller holds the lock)."""
+        """Launch a runtime and wait for its `ready` (caller holds the lock); then the
+        waiting requests go to it. When it cannot start, they are handed back."""
+        try:
+            facts = await self._launch(spec)
+        except NodeError as exc:
+            for req in list(self._waiting):
+                self._step(req, StartFailed(exc))
+            raise
+        self._dispatch_waiting()
+        return facts
+
+    async def _launch(self, spec: LaunchSpec) -> RuntimeFacts:
         assert self._tg is not None
         timeout_s = self._settings.runtime_ready_timeout_s
         handle = await self._backend.launch(spec)
         loop = asyncio.get_running_loop()
-        session = _Session(
-            handle=handle,
-            spec=spec,
-            ready=loop.create_future(),
-            request_timeout_s=self._settings.request_timeout_s,
-            on_expired=self._wake.set,
-        )
+        session = _Session(handle=handle, spec=spec, ready=loop.create_future())
         self._session = session
         try:
             if not self.is_open:
@@ -751,6 +673,7 @@ class Supervisor(AsyncResource):
             await self._discard(session, f"start failed: {exc!r}", graceful=False)
             raise
         self._facts = facts
+        session.serving = session.failure is None
         log.info(
             "runtime_ready runtime=%s engine=%s engine_version=%s device=%s max_active=%d",
             handle.ident[:12],
@@ -761,25 +684,24 @@ class Supervisor(AsyncResource):
         )
         return facts
 
-    async def _read(self, session: _Session) -> None:
-        """The session's reader task: frames to waiters until the runtime ends."""
+    async def _read(self, session: "_Session") -> None:
+        """The session's reader task: frames to requests and waiters until the runtime ends."""
         try:
-            await session.handle.pump(session.deliver)
+            await session.handle.pump(functools.partial(self._deliver, session))
         except RuntimeFailure as exc:
-            session.fail(exc)
+            self._fail_session(session, exc)
         except asyncio.CancelledError:
-            session.fail(RuntimeClosed("runtime reader stopped"))
+            self._fail_session(session, RuntimeClosed("runtime reader stopped"))
             raise
         except Exception as exc:  # a bug; still the runtime must be replaced
             log.exception("runtime_reader_crashed runtime=%s", session.handle.ident[:12])
-            session.fail(RuntimeBroken(f"reader crashed: {exc!r}"))
-        self._wake.set()
+            self._fail_session(session, RuntimeBroken(f"reader crashed: {exc!r}"))
 
-    async def _discard(self, session: _Session, why: str, *, graceful: bool) -> None:
+    async def _discard(self, session: "_Session", why: str, *, graceful: bool) -> None:
         """Stop and remove one runtime (completes even if cancelled)."""
         if self._session is session:
             self._session = None
-        session.fail(RuntimeClosed(why))
+        self._fail_session(session, RuntimeClosed(why))
         grace_s = self._settings.runtime_stop_timeout_s if graceful else 0.0
         try:
             await session.handle.aclose(grace_s=grace_s)
@@ -788,7 +710,7 @@ class Supervisor(AsyncResource):
                 session.reader.cancel()
         log.info("runtime_stopped runtime=%s why=%s", session.handle.ident[:12], why)
 
-    async def _recover(self, session: _Session, exc: RuntimeFailure) -> None:
+    async def _recover(self, session: "_Session", exc: RuntimeFailure) -> None:
         """Replace a runtime that broke a rule, once however many requests saw it break.
         A failed restart is logged; the next request or the watcher tries again."""
         async with self._lock:
@@ -803,7 +725,7 @@ class Supervisor(AsyncResource):
             except RuntimeFailure as start_exc:
                 log.error("runtime_restart_failed error=%s", start_exc)
 
-    async def _retire(self, session: _Session, exc: RuntimeFailure) -> None:
+    async def _retire(self, session: "_Session", exc: RuntimeFailure) -> None:
         """Log why a runtime failed, then remove it (caller holds the lock)."""
         status = await session.handle.exit_status() if isinstance(exc, RuntimeEnded) else ""
         log.warning(
@@ -815,8 +737,8 @@ class Supervisor(AsyncResource):
         )
         await self._discard(session, f"{type(exc).__name__}: {exc}", graceful=False)
 
-    async def _ensure_session(self) -> _Session:
-        """A session that has not failed (caller holds the lock)."""
+    async def _ensure_session(self) -> None:
+        """A serving runtime, unless it cannot start (caller holds the lock)."""
         session = self._session
         if session is not None and session.failure is not None:
             await self._retire(session, session.failure)
@@ -824,14 +746,12 @@ class Supervisor(AsyncResource):
         if session is None:
             self._restarts += 1
             await self._start(self._spec)
-            session = self._session
-        assert session is not None
-        return session
 
     async def _watch(self) -> None:
-        """Restart a runtime that died; ping it every `ping_interval_s`, also while it runs
-        requests (a hung engine step answers no ping; each `pong` brings the engine's
-        figures, kept for `stats`)."""
+        """Start a runtime when none serves (it died, or requests wait for one); ping it
+        every `ping_interval_s`, also while it runs requests (a hung engine step answers no
+        ping; each `pong` brings the engine's figures, kept for `stats`), and at once when
+        a request is past its run time."""
         interval_s = self._settings.ping_interval_s
         while self.is_open:
             try:
@@ -857,7 +777,11 @@ class Supervisor(AsyncResource):
                     await self._ensure_session()
             return
         now, interval_s = time.monotonic(), self._settings.ping_interval_s
-        if now - session.last_active < interval_s and now - session.pinged_at < interval_s:
+        if (
+            not session.overdue
+            and now - session.last_active < interval_s
+            and now - session.pinged_at < interval_s
+        ):
             return  # busy and its figures fresh: frames show it alive
         session.pinged_at = now
         ping_id = next(self._ids)
@@ -874,10 +798,13 @@ class Supervisor(AsyncResource):
             exc: RuntimeFailure = RuntimeTimeout(
                 f"no 'pong' within ping_timeout_s={timeout_s}s (hung runtime?)"
             )
-            session.fail(exc)
+            self._fail_session(session, exc)
             await self._recover(session, exc)
         except RuntimeFailure as failure:
             await self._recover(session, failure)
+        else:
+            if session.overdue:
+                self._abort_overdue(session)
         finally:
             session.pings.pop(ping_id, None)
 
@@ -906,16 +833,6 @@ def check_ready(frame: Frame, spec: LaunchSpec) -> RuntimeFacts:
         image=spec.image,
         max_active=ready["max_active"],
     )
-
-
-def _handed_back(item: WorkItem, exc: RuntimeFailure) -> RuntimeFailure:
-    """A fresh error of the same class for this job. A runtime that cannot start for a
-    reason that is final for the node (`IsolationError`) is not the job's fault: its jobs
-    get a retryable `RuntimeStartError`."""
-    cls: Callable[[str], RuntimeFailure] = type(exc)
-    if not exc.retryable:
-        cls = RuntimeStartError
-    return cls(f"job {item.job_id}: {exc}")
 
 
 def create_backend(settings: Settings, *, node_id: str) -> Backend:
