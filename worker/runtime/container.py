@@ -457,7 +457,6 @@ class ContainerHandle:
                     else:
                         self._stderr.feed(payload)
         finally:
-            self._inbox.flush()
             self._stderr.flush()
 
     async def exit_status(self) -> str:

@@ -120,7 +120,6 @@ class ProcessHandle:
             # The stderr forwarder never raises: the group holds the stdout error alone.
             raise group.exceptions[0] from None
         finally:
-            self._inbox.flush()
             self._stderr.flush()
 
     async def _forward(self, stderr: asyncio.StreamReader) -> None:

@@ -3,7 +3,7 @@ process): a `Backend` launches runtimes, a `RuntimeHandle` carries frames to and
 
 Backends also share helpers here: `FrameWriter`, which queues frames for the runtime's
 stdin and writes those of one event-loop turn at once, `FrameInbox`, which turns the
-runtime's stdout bytes into frames and its stderr bytes into log events, and
+runtime's stdout bytes into frames, and
 `call_blocking`, which runs a blocking call in a thread and, when cancelled, still waits
 for the call to finish so that the caller's cleanup sees what the call really did (a
 container it created, for example).
@@ -11,7 +11,6 @@ container it created, for example).
 
 import asyncio
 import functools
-import logging
 from collections.abc import Callable, Mapping
 from typing import Protocol, TypeVar
 
@@ -21,11 +20,7 @@ from worker.core.errors import RuntimeBroken, RuntimeEnded
 from worker.core.resource import finish_uncancellable
 from worker.runtime.api import LaunchSpec
 
-log = logging.getLogger(__name__)
-
 T = TypeVar("T")
-
-MAX_LOG_LINE = 4096
 
 
 class RuntimeHandle(Protocol):
@@ -126,41 +121,18 @@ class FrameWriter:
 
 
 class FrameInbox:
-    """Runtime output in, frames and log events out. Pure: no I/O."""
+    """A runtime's stdout bytes in, frames out (its stderr goes through
+    `worker.runtime.stderrlog`, bounded and rate-limited). Pure: no I/O."""
 
     def __init__(self, ident: str, *, max_frame_bytes: int) -> None:
         self._ident = ident
         self._decoder = FrameDecoder(TO_AGENT, max_frame_bytes=max_frame_bytes)
-        self._stderr = bytearray()
 
     def stdout(self, data: bytes) -> list[Frame]:
         try:
             return self._decoder.feed(data)
         except FrameError as exc:
             raise RuntimeBroken(f"runtime {self._ident} wrote a bad frame: {exc}") from exc
-
-    def stderr(self, data: bytes) -> None:
-        self._stderr += data
-        while True:
-            end = self._stderr.find(b"\n")
-            if end < 0:
-                if len(self._stderr) > MAX_LOG_LINE:
-                    self._log_line(bytes(self._stderr))
-                    self._stderr.clear()
-                return
-            line = bytes(self._stderr[:end])
-            del self._stderr[: end + 1]
-            self._log_line(line)
-
-    def flush(self) -> None:
-        if self._stderr:
-            self._log_line(bytes(self._stderr))
-            self._stderr.clear()
-
-    def _log_line(self, line: bytes) -> None:
-        text = line[:MAX_LOG_LINE].decode("utf-8", "replace").rstrip()
-        if text:
-            log.info("runtime_log runtime=%s line=%s", self._ident[:12], text)
 
 
 async def call_blocking(fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
