@@ -1,5 +1,6 @@
-"""`worker.core.errors`: the docstring draws the real class tree, and `WIRE` maps every
-class once to its wire code and retryability."""
+"""`worker.core.errors`: the docstring draws the real class trees (the node's, and the
+tools'), `WIRE` maps every node error class once to its wire code, and retryability is a
+branch of the tree that no subclass turns around."""
 
 import ast
 import importlib
@@ -12,7 +13,15 @@ import pytest
 import worker
 from schemas.event import ErrorCode
 from worker.core import errors
-from worker.core.errors import WIRE, NodeError, error_code, is_retryable
+from worker.core.errors import (
+    WIRE,
+    Final,
+    NodeError,
+    Retryable,
+    ToolError,
+    error_code,
+    is_retryable,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,9 +50,9 @@ def drawn_tree(doc: str) -> dict[str, str | None]:
     return parents
 
 
-def real_tree() -> dict[str, str | None]:
-    parents: dict[str, str | None] = {NodeError.__name__: None}
-    todo = [NodeError]
+def real_tree(root: type[Exception] = NodeError) -> dict[str, str | None]:
+    parents: dict[str, str | None] = {root.__name__: None}
+    todo: list[type[Exception]] = [root]
     while todo:
         cls = todo.pop()
         for sub in cls.__subclasses__():
@@ -63,16 +72,16 @@ def test_drawn_tree_reads_nesting() -> None:
     assert drawn_tree(doc) == {"Root": None, "Left": "Root", "Deep": "Left", "Right": "Root"}
 
 
-def test_docstring_draws_the_class_tree() -> None:
+def test_docstring_draws_the_class_trees() -> None:
     import_every_worker_module()
     assert errors.__doc__ is not None
-    assert drawn_tree(errors.__doc__) == real_tree()
+    assert drawn_tree(errors.__doc__) == real_tree() | real_tree(ToolError)
 
 
-def test_every_node_error_is_defined_in_the_errors_module() -> None:
+def test_every_node_and_tool_error_is_defined_in_the_errors_module() -> None:
     import_every_worker_module()
     elsewhere: set[str] = set()
-    todo = [NodeError]
+    todo: list[type[Exception]] = [NodeError, ToolError]
     while todo:
         cls = todo.pop()
         if cls.__module__ != errors.__name__:
@@ -87,10 +96,29 @@ def test_wire_table_lists_every_class_once() -> None:
 
 
 @pytest.mark.parametrize("cls", list(WIRE), ids=lambda c: c.__name__)
-def test_instances_take_code_and_retryability_from_the_table(cls: type[NodeError]) -> None:
+def test_instances_take_their_code_from_the_table_and_retryability_from_the_branch(
+    cls: type[NodeError],
+) -> None:
     exc = cls("why")
-    assert (exc.code, exc.retryable) == WIRE[cls]
-    assert (error_code(exc), is_retryable(exc)) == WIRE[cls]
+    assert (exc.code, error_code(exc)) == (WIRE[cls], WIRE[cls])
+    assert exc.retryable is is_retryable(exc) is issubclass(cls, Retryable)
+
+
+def test_every_error_below_the_root_is_on_one_branch() -> None:
+    """A subclass cannot contradict its parent's retryability: there is no flag to turn."""
+    import_every_worker_module()
+    offbranch = [
+        name
+        for name in real_tree()
+        if name not in ("NodeError", "Retryable", "Final")
+        and issubclass(getattr(errors, name), Retryable) == issubclass(getattr(errors, name), Final)
+    ]
+    assert not offbranch
+
+
+def test_client_and_tool_errors_are_not_node_errors() -> None:
+    for cls in (errors.JobFailed, errors.NatsUnreachable, errors.ImageBuildError):
+        assert issubclass(cls, ToolError) and not issubclass(cls, NodeError)
 
 
 def test_unexpected_exceptions_are_internal_and_final() -> None:
@@ -98,11 +126,15 @@ def test_unexpected_exceptions_are_internal_and_final() -> None:
     assert not is_retryable(ValueError("x"))
 
 
-def test_hardening_failures_are_runtime_start_errors_that_no_retry_fixes() -> None:
-    assert issubclass(errors.IsolationError, errors.RuntimeStartError)
-    assert issubclass(errors.ImageUnavailable, errors.RuntimeStartError)
-    assert not errors.IsolationError("x").retryable
+def test_hardening_failures_are_refusals_that_no_retry_fixes() -> None:
+    """They were `RuntimeStartError`s (retryable) marked final, which the supervisor had to
+    patch for the jobs it handed back; now they are a final branch of their own."""
+    for cls in (errors.IsolationError, errors.ImageUnavailable):
+        assert issubclass(cls, errors.RuntimeRefused) and not cls("x").retryable
+        assert not issubclass(cls, errors.RuntimeFailure)
     assert errors.RuntimeStartError("x").retryable
+    assert errors.ModelUnavailable("x").retryable
+    assert not issubclass(errors.ModelUnavailable, errors.ModelInvalid)
 
 
 def test_no_code_sets_wire_code_or_retryability_on_an_instance() -> None:
@@ -126,4 +158,4 @@ def test_no_class_overrides_the_table() -> None:
         todo.extend(cls.__subclasses__())
         if {"code", "retryable"} & set(vars(cls)):
             overriding.append(cls.__name__)
-    assert not overriding, "put their wire code and retryability in WIRE"
+    assert not overriding, "put their wire code in WIRE, their retryability in their branch"

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 from worker.cli import dev, gateway, images, network, node, stack, submit
 from worker.cli.base import CliError
-from worker.core.errors import NodeError
+from worker.core.errors import NodeError, ToolError
 from worker.core.logs import setup_logging
 
 Handler = Callable[[argparse.Namespace], int]
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except KeyboardInterrupt:
         return 130
-    except (NodeError, CliError, ValueError, OSError) as exc:
+    except (NodeError, ToolError, CliError, ValueError, OSError) as exc:
         print(f"resultity-node {args.command}: {exc}", file=sys.stderr)
         return 2
 

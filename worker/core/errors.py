@@ -1,27 +1,37 @@
-"""The package's error tree, mapped once to wire error codes (`WIRE`).
+"""The node's error tree, mapped once to wire error codes (`WIRE`), and the tools' own.
+
+Whether another attempt may succeed is a branch of the tree, not a flag a subclass may
+turn around: every class under `Retryable` is retryable, every class under `Final` is not.
 
 NodeError
-├── ResourceClosed          a component was used after it was closed (or reopened)
-├── KeyFileError            the node key file is missing, unsafe or malformed
-├── SignatureError          an envelope does not verify (bad sig, untrusted key, bad shape)
-├── JobRejected             a job that can never succeed (terminated, not retried)
-│   ├── BadRequest              malformed, oversized or invalid payload
-│   ├── UnknownModel            the job names a model this node does not serve
-│   ├── DeadlineExceeded        the job's deadline passed before or while it ran
-│   └── Cancelled               the network cancelled the job (`rst.cancel.<job_id>`)
-├── RuntimeFailure          the runtime could not produce an outcome (retryable)
-│   ├── RuntimeStartError       the container/process failed to start or send `ready`
-│   │   ├── IsolationError          a runtime container is not as hardened as required
-│   │   └── ImageUnavailable        the pinned runtime image is absent or its digest differs
-│   ├── RuntimeEnded            the runtime exited on its own (crash, kill, OOM)
-│   ├── RuntimeClosed           we closed it; work in flight is handed back
-│   ├── RuntimeBroken           the pipe broke mid-frame, or the runtime sent garbage
-│   └── RuntimeTimeout          no answer (or no write) within its deadline
-├── OutputMalformed         the runtime answered, but not with a valid outcome for a job
-├── ItemFailed              the engine reported an error for one job of a batch
-├── ModelInvalid            a model failed its hash check or validation vectors
-│   └── ModelUnavailable        its source is missing or unreachable after retries
-├── ConfigRejected          a configuration snapshot was refused
+├── Retryable               another attempt may succeed
+│   ├── RuntimeFailure          the runtime could not produce an outcome
+│   │   ├── RuntimeStartError       the container/process failed to start or send `ready`
+│   │   ├── RuntimeEnded            the runtime exited on its own (crash, kill, OOM)
+│   │   ├── RuntimeClosed           we closed it; work in flight is handed back
+│   │   ├── RuntimeBroken           the pipe broke mid-frame, or the runtime sent garbage
+│   │   └── RuntimeTimeout          no answer (or no write) within its deadline
+│   ├── OutputMalformed         the runtime answered, but not with a valid outcome for a job
+│   └── ModelUnavailable        a model's source is missing or unreachable after retries
+└── Final                   no retry can succeed
+    ├── ResourceClosed          a component was used after it was closed (or reopened)
+    ├── KeyFileError            the node key file is missing, unsafe or malformed
+    ├── SignatureError          an envelope does not verify (bad sig, untrusted key, bad shape)
+    ├── JobRejected             a job that can never succeed (terminated, not retried)
+    │   ├── BadRequest              malformed, oversized or invalid payload
+    │   ├── UnknownModel            the job names a model this node does not serve
+    │   ├── DeadlineExceeded        the job's deadline passed before or while it ran
+    │   └── Cancelled               the network cancelled the job (`rst.cancel.<job_id>`)
+    ├── ItemFailed              the engine reported an error for one job
+    ├── RuntimeRefused          a runtime this node must not run (no retry makes it right)
+    │   ├── IsolationError          a runtime container is not as hardened as required
+    │   └── ImageUnavailable        the pinned runtime image is absent or its digest differs
+    ├── ModelInvalid            a model failed its hash check or validation vectors
+    └── ConfigRejected          a configuration snapshot was refused
+
+The client and the developer tools are not the node: their errors have a tree of their own.
+
+ToolError
 ├── ImageBuildError         a runtime image (or its base, or its wheelhouse) could not be built
 ├── StackError              the dev stack could not be seeded (NATS did not answer)
 ├── NatsUnreachable         no NATS server answered at the given URL (client side)
@@ -32,65 +42,34 @@ from schemas.event import ErrorCode
 
 
 class NodeError(Exception):
-    """Base of every error the package raises on purpose.
+    """Base of every error the node raises on purpose.
 
-    Its wire code and retryability come from `WIRE`, by class, never set per instance.
+    Its wire code comes from `WIRE`, by class, never set per instance; whether it may be
+    retried, from its branch (`Retryable` or `Final`).
     """
 
     @property
     def code(self) -> ErrorCode:
-        return wire_entry(type(self))[0]
+        return wire_code(type(self))
 
     @property
     def retryable(self) -> bool:
-        return wire_entry(type(self))[1]
+        return isinstance(self, Retryable)
 
 
-class ResourceClosed(NodeError):
+class Retryable(NodeError):
     pass
 
 
-class KeyFileError(NodeError):
+class Final(NodeError):
     pass
 
 
-class SignatureError(NodeError):
-    pass
-
-
-class JobRejected(NodeError):
-    pass
-
-
-class BadRequest(JobRejected):
-    pass
-
-
-class UnknownModel(JobRejected):
-    pass
-
-
-class DeadlineExceeded(JobRejected):
-    pass
-
-
-class Cancelled(JobRejected):
-    pass
-
-
-class RuntimeFailure(NodeError):
+class RuntimeFailure(Retryable):
     pass
 
 
 class RuntimeStartError(RuntimeFailure):
-    pass
-
-
-class IsolationError(RuntimeStartError):
-    pass
-
-
-class ImageUnavailable(RuntimeStartError):
     pass
 
 
@@ -110,39 +89,87 @@ class RuntimeTimeout(RuntimeFailure):
     pass
 
 
-class OutputMalformed(NodeError):
+class OutputMalformed(Retryable):
     pass
 
 
-class ItemFailed(NodeError):
+class ModelUnavailable(Retryable):
     pass
 
 
-class ModelInvalid(NodeError):
+class ResourceClosed(Final):
     pass
 
 
-class ModelUnavailable(ModelInvalid):
+class KeyFileError(Final):
     pass
 
 
-class ConfigRejected(NodeError):
+class SignatureError(Final):
     pass
 
 
-class ImageBuildError(NodeError):
+class JobRejected(Final):
     pass
 
 
-class StackError(NodeError):
+class BadRequest(JobRejected):
     pass
 
 
-class NatsUnreachable(NodeError):
+class UnknownModel(JobRejected):
     pass
 
 
-class JobFailed(NodeError):
+class DeadlineExceeded(JobRejected):
+    pass
+
+
+class Cancelled(JobRejected):
+    pass
+
+
+class ItemFailed(Final):
+    pass
+
+
+class RuntimeRefused(Final):
+    pass
+
+
+class IsolationError(RuntimeRefused):
+    pass
+
+
+class ImageUnavailable(RuntimeRefused):
+    pass
+
+
+class ModelInvalid(Final):
+    pass
+
+
+class ConfigRejected(Final):
+    pass
+
+
+class ToolError(Exception):
+    """Base of the client's and the developer tools' errors (not the node's: no wire code)."""
+
+
+class ImageBuildError(ToolError):
+    pass
+
+
+class StackError(ToolError):
+    pass
+
+
+class NatsUnreachable(ToolError):
+    pass
+
+
+class JobFailed(ToolError):
     """A client's view: the node reported a final error for the submitted job, or the result
     did not attest the bytes sent. `node_code` is the code the node reported (data from
     the wire, not this package's own mapping)."""
@@ -152,40 +179,38 @@ class JobFailed(NodeError):
         self.node_code = node_code
 
 
-WIRE: dict[type[NodeError], tuple[ErrorCode, bool]] = {
-    # class: (wire code, retryable: another attempt may succeed)
-    NodeError: (ErrorCode.INTERNAL, False),
-    ResourceClosed: (ErrorCode.INTERNAL, False),
-    KeyFileError: (ErrorCode.INTERNAL, False),
-    SignatureError: (ErrorCode.INTERNAL, False),
-    JobRejected: (ErrorCode.INTERNAL, False),
-    BadRequest: (ErrorCode.BAD_REQUEST, False),
-    UnknownModel: (ErrorCode.UNKNOWN_MODEL, False),
-    DeadlineExceeded: (ErrorCode.DEADLINE_EXCEEDED, False),
-    Cancelled: (ErrorCode.CANCELLED, False),
-    RuntimeFailure: (ErrorCode.RUNTIME_FAILURE, True),
-    RuntimeStartError: (ErrorCode.RUNTIME_FAILURE, True),
-    IsolationError: (ErrorCode.RUNTIME_FAILURE, False),
-    ImageUnavailable: (ErrorCode.RUNTIME_FAILURE, False),
-    RuntimeEnded: (ErrorCode.RUNTIME_FAILURE, True),
-    RuntimeClosed: (ErrorCode.RUNTIME_FAILURE, True),
-    RuntimeBroken: (ErrorCode.RUNTIME_FAILURE, True),
-    RuntimeTimeout: (ErrorCode.RUNTIME_FAILURE, True),
-    OutputMalformed: (ErrorCode.OUTPUT_MALFORMED, True),
-    ItemFailed: (ErrorCode.RUNTIME_FAILURE, False),
-    ModelInvalid: (ErrorCode.MODEL_INVALID, False),
-    ModelUnavailable: (ErrorCode.MODEL_INVALID, True),
-    ConfigRejected: (ErrorCode.CONFIG_REJECTED, False),
-    ImageBuildError: (ErrorCode.INTERNAL, False),
-    StackError: (ErrorCode.INTERNAL, False),
-    NatsUnreachable: (ErrorCode.INTERNAL, False),
-    JobFailed: (ErrorCode.INTERNAL, False),
+WIRE: dict[type[NodeError], ErrorCode] = {
+    NodeError: ErrorCode.INTERNAL,
+    Retryable: ErrorCode.INTERNAL,
+    Final: ErrorCode.INTERNAL,
+    RuntimeFailure: ErrorCode.RUNTIME_FAILURE,
+    RuntimeStartError: ErrorCode.RUNTIME_FAILURE,
+    RuntimeEnded: ErrorCode.RUNTIME_FAILURE,
+    RuntimeClosed: ErrorCode.RUNTIME_FAILURE,
+    RuntimeBroken: ErrorCode.RUNTIME_FAILURE,
+    RuntimeTimeout: ErrorCode.RUNTIME_FAILURE,
+    OutputMalformed: ErrorCode.OUTPUT_MALFORMED,
+    ModelUnavailable: ErrorCode.MODEL_INVALID,
+    ResourceClosed: ErrorCode.INTERNAL,
+    KeyFileError: ErrorCode.INTERNAL,
+    SignatureError: ErrorCode.INTERNAL,
+    JobRejected: ErrorCode.INTERNAL,
+    BadRequest: ErrorCode.BAD_REQUEST,
+    UnknownModel: ErrorCode.UNKNOWN_MODEL,
+    DeadlineExceeded: ErrorCode.DEADLINE_EXCEEDED,
+    Cancelled: ErrorCode.CANCELLED,
+    ItemFailed: ErrorCode.RUNTIME_FAILURE,
+    RuntimeRefused: ErrorCode.RUNTIME_FAILURE,
+    IsolationError: ErrorCode.RUNTIME_FAILURE,
+    ImageUnavailable: ErrorCode.RUNTIME_FAILURE,
+    ModelInvalid: ErrorCode.MODEL_INVALID,
+    ConfigRejected: ErrorCode.CONFIG_REJECTED,
 }
-"""Every class of the tree, with its wire code and retryability (a test checks it is complete)."""
+"""Every class of the node's tree with its wire code (a test checks it is complete)."""
 
 
-def wire_entry(cls: type[NodeError]) -> tuple[ErrorCode, bool]:
-    """`WIRE`'s entry for `cls`, or for its nearest listed ancestor."""
+def wire_code(cls: type[NodeError]) -> ErrorCode:
+    """`WIRE`'s code for `cls`, or for its nearest listed ancestor."""
     for klass in cls.__mro__:
         if klass in WIRE:
             return WIRE[klass]

@@ -335,8 +335,8 @@ def _overran(req: RequestView, event: Overrun) -> DeadlineExceeded:
 
 
 def handed_back(job_id: str, exc: NodeError) -> NodeError:
-    """A fresh error of the same class for this job, retryable: a runtime that cannot start
-    for a reason final for the node (`IsolationError`) is not the job's fault, so its jobs
-    get a `RuntimeStartError`."""
+    """A fresh error of the same class for this job, retryable: a runtime this node refuses
+    to run (`RuntimeRefused`: final for the node) is not the job's fault, so its jobs get a
+    `RuntimeStartError`, and another node may run them."""
     cls: type[NodeError] = type(exc) if exc.retryable else RuntimeStartError
     return cls(f"job {job_id}: {exc}")

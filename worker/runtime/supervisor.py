@@ -722,7 +722,7 @@ class Supervisor(AsyncResource):
             self._restarts += 1
             try:
                 await self._start(self._spec)
-            except RuntimeFailure as start_exc:
+            except NodeError as start_exc:
                 log.error("runtime_restart_failed error=%s", start_exc)
 
     async def _retire(self, session: "_Session", exc: RuntimeFailure) -> None:
@@ -764,7 +764,7 @@ class Supervisor(AsyncResource):
                 return
             try:
                 await self._check()
-            except RuntimeFailure as exc:
+            except NodeError as exc:
                 log.error("runtime_unavailable error=%s", exc)
             except Exception:
                 log.exception("supervisor_watch_crashed")
