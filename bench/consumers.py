@@ -50,7 +50,7 @@ from worker.core.metrics import Metrics
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
 from worker.jobs.intake import InFlight, admit
-from worker.jobs.pipeline import Pipeline, Serving, runtime_payload
+from worker.jobs.pipeline import Pipeline, Serving
 from worker.jobs.provision import consumer_name
 from worker.jobs.publisher import Publisher
 from worker.runtime.api import Completion, RuntimeFacts
@@ -269,7 +269,7 @@ async def raw_floor(
         if rejection is not None or record.job is None:
             await msg.term()
             return
-        runtime_payload(record.job)
+        record.job.request_item()
         now = time.time()
         done = Completion(record.job.job_id, SAMPLE.text, SAMPLE.token_ids, "length", 7)
         body = result_body(record, done, node_id, settings.network, now, now)

@@ -66,7 +66,7 @@ async def supervised_echo(kind: str) -> AsyncIterator[Runtime]:
 async def round_trip(kind: str, count: int = 2000, reps: int = 3) -> dict[str, Any]:
     """Echo frame round trip through the supervisor: one request, and 32 at once."""
     item = WorkItem("rt", {"prompt": "x", "params": {"max_tokens": 8}})
-    batch = [WorkItem(f"b{i}", item.payload) for i in range(32)]
+    batch = [WorkItem(f"b{i}", item.request) for i in range(32)]
     medians, p99s, per_batch32 = [], [], []
     async with supervised_echo(kind) as runtime:
         for _ in range(100):

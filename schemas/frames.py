@@ -115,26 +115,31 @@ FINISH_REASONS = frozenset({"stop", "length"})
 Frame = dict[str, Any]
 
 
-class Message(TypedDict):
+# The request's parts as maps, the runtime's side of `schemas.job`'s models (`Message`,
+# `Params`, `ResponseFormat`, `JsonSchemaSpec`): one set of rules, checked by the parsers
+# below on this side and by pydantic on the other.
+
+
+class MessageMap(TypedDict):
     role: str
     content: str
 
 
-class JsonSchemaSpec(TypedDict):
+class JsonSchemaMap(TypedDict):
     name: str
     schema: dict[str, Any]
     description: NotRequired[str]
     strict: NotRequired[bool]
 
 
-class ResponseFormat(TypedDict):
+class ResponseFormatMap(TypedDict):
     """`{"type": "json_object"}`, or `{"type": "json_schema", "json_schema": {...}}`."""
 
     type: str
-    json_schema: NotRequired[JsonSchemaSpec]
+    json_schema: NotRequired[JsonSchemaMap]
 
 
-class Params(TypedDict, total=False):
+class ParamsMap(TypedDict, total=False):
     max_tokens: int
     temperature: float
     top_p: float
@@ -144,7 +149,7 @@ class Params(TypedDict, total=False):
     logprobs: int
     presence_penalty: float
     frequency_penalty: float
-    response_format: ResponseFormat
+    response_format: ResponseFormatMap
 
 
 class RequestItem(TypedDict):
@@ -152,8 +157,8 @@ class RequestItem(TypedDict):
 
     prompt: NotRequired[str]
     prompt_token_ids: NotRequired[list[int]]
-    messages: NotRequired[list[Message]]
-    params: Params
+    messages: NotRequired[list[MessageMap]]
+    params: ParamsMap
 
 
 class TokenLogprob(TypedDict):
@@ -403,7 +408,7 @@ def _penalty(value: Any, key: str) -> float:
     return _num(value, f"params.{key}", -MAX_PENALTY, MAX_PENALTY)
 
 
-def _response_format(value: Any) -> ResponseFormat:
+def _response_format(value: Any) -> ResponseFormatMap:
     raw = _map(value, "params.response_format", frozenset({"type", "json_schema"}))
     kind = raw.get("type")
     if kind not in RESPONSE_FORMATS:
@@ -423,7 +428,7 @@ def _response_format(value: Any) -> ResponseFormat:
         check_json_schema(schema)
     except ValueError as exc:
         raise FrameError(f"params.response_format.json_schema.schema: {exc}") from exc
-    parsed: JsonSchemaSpec = {"name": name, "schema": cast(dict[str, Any], schema)}
+    parsed: JsonSchemaMap = {"name": name, "schema": cast(dict[str, Any], schema)}
     if spec.get("description") is not None:
         parsed["description"] = _str(
             spec["description"],
@@ -437,9 +442,9 @@ def _response_format(value: Any) -> ResponseFormat:
     return {"type": "json_schema", "json_schema": parsed}
 
 
-def parse_params(value: Any) -> Params:
+def parse_params(value: Any) -> ParamsMap:
     raw = _map({} if value is None else value, "params", PARAM_NAMES)
-    params: Params = {}
+    params: ParamsMap = {}
     for key, item in raw.items():
         if item is None:
             continue
@@ -491,7 +496,7 @@ def parse_request_item(value: Any) -> RequestItem:
         messages = raw["messages"]
         if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
             raise FrameError(f"messages must be a list of 1-{MAX_MESSAGES} maps")
-        parsed: list[Message] = []
+        parsed: list[MessageMap] = []
         for m in messages:
             m = _map(m, "messages[]", frozenset({"role", "content"}))
             if m.get("role") not in MESSAGE_ROLES:

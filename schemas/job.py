@@ -1,6 +1,6 @@
 """Jobs: what the network asks a node to run (PROTOCOL.md, "Jobs" and "v2 additions")."""
 
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, cast
 
 from pydantic import (
     BaseModel,
@@ -14,6 +14,7 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.frames import ParamsMap, RequestItem
 from schemas.limits import (
     JOB_ID_PATTERN,
     MAX_LOGPROBS,
@@ -141,6 +142,20 @@ class Prompted(Wire):
                     f"messages hold {chars} characters, the limit is {MAX_PROMPT_CHARS}"
                 )
         return self
+
+    def request_item(self) -> RequestItem:
+        """The request as the runtime takes it (a `submit` frame's `request` map): its
+        prompt, token ids or messages, and its parameters, unset ones left out."""
+        item: RequestItem = {
+            "params": cast(ParamsMap, self.params.model_dump(exclude_none=True, by_alias=True))
+        }
+        if self.prompt is not None:
+            item["prompt"] = self.prompt
+        elif self.prompt_token_ids is not None:
+            item["prompt_token_ids"] = self.prompt_token_ids
+        elif self.messages is not None:
+            item["messages"] = [{"role": m.role, "content": m.content} for m in self.messages]
+        return item
 
 
 class Job(Prompted):

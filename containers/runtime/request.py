@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from schemas.frames import Message, Params, RequestItem, ResponseFormat, TokenLogprob
+from schemas.frames import MessageMap, ParamsMap, RequestItem, ResponseFormatMap, TokenLogprob
 from schemas.limits import max_tokens
 
 LOGPROB_FLOOR = -9999.0
@@ -32,7 +32,7 @@ class NoChatTemplate(RequestError):
     """A chat request for a model whose tokenizer ships no chat template."""
 
 
-def render_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+def render_chat(tokenizer: Any, messages: Sequence[MessageMap]) -> list[int]:
     """Token ids of `messages` rendered by the model's own chat template, with the
     generation prompt added. The template's text carries its special tokens, so none are
     added on encoding (as transformers does for a tokenized chat)."""
@@ -61,7 +61,7 @@ def prompt_token_ids(item: RequestItem, tokenizer: Any) -> list[int]:
     return ids
 
 
-def structured_outputs(response_format: ResponseFormat) -> dict[str, Any]:
+def structured_outputs(response_format: ResponseFormatMap) -> dict[str, Any]:
     """vLLM's `StructuredOutputsParams` keyword arguments for a `response_format` (the
     backend, xgrammar without free whitespace, is set engine-wide: `STRUCTURED_OUTPUTS` in
     engines/vllm.py)."""
@@ -72,7 +72,7 @@ def structured_outputs(response_format: ResponseFormat) -> dict[str, Any]:
     return {"json": json.dumps(schema, sort_keys=True, separators=(",", ":"))}
 
 
-def sampling_kwargs(params: Params) -> dict[str, Any]:
+def sampling_kwargs(params: ParamsMap) -> dict[str, Any]:
     """`SamplingParams` keyword arguments for `params`, without the structured-output
     object and the output kind (both vLLM objects)."""
     kwargs: dict[str, Any] = {

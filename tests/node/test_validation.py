@@ -30,7 +30,7 @@ class StubRuntime:
         self.batches.append(items)
         out: list[ItemOutcome] = []
         for item in items:
-            key = item.payload.get("prompt") or str(item.payload.get("prompt_token_ids"))
+            key = item.request.get("prompt") or str(item.request.get("prompt_token_ids"))
             if key in self.fail:
                 out.append(ItemFailed("engine error"))
                 continue

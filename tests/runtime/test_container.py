@@ -120,7 +120,7 @@ async def test_isolation_seen_from_inside(
             ]
         )
         assert container.labels[LABEL_ROLE] == ROLE_RUNTIME
-        out = await sup.run([WorkItem(job_id="j", payload={"prompt": "hi"})])
+        out = await sup.run([WorkItem(job_id="j", request={"prompt": "hi", "params": {}})])
         assert isinstance(out[0], Completion)
 
 
@@ -258,7 +258,7 @@ async def test_cancel_outer_task_leaves_nothing(
         async with Supervisor(settings, backend, spec) as sup:
             started.set()
             if phase == "mid_request":
-                await sup.run([WorkItem(job_id="j", payload={"prompt": "slow", "params": {}})])
+                await sup.run([WorkItem(job_id="j", request={"prompt": "slow", "params": {}})])
             await asyncio.Event().wait()  # idle until cancelled
 
     task = asyncio.ensure_future(body())

@@ -161,7 +161,7 @@ def _check(plan: dict[str, Any], item: WorkItem, outcome: Any) -> None:
     kind = plan["kind"]
     if kind in ("ok", "split"):
         assert isinstance(outcome, Completion), (plan, outcome)
-        assert outcome.job_id == item.job_id and outcome.text == item.payload["prompt"]
+        assert outcome.job_id == item.job_id and outcome.text == item.request["prompt"]
     elif kind == "done_twice":
         assert isinstance(outcome, Completion), (plan, outcome)  # the first was fine
     elif kind in VIOLATIONS:

@@ -149,7 +149,7 @@ def items(*prompts: str, max_tokens: int = 4) -> list[WorkItem]:
     return [
         WorkItem(
             job_id=f"job-{i}",
-            payload={"prompt": p, "params": {"max_tokens": max_tokens, "seed": i}},
+            request={"prompt": p, "params": {"max_tokens": max_tokens, "seed": i}},
         )
         for i, p in enumerate(prompts)
     ]

@@ -351,3 +351,22 @@ def test_a_pong_with_stats_out_of_bounds_is_a_frame_error(stats: Any) -> None:
     (decoded,) = decode({"t": "pong", "id": 1, "stats": stats})
     with pytest.raises(FrameError, match="pong.stats"):
         frames.parse_pong(decoded)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"prompt": "hi", "params": {"max_tokens": 4, "seed": 1}},
+        {"prompt_token_ids": [1, 2, 3]},
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "params": {"logprobs": 2, "response_format": json_schema_format({"type": "object"})},
+        },
+    ],
+    ids=["prompt", "token_ids", "messages"],
+)
+def test_a_jobs_request_item_is_built_once_and_parses_as_itself(given: dict[str, Any]) -> None:
+    """The typed request the agent sends is what the runtime's parser makes of it."""
+    item = Prompted.model_validate(given).request_item()
+    assert frames.parse_request_item(item) == item
+    assert set(item) == set(given) | {"params"} and None not in item["params"].values()

@@ -50,7 +50,7 @@ class EchoRuntime:
         return self._facts
 
     def answer(self, item: WorkItem) -> Completion:
-        digest = hashlib.sha256(msgpack.packb(item.payload)).digest()
+        digest = hashlib.sha256(msgpack.packb(item.request)).digest()
         ids = list(digest[: self.tokens])
         return Completion(item.job_id, " ".join(map(str, ids)), ids, "length", 3, 0.001)
 

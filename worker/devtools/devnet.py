@@ -27,7 +27,7 @@ from typing import Any
 import nats
 
 from schemas.envelope import EnvelopeType
-from schemas.job import MODEL_ID_PATTERN
+from schemas.job import MODEL_ID_PATTERN, Prompted
 from schemas.node import NodeState
 from schemas.snapshot import ModelSpec, Snapshot
 from worker.client import Outcome, new_job_id, submit
@@ -251,7 +251,10 @@ async def _expected_vectors(
     if chat:
         inputs.append({"messages": DEMO_CHAT})
     items = [
-        WorkItem(f"vector-{i}", {**given, "params": DEMO_PARAMS}) for i, given in enumerate(inputs)
+        WorkItem(
+            f"vector-{i}", Prompted.model_validate({**given, "params": DEMO_PARAMS}).request_item()
+        )
+        for i, given in enumerate(inputs)
     ]
     log.info("dev_reference_run engine=%s: computing validation vectors", launch.engine)
     async with Supervisor(
@@ -262,7 +265,7 @@ async def _expected_vectors(
     for item, outcome in zip(items, outcomes, strict=True):
         if not isinstance(outcome, Completion):
             raise NodeError(f"reference run of the demo model failed: {outcome}")
-        vectors.append({**item.payload, "expected_sha256": token_ids_sha256(outcome.token_ids)})
+        vectors.append({**item.request, "expected_sha256": token_ids_sha256(outcome.token_ids)})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(vectors, indent=2))
     step.done(f"validation vectors: {len(vectors)} from the reference run")

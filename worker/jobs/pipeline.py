@@ -44,7 +44,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from schemas.job import Job
 from schemas.limits import JOB_ID_PATTERN
 from worker.core.errors import (
     Cancelled,
@@ -104,20 +103,6 @@ class Serving:
     model_sha256: str
     image: str
     config_version: int
-
-
-def runtime_payload(job: Job) -> dict[str, Any]:
-    """The `request` map of a job's `submit` frame: its prompt, token ids or messages, and
-    its parameters."""
-    payload: dict[str, Any]
-    if job.prompt is not None:
-        payload = {"prompt": job.prompt}
-    elif job.prompt_token_ids is not None:
-        payload = {"prompt_token_ids": job.prompt_token_ids}
-    else:
-        payload = job.model_dump(include={"messages"}, exclude_none=True)
-    payload["params"] = job.params.model_dump(exclude_none=True)
-    return payload
 
 
 def extends_lease(record: InFlight, now: float) -> bool:
@@ -459,7 +444,7 @@ class Pipeline(AsyncResource):
         self.metrics.observe_queue_wait(self.serving.model_id, started_at - published_at(record))
         run_deadline = started_at + self._settings.request_timeout_s + LEASE_GRACE_S
         record.lease_until = min(record.lease_until or run_deadline, run_deadline)
-        item = WorkItem(job.job_id, runtime_payload(job), stream=job.stream, deadline=job.deadline)
+        item = WorkItem(job.job_id, job.request_item(), stream=job.stream, deadline=job.deadline)
         try:
             answer = self._runtime.submit(item, self._stream_sink(record) if job.stream else None)
         except Exception as exc:  # the runtime is closing (or a bug): `_answered` ends it

@@ -8,10 +8,10 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgpack
 
+from schemas.frames import RequestItem
 from schemas.snapshot import ModelSpec, ValidationVector
 from worker.core.errors import ModelInvalid, NodeError, RuntimeFailure
 from worker.runtime.api import Completion, Runtime, WorkItem
@@ -24,12 +24,10 @@ def token_ids_sha256(token_ids: Sequence[int]) -> str:
     return hashlib.sha256(msgpack.packb(list(token_ids))).hexdigest()
 
 
-def vector_payload(vector: ValidationVector) -> dict[str, Any]:
-    """The work-item payload for a vector: prompt or token ids, and params without unset keys."""
-    payload: dict[str, Any] = vector.model_dump(
-        mode="json", exclude_none=True, exclude={"expected_sha256"}
-    )
-    return payload
+def vector_payload(vector: ValidationVector) -> RequestItem:
+    """The work item's request for a vector: prompt or token ids, and params without unset
+    keys."""
+    return vector.request_item()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +69,7 @@ async def run_vectors(runtime: Runtime, spec: ModelSpec) -> ValidationReport:
     """
     vectors = spec.validation
     items = [
-        WorkItem(job_id=f"validation-{spec.id}-{i}", payload=vector_payload(v))
+        WorkItem(job_id=f"validation-{spec.id}-{i}", request=vector_payload(v))
         for i, v in enumerate(vectors)
     ]
     outcomes = await runtime.run(items) if items else []

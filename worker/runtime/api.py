@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from schemas.frames import RequestItem
 from worker.core.errors import NodeError
 
 
@@ -38,11 +39,12 @@ class LaunchSpec:
 
 @dataclass(frozen=True, slots=True)
 class WorkItem:
-    """One job as the runtime sees it: `payload` is the `request` map of a `submit` frame
-    (`prompt`, `prompt_token_ids` or `messages`, and `params`)."""
+    """One job as the runtime sees it: `request` is the `request` map of its `submit` frame
+    (`prompt`, `prompt_token_ids` or `messages`, and `params`), built once from the
+    validated job (`schemas.job.Prompted.request_item`)."""
 
     job_id: str
-    payload: dict[str, Any]
+    request: RequestItem
     stream: bool = False
     deadline: float | None = None
 

@@ -135,7 +135,7 @@ class Request(asyncio.Future[Completion]):
         self.item = item
         self.job_id = item.job_id
         self.stream = item.stream
-        self.max_tokens = max_tokens(item.payload.get("params", {}))
+        self.max_tokens = max_tokens(item.request.get("params", {}))
         self.sink = sink
         self.solo = solo
         self.state = State.WAITING
@@ -403,10 +403,7 @@ class Supervisor(AsyncResource):
             session.expiry = loop.call_at(req.expires, self._expire, session)
         item = req.item
         frame = frames.submit(
-            req.request_id,
-            item.payload,  # type: ignore[arg-type]
-            stream=item.stream,
-            deadline=item.deadline,
+            req.request_id, item.request, stream=item.stream, deadline=item.deadline
         )
         self._post(session, frame)
 
