@@ -16,8 +16,8 @@ from schemas import frames
 from schemas.frames import Frame
 from tests.support.polling import wait_for
 from tests.support.settings import make_settings
-from worker.core.errors import RuntimeBroken, RuntimeEnded
-from worker.runtime.api import Completion, LaunchSpec, WorkItem
+from worker.core.errors import ModelInvalid, RuntimeBroken, RuntimeEnded, RuntimeStartError
+from worker.runtime.api import Completion, LaunchSpec, Runtime, WorkItem
 from worker.runtime.supervisor import Request, Supervisor
 
 
@@ -202,3 +202,42 @@ async def test_a_cancel_that_fails_in_the_supervisor_is_logged_and_the_cancel_go
     assert answer.cancel()  # a task's or gather's cancel is not broken by the supervisor
     assert answer.cancelled()
     assert "request_cancel_failed" in caplog.text
+
+
+async def test_after_a_restart_requests_wait_for_the_gate_check() -> None:
+    """The gate (the model's vectors, in the agent): a restarted runtime takes requests
+    only once its check passed; the check's own requests skip the gate."""
+    backend = ScriptedBackend()
+    checks: list[str] = []
+
+    async def check(runtime: Runtime) -> None:
+        checks.append((await runtime.generate(item("vector", prompt="v"))).job_id)
+
+    async with supervisor(backend) as sup:
+        sup.gate(check)
+        assert (await sup.submit(item("before"))).job_id == "before" and checks == []
+        backend.handles[0].die()
+        await wait_for(lambda: sup.restarts == 1, timeout=10)
+        assert (await sup.submit(item("after", prompt="a"))).job_id == "after"
+        assert checks == ["vector"]
+        submitted = [f["request"] for f in backend.handles[1].sent if f["t"] == "submit"]
+        assert [r["prompt"] for r in submitted] == ["v", "a"]  # type: ignore[index]
+        assert (await sup.submit(item("again"))).job_id == "again" and checks == ["vector"]
+
+
+async def test_a_runtime_that_fails_the_gate_hands_the_waiting_requests_back() -> None:
+    backend = ScriptedBackend()
+    invalid: list[ModelInvalid] = []
+
+    async def check(runtime: Runtime) -> None:
+        raise ModelInvalid("vector 0 differs")
+
+    async with supervisor(backend) as sup:
+        sup.gate(check, invalid.append)
+        backend.handles[0].die()
+        await wait_for(lambda: sup.restarts == 1, timeout=10)
+        with pytest.raises(RuntimeStartError, match="not validated: vector 0 differs") as failed:
+            await sup.submit(item("waiting"))
+        assert failed.value.retryable and [str(e) for e in invalid] == ["vector 0 differs"]
+        sup.gate(None)
+        assert (await sup.submit(item("ungated"))).job_id == "ungated"

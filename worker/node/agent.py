@@ -20,6 +20,7 @@ replaced whole by a pure `step`, so state, snapshot, model and model states neve
 """
 
 import asyncio
+import functools
 import hashlib
 import logging
 import random
@@ -68,16 +69,7 @@ from worker.node.loadout import Loadout, Queue, Switcher, choose_loadout
 from worker.node.services import heartbeat_loop, status_endpoint
 from worker.node.snapshots import AcceptedSnapshot, ConfigWatcher
 from worker.node.validation import validate_model
-from worker.runtime.api import (
-    Completion,
-    ItemOutcome,
-    LaunchSpec,
-    PartialSink,
-    Runtime,
-    RuntimeFacts,
-    WorkItem,
-    submit_in_task,
-)
+from worker.runtime.api import LaunchSpec
 from worker.runtime.imagepin import ensure_image
 from worker.runtime.supervisor import Supervisor, create_backend
 
@@ -91,64 +83,6 @@ APPLY_RETRY_MAX_S = 600.0
 
 AgentState = NodeState
 """The node's state (`Agent.node_state`), as its heartbeat and status reply say it."""
-
-
-class ValidatedRuntime:
-    """The supervisor, with the model's vectors re-run before work after every restart."""
-
-    def __init__(self, supervisor: Any, spec: ModelSpec, on_invalid: Any) -> None:
-        self._sup = supervisor
-        self._spec = spec
-        self._on_invalid = on_invalid
-        self._validated_restarts = supervisor.stats().restarts
-        self._validating = asyncio.Lock()
-
-    @property
-    def facts(self) -> RuntimeFacts:
-        facts: RuntimeFacts = self._sup.facts
-        return facts
-
-    async def _revalidate(self) -> None:
-        """After a runtime restart, the vectors run again before more work; raises a
-        retryable `RuntimeFailure` (the job is handed back) if they cannot pass now."""
-        restarts = self._sup.stats().restarts
-        if restarts == self._validated_restarts:
-            return
-        async with self._validating:
-            restarts = self._sup.stats().restarts  # another request may have validated
-            if restarts == self._validated_restarts:
-                return
-            try:
-                await validate_model(self._sup, self._spec)
-            except ModelInvalid as exc:
-                self._on_invalid(exc)
-                raise RuntimeFailure(f"handed back: {exc}") from exc
-            except RuntimeFailure as exc:
-                # The restarted runtime broke again before the vectors ran: not the model's
-                # fault. Hand the job back; the next one validates again.
-                raise RuntimeFailure(f"handed back: validation not run: {exc}") from exc
-            self._validated_restarts = restarts
-
-    async def generate(self, item: WorkItem, on_partial: PartialSink | None = None) -> Completion:
-        await self._revalidate()
-        done: Completion = await self._sup.generate(item, on_partial)
-        return done
-
-    def submit(
-        self, item: WorkItem, on_partial: PartialSink | None = None
-    ) -> "asyncio.Future[Completion]":
-        if self._sup.restarts == self._validated_restarts:
-            future: asyncio.Future[Completion] = self._sup.submit(item, on_partial)
-            return future
-        return submit_in_task(self, item, on_partial)
-
-    async def run(self, items: list[WorkItem]) -> list[ItemOutcome]:
-        try:
-            await self._revalidate()
-        except RuntimeFailure as exc:
-            return [RuntimeFailure(str(exc)) for _ in items]
-        outcomes: list[ItemOutcome] = await self._sup.run(items)
-        return outcomes
 
 
 class Agent(AsyncResource):
@@ -697,16 +631,24 @@ class Agent(AsyncResource):
         serving = Serving(
             spec.id, spec.version, spec.sha256, snapshot.runtime.image, snapshot.version
         )
-        runtime: Runtime = ValidatedRuntime(self._supervisor, spec, self._troubles.put_nowait)
+        assert self._supervisor is not None
+        # After every runtime restart the model's vectors run again before more work.
+        self._supervisor.gate(
+            functools.partial(validate_model, spec=spec), self._troubles.put_nowait
+        )
         stack = AsyncExitStack()
         self.pipeline = await stack.enter_async_context(
-            Pipeline(self._nc, self.settings, self._publisher, runtime, serving, self.metrics)
+            Pipeline(
+                self._nc, self.settings, self._publisher, self._supervisor, serving, self.metrics
+            )
         )
         self._pipeline_stack = stack
         self._move(lc.Serving())
         log.info("serving model=%s version=%s config=%d", spec.id, spec.version, snapshot.version)
 
     async def _stop_pipeline(self, grace_s: float) -> None:
+        if self._supervisor is not None:
+            self._supervisor.gate(None)
         pipeline, self.pipeline = self.pipeline, None
         stack, self._pipeline_stack = self._pipeline_stack, None
         if pipeline is not None:

@@ -14,7 +14,8 @@ in flight on a runtime that fails come back as retryable `RuntimeFailure`s once 
 runtime replaced it (the pipeline hands their jobs back). A job that was in flight at
 `SOLO_AFTER_STRIKES` runtime failures runs alone next time (no other request on the
 runtime); if the runtime fails again it fails alone (`ItemFailed`, final) and no other job
-is failed because of it.
+is failed because of it. A gate (`gate`: the agent's model vectors) may stand on the
+request path: a restarted runtime takes requests only once its check has passed.
 """
 
 import asyncio
@@ -23,7 +24,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import cast
@@ -32,6 +33,7 @@ from schemas import frames
 from schemas.frames import PROTOCOL_VERSION, EngineStats, Frame, FrameError, FrameKind
 from schemas.limits import max_tokens
 from worker.core.errors import (
+    ModelInvalid,
     NodeError,
     RuntimeBroken,
     RuntimeClosed,
@@ -47,6 +49,7 @@ from worker.runtime.api import (
     ItemOutcome,
     LaunchSpec,
     PartialSink,
+    Runtime,
     RuntimeFacts,
     WorkItem,
 )
@@ -117,6 +120,7 @@ class Request(asyncio.Future[Completion]):
         "stream",
         "streamed",
         "expires",
+        "gated",
     )
 
     def __init__(
@@ -128,6 +132,7 @@ class Request(asyncio.Future[Completion]):
         *,
         solo: bool,
         loop: asyncio.AbstractEventLoop,
+        gated: bool = True,
     ) -> None:
         super().__init__(loop=loop)
         self._owner: Supervisor | None = owner
@@ -145,6 +150,9 @@ class Request(asyncio.Future[Completion]):
         """Loop time by which the runtime must have answered (request_timeout_s)."""
         self.released = False
         """Its place among the supervisor's active requests was given up."""
+        self.gated = gated
+        """It waits for the gate (`Supervisor.gate`) after a restart; the gate's own check
+        does not."""
 
     def cancel(self, msg: object = None) -> bool:
         if not super().cancel(msg):
@@ -196,6 +204,17 @@ class _Session:
             del self.aborted[next(iter(self.aborted))]
 
 
+@dataclass(eq=False)
+class _Gate:
+    """A check every restarted runtime passes before gated requests reach it."""
+
+    check: "Callable[[Runtime], Awaitable[object]]"
+    on_invalid: "Callable[[ModelInvalid], None] | None"
+    passed: int
+    """The restart count of the last runtime that passed (or was taken as checked)."""
+    task: "asyncio.Task[None] | None" = None
+
+
 class Supervisor(AsyncResource):
     """Runs one runtime at a time through `backend`. Use as `async with Supervisor(...)`."""
 
@@ -221,6 +240,7 @@ class Supervisor(AsyncResource):
         """Requests on no runtime yet, oldest first (an ordered set)."""
         self._solo: Request | None = None
         """The request running alone, if one does."""
+        self._gate: _Gate | None = None
 
     # -- resource --------------------------------------------------------------------
 
@@ -285,7 +305,23 @@ class Supervisor(AsyncResource):
             engine=session.engine_stats if session else None,
         )
 
-    def submit(self, item: WorkItem, on_partial: PartialSink | None = None) -> Request:
+    def gate(
+        self,
+        check: "Callable[[Runtime], Awaitable[object]] | None",
+        on_invalid: "Callable[[ModelInvalid], None] | None" = None,
+    ) -> None:
+        """From now on, a runtime started after this call takes requests only once
+        `check(runtime)` passed on it (the model's validation vectors, run through a view of
+        this supervisor that skips the gate); the runtime in service now is taken as
+        checked. Requests wait meanwhile; a check that raises hands them back (retryable),
+        and a `ModelInvalid` goes to `on_invalid` as well. `None` removes the gate."""
+        self._gate = None if check is None else _Gate(check, on_invalid, self._restarts)
+        if self._waiting:
+            self._dispatch_waiting()
+
+    def submit(
+        self, item: WorkItem, on_partial: PartialSink | None = None, *, gated: bool = True
+    ) -> Request:
         """Start one request; the returned future completes with its `Completion` or fails
         with a `NodeError` (a retryable `RuntimeFailure` means the job may be tried again),
         and cancelling it aborts the request. No task runs it: with a runtime ready and no
@@ -294,7 +330,7 @@ class Supervisor(AsyncResource):
         self._check_open()
         solo = bool(self._suspects) and self._suspects.get(item.job_id, 0) >= SOLO_AFTER_STRIKES
         loop = asyncio.get_running_loop()
-        req = Request(self, next(self._ids), item, on_partial, solo=solo, loop=loop)
+        req = Request(self, next(self._ids), item, on_partial, solo=solo, loop=loop, gated=gated)
         self._active += 1
         session = self._session
         if (
@@ -303,6 +339,7 @@ class Supervisor(AsyncResource):
             and not solo
             and self._solo is None
             and not self._waiting
+            and (self._gate is None or not gated or self._gate.passed == self._restarts)
         ):
             self._step(req, DISPATCH, session)
         else:
@@ -319,19 +356,7 @@ class Supervisor(AsyncResource):
 
     async def run(self, items: Sequence[WorkItem]) -> list[ItemOutcome]:
         """Each item `submit`ted, concurrently; one outcome per item, in order."""
-        futures: list[asyncio.Future[Completion]] = []
-        for item in items:
-            try:
-                futures.append(self.submit(item))
-            except NodeError as exc:
-                failed: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
-                failed.set_exception(exc)
-                futures.append(failed)
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, NodeError):
-                raise outcome
-        return cast(list[ItemOutcome], outcomes)
+        return await _gather(self.submit, items)
 
     async def replace(self, spec: LaunchSpec) -> RuntimeFacts:
         """Stop the current runtime and start one from `spec` (a new configuration)."""
@@ -450,6 +475,14 @@ class Supervisor(AsyncResource):
         session = self._session
         if session is None or not session.serving:
             return
+        gate = self._gate
+        if gate is not None and gate.passed != self._restarts:
+            for req in [r for r in self._waiting if not r.gated]:  # the gate's own check
+                del self._waiting[req]
+                self._step(req, DISPATCH, session)
+            if self._waiting and gate.task is None and self.is_open and self._tg is not None:
+                gate.task = self._tg.create_task(self._pass_gate(gate))
+            return
         while self._waiting and self._solo is None:
             req = next(iter(self._waiting))
             if req.solo:
@@ -458,6 +491,29 @@ class Supervisor(AsyncResource):
                 self._solo = req
             del self._waiting[req]
             self._step(req, DISPATCH, session)
+
+    async def _pass_gate(self, gate: _Gate) -> None:
+        """Run the gate's check on the runtime in service, until one passes it; then the
+        waiting requests go. Never raises: an error here would end the task group."""
+        try:
+            while self.is_open and self._gate is gate and gate.passed != self._restarts:
+                restarts = self._restarts
+                try:
+                    await gate.check(_Ungated(self))
+                except Exception as exc:
+                    log.warning("runtime_gate_refused error=%s", exc)
+                    if isinstance(exc, ModelInvalid) and gate.on_invalid is not None:
+                        gate.on_invalid(exc)
+                    refused = StartFailed(RuntimeStartError(f"runtime not validated: {exc}"))
+                    for req in [r for r in self._waiting if r.gated]:
+                        self._step(req, refused)
+                    return
+                if self._restarts == restarts:
+                    gate.passed = restarts
+        finally:
+            gate.task = None
+        if self._waiting:
+            self._dispatch_waiting()
 
     def _strike(self, job_id: str) -> None:
         strikes = self._suspects.pop(job_id, 0) + 1
@@ -804,6 +860,45 @@ class Supervisor(AsyncResource):
                 self._abort_overdue(session)
         finally:
             session.pings.pop(ping_id, None)
+
+
+class _Ungated:
+    """The supervisor as its gate's check sees it: its requests skip the gate."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._sup = supervisor
+
+    @property
+    def facts(self) -> RuntimeFacts:
+        return self._sup.facts
+
+    def submit(self, item: WorkItem, on_partial: PartialSink | None = None) -> Request:
+        return self._sup.submit(item, on_partial, gated=False)
+
+    async def generate(self, item: WorkItem, on_partial: PartialSink | None = None) -> Completion:
+        return await self.submit(item, on_partial)
+
+    async def run(self, items: Sequence[WorkItem]) -> list[ItemOutcome]:
+        return await _gather(self.submit, items)
+
+
+async def _gather(
+    submit: Callable[[WorkItem], "asyncio.Future[Completion]"], items: Sequence[WorkItem]
+) -> list[ItemOutcome]:
+    """Each item submitted, concurrently; one outcome per item, in order."""
+    futures: list[asyncio.Future[Completion]] = []
+    for item in items:
+        try:
+            futures.append(submit(item))
+        except NodeError as exc:
+            failed: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            futures.append(failed)
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, NodeError):
+            raise outcome
+    return cast(list[ItemOutcome], outcomes)
 
 
 def check_ready(frame: Frame, spec: LaunchSpec) -> RuntimeFacts:
