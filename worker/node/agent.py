@@ -429,6 +429,7 @@ class Agent(AsyncResource):
         )
         log.info("config_applied_in_place version=%d model=%s", snapshot.version, model.id)
         if before.model is None or before.model.validation != model.validation:
+            self._gate_on(model)  # a restarted runtime runs the new vectors
             await self._validate()
 
     async def _bring_into_service(self, snapshot: Snapshot, candidates: list[ModelSpec]) -> None:
@@ -632,10 +633,7 @@ class Agent(AsyncResource):
             spec.id, spec.version, spec.sha256, snapshot.runtime.image, snapshot.version
         )
         assert self._supervisor is not None
-        # After every runtime restart the model's vectors run again before more work.
-        self._supervisor.gate(
-            functools.partial(validate_model, spec=spec), self._troubles.put_nowait
-        )
+        self._gate_on(spec)
         stack = AsyncExitStack()
         self.pipeline = await stack.enter_async_context(
             Pipeline(
@@ -645,6 +643,13 @@ class Agent(AsyncResource):
         self._pipeline_stack = stack
         self._move(lc.Serving())
         log.info("serving model=%s version=%s config=%d", spec.id, spec.version, snapshot.version)
+
+    def _gate_on(self, spec: ModelSpec) -> None:
+        """After every runtime restart, `spec`'s vectors run again before more work."""
+        assert self._supervisor is not None
+        self._supervisor.gate(
+            functools.partial(validate_model, spec=spec), self._troubles.put_nowait
+        )
 
     async def _stop_pipeline(self, grace_s: float) -> None:
         if self._supervisor is not None:
