@@ -3,6 +3,8 @@
 RST_FAKE_MODE=fatal     say `ready`, then answer the first request with a `fatal` frame, exit 1
 RST_FAKE_MODE=badproto  say `ready` with a frame protocol version nobody speaks
 RST_FAKE_MODE=deaf      say `ready`, then never read stdin again (the agent's writes block)
+RST_FAKE_MODE=flood     before `ready`, write one 32 MiB frame (and 1 MiB of stderr), then
+                        never read stdin: the pipes fill and nobody is left to drain them
 Runs with msgpack and `schemas.frames` only, inside the test image or as a local process.
 """
 
@@ -12,6 +14,8 @@ import time
 
 from schemas import frames
 from schemas.frames import TO_RUNTIME, FrameDecoder
+
+FLOOD_BYTES = 32 << 20
 
 
 def main() -> int:
@@ -27,6 +31,12 @@ def main() -> int:
             max_active=8,
         )
     )
+    if mode == "flood":
+        sys.stderr.write("fake runtime: flooding\n" + "x" * (1 << 20) + "\n")
+        sys.stderr.flush()
+        os.write(out, frames.pack({"t": "ready", "junk": "y" * FLOOD_BYTES}))
+        while True:
+            time.sleep(3600)
     if mode == "badproto":
         ready["proto"] = 99
     os.write(out, frames.pack(ready))
