@@ -347,6 +347,22 @@ async def test_never_ready_fails_start_with_advice(harness: Harness) -> None:
     assert sup.state is ResourceState.CLOSED
 
 
+async def test_a_runtime_that_floods_before_ready_fails_its_start_within_its_deadlines(
+    harness: Harness,
+) -> None:
+    """Issue 20 item 4: a 32 MiB frame before `ready`, then stdin never read. The start
+    fails with the frame's error within the runtime's own deadlines (before the fix, the
+    Docker backend's removal waited for its API's 60 s read timeout), and leaves nothing."""
+    sup = harness.supervisor(fake="flood")
+    settings = make_settings(fast_runtime=True)
+    bound_s = settings.runtime_ready_timeout_s + settings.runtime_stop_timeout_s
+    async with asyncio.timeout(bound_s):
+        with pytest.raises(RuntimeStartError, match="frame"):
+            async with sup:
+                pass
+    assert sup.state is ResourceState.CLOSED
+
+
 async def test_protocol_version_mismatch(harness: Harness) -> None:
     with pytest.raises(RuntimeStartError, match="protocol 99"):
         async with harness.supervisor(fake="badproto"):

@@ -11,11 +11,13 @@ non-blocking mode, with no thread hop per read.
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import struct
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
 from typing import Any
 
 import docker
@@ -26,7 +28,7 @@ from docker.utils import parse_bytes
 from schemas import frames
 from schemas.frames import Frame
 from worker.core.errors import IsolationError, RuntimeBroken, RuntimeEnded, RuntimeStartError
-from worker.core.resource import finish_uncancellable
+from worker.core.resource import AsyncResource
 from worker.core.settings import Settings
 from worker.runtime.api import LaunchSpec
 from worker.runtime.launch import launch_env
@@ -314,7 +316,10 @@ class DockerBackend:
 
     async def _docker(self) -> Any:
         if self._client is None:
-            self._client = await call_blocking(docker.from_env)
+            # Every call bounded by the runtime's own start deadline (the SDK's default
+            # is 60 s, whatever the node's settings say).
+            timeout = max(1, math.ceil(self._settings.runtime_ready_timeout_s))
+            self._client = await call_blocking(docker.from_env, timeout=timeout)
         return self._client
 
     async def remove_leftovers(self) -> int:
@@ -342,36 +347,99 @@ class DockerBackend:
             command=self._command,
             extra_env=self._extra_env,
         )
-        container: Any = None
+        handle = ContainerHandle(
+            client,
+            kwargs,
+            self._settings,
+            expected_env=expected_env(spec, self._settings, extra_env=self._extra_env),
+        )
+        # Opened here and handed over open: the caller's `aclose` ends it. A failed or
+        # cancelled start has already closed it, container removed
+        # (`AsyncResource.__aenter__`).
+        await handle.__aenter__()
+        return handle
+
+    async def aclose(self) -> None:
+        if self._owns_client and self._client is not None:
+            client, self._client = self._client, None
+            await call_blocking(client.close)
+
+
+def remove_container(client: Any, ident: str) -> None:
+    """Force-remove a container by id or name; absent is fine."""
+    try:
+        client.api.remove_container(ident, force=True, v=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:  # removal already in progress
+            raise
+
+
+class ContainerHandle(AsyncResource):
+    """One runtime container: created, checked, attached and started by entering it;
+    stopped and removed by `aclose`."""
+
+    def __init__(
+        self,
+        client: Any,
+        create: dict[str, Any],
+        settings: Settings,
+        *,
+        expected_env: Mapping[str, str],
+    ) -> None:
+        super().__init__()
+        self._client = client
+        self._create = create
+        self._settings = settings
+        self._expected_env = dict(expected_env)
+        self._grace_s = settings.runtime_stop_timeout_s
+        self._id = str(create["name"])  # the container's id once it exists
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._out: FrameWriter | None = None
+        self._inbox = FrameInbox(self._id, max_frame_bytes=settings.runtime_max_frame_bytes)
+        self._stderr = RuntimeLog(self._id)
+
+    @property
+    def ident(self) -> str:
+        return self._id
+
+    async def _open(self, stack: AsyncExitStack) -> None:
+        client = self._client
         attached: list[socket.socket] = []  # filled in the thread: survives a cancellation
         try:
-            container = await call_blocking(self._create_blocking, client, kwargs)
-            image = await call_blocking(client.api.inspect_image, spec.image)
+            container = await call_blocking(self._create_blocking, client, self._create)
+            self._id = str(container.id)
+            image = self._create["image"]
+            image_attrs = await call_blocking(client.api.inspect_image, image)
             check_isolation(
                 container.attrs,
                 self._settings,
-                expected_env=expected_env(spec, self._settings, extra_env=self._extra_env),
-                image_env=(image.get("Config") or {}).get("Env") or [],
+                expected_env=self._expected_env,
+                image_env=(image_attrs.get("Config") or {}).get("Env") or [],
             )
             await call_blocking(self._attach_blocking, container, attached)
-            await call_blocking(container.start)
-            log.info(
-                "runtime_container_started container=%s image=%s engine=%s",
-                container.id[:12],
-                spec.image,
-                spec.engine,
-            )
             reader, writer = await asyncio.open_unix_connection(sock=attached.pop())
-            return ContainerHandle(client, container.id, reader, writer, self._settings)
-        except BaseException as exc:
+        except docker.errors.DockerException as exc:
+            raise RuntimeStartError(f"could not start runtime container: {exc}") from exc
+        finally:
             for sock in attached:
                 sock.close()
-            await finish_uncancellable(
-                call_blocking(remove_container, client, container.id if container else name)
-            )
-            if isinstance(exc, docker.errors.DockerException):
-                raise RuntimeStartError(f"could not start runtime container: {exc}") from exc
-            raise
+        self._reader, self._writer = reader, writer
+        self._out = FrameWriter(writer, self._id)
+        self._inbox = FrameInbox(self._id, max_frame_bytes=self._settings.runtime_max_frame_bytes)
+        self._stderr = RuntimeLog(self._id)
+        try:
+            await call_blocking(container.start)
+        except docker.errors.DockerException as exc:
+            raise RuntimeStartError(f"could not start runtime container: {exc}") from exc
+        log.info(
+            "runtime_container_started container=%s image=%s engine=%s",
+            self._id[:12],
+            image,
+            self._create["labels"].get("resultity.engine"),
+        )
 
     @staticmethod
     def _create_blocking(client: Any, kwargs: dict[str, Any]) -> Any:
@@ -391,59 +459,23 @@ class DockerBackend:
         sock.setblocking(False)
         attached.append(sock)
 
-    async def aclose(self) -> None:
-        if self._owns_client and self._client is not None:
-            client, self._client = self._client, None
-            await call_blocking(client.close)
-
-
-def remove_container(client: Any, ident: str) -> None:
-    """Force-remove a container by id or name; absent is fine."""
-    try:
-        client.api.remove_container(ident, force=True, v=True)
-    except docker.errors.NotFound:
-        pass
-    except docker.errors.APIError as exc:
-        if exc.status_code != 409:  # removal already in progress
-            raise
-
-
-class ContainerHandle:
-    """One running runtime container, attached."""
-
-    def __init__(
-        self,
-        client: Any,
-        container_id: str,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        settings: Settings,
-    ) -> None:
-        self._client = client
-        self._id = container_id
-        self._reader = reader
-        self._writer = writer
-        self._inbox = FrameInbox(container_id, max_frame_bytes=settings.runtime_max_frame_bytes)
-        self._stderr = RuntimeLog(container_id)
-        self._closing: asyncio.Future[None] | None = None
-        self._out = FrameWriter(writer, container_id)
-
-    @property
-    def ident(self) -> str:
-        return self._id
-
     def write(self, frame: Mapping[str, object]) -> bool:
+        if self._out is None:
+            raise RuntimeEnded(f"runtime container {self._id[:12]} is not attached")
         return self._out.write(frame)
 
     async def drained(self) -> None:
-        await self._out.drained()
+        if self._out is not None:
+            await self._out.drained()
 
     async def pump(self, deliver: Callable[[Frame], None]) -> None:
+        reader = self._reader
+        assert reader is not None
         demux = StreamDemux()
         try:
             while True:
                 try:
-                    data = await self._reader.read(READ_CHUNK)
+                    data = await reader.read(READ_CHUNK)
                 except (ConnectionError, OSError) as exc:
                     raise RuntimeEnded(f"runtime container {self._id[:12]}: {exc}") from exc
                 if not data:
@@ -471,19 +503,21 @@ class ContainerHandle:
             f"oom_killed={state.get('OOMKilled')}"
         )
 
-    async def aclose(self, *, grace_s: float) -> None:
-        # Shutdown sequence: (1) `shutdown` frame, the explicit end of input (closing stdin
-        # over the attach API is unreliable); (2) wait up to `grace_s` for the container to
-        # exit by itself, so the engine can release the GPU cleanly; (3) force-remove it,
-        # which kills it if it is still running; (4) close our end of the socket.
-        # The whole sequence runs to the end even if the caller is cancelled.
-        if self._closing is None:
-            self._closing = asyncio.ensure_future(self._close(grace_s))
-        await finish_uncancellable(self._closing)
+    async def aclose(self, *, grace_s: float | None = None) -> None:
+        """Close with `grace_s` (default `runtime_stop_timeout_s`) for a clean exit; the
+        first caller's grace applies."""
+        if grace_s is not None and self._closing is None:
+            self._grace_s = grace_s
+        await super().aclose()
 
-    async def _close(self, grace_s: float) -> None:
+    async def _close(self) -> None:
+        # Shutdown sequence: (1) `shutdown` frame, the explicit end of input (closing stdin
+        # over the attach API is unreliable); (2) wait up to the grace for the container
+        # to exit by itself, so the engine can release the GPU cleanly; (3) abort our end
+        # of the socket; (4) force-remove the container, which kills it if it still runs.
+        writer, grace_s = self._writer, self._grace_s
         try:
-            if grace_s > 0 and not self._writer.is_closing():
+            if writer is not None and grace_s > 0 and not writer.is_closing():
                 try:
                     async with asyncio.timeout(grace_s):
                         if not self.write(frames.shutdown()):
@@ -492,13 +526,15 @@ class ContainerHandle:
                 except (TimeoutError, RuntimeEnded):
                     pass
         finally:
-            try:
-                await finish_uncancellable(call_blocking(remove_container, self._client, self._id))
-                log.info("runtime_container_removed container=%s", self._id[:12])
-            finally:
-                # Abort, not close: a runtime that stopped reading leaves unsent input in
-                # the buffer, and a closing transport would wait for it forever.
-                self._writer.transport.abort()
+            # Abort, not close: a runtime that stopped reading leaves unsent input in the
+            # buffer, and a closing transport would wait for it forever. And first: while
+            # the socket is open and unread, Docker cannot deliver the container's output,
+            # and its kill and removal wait on that delivery (a runtime that flooded stdout
+            # held a removal for the Docker API's whole read timeout).
+            if writer is not None:
+                writer.transport.abort()
+            await call_blocking(remove_container, self._client, self._id)
+            log.info("runtime_container_removed container=%s", self._id[:12])
 
     def _wait_blocking(self, timeout_s: float) -> None:
         try:
