@@ -10,6 +10,7 @@ non-blocking mode, with no thread hop per read.
 """
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -144,84 +145,123 @@ def create_kwargs(
     return kwargs
 
 
+DOCKER_MASKED_PATHS = (
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+)
+"""Docker's masked paths (20.10); a newer engine may mask more, never fewer
+(`--security-opt systempaths=unconfined` empties the list)."""
+DOCKER_READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A `HostConfig` field whose inspected value is not one exact value: the test it must
+    pass, and what it says when it fails."""
+
+    wants: str
+    test: Callable[[Any], bool]
+
+
+def expected_host_config(spec: LaunchSpec, settings: Settings) -> dict[str, Any]:
+    """The runtime container's whole `HostConfig` as Docker's inspection reports it for what
+    `create_kwargs` asks: every field the node accepts, with its one value (or a `Rule`).
+
+    An allow-list: a field not named here is refused unless Docker left it empty, so a
+    weakening through a field that did not exist when this was written is refused too.
+    """
+    memory = parse_bytes(settings.runtime_memory)
+    return {
+        # What the node sets.
+        "NetworkMode": "none",
+        "IpcMode": "private",
+        "CgroupnsMode": "private",
+        "ReadonlyRootfs": True,
+        "Privileged": False,
+        "CapDrop": ["ALL"],
+        "SecurityOpt": ["no-new-privileges"],
+        "PidsLimit": settings.runtime_pids,
+        "Memory": memory,
+        "MemorySwap": memory,
+        "OomKillDisable": False,
+        "NanoCpus": int(runtime_cpus(settings) * 1e9),
+        "ShmSize": parse_bytes(settings.runtime_shm),
+        "Ulimits": [
+            {"Name": u.name, "Soft": u.soft, "Hard": u.hard} for u in runtime_ulimits(settings)
+        ],
+        "Tmpfs": {"/tmp": TMPFS_OPTIONS},
+        "Mounts": [
+            {"Type": "bind", "Source": str(spec.model_dir), "Target": MODEL_MOUNT, "ReadOnly": True}
+        ],
+        "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}},
+        "DeviceRequests": _device_requests(settings),
+        # What Docker fills in by itself, at its safe default.
+        "MaskedPaths": Rule(
+            f"masking at least {list(DOCKER_MASKED_PATHS)}",
+            lambda v: isinstance(v, list) and set(DOCKER_MASKED_PATHS) <= set(v),
+        ),
+        "ReadonlyPaths": Rule(
+            f"read-only at least {list(DOCKER_READONLY_PATHS)}",
+            lambda v: isinstance(v, list) and set(DOCKER_READONLY_PATHS) <= set(v),
+        ),
+        "RestartPolicy": Rule(
+            "no restart policy",
+            lambda v: (
+                isinstance(v, dict)
+                and v.get("Name") in ("", "no")
+                and not v.get("MaximumRetryCount")
+            ),
+        ),
+        # A GPU node's engine may run containers through NVIDIA's runtime by default.
+        "Runtime": Rule("runc", lambda v: v == "runc" or (settings.gpus and v == "nvidia")),
+        "ConsoleSize": [0, 0],
+    }
+
+
+def _device_requests(settings: Settings) -> list[dict[str, Any]] | None:
+    """The GPU request as inspected (`Options` and `DeviceIDs` empty: see `_normal`)."""
+    if not settings.gpus:
+        return None
+    return [{"Driver": "", "Count": -1, "Capabilities": [["gpu"]]}]
+
+
 def check_isolation(
     attrs: Mapping[str, Any],
     settings: Settings,
     *,
+    spec: LaunchSpec,
     expected_env: Mapping[str, str],
     image_env: Sequence[str] = (),
 ) -> None:
-    """Raise `IsolationError` naming every hardening setting the inspected container lacks.
+    """Raise `IsolationError` naming every way the inspected container differs from the
+    hardened one the node asked for.
 
-    `attrs` is the container's inspection; `expected_env` what the agent set, `image_env`
-    the image's own `Config.Env` (the container may carry those two and nothing else).
+    `attrs` is the container's inspection. Its `HostConfig` must be exactly
+    `expected_host_config` (an allow-list); its environment is what the agent set
+    (`expected_env`) over the image's own `Config.Env` (`image_env`), and nothing else; it
+    runs as the runtime user without a tty, and has only the model mounted, read-only.
     """
     host = attrs.get("HostConfig") or {}
     config = attrs.get("Config") or {}
-    problems: list[str] = []
+    problems = _host_problems(host, expected_host_config(spec, settings))
 
     def need(ok: bool, what: str) -> None:
         if not ok:
             problems.append(what)
 
-    need(host.get("NetworkMode") == "none", f"network mode is {host.get('NetworkMode')!r}")
-    need(host.get("ReadonlyRootfs") is True, "root filesystem is writable")
-    need(host.get("Privileged") is False, "container is privileged")
-    need("ALL" in (host.get("CapDrop") or []), "capabilities are not all dropped")
-    need(not host.get("CapAdd"), f"capabilities added: {host.get('CapAdd')}")
-    security = [str(o) for o in host.get("SecurityOpt") or []]
-    need(
-        any(o.startswith("no-new-privileges") and not o.endswith("false") for o in security),
-        "no-new-privileges is not set",
-    )
-    need(
-        not any(o.replace(":", "=", 1) == "seccomp=unconfined" for o in security),
-        "seccomp is unconfined",
-    )
-    need(
-        not any(o.replace(":", "=", 1) == "apparmor=unconfined" for o in security)
-        and attrs.get("AppArmorProfile") != "unconfined",
-        "AppArmor is unconfined",
-    )
+    need(attrs.get("AppArmorProfile") != "unconfined", "AppArmor is unconfined")
     user = str(config.get("User") or "")
     uid = user.split(":", 1)[0]
     need(user == settings.runtime_user, f"user is {user!r}, not {settings.runtime_user!r}")
     need(uid not in ("", "0", "root"), f"runs as root (user {user!r})")
-    need((host.get("PidsLimit") or 0) > 0, "no pids limit")
-    memory = parse_bytes(settings.runtime_memory)
-    need(
-        host.get("Memory") == memory,
-        f"memory limit is {host.get('Memory')}, not {settings.runtime_memory}",
-    )
-    need(
-        host.get("MemorySwap") == memory,
-        f"swap is allowed (MemorySwap {host.get('MemorySwap')}, memory {memory})",
-    )
-    shm = host.get("ShmSize")
-    need(
-        isinstance(shm, int) and 0 < shm <= parse_bytes(settings.runtime_shm),
-        f"shm size is {shm}, more than {settings.runtime_shm}",
-    )
-    need(host.get("OomKillDisable") is not True, "the OOM killer is disabled")
-    cpus = int(runtime_cpus(settings) * 1e9)
-    need(host.get("NanoCpus") == cpus, f"CPU limit is {host.get('NanoCpus')} nano-CPUs, not {cpus}")
-    ulimits = {
-        str(u.get("Name")): (u.get("Soft"), u.get("Hard")) for u in host.get("Ulimits") or []
-    }
-    for wanted in runtime_ulimits(settings):
-        got = ulimits.get(wanted.name)
-        need(
-            got == (wanted.soft, wanted.hard),
-            f"ulimit {wanted.name} is {got}, not {(wanted.soft, wanted.hard)}",
-        )
-    for mode in ("PidMode", "IpcMode", "UTSMode", "UsernsMode", "CgroupnsMode"):
-        need(host.get(mode) != "host", f"{mode} is host")
-    need(not host.get("Devices"), f"host devices passed: {host.get('Devices')}")
-    need(not host.get("Binds"), f"bind volumes present: {host.get('Binds')}")
-    need(not host.get("VolumesFrom"), "volumes from another container")
-    requested = host.get("Mounts") or []
-    for mount in requested:
-        need(mount.get("ReadOnly") is True, f"mount {mount.get('Target')} is writable")
     # What the container really has mounted, volumes its image declares included.
     mounted = attrs.get("Mounts") or []
     for mount in mounted:
@@ -232,13 +272,7 @@ def check_isolation(
         any(m.get("Destination") == MODEL_MOUNT for m in mounted),
         f"model is not mounted at {MODEL_MOUNT}",
     )
-    tmpfs = host.get("Tmpfs") or {}
-    need(set(tmpfs) <= {"/tmp"}, f"unexpected tmpfs mounts {sorted(tmpfs)}")
-    if "/tmp" in tmpfs:
-        problems.extend(_tmpfs_problems(str(tmpfs["/tmp"])))
     problems.extend(_env_problems(config.get("Env") or [], expected_env, image_env))
-    gpus = host.get("DeviceRequests") or []
-    need(settings.gpus or not gpus, "GPUs passed although the node is not configured for them")
     need(config.get("Tty") is False, "container has a tty (frames need a multiplexed stream)")
     if problems:
         raise IsolationError(
@@ -247,23 +281,39 @@ def check_isolation(
         )
 
 
-def _tmpfs_problems(options: str) -> list[str]:
-    """/tmp must be noexec, nosuid, nodev and sized (mount options: the last one wins)."""
-    flags: dict[str, bool] = {}
-    sized = False
-    for option in options.split(","):
-        option = option.strip()
-        if option.startswith("size="):
-            sized = True
-        for flag in ("exec", "suid", "dev"):
-            if option == flag:
-                flags[flag] = True
-            elif option == f"no{flag}":
-                flags[flag] = False
-    problems = [f"/tmp allows {flag}" for flag in ("exec", "suid", "dev") if flags.get(flag, True)]
-    if not sized:
-        problems.append("/tmp has no size limit")
+def _host_problems(host: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    problems = []
+    for field in sorted(set(host) | set(expected)):
+        actual = host.get(field)
+        if field not in expected:
+            if not _empty(actual):
+                problems.append(f"HostConfig.{field} is set ({actual!r}); the node allows it empty")
+            continue
+        wanted = expected[field]
+        if isinstance(wanted, Rule):
+            if not wanted.test(actual):
+                problems.append(f"HostConfig.{field} is {actual!r}, not {wanted.wants}")
+        elif _normal(actual) != _normal(wanted):
+            problems.append(f"HostConfig.{field} is {actual!r}, not {wanted!r}")
     return problems
+
+
+def _empty(value: Any) -> bool:
+    """Docker's way to say "not set": null, zero, false, or an empty string, list or map."""
+    return value is None or value is False or value == 0 or value in ("", [], {})
+
+
+def _normal(value: Any) -> Any:
+    """`value` with Docker's interchangeable spellings of "none" (null, [], {}) made one,
+    and no bool passing for an int or the reverse."""
+    if isinstance(value, dict):
+        kept = {k: _normal(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v is not None} or None
+    if isinstance(value, list):
+        return [_normal(v) for v in value] or None
+    if isinstance(value, bool):
+        return ("bool", value)
+    return value
 
 
 def _env_problems(
@@ -351,6 +401,7 @@ class DockerBackend:
             client,
             kwargs,
             self._settings,
+            spec=spec,
             expected_env=expected_env(spec, self._settings, extra_env=self._extra_env),
         )
         # Opened here and handed over open: the caller's `aclose` ends it. A failed or
@@ -386,9 +437,11 @@ class ContainerHandle(AsyncResource):
         create: dict[str, Any],
         settings: Settings,
         *,
+        spec: LaunchSpec,
         expected_env: Mapping[str, str],
     ) -> None:
         super().__init__()
+        self._spec = spec
         self._client = client
         self._create = create
         self._settings = settings
@@ -416,6 +469,7 @@ class ContainerHandle(AsyncResource):
             check_isolation(
                 container.attrs,
                 self._settings,
+                spec=self._spec,
                 expected_env=self._expected_env,
                 image_env=(image_attrs.get("Config") or {}).get("Env") or [],
             )
