@@ -18,6 +18,9 @@ MAX_FRAME_BYTES = "RESULTITY_MAX_FRAME_BYTES"
 """the largest frame accepted (default schemas.frames.MAX_FRAME_BYTES)"""
 VLLM_CACHE_SEED = "RESULTITY_VLLM_CACHE_SEED"
 """vllm: a directory copied into VLLM_CACHE_ROOT at start"""
+JIT_CACHE = "RESULTITY_JIT_CACHE"
+"""the one writable directory whose files may be loaded as code (compiled kernels); unset:
+the runtime compiles nothing it would have to load"""
 ECHO_FAULT = "RESULTITY_ECHO_FAULT"
 """echo: `noready` never sends `ready` (tests)"""
 

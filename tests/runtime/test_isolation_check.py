@@ -25,6 +25,7 @@ from worker.runtime.container import (
 
 SETTINGS = Settings(runtime_memory="256m", runtime_shm="16m", runtime_pids=64, runtime_cpus=2)
 SPEC = LaunchSpec("echo", "sha256:" + "1" * 64, Path("/models/m"), "cd" * 32, {})
+JIT = "rw,exec,nosuid,nodev,size=2g,mode=0700,uid=65534,gid=65534"
 IMAGE_ENV = ["PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8"]
 
 
@@ -98,7 +99,7 @@ def host_config() -> dict[str, Any]:
         "Runtime": "runc",
         "SecurityOpt": ["no-new-privileges"],
         "ShmSize": 16 << 20,
-        "Tmpfs": {"/tmp": "rw,noexec,nosuid,nodev,size=64m"},
+        "Tmpfs": {"/tmp": "rw,noexec,nosuid,nodev,size=64m", "/jit": JIT},
         "UTSMode": "",
         "Ulimits": [
             {"Name": u.name, "Soft": u.soft, "Hard": u.hard} for u in runtime_ulimits(SETTINGS)
@@ -170,12 +171,28 @@ WEAKENINGS = [
     ("HostConfig.SecurityOpt", ["no-new-privileges", "label=disable"], "SecurityOpt"),
     ("AppArmorProfile", "unconfined", "AppArmor"),
     ("HostConfig.SecurityOpt", ["no-new-privileges:false"], "SecurityOpt"),
-    ("HostConfig.Tmpfs", {"/tmp": "rw,exec,nosuid,nodev,size=64m"}, "Tmpfs"),
-    ("HostConfig.Tmpfs", {"/tmp": "rw,noexec,nosuid,nodev,size=64m,exec"}, "Tmpfs"),
-    ("HostConfig.Tmpfs", {"/tmp": "rw,noexec,suid,nodev,size=64m"}, "Tmpfs"),
-    ("HostConfig.Tmpfs", {"/tmp": "rw,noexec,nosuid,size=64m"}, "Tmpfs"),
-    ("HostConfig.Tmpfs", {"/tmp": "rw,noexec,nosuid,nodev"}, "Tmpfs"),
-    ("HostConfig.Tmpfs", {"/tmp": "rw,noexec,nosuid,nodev,size=64m", "/run": "rw"}, "Tmpfs"),
+    *(
+        ("HostConfig.Tmpfs", {"/tmp": tmp, "/jit": JIT}, "Tmpfs")
+        for tmp in [
+            "rw,exec,nosuid,nodev,size=64m",
+            "rw,noexec,nosuid,nodev,size=64m,exec",
+            "rw,noexec,suid,nodev,size=64m",
+            "rw,noexec,nosuid,size=64m",
+            "rw,noexec,nosuid,nodev",
+        ]
+    ),
+    *(
+        ("HostConfig.Tmpfs", {"/tmp": "rw,noexec,nosuid,nodev,size=64m", "/jit": jit}, "Tmpfs")
+        for jit in [
+            JIT + ",suid",
+            JIT.replace("nodev", "dev"),
+            JIT.replace("size=2g", "size=200g"),
+            JIT.replace(",uid=65534,gid=65534", ""),
+            JIT.replace("mode=0700", "mode=1777"),
+        ]
+    ),
+    ("HostConfig.Tmpfs", {"/tmp": "rw,noexec,nosuid,nodev,size=64m"}, "Tmpfs"),
+    ("HostConfig.Tmpfs", {"/tmp": "rw,noexec,nosuid,nodev,size=64m", "/run": JIT}, "Tmpfs"),
     ("HostConfig.MemorySwap", -1, "MemorySwap"),
     ("HostConfig.MemorySwap", 512 << 20, "MemorySwap"),
     ("HostConfig.ShmSize", 1 << 40, "ShmSize"),

@@ -139,6 +139,11 @@ class Settings(BaseSettings):
     runtime_memory: str = Field("8g", description="memory limit of the runtime container")
     runtime_pids: int = Field(512, ge=16, description="process limit of the runtime container")
     runtime_shm: str = Field("512m", description="shared memory size of the runtime container")
+    runtime_jit_cache: str = Field(
+        "2g",
+        description="size of the runtime's compile cache: the one mount where it may write "
+        "code it loads (Triton, TorchInductor and vLLM kernels); /tmp stays noexec",
+    )
     runtime_cpus: float = Field(
         0.0, ge=0, description="CPU limit of the runtime container; 0: every CPU of the host"
     )

@@ -26,7 +26,7 @@ import docker.errors
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from docker.utils import parse_bytes
 
-from schemas import frames
+from schemas import frames, runtime_env
 from schemas.frames import Frame
 from worker.core.errors import IsolationError, RuntimeBroken, RuntimeEnded, RuntimeStartError
 from worker.core.resource import AsyncResource
@@ -43,6 +43,10 @@ LABEL_ROLE = "resultity.role"
 ROLE_RUNTIME = "runtime"
 MODEL_MOUNT = "/model"
 TMPFS_OPTIONS = "rw,noexec,nosuid,nodev,size=64m"
+JIT_MOUNT = "/jit"
+"""The compile cache: the runtime's one mount that allows exec (a JIT-compiled kernel is a
+shared object the engine writes, then maps as code). Owned by the runtime user, sized
+by `runtime_jit_cache`, no setuid, no devices; /tmp and everything else stay noexec."""
 RUNTIME_NOFILE = 4096
 READ_CHUNK = 1 << 16
 
@@ -81,7 +85,22 @@ def expected_env(
     spec: LaunchSpec, settings: Settings, *, extra_env: Mapping[str, str]
 ) -> dict[str, str]:
     """The environment the agent gives a runtime container (added to the image's own)."""
-    return launch_env(spec, settings, model_dir=MODEL_MOUNT) | dict(extra_env)
+    env = launch_env(spec, settings, model_dir=MODEL_MOUNT)
+    return env | {runtime_env.JIT_CACHE: JIT_MOUNT} | dict(extra_env)
+
+
+def jit_tmpfs_options(settings: Settings) -> str:
+    """Mount options of `JIT_MOUNT`: exec, but nosuid and nodev, sized, the runtime's own."""
+    options = f"rw,exec,nosuid,nodev,size={settings.runtime_jit_cache}"
+    uid, _, gid = settings.runtime_user.partition(":")
+    if uid.isdigit() and (gid or uid).isdigit():
+        return f"{options},mode=0700,uid={uid},gid={gid or uid}"
+    return f"{options},mode=1777"
+
+
+def runtime_tmpfs(settings: Settings) -> dict[str, str]:
+    """The runtime's writable mounts: /tmp (noexec) and the compile cache (exec)."""
+    return {"/tmp": TMPFS_OPTIONS, JIT_MOUNT: jit_tmpfs_options(settings)}
 
 
 def runtime_cpus(settings: Settings) -> float:
@@ -120,7 +139,7 @@ def create_kwargs(
         "cgroupns": "private",
         "ipc_mode": "private",
         "read_only": True,
-        "tmpfs": {"/tmp": TMPFS_OPTIONS},
+        "tmpfs": runtime_tmpfs(settings),
         "shm_size": settings.runtime_shm,
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
@@ -197,7 +216,7 @@ def expected_host_config(spec: LaunchSpec, settings: Settings) -> dict[str, Any]
         "Ulimits": [
             {"Name": u.name, "Soft": u.soft, "Hard": u.hard} for u in runtime_ulimits(settings)
         ],
-        "Tmpfs": {"/tmp": TMPFS_OPTIONS},
+        "Tmpfs": runtime_tmpfs(settings),
         "Mounts": [
             {"Type": "bind", "Source": str(spec.model_dir), "Target": MODEL_MOUNT, "ReadOnly": True}
         ],

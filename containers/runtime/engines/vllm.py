@@ -37,8 +37,13 @@ fails its job), without free whitespace: a model allowed any may spend its `max_
 
 
 def prepare_environment() -> None:
-    """Offline hubs, no telemetry, every cache under /tmp (the root filesystem is read-only)."""
+    """Offline hubs, no telemetry, caches on the runtime's tmpfs mounts (the root filesystem
+    is read-only): compile caches, whose files are loaded as code, in the JIT cache
+    (`RESULTITY_JIT_CACHE`, the one mount that allows exec), the rest under /tmp."""
     tmp = os.environ.setdefault("TMPDIR", "/tmp")
+    jit = os.environ.get(runtime_env.JIT_CACHE)
+    for key, value in compile_cache_env(jit).items():
+        os.environ.setdefault(key, value)
     defaults = {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -63,6 +68,22 @@ def prepare_environment() -> None:
     if shutil.which("g++") is None and shutil.which("c++") is None:
         # Without a compiler even eager mode dies compiling a helper on the first request.
         os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+
+
+def compile_cache_env(jit: str | None) -> dict[str, str]:
+    """Where vLLM, Triton, TorchInductor, torch's C++ extensions and CUDA put what they
+    compile: under `jit`, or nowhere special without one (they then fall under /tmp, where
+    nothing can be loaded: the CPU image compiles nothing)."""
+    if not jit:
+        return {}
+    return {
+        "VLLM_CACHE_ROOT": f"{jit}/vllm",
+        "XDG_CACHE_HOME": f"{jit}/xdg",
+        "TRITON_CACHE_DIR": f"{jit}/triton",
+        "TORCHINDUCTOR_CACHE_DIR": f"{jit}/inductor",
+        "TORCH_EXTENSIONS_DIR": f"{jit}/torch-extensions",
+        "CUDA_CACHE_PATH": f"{jit}/nv",
+    }
 
 
 def _device(torch: Any) -> str:
