@@ -167,6 +167,17 @@ class TokenLogprob(TypedDict):
     top: list[list[float]]
 
 
+class DeviceInfo(TypedDict):
+    """One accelerator the runtime sees (`ready.devices`)."""
+
+    name: str
+    uuid: str
+    memory_bytes: int
+
+
+MAX_DEVICES = 64
+
+
 class ReadyFrame(TypedDict):
     t: Literal["ready"]
     proto: int
@@ -175,6 +186,8 @@ class ReadyFrame(TypedDict):
     model_sha256: str
     device: str
     max_active: int
+    devices: list[DeviceInfo]
+    """Every accelerator visible to the runtime; empty on CPU (optional on the wire)."""
 
 
 class SubmitFrame(TypedDict):
@@ -256,7 +269,13 @@ def pack(frame: Any) -> bytes:
 
 
 def ready(
-    *, engine: str, engine_version: str, model_sha256: str, device: str, max_active: int
+    *,
+    engine: str,
+    engine_version: str,
+    model_sha256: str,
+    device: str,
+    max_active: int,
+    devices: list[DeviceInfo] | None = None,
 ) -> ReadyFrame:
     return {
         "t": "ready",
@@ -266,6 +285,7 @@ def ready(
         "model_sha256": model_sha256,
         "device": device,
         "max_active": max_active,
+        "devices": list(devices or []),
     }
 
 
@@ -587,7 +607,27 @@ def parse_ready(frame: Frame) -> ReadyFrame:
         "model_sha256": fields["model_sha256"],
         "device": fields["device"],
         "max_active": _int(max_active, "ready.max_active", 0, 1 << 20),
+        "devices": _devices(frame.get("devices", [])),
     }
+
+
+def _devices(value: Any) -> list[DeviceInfo]:
+    if type(value) is not list or len(value) > MAX_DEVICES:
+        raise FrameError(f"ready.devices must be a list of at most {MAX_DEVICES} devices")
+    devices: list[DeviceInfo] = []
+    for item in value:
+        if type(item) is not dict:
+            raise FrameError("ready.devices holds a non-map")
+        devices.append(
+            {
+                "name": _str(item.get("name"), "ready.devices.name", min_len=1, max_len=128),
+                "uuid": _str(item.get("uuid"), "ready.devices.uuid", max_len=128),
+                "memory_bytes": _int(
+                    item.get("memory_bytes"), "ready.devices.memory_bytes", 0, 1 << 60
+                ),
+            }
+        )
+    return devices
 
 
 def parse_partial(frame: Frame) -> PartialFrame:

@@ -24,6 +24,14 @@ class ModelRef(Wire):
     sha256: Sha256
 
 
+class DeviceRef(Wire):
+    """One accelerator the runtime ran on."""
+
+    name: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    uuid: Annotated[StrictStr, Field(max_length=128)]
+    memory_bytes: Count
+
+
 class RuntimeRef(Wire):
     """The execution class within which results are reproducible."""
 
@@ -31,6 +39,8 @@ class RuntimeRef(Wire):
     engine: Annotated[StrictStr, Field(min_length=1, max_length=64)]
     engine_version: Annotated[StrictStr, Field(min_length=1, max_length=64)]
     device: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    devices: Annotated[list[DeviceRef], Field(max_length=64)] | None = None
+    """Every accelerator the runtime saw (name, UUID, memory); absent on CPU."""
 
 
 MAX_TOP_LOGPROBS = 20

@@ -21,6 +21,8 @@ VLLM_CACHE_SEED = "RESULTITY_VLLM_CACHE_SEED"
 JIT_CACHE = "RESULTITY_JIT_CACHE"
 """the one writable directory whose files may be loaded as code (compiled kernels); unset:
 the runtime compiles nothing it would have to load"""
+GPU_MEMORY_UTILIZATION = "RESULTITY_GPU_MEMORY_UTILIZATION"
+"""vllm on a GPU: the share of each GPU's memory it may take (set on GPU nodes only)"""
 ECHO_FAULT = "RESULTITY_ECHO_FAULT"
 """echo: `noready` never sends `ready` (tests)"""
 

@@ -186,6 +186,7 @@ def main() -> int:
             model_sha256=engine.model_sha256,
             device=engine.device,
             max_active=engine.max_active,
+            devices=engine.devices,
         )
     )
     log.info(

@@ -164,3 +164,15 @@ def test_each_puback_answer_is_one_outcome(
         assert outcome is expected
     else:
         assert isinstance(outcome, expected)  # type: ignore[arg-type]
+
+
+def test_a_result_names_every_gpu_its_runtime_saw_and_none_on_cpu() -> None:
+    model = {"id": "m", "version": "1", "sha256": "cd" * 32}
+    cpu = {"image": "img", "engine": "vllm", "engine_version": "0.32.0", "device": "cpu"}
+    assert "devices" not in Attestation.of(model, cpu).wire[1]
+    gpus = [
+        {"name": "NVIDIA H200", "uuid": f"GPU-0f1e2d3c-{i:04d}", "memory_bytes": 150 << 30}
+        for i in range(2)
+    ]
+    wire = Attestation.of(model, {**cpu, "device": "NVIDIA H200", "devices": gpus}).wire[1]
+    assert wire["devices"] == gpus

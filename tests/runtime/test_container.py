@@ -293,3 +293,46 @@ def test_stream_demux_splits_and_rejoins() -> None:
     assert demux.pending == 0
     with pytest.raises(RuntimeBroken):
         StreamDemux().feed(b"\x07\0\0\0\0\0\0\x01x")
+
+
+@pytest.mark.parametrize(
+    ("gpus", "created_with"),
+    [
+        ("all", "all"),
+        ("0,GPU-12345678-abcd", "0,GPU-12345678-abcd"),
+        ("0", "all"),
+        ("0", "1"),
+        ("all", "0"),
+    ],
+)
+async def test_chosen_gpus_are_exactly_the_ones_requested(
+    docker_client: Any, spec: LaunchSpec, gpus: str, created_with: str
+) -> None:
+    """RESULTITY_GPUS becomes the DeviceRequest, and the check on the real inspection accepts
+    exactly that request. Created, never started: no GPU needed."""
+    settings = make_settings(fast_runtime=True, gpus=gpus)
+    asked = make_settings(fast_runtime=True, gpus=created_with)
+    kwargs = worker.runtime.container.create_kwargs(
+        spec, asked, node_id=NODE_ID, name=f"rst-gpu-{NODE_ID[:8]}", command=None, extra_env={}
+    )
+    container = await call_blocking(docker_client.containers.create, **kwargs)
+    try:
+        await call_blocking(container.reload)
+        image_env = docker_client.api.inspect_image(spec.image)["Config"]["Env"]
+
+        def check() -> None:
+            worker.runtime.container.check_isolation(
+                container.attrs,
+                settings,
+                spec=spec,
+                expected_env=worker.runtime.container.expected_env(spec, settings, extra_env={}),
+                image_env=image_env,
+            )
+
+        if gpus == created_with:
+            check()
+        else:
+            with pytest.raises(IsolationError, match="DeviceRequests"):
+                check()
+    finally:
+        await call_blocking(container.remove, force=True)

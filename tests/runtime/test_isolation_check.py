@@ -286,3 +286,63 @@ def test_every_problem_is_named_at_once() -> None:
     with pytest.raises(IsolationError) as caught:
         check(attrs)
     assert "GroupAdd" in str(caught.value) and "PidsLimit" in str(caught.value)
+
+
+GPU_REQUEST = {"Driver": "", "Count": 0, "Capabilities": [["gpu"]], "Options": {}}
+
+
+@pytest.mark.parametrize(
+    ("gpus", "request_", "ok"),
+    [
+        ("all", {**GPU_REQUEST, "Count": -1, "DeviceIDs": []}, True),
+        ("0,1", {**GPU_REQUEST, "DeviceIDs": ["0", "1"]}, True),
+        ("0,1", {**GPU_REQUEST, "DeviceIDs": ["0"]}, False),
+        ("0,1", {**GPU_REQUEST, "DeviceIDs": ["1", "0"]}, False),
+        ("0", {**GPU_REQUEST, "Count": -1, "DeviceIDs": []}, False),
+        ("all", {**GPU_REQUEST, "DeviceIDs": ["0"]}, False),
+        ("GPU-aaaaaaaa-1111", {**GPU_REQUEST, "DeviceIDs": ["GPU-aaaaaaaa-2222"]}, False),
+        ("0", {**GPU_REQUEST, "DeviceIDs": ["0"], "Options": {"x": "y"}}, False),
+        ("0", {**GPU_REQUEST, "DeviceIDs": ["0"], "Capabilities": [["gpu", "display"]]}, False),
+        ("", {**GPU_REQUEST, "DeviceIDs": ["0"]}, False),
+    ],
+)
+def test_gpus_passed_are_exactly_the_chosen_ones(gpus: str, request_: Any, ok: bool) -> None:
+    settings = SETTINGS.model_copy(update={"gpus": Settings(gpus=gpus).gpus})
+    attrs = good()
+    attrs["HostConfig"]["DeviceRequests"] = [request_]
+    attrs["Config"]["Env"] = IMAGE_ENV + env_list(expected_env(SPEC, settings, extra_env={}))
+    check_gpus = lambda: check_isolation(  # noqa: E731
+        attrs,
+        settings,
+        spec=SPEC,
+        expected_env=expected_env(SPEC, settings, extra_env={}),
+        image_env=IMAGE_ENV,
+    )
+    if ok:
+        check_gpus()
+    else:
+        with pytest.raises(IsolationError, match="DeviceRequests"):
+            check_gpus()
+
+
+@pytest.mark.parametrize(
+    ("value", "canonical", "ids"),
+    [
+        ("", "", None),
+        ("false", "", None),
+        ("true", "all", ()),
+        ("ALL", "all", ()),
+        (" 0, 1 ", "0,1", ("0", "1")),
+        ("GPU-0a1b2c3d-4e5f", "GPU-0a1b2c3d-4e5f", ("GPU-0a1b2c3d-4e5f",)),
+    ],
+)
+def test_gpu_setting_forms(value: str, canonical: str, ids: Any) -> None:
+    settings = Settings(gpus=value)
+    assert settings.gpus == canonical
+    assert settings.gpu_ids() == ids
+
+
+@pytest.mark.parametrize("value", ["0,0", "gpu0", "GPU-x", "0;1"])
+def test_gpu_setting_refuses_what_names_no_gpu(value: str) -> None:
+    with pytest.raises(ValueError, match="GPU"):
+        Settings(gpus=value)

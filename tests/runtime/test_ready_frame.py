@@ -8,7 +8,7 @@ import pytest
 from schemas import frames
 from tests.support.settings import MODEL_SHA
 from worker.core.errors import RuntimeStartError
-from worker.runtime.api import LaunchSpec, RuntimeFacts
+from worker.runtime.api import Device, LaunchSpec, RuntimeFacts
 from worker.runtime.supervisor import check_ready
 
 SPEC = LaunchSpec("echo", "sha256:" + "1" * 64, Path("/model"), MODEL_SHA, {})
@@ -51,3 +51,38 @@ def test_a_bad_ready_is_a_start_error_that_says_what_is_wrong(
 def test_any_model_is_accepted_when_the_spec_names_none() -> None:
     spec = LaunchSpec("echo", "local", Path("/model"), "", {})
     assert parse(ready(model_sha256="ab" * 32), spec).model_sha256 == "ab" * 32
+
+
+H200 = {"name": "NVIDIA H200", "uuid": "GPU-0f1e2d3c-aaaa", "memory_bytes": 150 << 30}
+
+
+def test_every_device_the_runtime_sees_reaches_the_facts() -> None:
+    second = {**H200, "uuid": "GPU-0f1e2d3c-bbbb"}
+    facts = parse(ready(device="NVIDIA H200", devices=[H200, second]))
+    assert facts.devices == (
+        Device("NVIDIA H200", "GPU-0f1e2d3c-aaaa", 150 << 30),
+        Device("NVIDIA H200", "GPU-0f1e2d3c-bbbb", 150 << 30),
+    )
+
+
+def test_a_ready_without_devices_is_a_cpu_runtime() -> None:
+    frame = ready()
+    del frame["devices"]
+    assert parse(frame).devices == ()
+
+
+@pytest.mark.parametrize(
+    "devices",
+    [
+        [H200] * (frames.MAX_DEVICES + 1),
+        "NVIDIA H200",
+        [{**H200, "memory_bytes": -1}],
+        [{**H200, "name": ""}],
+        [{**H200, "uuid": "x" * 200}],
+        [["NVIDIA H200"]],
+    ],
+    ids=["too_many", "not_a_list", "negative_memory", "no_name", "long_uuid", "not_a_map"],
+)
+def test_bad_devices_are_a_start_error(devices: Any) -> None:
+    with pytest.raises(RuntimeStartError, match="ready.devices"):
+        parse(ready(devices=devices))

@@ -15,6 +15,7 @@ from schemas.result import NETWORK_PATTERN
 from worker.core.signing import parse_public_key
 
 DEFAULT_HOME = Path.home() / ".resultity"
+GPU_UUID = re.compile(r"(GPU|MIG)-[0-9A-Za-z-]{8,64}")
 DEFAULT_NETWORK = "devnet"
 
 
@@ -135,7 +136,14 @@ class Settings(BaseSettings):
     runtime_backend: Literal["docker", "process"] = Field(
         "docker", description="run the runtime in a container, or as a local process (dev)"
     )
-    gpus: bool = Field(False, description="pass all GPUs to the runtime container")
+    gpus: str = Field(
+        "",
+        description="GPUs passed to the runtime container: unset none, `all`, or "
+        "comma-separated indices or UUIDs (`0,1`, `GPU-...`); `true` means `all`",
+    )
+    runtime_gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of each GPU's memory vLLM may take (GPU nodes)"
+    )
     runtime_memory: str = Field("8g", description="memory limit of the runtime container")
     runtime_pids: int = Field(512, ge=16, description="process limit of the runtime container")
     runtime_shm: str = Field("512m", description="shared memory size of the runtime container")
@@ -184,6 +192,33 @@ class Settings(BaseSettings):
     gateway_body_timeout_s: float = Field(
         10.0, gt=0, description="time a client has to send its whole request body; then 408"
     )
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus(cls, value: object) -> object:
+        """Canonical: "" (none), "all", or the chosen ids joined by commas."""
+        if isinstance(value, bool):
+            return "all" if value else ""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.lower() in ("", "false", "none"):
+            return ""
+        if text.lower() in ("all", "true"):
+            return "all"
+        ids = [part.strip() for part in text.split(",") if part.strip()]
+        for gpu in ids:
+            if not (gpu.isdigit() or GPU_UUID.fullmatch(gpu)):
+                raise ValueError(f"{gpu!r} is neither a GPU index nor a GPU/MIG UUID")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"a GPU is named twice in {text!r}")
+        return ",".join(ids)
+
+    def gpu_ids(self) -> tuple[str, ...] | None:
+        """The chosen GPUs: None for none, () for all, else their indices or UUIDs."""
+        if not self.gpus:
+            return None
+        return () if self.gpus == "all" else tuple(self.gpus.split(","))
 
     @field_validator("authority_keys", "models", mode="before")
     @classmethod

@@ -765,6 +765,7 @@ class Pipeline(AsyncResource):
                     "engine": facts.engine,
                     "engine_version": facts.engine_version,
                     "device": facts.device,
+                    **_devices(facts),
                 },
             )
             self._attestation = (facts, attestation)
@@ -825,3 +826,14 @@ def published_at(record: InFlight) -> float:
         return record.msg.metadata.timestamp.timestamp()
     except Exception:  # not a JetStream message (a test's plain one): no wait to tell
         return time.time()
+
+
+def _devices(facts: RuntimeFacts) -> dict[str, Any]:
+    """A result's `runtime.devices`: every accelerator, absent on CPU (PROTOCOL.md)."""
+    if not facts.devices:
+        return {}
+    return {
+        "devices": [
+            {"name": d.name, "uuid": d.uuid, "memory_bytes": d.memory_bytes} for d in facts.devices
+        ]
+    }

@@ -14,6 +14,15 @@ from worker.core.errors import NodeError
 
 
 @dataclass(frozen=True, slots=True)
+class Device:
+    """One accelerator the runtime reported in `ready`."""
+
+    name: str
+    uuid: str
+    memory_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeFacts:
     """What the runtime reported in its `ready` frame, plus the image it runs in."""
 
@@ -24,6 +33,8 @@ class RuntimeFacts:
     image: str
     max_active: int = 0
     """How many requests the engine runs concurrently (0: it did not say)."""
+    devices: tuple[Device, ...] = ()
+    """Every accelerator the runtime sees; empty on CPU."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,8 +159,12 @@ def create_kwargs(
     }
     if command is not None:
         kwargs["command"] = list(command)
-    if settings.gpus:
-        kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    gpus = settings.gpu_ids()
+    if gpus is not None:
+        request = DeviceRequest(device_ids=list(gpus), capabilities=[["gpu"]])
+        if not gpus:
+            request = DeviceRequest(count=-1, capabilities=[["gpu"]])
+        kwargs["device_requests"] = [request]
     return kwargs
 
 
@@ -240,16 +244,20 @@ def expected_host_config(spec: LaunchSpec, settings: Settings) -> dict[str, Any]
             ),
         ),
         # A GPU node's engine may run containers through NVIDIA's runtime by default.
-        "Runtime": Rule("runc", lambda v: v == "runc" or (settings.gpus and v == "nvidia")),
+        "Runtime": Rule("runc", lambda v: v == "runc" or (bool(settings.gpus) and v == "nvidia")),
         "ConsoleSize": [0, 0],
     }
 
 
 def _device_requests(settings: Settings) -> list[dict[str, Any]] | None:
-    """The GPU request as inspected (`Options` and `DeviceIDs` empty: see `_normal`)."""
-    if not settings.gpus:
+    """The GPU request as inspected (`Options` empty: see `_normal`): every GPU, or exactly
+    the chosen ones."""
+    gpus = settings.gpu_ids()
+    if gpus is None:
         return None
-    return [{"Driver": "", "Count": -1, "Capabilities": [["gpu"]]}]
+    if not gpus:
+        return [{"Driver": "", "Count": -1, "Capabilities": [["gpu"]]}]
+    return [{"Driver": "", "Count": 0, "DeviceIDs": list(gpus), "Capabilities": [["gpu"]]}]
 
 
 def check_isolation(

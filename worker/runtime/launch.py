@@ -10,7 +10,7 @@ from worker.runtime.api import LaunchSpec
 
 def launch_env(spec: LaunchSpec, settings: Settings, *, model_dir: str) -> dict[str, str]:
     """The environment a runtime starts with (besides what its backend adds)."""
-    return {
+    env = {
         runtime_env.ENGINE: spec.engine,
         runtime_env.MODEL_DIR: model_dir,
         runtime_env.MODEL_SHA256: spec.model_sha256,
@@ -20,3 +20,6 @@ def launch_env(spec: LaunchSpec, settings: Settings, *, model_dir: str) -> dict[
         "PYTHONDONTWRITEBYTECODE": "1",
         "HOME": "/tmp",
     }
+    if settings.gpu_ids() is not None:
+        env[runtime_env.GPU_MEMORY_UTILIZATION] = str(settings.runtime_gpu_memory_utilization)
+    return env

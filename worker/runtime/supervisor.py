@@ -46,6 +46,7 @@ from worker.core.resource import AsyncResource
 from worker.core.settings import Settings
 from worker.runtime.api import (
     Completion,
+    Device,
     ItemOutcome,
     LaunchSpec,
     PartialSink,
@@ -924,6 +925,7 @@ def check_ready(frame: Frame, spec: LaunchSpec) -> RuntimeFacts:
         device=ready["device"],
         image=spec.image,
         max_active=ready["max_active"],
+        devices=tuple(Device(**d) for d in ready["devices"]),
     )
 
 

@@ -10,7 +10,14 @@ from collections.abc import Callable
 from typing import Protocol
 
 from containers.runtime.config import RuntimeConfig
-from schemas.frames import DoneFrame, EngineStats, FailedFrame, PartialFrame, RequestItem
+from schemas.frames import (
+    DeviceInfo,
+    DoneFrame,
+    EngineStats,
+    FailedFrame,
+    PartialFrame,
+    RequestItem,
+)
 
 RawWriter = Callable[[bytes], None]
 """Writes bytes straight to the frame stream (only the echo engine's fault injection)."""
@@ -29,6 +36,8 @@ class Engine(Protocol):
     model_sha256: str
     max_active: int
     """How many requests the engine runs concurrently (reported in `ready`)."""
+    devices: list[DeviceInfo]
+    """Every accelerator the engine sees (reported in `ready`); empty on CPU."""
 
     def add(self, request_id: int, item: RequestItem, *, stream: bool) -> None:
         """Start a request; raises `RequestError` for one the engine cannot run."""

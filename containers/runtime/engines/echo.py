@@ -41,7 +41,7 @@ from containers.runtime.config import RuntimeConfig
 from containers.runtime.engines import EngineError, RawWriter, StepFrame
 from containers.runtime.request import RequestError
 from schemas import frames, runtime_env
-from schemas.frames import EngineStats, FailCode, RequestItem
+from schemas.frames import DeviceInfo, EngineStats, FailCode, RequestItem
 from schemas.limits import max_tokens as output_tokens
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class EchoEngine:
         self._model_hash = model_hash.encode()
         self.model_sha256 = model_sha256
         self.device = device
+        self.devices: list[DeviceInfo] = []
         self.max_active = max_active
         self._write_raw = write_raw
         self._delay_s = token_delay_ms / 1000

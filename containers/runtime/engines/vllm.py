@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from containers.runtime.config import RuntimeConfig
 from containers.runtime.engines import EngineError, StepFrame
 from containers.runtime.request import RequestError, to_vllm, wire_logprobs
 from schemas import frames, runtime_env
-from schemas.frames import EngineStats, FailCode, RequestItem, TokenLogprob
+from schemas.frames import DeviceInfo, EngineStats, FailCode, RequestItem, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,22 @@ CPU_DEFAULTS: dict[str, Any] = {
     "enforce_eager": True,
     "kv_cache_memory_bytes": 256 << 20,
 }
+"""What works on CPU (no compiler in the image: eager, see `prepare_environment`)."""
+
+
+def default_args(device: str, env: Mapping[str, str]) -> dict[str, Any]:
+    """vLLM arguments by the device the runtime found, before the snapshot's engine args.
+
+    On a GPU, vLLM's own defaults: CUDA graphs and torch.compile on (no `enforce_eager`,
+    compile caches in the JIT cache), dtype from the model's config (or the execution
+    class's engine args); only the share of GPU memory comes from the node's settings."""
+    if device == "cpu":
+        return dict(CPU_DEFAULTS)
+    defaults: dict[str, Any] = {}
+    if env.get(runtime_env.GPU_MEMORY_UTILIZATION):
+        defaults["gpu_memory_utilization"] = float(env[runtime_env.GPU_MEMORY_UTILIZATION])
+    return defaults
+
 
 STRUCTURED_OUTPUTS: dict[str, Any] = {"backend": "xgrammar", "disable_any_whitespace": True}
 """JSON output (`response_format`) by xgrammar (vLLM's default; a schema it cannot compile
@@ -92,6 +109,22 @@ def _device(torch: Any) -> str:
     return "cpu"
 
 
+def visible_devices(torch: Any) -> list[DeviceInfo]:
+    """Every GPU this process sees (the ones the node passed in), for `ready.devices`."""
+    if not torch.cuda.is_available():
+        return []
+    devices: list[DeviceInfo] = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        uuid = str(getattr(props, "uuid", "") or "")
+        if uuid and not uuid.startswith(("GPU-", "MIG-")):
+            uuid = f"GPU-{uuid}"  # torch prints the bare UUID; NVML and Docker prefix it
+        devices.append(
+            {"name": str(props.name), "uuid": uuid, "memory_bytes": int(props.total_memory)}
+        )
+    return devices
+
+
 @dataclass(eq=False)
 class _Run:
     request_id: int
@@ -119,8 +152,10 @@ class VllmEngine:
         version: str,
         device: str,
         model_sha256: str,
+        devices: list[DeviceInfo] | None = None,
     ) -> None:
         self._llm = llm
+        self.devices = list(devices or [])
         self._engine = llm.llm_engine
         self._client_error = client_error
         self.version = version
@@ -183,8 +218,7 @@ class VllmEngine:
             # outputs (`stats`); `LLM` turns them off unless asked.
             "disable_log_stats": False,
         }
-        if device == "cpu":
-            kwargs.update(CPU_DEFAULTS)
+        kwargs.update(default_args(device, os.environ))
         kwargs.update(config.engine_args)
         log.info("vllm_loading version=%s device=%s args=%s", vllm.__version__, device, kwargs)
         llm = vllm.LLM(**kwargs)
@@ -194,6 +228,7 @@ class VllmEngine:
             version=str(vllm.__version__),
             device=config.device or device,
             model_sha256=config.model_sha256,
+            devices=visible_devices(torch),
         )
 
     # -- Engine ------------------------------------------------------------------------
