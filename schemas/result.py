@@ -14,6 +14,10 @@ Sha256 = Annotated[StrictStr, Field(pattern=SHA256_PATTERN)]
 NodeId = Annotated[StrictStr, Field(pattern=NODE_ID_PATTERN)]
 Network = Annotated[StrictStr, Field(pattern=NETWORK_PATTERN)]
 """The network a node belongs to (PROTOCOL.md, "Network identity")."""
+CLASS_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
+ClassName = Annotated[StrictStr, Field(pattern=CLASS_PATTERN)]
+"""An execution class: hardware and number format, e.g. `cpu-fp32`, `nvidia-hopper-bf16`
+(PROTOCOL.md, "Execution classes")."""
 Count = Annotated[StrictInt, Field(ge=0)]
 FinishReason = Literal["stop", "length"]
 
@@ -41,6 +45,8 @@ class RuntimeRef(Wire):
     device: Annotated[StrictStr, Field(min_length=1, max_length=128)]
     devices: Annotated[list[DeviceRef], Field(max_length=64)] | None = None
     """Every accelerator the runtime saw (name, UUID, memory); absent on CPU."""
+    execution_class: ClassName | None = None
+    """The node's execution class, whose snapshot entry (if any) it applied."""
 
 
 MAX_TOP_LOGPROBS = 20

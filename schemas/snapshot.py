@@ -12,7 +12,7 @@ from typing import Annotated, Self
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from schemas.job import ModelId, Number, Prompted, Wire
-from schemas.result import Network, Sha256
+from schemas.result import ClassName, Network, Sha256
 
 IMAGE_DIGEST_PATTERN = r"^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$"
 IMAGE_ID_PATTERN = r"^sha256:[0-9a-f]{64}$"
@@ -20,6 +20,7 @@ SOURCE_PATTERN = r"^(nats-object://[A-Za-z0-9_-]+/[^\s]+|https://[^\s]+)$"
 MAX_MODELS = 64
 MAX_VECTORS = 32
 MAX_ENGINE_ARGS = 32
+MAX_CLASSES = 16
 
 ENGINE_ARGS: dict[str, frozenset[str]] = {
     "echo": frozenset({"token_delay_ms", "max_active", "fault"}),
@@ -98,6 +99,17 @@ Placement = Annotated[
 ]
 
 
+class ExecutionClassSpec(Wire):
+    """What nodes of one execution class run: their runtime, and validation vectors made on
+    that class, per model id (a model not named keeps the vectors it carries)."""
+
+    runtime: RuntimeSpec
+    validation: Annotated[
+        dict[ModelId, Annotated[list[ValidationVector], Field(max_length=MAX_VECTORS)]],
+        Field(max_length=MAX_MODELS),
+    ] = {}
+
+
 class Snapshot(Wire):
     network: Network
     version: Annotated[StrictInt, Field(ge=1)]
@@ -107,6 +119,10 @@ class Snapshot(Wire):
     placement: Annotated[dict[ModelId, Placement], Field(max_length=MAX_MODELS)] = {}
     """Which nodes may serve a model (node ids, or `*` for any); a model not named here may
     be served by any node."""
+    classes: (
+        Annotated[dict[ClassName, ExecutionClassSpec], Field(max_length=MAX_CLASSES)] | None
+    ) = None
+    """Per execution class, its runtime and vectors; absent: `runtime` serves every node."""
 
     @model_validator(mode="after")
     def _unique_models(self) -> Self:
@@ -119,6 +135,32 @@ class Snapshot(Wire):
         """Whether the placement lets `node_id` serve `model_id`."""
         nodes = self.placement.get(model_id)
         return nodes is None or "*" in nodes or node_id in nodes
+
+    @model_validator(mode="after")
+    def _classes_name_listed_models(self) -> Self:
+        ids = {m.id for m in self.models}
+        for name, entry in (self.classes or {}).items():
+            unknown = sorted(set(entry.validation) - ids)
+            if unknown:
+                raise ValueError(f"class {name!r} has vectors for unlisted models {unknown}")
+        return self
+
+    def for_class(self, name: str) -> "Snapshot | None":
+        """This snapshot as a node of class `name` applies it: the class's runtime and
+        vectors in place of the defaults, or None when the snapshot has classes and `name`
+        is not one. A snapshot without classes is the same for every class."""
+        if self.classes is None:
+            return self
+        entry = self.classes.get(name)
+        if entry is None:
+            return None
+        models = [
+            m.model_copy(update={"validation": entry.validation[m.id]})
+            if m.id in entry.validation
+            else m
+            for m in self.models
+        ]
+        return self.model_copy(update={"runtime": entry.runtime, "models": models, "classes": None})
 
     def model(self, model_id: str | None) -> ModelSpec | None:
         """The model a node serves: the one named, or else the first listed."""

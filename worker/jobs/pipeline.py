@@ -829,11 +829,13 @@ def published_at(record: InFlight) -> float:
 
 
 def _devices(facts: RuntimeFacts) -> dict[str, Any]:
-    """A result's `runtime.devices`: every accelerator, absent on CPU (PROTOCOL.md)."""
-    if not facts.devices:
-        return {}
-    return {
-        "devices": [
+    """A result's `runtime.devices` (every accelerator, absent on CPU) and
+    `runtime.execution_class` (absent when the runtime's launch did not say) (PROTOCOL.md)."""
+    named: dict[str, Any] = {}
+    if facts.devices:
+        named["devices"] = [
             {"name": d.name, "uuid": d.uuid, "memory_bytes": d.memory_bytes} for d in facts.devices
         ]
-    }
+    if facts.execution_class:
+        named["execution_class"] = facts.execution_class
+    return named

@@ -70,6 +70,7 @@ from worker.node.services import heartbeat_loop, status_endpoint
 from worker.node.snapshots import AcceptedSnapshot, ConfigWatcher
 from worker.node.validation import validate_model
 from worker.runtime.api import LaunchSpec
+from worker.runtime.hardware import CPU_CLASS, no_class_reason, node_execution_class
 from worker.runtime.imagepin import ensure_image
 from worker.runtime.supervisor import Supervisor, create_backend
 
@@ -116,6 +117,8 @@ class Agent(AsyncResource):
         # A snapshot in force whose apply failed, retried by `_retry_loop` with backoff.
         self._retry_wanted = asyncio.Event()
         self._retry_delay_s = settings.apply_retry_s
+        self.execution_class = CPU_CLASS
+        """This node's execution class (worker.runtime.hardware), found at each apply."""
         # Failures found inside the pipeline's own tasks; handled by `_trouble_loop`, since
         # the pipeline cannot drain itself from within.
         self._troubles: asyncio.Queue[ModelInvalid] = asyncio.Queue()
@@ -340,6 +343,14 @@ class Agent(AsyncResource):
             if snapshot is not self.snapshot:
                 self._retry_delay_s = self.settings.apply_retry_s
             self._retry_wanted.clear()
+            # The snapshot as this node's execution class reads it (its runtime, its vectors).
+            self.execution_class = await asyncio.to_thread(node_execution_class, self.settings)
+            if (resolved := snapshot.for_class(self.execution_class)) is None:
+                self._move(lc.InForce(snapshot))
+                await self._config_rejected(no_class_reason(snapshot, self.execution_class))
+                await self._serve_nothing(snapshot, f"no entry for {self.execution_class}")
+                return
+            snapshot = resolved
             before = self._life
             life = self._move(lc.InForce(snapshot))
             if life.model is None and self.pipeline is not None:
@@ -470,6 +481,7 @@ class Agent(AsyncResource):
             model_dir=model_dir,
             model_sha256=spec.sha256,
             engine_args=dict(snapshot.runtime.engine_args),
+            execution_class=self.execution_class,
         )
         # Stop pulling, let the jobs in flight finish up to the grace, hand back the rest
         # (they were not at fault: no error event), then swap.

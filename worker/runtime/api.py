@@ -35,6 +35,8 @@ class RuntimeFacts:
     """How many requests the engine runs concurrently (0: it did not say)."""
     devices: tuple[Device, ...] = ()
     """Every accelerator the runtime sees; empty on CPU."""
+    execution_class: str = ""
+    """The node's execution class the runtime was launched for ("": not said)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,8 @@ class LaunchSpec:
     model_dir: Path
     model_sha256: str
     engine_args: dict[str, Any]
+    execution_class: str = ""
+    """The node's execution class (worker.runtime.hardware), carried into results."""
 
 
 @dataclass(frozen=True, slots=True)

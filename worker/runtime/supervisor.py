@@ -926,6 +926,7 @@ def check_ready(frame: Frame, spec: LaunchSpec) -> RuntimeFacts:
         image=spec.image,
         max_active=ready["max_active"],
         devices=tuple(Device(**d) for d in ready["devices"]),
+        execution_class=spec.execution_class,
     )
 
 
