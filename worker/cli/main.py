@@ -4,13 +4,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from worker.cli import dev, gateway, images, network, node, stack, submit
+from worker.cli import dev, doctor, gateway, images, network, node, stack, submit
 from worker.cli.base import CliError
 from worker.core.errors import NodeError, ToolError
 from worker.core.logs import setup_logging
 
 Handler = Callable[[argparse.Namespace], int]
-GROUPS = (node, submit, gateway, dev, network, images, stack)
+GROUPS = (node, submit, gateway, dev, network, images, stack, doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:
