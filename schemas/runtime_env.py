@@ -23,6 +23,8 @@ JIT_CACHE = "RESULTITY_JIT_CACHE"
 the runtime compiles nothing it would have to load"""
 GPU_MEMORY_UTILIZATION = "RESULTITY_GPU_MEMORY_UTILIZATION"
 """vllm on a GPU: the share of each GPU's memory it may take (set on GPU nodes only)"""
+RENDER_TIMEOUT_S = "RESULTITY_RENDER_TIMEOUT_S"
+"""how long one chat may take to render with the model's template (default 2)"""
 ECHO_FAULT = "RESULTITY_ECHO_FAULT"
 """echo: `noready` never sends `ready` (tests)"""
 

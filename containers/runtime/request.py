@@ -12,9 +12,14 @@ request fails as a bad request, the engine runs on.
 import importlib
 import json
 import math
-from collections.abc import Sequence
-from typing import Any
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any, TypeVar
 
+from schemas import runtime_env
 from schemas.frames import MessageMap, ParamsMap, RequestItem, ResponseFormatMap, TokenLogprob
 from schemas.limits import max_tokens
 
@@ -32,6 +37,48 @@ class NoChatTemplate(RequestError):
     """A chat request for a model whose tokenizer ships no chat template."""
 
 
+T = TypeVar("T")
+
+RENDER_TIMEOUT_S = float(os.environ.get(runtime_env.RENDER_TIMEOUT_S) or 2.0)
+"""How long one chat may take to render. A model's template is code (Jinja, sandboxed, but
+unbounded in time: nested loops over `range` ran 12 minutes); rendering runs on the engine's
+thread, so a template past this fails its request and the engine runs on."""
+
+
+class _RenderTimeout(Exception):
+    pass
+
+
+def bounded(call: Callable[[], T], timeout_s: float) -> T:
+    """`call()`, stopped with `RequestError` once it has run `timeout_s` seconds.
+
+    A trace function on this thread checks the clock at every line and call of the Python
+    code `call` runs (Jinja compiles a template to Python, so a template's loops are seen)
+    and raises inside it once the time is up; it raises again at every later line, so no
+    `except` on the way out can swallow it. Only for the length of `call`."""
+    end = time.monotonic() + timeout_s
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > end:
+            raise _RenderTimeout
+        return trace
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        return call()
+    except _RenderTimeout:
+        timed_out = True
+    except Exception:
+        if time.monotonic() <= end:
+            raise
+        timed_out = True  # the timeout, wrapped by code on the way out
+    finally:
+        sys.settrace(previous)
+    assert timed_out
+    raise RequestError(f"the model's chat template ran past {timeout_s:g}s: refused")
+
+
 def render_chat(tokenizer: Any, messages: Sequence[MessageMap]) -> list[int]:
     """Token ids of `messages` rendered by the model's own chat template, with the
     generation prompt added. The template's text carries its special tokens, so none are
@@ -40,9 +87,14 @@ def render_chat(tokenizer: Any, messages: Sequence[MessageMap]) -> list[int]:
         raise NoChatTemplate("the model ships no chat template: send 'prompt' instead")
     conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
     try:
-        text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=True
+        text = bounded(
+            lambda: tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=True
+            ),
+            RENDER_TIMEOUT_S,
         )
+    except RequestError:
+        raise
     except Exception as exc:  # a template may reject a conversation (raise_exception)
         raise RequestError(f"the model's chat template rejected the messages: {exc}") from exc
     if not isinstance(text, str):

@@ -6,6 +6,7 @@ tests/containers/test_vllm_chat.py). Items are parsed as the runtime parses them
 import importlib.util
 import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +15,10 @@ import pytest
 from containers.runtime.engines.echo import _source
 from containers.runtime.request import (
     LOGPROB_FLOOR,
+    RENDER_TIMEOUT_S,
     NoChatTemplate,
     RequestError,
+    bounded,
     prompt_token_ids,
     render_chat,
     sampling_kwargs,
@@ -151,3 +154,42 @@ def test_wire_logprobs_are_finite() -> None:
     assert wire_logprobs(out, 2) == [
         {"token_id": 1, "logprob": LOGPROB_FLOOR, "top": [[1, LOGPROB_FLOOR], [2, LOGPROB_FLOOR]]}
     ]
+
+
+HOSTILE = (
+    "{% for a in range(100000) %}{% for b in range(100000) %}"
+    "{{ messages[0]['content'] }}{% endfor %}{% endfor %}"
+)
+"""Nested loops in the sandbox: about 10^10 steps (minutes to hours), no call it refuses."""
+
+
+def test_a_template_that_runs_too_long_is_a_bad_request_and_rendering_goes_on(
+    tokenizer: Any,
+) -> None:
+    # Issue 20 item 10 (templates): before the bound this render ran for minutes (the test
+    # timeout ended it).
+    slow = demomodel._tokenizer()
+    slow.chat_template = HOSTILE
+    previous = sys.gettrace()
+    with pytest.raises(RequestError, match="ran past 0.5s"):
+        bounded(
+            lambda: slow.apply_chat_template(
+                [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+            ),
+            0.5,
+        )
+    assert sys.gettrace() is previous
+    with pytest.raises(RequestError, match=f"ran past {RENDER_TIMEOUT_S:g}s"):
+        render_chat(slow, [{"role": "user", "content": "x"}])
+    # the next request renders as before
+    test_chat_renders_with_the_models_template_and_generation_prompt(tokenizer)
+
+
+def test_the_bound_lets_errors_and_values_through() -> None:
+    assert bounded(lambda: 42, 1.0) == 42
+
+    def broken() -> None:
+        raise KeyError("k")
+
+    with pytest.raises(KeyError):
+        bounded(broken, 1.0)
