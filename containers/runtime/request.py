@@ -9,19 +9,21 @@ from the job), and options the engine refuses. Any of those is a `RequestError`:
 request fails as a bad request, the engine runs on.
 """
 
+import ctypes
 import importlib
 import json
+import logging
 import math
 import os
-import sys
-import time
+import threading
 from collections.abc import Callable, Sequence
-from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from schemas import runtime_env
 from schemas.frames import MessageMap, ParamsMap, RequestItem, ResponseFormatMap, TokenLogprob
 from schemas.limits import max_tokens
+
+log = logging.getLogger(__name__)
 
 LOGPROB_FLOOR = -9999.0
 """What a token the engine ruled out (logprob -inf, e.g. by a JSON grammar) reports: JSON and
@@ -45,38 +47,80 @@ unbounded in time: nested loops over `range` ran 12 minutes); rendering runs on 
 thread, so a template past this fails its request and the engine runs on."""
 
 
-class _RenderTimeout(Exception):
-    pass
+class _RenderTimeout(BaseException):
+    """Raised inside a render past its time; not an `Exception`, so that code catching
+    those (a retry loop, a fallback) does not catch it."""
 
 
 def bounded(call: Callable[[], T], timeout_s: float) -> T:
-    """`call()`, stopped with `RequestError` once it has run `timeout_s` seconds.
+    """`call()` in a thread of its own; `RequestError` when it has not returned within
+    `timeout_s` seconds.
 
-    A trace function on this thread checks the clock at every line and call of the Python
-    code `call` runs (Jinja compiles a template to Python, so a template's loops are seen)
-    and raises inside it once the time is up; it raises again at every later line, so no
-    `except` on the way out can swallow it. Only for the length of `call`."""
-    end = time.monotonic() + timeout_s
+    The thread is then stopped from outside: `_RenderTimeout` is raised in it (CPython's
+    `PyThreadState_SetAsyncExc`) at its next bytecode, again every INTERRUPT_EVERY_S until
+    it ends, so that no handler on the way out keeps it running. Python code stops at once
+    (Jinja compiles a template to Python: its loops are Python loops); a call stuck in
+    native code stops when it returns to Python."""
+    render = _Render(call)
+    render.thread.start()
+    render.thread.join(timeout_s)
+    if render.thread.is_alive():
+        render.interrupt()
+        raise RequestError(f"the model's chat template ran past {timeout_s:g}s: refused")
+    ok, value = render.outcome[0]
+    if ok:
+        return cast(T, value)
+    raise value
 
-    def trace(frame: FrameType, event: str, arg: Any) -> Any:
-        if time.monotonic() > end:
-            raise _RenderTimeout
-        return trace
 
-    previous = sys.gettrace()
-    sys.settrace(trace)
-    try:
-        return call()
-    except _RenderTimeout:
-        timed_out = True
-    except Exception:
-        if time.monotonic() <= end:
-            raise
-        timed_out = True  # the timeout, wrapped by code on the way out
-    finally:
-        sys.settrace(previous)
-    assert timed_out
-    raise RequestError(f"the model's chat template ran past {timeout_s:g}s: refused")
+INTERRUPT_EVERY_S = 0.01
+INTERRUPT_FOR_S = 1.0
+
+
+class _Render:
+    """One bounded call and its thread. `guard` orders the interruptions with the end of
+    the call: none is sent once the thread said it is done, and the one it may still have
+    pending then is cleared, so no interruption lands after the call's outcome is kept."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self._call = call
+        self.outcome: list[tuple[bool, Any]] = []
+        self._guard = threading.Lock()
+        self._done = False
+        self.thread = threading.Thread(target=self._run, name="render", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            result: tuple[bool, Any] = (True, self._call())
+        except BaseException as exc:  # the call's error for the caller, or the interruption
+            result = (False, exc)
+        while True:
+            try:
+                with self._guard:
+                    self._done = True
+                    _set_async_exc(threading.get_ident(), None)
+                break
+            except _RenderTimeout:
+                continue  # sent before `done`: delivered now, and dropped
+        self.outcome.append(result)
+
+    def interrupt(self) -> None:
+        """Raise `_RenderTimeout` in the thread until it ends, for at most INTERRUPT_FOR_S:
+        a thread stuck in native code is left to finish on its own."""
+        ident = self.thread.ident or 0
+        for _ in range(int(INTERRUPT_FOR_S / INTERRUPT_EVERY_S)):
+            with self._guard:
+                if self._done:
+                    return
+                _set_async_exc(ident, _RenderTimeout)
+            self.thread.join(INTERRUPT_EVERY_S)
+        log.warning("render_not_stopped thread=%d: left to finish in native code", ident)
+
+
+def _set_async_exc(ident: int, exc: type[BaseException] | None) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(ident), ctypes.py_object(exc) if exc is not None else None
+    )
 
 
 def render_chat(tokenizer: Any, messages: Sequence[MessageMap]) -> list[int]:

@@ -115,3 +115,35 @@ def test_vllm_chat_logprobs_and_structured_output(docker_client: Any, tmp_path: 
     assert no_template["t"] == "failed" and no_template["code"] == FailCode.BAD_REQUEST
     assert "chat template" in no_template["reason"]
     assert prompt_still_runs["t"] == "done", prompt_still_runs
+
+
+SLOW_TEMPLATE = (
+    "{% for a in range(100000) %}{% for b in range(100000) %}"
+    "{{ messages[0]['content'] }}{% endfor %}{% endfor %}"
+)
+"""Nested loops in Jinja's sandbox: minutes to hours of rendering, no call it refuses."""
+
+
+@pytest.mark.docker
+@pytest.mark.vllm
+@pytest.mark.timeout(1800)
+def test_vllm_a_chat_template_past_its_time_fails_alone(docker_client: Any, tmp_path: Path) -> None:
+    """Issue 20 item 10: a model whose chat template renders for ever. Its chat request
+    fails as a bad request at the render bound, and the runtime serves the next request."""
+    image_id = images.ensure_image("vllm-cpu", client=docker_client)
+    model = tiny_llama(tmp_path / "slow", image_id)
+    config = model.directory / "tokenizer_config.json"
+    settings = json.loads(config.read_text())
+    settings["chat_template"] = SLOW_TEMPLATE
+    config.write_text(json.dumps(settings))
+    (model.directory / "chat_template.jinja").unlink(missing_ok=True)
+    runtime = ContainerRuntime(image_id, model.directory, model.sha256)
+    try:
+        assert runtime.receive(timeout=300)["t"] == "ready"
+        slow = runtime.alone(_chat())
+        after = runtime.alone({"prompt": "Who signs?", "params": {"max_tokens": 4}})
+    finally:
+        runtime.close()
+    assert slow["t"] == "failed" and slow["code"] == FailCode.BAD_REQUEST, slow
+    assert "chat template ran past" in slow["reason"], slow
+    assert after["t"] == "done", after
