@@ -3,8 +3,8 @@ first, so no timer per entry.
 
 `DeadlineQueue` is the bookkeeping, with the clock passed in (no I/O, no event loop);
 `Deadlines` puts one `loop.call_at` timer over it and calls back each entry that expires.
-Used for the PubAck waits of stored results (`jobs/publisher.py`); the runtime session's
-answer deadlines are the same idea.
+Used for the PubAck waits of stored results (`jobs/publisher.py`) and the run time limits
+of the requests on a runtime (`runtime/supervisor.py`).
 """
 
 import asyncio

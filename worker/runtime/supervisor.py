@@ -32,6 +32,7 @@ from typing import cast
 from schemas import frames
 from schemas.frames import PROTOCOL_VERSION, EngineStats, Frame, FrameError, FrameKind
 from schemas.limits import max_tokens
+from worker.core.deadlines import Deadlines
 from worker.core.errors import (
     ModelInvalid,
     NodeError,
@@ -120,7 +121,6 @@ class Request(asyncio.Future[Completion]):
         "state",
         "stream",
         "streamed",
-        "expires",
         "gated",
     )
 
@@ -147,8 +147,6 @@ class Request(asyncio.Future[Completion]):
         self.state = State.WAITING
         self.streamed = 0
         self.session: _Session | None = None
-        self.expires = 0.0
-        """Loop time by which the runtime must have answered (request_timeout_s)."""
         self.released = False
         """Its place among the supervisor's active requests was given up."""
         self.gated = gated
@@ -174,8 +172,10 @@ class _Session:
     handle: RuntimeHandle
     spec: LaunchSpec
     ready: "asyncio.Future[Frame]"
+    deadlines: "Deadlines[int, Request]"
+    """The run time limits of the requests on it (`request_timeout_s` each, one timer)."""
     requests: dict[int, Request] = field(default_factory=dict)
-    """The requests on this runtime, in the order they were sent (so by answer deadline)."""
+    """The requests on this runtime, in the order they were sent."""
     pings: "dict[int, asyncio.Future[Frame]]" = field(default_factory=dict)
     aborted: dict[int, None] = field(default_factory=dict)
     """Requests aborted by the agent, oldest first (an ordered set)."""
@@ -189,11 +189,8 @@ class _Session:
     ping_rtt_ms: float | None = None
     engine_stats: EngineStats | None = None
     """From the last `pong`."""
-    expiry: asyncio.TimerHandle | None = None
-    """One timer for all requests' run time limits: it is due when the oldest request's is
-    (requests are kept in the order sent, and all share one limit)."""
-    overdue: bool = False
-    """A request is past its limit: the next ping decides whether it alone is aborted."""
+    overdue: dict[int, Request] = field(default_factory=dict)
+    """Requests past their limit: the next ping decides whether they alone are aborted."""
     draining: "asyncio.Task[None] | None" = None
     """The task waiting for a full input buffer to drain (frames posted without waiting)."""
 
@@ -395,6 +392,7 @@ class Supervisor(AsyncResource):
                 self._waiting.pop(req, None)
             elif req.session is not None:
                 req.session.requests.pop(req.request_id, None)
+                req.session.deadlines.pop(req.request_id)
         for action in step.actions:
             if action is SEND_SUBMIT:
                 assert session is not None
@@ -421,12 +419,9 @@ class Supervisor(AsyncResource):
         return deferred
 
     def _send(self, session: "_Session", req: Request) -> None:
-        loop = req.get_loop()
         req.session = session
-        req.expires = loop.time() + self._settings.request_timeout_s
         session.requests[req.request_id] = req
-        if session.expiry is None:
-            session.expiry = loop.call_at(req.expires, self._expire, session)
+        session.deadlines.watch(req.request_id, req)
         item = req.item
         frame = frames.submit(
             req.request_id, item.request, stream=item.stream, deadline=item.deadline
@@ -522,25 +517,22 @@ class Supervisor(AsyncResource):
         while len(self._suspects) > MAX_SUSPECTS:
             self._suspects.popitem(last=False)
 
-    def _expire(self, session: "_Session") -> None:
-        """The oldest request's run time limit is due: the watcher pings the runtime now.
-        If it answers, it is healthy and the requests past their limit are aborted alone
-        (`_abort_overdue`); if not, it is replaced and they are handed back with the rest."""
-        session.expiry = None
-        if session.failure is None:
-            session.overdue = True
+    def _expired(self, request_id: int, req: Request) -> None:
+        """A request's run time limit is due (`_Session.deadlines`): the watcher pings the
+        runtime now. If it answers, it is healthy and the requests past their limit are
+        aborted alone (`_abort_overdue`); if not, it is replaced and they are handed back
+        with the rest."""
+        session = req.session
+        if session is not None and session.failure is None:
+            session.overdue[request_id] = req
             self._wake.set()
 
     def _abort_overdue(self, session: "_Session") -> None:
-        session.overdue = False
-        loop = asyncio.get_running_loop()
+        overdue, session.overdue = session.overdue, {}
         limit = Overrun(self._settings.request_timeout_s)
-        while session.requests:
-            req = next(iter(session.requests.values()))
-            if req.expires > loop.time():
-                if session.expiry is None:
-                    session.expiry = loop.call_at(req.expires, self._expire, session)
-                return
+        for req in overdue.values():
+            if req.session is not session or req.state in FINAL:
+                continue  # answered (or cancelled) while the ping was out
             log.warning("runtime_request_overran job_id=%s limit_s=%s", req.job_id, limit.limit_s)
             self._step(req, limit)
 
@@ -596,9 +588,8 @@ class Supervisor(AsyncResource):
         if session.failure is None:
             session.failure = exc
         session.serving = False
-        if session.expiry is not None:
-            session.expiry.cancel()
-            session.expiry = None
+        session.deadlines.close()
+        session.overdue.clear()
         for future in [session.ready, *session.pings.values()]:
             if not future.done():
                 future.set_exception(exc)
@@ -700,7 +691,12 @@ class Supervisor(AsyncResource):
         timeout_s = self._settings.runtime_ready_timeout_s
         handle = await self._backend.launch(spec)
         loop = asyncio.get_running_loop()
-        session = _Session(handle=handle, spec=spec, ready=loop.create_future())
+        session = _Session(
+            handle=handle,
+            spec=spec,
+            ready=loop.create_future(),
+            deadlines=Deadlines(self._settings.request_timeout_s, self._expired),
+        )
         self._session = session
         try:
             if not self.is_open:
