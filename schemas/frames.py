@@ -845,10 +845,15 @@ class FrameDecoder:
                 raise _TooManyObjects
             return container
 
-        try:
-            return msgpack.unpackb(data, list_hook=counted, object_hook=counted, **self._limits())
-        except _TooManyObjects as exc:
-            raise FrameError(f"frame holds more than {MAX_FRAME_OBJECTS} values") from exc
+        # Released on the way out, also when refused: the traceback keeps this frame, and
+        # a view still held would stop the caller from dropping the bytes decoded.
+        with data:
+            try:
+                return msgpack.unpackb(
+                    data, list_hook=counted, object_hook=counted, **self._limits()
+                )
+            except _TooManyObjects as exc:
+                raise FrameError(f"frame holds more than {MAX_FRAME_OBJECTS} values") from exc
 
     def _check(self, value: Any) -> Frame:
         if not isinstance(value, dict):

@@ -116,6 +116,20 @@ def test_a_frame_of_many_tiny_values_is_refused_at_a_bounded_cost(empty: Any) ->
     assert peak < 96 << 20
 
 
+@pytest.mark.parametrize("bad", ["values", "utf-8"])
+def test_a_large_bad_frame_after_a_good_one_is_a_frame_error(bad: str) -> None:
+    """A frame large enough to be counted, refused after a good frame of the same read,
+    raised BufferError (the refused frame's view of the buffer outlived the decode), which
+    the runtime's reader takes for a bug of its own rather than a runtime's bad frame."""
+    if bad == "values":
+        frame = msgpack.packb({"t": "done", "a": [[0] * 1000 for _ in range(600)]})
+    else:
+        frame = msgpack.packb({"t": "done", "a": "a" * 600_000}).replace(b"aaaa", b"\xff" * 4, 1)
+    assert len(frame) > frames.MAX_FRAME_OBJECTS  # the counted path
+    with pytest.raises(FrameError):
+        FrameDecoder(frames.TO_AGENT).feed(msgpack.packb({"t": "pong", "id": 1}) + frame)
+
+
 def test_the_largest_output_a_job_may_ask_for_decodes() -> None:
     """The object bound leaves room for a `done` with the most logprobs a job may ask for."""
     per_token = LOGPROB_TOKEN_BYTES + (MAX_LOGPROBS + 1) * LOGPROB_PAIR_BYTES
