@@ -241,3 +241,38 @@ async def test_a_runtime_that_fails_the_gate_hands_the_waiting_requests_back() -
         assert failed.value.retryable and [str(e) for e in invalid] == ["vector 0 differs"]
         sup.gate(None)
         assert (await sup.submit(item("ungated"))).job_id == "ungated"
+
+
+async def test_a_gate_replaced_while_its_check_runs_has_no_say() -> None:
+    """A check's verdict is about the gate it ran for. Once that gate was replaced (the
+    agent swaps gates when it switches models), an old check's `ModelInvalid` reached the
+    old gate's `on_invalid` (in the agent, the one queue of troubles: the model loaded now
+    was taken out of service for the old model's vectors)."""
+    backend = ScriptedBackend()
+    started, release, ended = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    old_invalid: list[ModelInvalid] = []
+    new_invalid: list[ModelInvalid] = []
+
+    async def old_check(runtime: Runtime) -> None:
+        started.set()
+        try:
+            await release.wait()
+        finally:
+            ended.set()  # in the step that raises into the gate's task
+        raise ModelInvalid("the old model's vector 0 differs")
+
+    async def new_check(runtime: Runtime) -> None:
+        return None
+
+    async with supervisor(backend) as sup:
+        sup.gate(old_check, old_invalid.append)
+        backend.handles[0].die()
+        await wait_for(lambda: sup.restarts == 1, timeout=10)
+        waiting = sup.submit(item("waiting"))
+        await started.wait()
+        sup.gate(new_check, new_invalid.append)
+        assert (await waiting).job_id == "waiting"
+        release.set()
+        await ended.wait()
+        assert old_invalid == [] and new_invalid == []
+        assert (await sup.submit(item("after"))).job_id == "after"

@@ -497,6 +497,8 @@ class Supervisor(AsyncResource):
                 try:
                     await gate.check(_Ungated(self))
                 except Exception as exc:
+                    if self._gate is not gate:
+                        return  # removed or replaced meanwhile: the verdict is not its to give
                     log.warning("runtime_gate_refused error=%s", exc)
                     if isinstance(exc, ModelInvalid) and gate.on_invalid is not None:
                         gate.on_invalid(exc)
