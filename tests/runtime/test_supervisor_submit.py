@@ -276,3 +276,27 @@ async def test_a_gate_replaced_while_its_check_runs_has_no_say() -> None:
         await ended.wait()
         assert old_invalid == [] and new_invalid == []
         assert (await sup.submit(item("after"))).job_id == "after"
+
+
+async def test_an_on_invalid_callback_that_raises_is_logged_and_the_requests_are_handed_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`on_invalid` raising escaped the gate's task: the waiting requests were never
+    answered (they hung) and the supervisor's task group failed."""
+    backend = ScriptedBackend()
+
+    async def check(runtime: Runtime) -> None:
+        raise ModelInvalid("vector 0 differs")
+
+    def on_invalid(exc: ModelInvalid) -> None:
+        raise RuntimeError("the agent's callback broke")
+
+    async with supervisor(backend) as sup:
+        sup.gate(check, on_invalid)
+        backend.handles[0].die()
+        await wait_for(lambda: sup.restarts == 1, timeout=10)
+        with pytest.raises(RuntimeStartError, match="not validated: vector 0 differs"):
+            await asyncio.wait_for(sup.submit(item("waiting")), 10)
+        sup.gate(None)
+        assert (await sup.submit(item("ungated"))).job_id == "ungated"
+    assert "runtime_gate_on_invalid_failed" in caplog.text

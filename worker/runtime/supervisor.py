@@ -501,7 +501,10 @@ class Supervisor(AsyncResource):
                         return  # removed or replaced meanwhile: the verdict is not its to give
                     log.warning("runtime_gate_refused error=%s", exc)
                     if isinstance(exc, ModelInvalid) and gate.on_invalid is not None:
-                        gate.on_invalid(exc)
+                        try:
+                            gate.on_invalid(exc)
+                        except Exception:  # a bug; its requests are still handed back
+                            log.exception("runtime_gate_on_invalid_failed")
                     refused = StartFailed(RuntimeStartError(f"runtime not validated: {exc}"))
                     for req in [r for r in self._waiting if r.gated]:
                         self._step(req, refused)
