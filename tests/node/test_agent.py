@@ -614,3 +614,57 @@ async def test_every_failed_apply_ends_in_one_signed_error_event(
     assert failures == [1]
     assert len(reported) == 1, reported
     assert reported[0].retryable and "Read timed out" in reported[0].message
+
+
+async def test_a_periodic_validation_that_waited_for_a_failed_apply_does_not_end_the_node(
+    settings: Settings,
+    authority: NodeKey,
+    tmp_path: Path,
+    nc: Client,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The validation loop looked at the node (serving, a model) before it waited for the
+    apply lock: an apply that held the lock meanwhile and failed left no model, and the
+    loop's validation asserted one, which ended the node's serve (its task group). The
+    model's fetch is held at the store (a seam the project owns) while the loop waits."""
+    from worker.models.store import ModelStore
+
+    settings = settings.model_copy(update={"apply_retry_s": 0.2, "validation_interval_s": 0.2})
+    snapshot = await seeded(settings, authority, tmp_path)
+    body = snapshot.model_dump(mode="json")
+    body["version"] = 2
+    body["runtime"]["engine_args"] = {"token_delay_ms": 0}  # not in place: a new runtime
+    fetching, release = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    async def held_fetch(self: ModelStore, spec: Any, **kwargs: Any) -> Path:
+        calls.append(spec.id)
+        if len(calls) == 1:
+            fetching.set()
+            await release.wait()
+        raise OSError("the cache disk went away")
+
+    class ObservedLock(asyncio.Lock):
+        def __init__(self) -> None:
+            super().__init__()
+            self.contended = asyncio.Event()
+
+        async def acquire(self) -> bool:
+            if self.locked():
+                self.contended.set()
+            return await super().acquire()
+
+    async with running(settings) as agent:
+        await serving(agent)
+        lock = ObservedLock()
+        agent._apply_lock = lock
+        monkeypatch.setattr(ModelStore, "fetch", held_fetch)
+        await publish_snapshot(
+            nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
+        )
+        await asyncio.wait_for(fetching.wait(), 30)  # the apply holds the lock, still serving
+        lock.contended.clear()
+        await asyncio.wait_for(lock.contended.wait(), 30)  # the validation loop waits for it
+        release.set()
+        await wait_for(lambda: len(calls) >= 2, timeout=30)  # the retry came after the loop
+        assert agent.node_state is NodeState.OUT_OF_SERVICE

@@ -705,12 +705,14 @@ class Agent(AsyncResource):
     async def _validation_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.validation_interval_s)
-            if self.node_state is NodeState.SERVING and self.model is not None:
-                async with self._apply_lock:
-                    try:
-                        await self._validate()
-                    except RuntimeFailure as exc:
-                        log.warning("periodic_validation_not_run error=%s", exc)
+            async with self._apply_lock:
+                # looked at under the lock: an apply that held it may have changed the node
+                if self.node_state is not NodeState.SERVING or self.model is None:
+                    continue
+                try:
+                    await self._validate()
+                except RuntimeFailure as exc:
+                    log.warning("periodic_validation_not_run error=%s", exc)
 
     async def _trouble_loop(self) -> None:
         while True:
