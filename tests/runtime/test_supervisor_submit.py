@@ -300,3 +300,21 @@ async def test_an_on_invalid_callback_that_raises_is_logged_and_the_requests_are
         sup.gate(None)
         assert (await sup.submit(item("ungated"))).job_id == "ungated"
     assert "runtime_gate_on_invalid_failed" in caplog.text
+
+
+async def test_a_runtime_started_by_replace_waits_for_the_gate_check_too() -> None:
+    """The gate is promised for every runtime started after it was set; it counted restarts
+    only, so a runtime from `replace` (a new configuration) took gated requests unchecked."""
+    backend = ScriptedBackend()
+    checks: list[str] = []
+
+    async def check(runtime: Runtime) -> None:
+        checks.append((await runtime.generate(item("vector", prompt="v"))).job_id)
+
+    async with supervisor(backend) as sup:
+        sup.gate(check)
+        await sup.replace(LaunchSpec("scripted", "local", Path("/other"), "", {}))
+        assert (await sup.submit(item("after", prompt="a"))).job_id == "after"
+        assert checks == ["vector"] and sup.restarts == 0
+        submitted = [f["request"] for f in backend.handles[1].sent if f["t"] == "submit"]
+        assert [r["prompt"] for r in submitted] == ["v", "a"]  # type: ignore[index]

@@ -15,7 +15,7 @@ runtime replaced it (the pipeline hands their jobs back). A job that was in flig
 `SOLO_AFTER_STRIKES` runtime failures runs alone next time (no other request on the
 runtime); if the runtime fails again it fails alone (`ItemFailed`, final) and no other job
 is failed because of it. A gate (`gate`: the agent's model vectors) may stand on the
-request path: a restarted runtime takes requests only once its check has passed.
+request path: a restarted (or replaced) runtime takes requests only once its check has passed.
 """
 
 import asyncio
@@ -204,12 +204,13 @@ class _Session:
 
 @dataclass(eq=False)
 class _Gate:
-    """A check every restarted runtime passes before gated requests reach it."""
+    """A check every restarted or replaced runtime passes before gated requests reach it."""
 
     check: "Callable[[Runtime], Awaitable[object]]"
     on_invalid: "Callable[[ModelInvalid], None] | None"
     passed: int
-    """The restart count of the last runtime that passed (or was taken as checked)."""
+    """The number (`Supervisor._runtimes`) of the last runtime that passed (or was taken as
+    checked)."""
     task: "asyncio.Task[None] | None" = None
 
 
@@ -230,6 +231,8 @@ class Supervisor(AsyncResource):
         self._ids = itertools.count(1)
         self._suspects: OrderedDict[str, int] = OrderedDict()
         self._restarts = 0
+        self._runtimes = 0
+        """Runtimes that became ready (restarted or replaced): what the gate counts."""
         self._requests = 0
         self._opened_at = 0.0
         self._active = 0
@@ -313,7 +316,7 @@ class Supervisor(AsyncResource):
         this supervisor that skips the gate); the runtime in service now is taken as
         checked. Requests wait meanwhile; a check that raises hands them back (retryable),
         and a `ModelInvalid` goes to `on_invalid` as well. `None` removes the gate."""
-        self._gate = None if check is None else _Gate(check, on_invalid, self._restarts)
+        self._gate = None if check is None else _Gate(check, on_invalid, self._runtimes)
         if self._waiting:
             self._dispatch_waiting()
 
@@ -337,7 +340,7 @@ class Supervisor(AsyncResource):
             and not solo
             and self._solo is None
             and not self._waiting
-            and (self._gate is None or not gated or self._gate.passed == self._restarts)
+            and (self._gate is None or not gated or self._gate.passed == self._runtimes)
         ):
             self._step(req, DISPATCH, session)
         else:
@@ -472,7 +475,7 @@ class Supervisor(AsyncResource):
         if session is None or not session.serving:
             return
         gate = self._gate
-        if gate is not None and gate.passed != self._restarts:
+        if gate is not None and gate.passed != self._runtimes:
             for req in [r for r in self._waiting if not r.gated]:  # the gate's own check
                 del self._waiting[req]
                 self._step(req, DISPATCH, session)
@@ -492,8 +495,8 @@ class Supervisor(AsyncResource):
         """Run the gate's check on the runtime in service, until one passes it; then the
         waiting requests go. Never raises: an error here would end the task group."""
         try:
-            while self.is_open and self._gate is gate and gate.passed != self._restarts:
-                restarts = self._restarts
+            while self.is_open and self._gate is gate and gate.passed != self._runtimes:
+                runtime = self._runtimes
                 try:
                     await gate.check(_Ungated(self))
                 except Exception as exc:
@@ -509,8 +512,8 @@ class Supervisor(AsyncResource):
                     for req in [r for r in self._waiting if r.gated]:
                         self._step(req, refused)
                     return
-                if self._restarts == restarts:
-                    gate.passed = restarts
+                if self._runtimes == runtime:
+                    gate.passed = runtime
         finally:
             gate.task = None
         if self._waiting:
@@ -728,6 +731,7 @@ class Supervisor(AsyncResource):
             await self._discard(session, f"start failed: {exc!r}", graceful=False)
             raise
         self._facts = facts
+        self._runtimes += 1
         session.serving = session.failure is None
         log.info(
             "runtime_ready runtime=%s engine=%s engine_version=%s device=%s max_active=%d",
