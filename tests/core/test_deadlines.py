@@ -42,6 +42,20 @@ def test_answered_entries_do_not_pile_up() -> None:
     assert queue.expire(100.0) == []
 
 
+def test_entries_answered_behind_a_long_one_do_not_pile_up() -> None:
+    """One entry held long (a runtime request generating for minutes) kept every entry
+    added after it in the FIFO until it left: the runtime's short requests piled up there
+    for up to their timeout. The FIFO is compacted once it is mostly entries that left."""
+    queue: DeadlineQueue[int, None] = DeadlineQueue(300.0)
+    queue.add(-1, None, 0.0)
+    for key in range(20_000):
+        queue.add(key, None, key / 1000)
+        queue.pop(key)
+    assert len(queue) == 1 and len(queue._order) <= 2 * len(queue) + 1024
+    assert queue.next_due() == 300.0
+    assert queue.expire(300.0) == [(-1, None)] and queue.next_due() is None
+
+
 async def test_deadlines_call_back_only_what_is_due() -> None:
     told: dict[str, object] = {}
     expired = asyncio.Event()

@@ -19,6 +19,16 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
+COMPACT_SLACK = 1024
+"""Entries that left may stay in the FIFO behind one held long, up to twice the entries
+held plus this many; then the FIFO is rebuilt (amortized O(1) per entry added)."""
+
+
+def _held_at(held: "dict[K, tuple[float, V]]", entry: tuple[float, K]) -> bool:
+    found = held.get(entry[1])
+    return found is not None and found[0] == entry[0]
+
+
 class DeadlineQueue(Generic[K, V]):
     """Entries by key, each due `timeout_s` after it was added unless popped first. Keys
     are unique while held; a key added again after it left gets a deadline of its own."""
@@ -47,6 +57,9 @@ class DeadlineQueue(Generic[K, V]):
             if entry is not None and entry[0] == head[0]:
                 break
             order.popleft()
+        if len(order) > 2 * len(held) + COMPACT_SLACK:
+            # Mostly entries that left behind one held long: keep those still held.
+            order = self._order = deque(e for e in order if _held_at(held, e))
         at = now + self.timeout_s
         held[key] = (at, value)
         order.append((at, key))
