@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from schemas.snapshot import ModelSpec
-from worker.core.errors import ModelInvalid
+from worker.core.errors import ModelInvalid, ModelUnavailable
 from worker.models import store as store_module
 from worker.models.store import ModelLimits, ModelStore
 
@@ -258,7 +258,7 @@ async def test_unsafe_archive_is_remembered_and_its_blob_kept(
         await store.fetch(spec)
     assert "needs a NATS connection" not in str(err.value)
     assert await store.prune([]) == []
-    with pytest.raises(ModelInvalid, match="needs a NATS connection"):
+    with pytest.raises(ModelUnavailable, match="needs a NATS connection"):
         await store.fetch(spec)  # pruned: forgotten, so a new snapshot can name it again
 
 

@@ -94,7 +94,7 @@ async def test_token_ids_survive_batching_replacement_and_restart(
             runtime_before = agent.status().runtime["runtime_id"]
             body = snapshot.model_dump(mode="json") | {"version": 2}
             # something the runtime runs must change, or the snapshot is applied in place
-            body["runtime"]["engine_args"] = {"swap_space": 1}
+            body["runtime"]["engine_args"] = {"max_num_seqs": 64}
             await publish_snapshot(
                 nc, config_bucket(settings), authority.sign(EnvelopeType.CONFIG, body)
             )
