@@ -22,6 +22,7 @@ class EnvelopeType(StrEnum):
     EVENT = "event"
     CONFIG = "config"
     STREAM = "stream"
+    ADMISSION = "admission"
 
 
 def signing_message(typ: str, body: bytes) -> bytes:

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from schemas import asyncapi
+from schemas.admission import Admission
 from schemas.envelope import ENVELOPE_VERSION, EnvelopeType
 from schemas.event import ErrorEvent, LifecycleEvent
 from schemas.job import Job, Params
@@ -44,6 +45,7 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     "model_spec": ModelSpec,
     "runtime_spec": RuntimeSpec,
     "validation_vector": ValidationVector,
+    "admission": Admission,
 }
 
 

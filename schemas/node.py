@@ -4,7 +4,7 @@ node adds where the contract is silent")."""
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictInt, StrictStr
+from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from schemas.job import Number, Wire
 from schemas.result import Count, ModelRef, Network, NodeId, Sha256
@@ -148,6 +148,8 @@ class NodeStatus(Wire):
     pipeline: Annotated[StrictStr, Field(max_length=32)] | None = None
     in_flight: Count
     completed: Count
+    admitted: StrictBool | None = None
+    """Whether the node registry admits this node (None: not checked yet, or not required)."""
 
 
 class Heartbeat(Wire):

@@ -13,6 +13,9 @@ import pytest
 from nats.aio.client import Client
 
 from tests.support.edges import unavailable
+from tests.support.securenet import SecureNats
+from worker.core.settings import Settings
+from worker.devtools.devauth import ensure_dev_credentials
 from worker.devtools.natsd import NatsServer, find_binary
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
@@ -20,12 +23,29 @@ os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A bare server (no TLS, no users), for tests that do not concern authorization."""
     try:
         find_binary()
     except FileNotFoundError as exc:
         unavailable(str(exc))
     with NatsServer(tmp_path / "jetstream") as server:
         yield server
+
+
+@pytest.fixture
+def secure_nats(tmp_path: Path) -> Iterator[SecureNats]:
+    """A server that requires TLS (a local CA) and nkey users with per-role permissions."""
+    try:
+        find_binary()
+    except FileNotFoundError as exc:
+        unavailable(str(exc))
+    credentials = ensure_dev_credentials(tmp_path / "credentials")
+    with NatsServer(
+        tmp_path / "secure-jetstream",
+        tls=credentials.tls,
+        authorization=credentials.authorization(Settings()),
+    ) as server:
+        yield SecureNats(server, credentials)
 
 
 @pytest.fixture

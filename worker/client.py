@@ -6,12 +6,13 @@ envelope against the body's `node_id`, and check `input_sha256` against the byte
 """
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Container, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -20,8 +21,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from schemas.codec import validate
-from schemas.envelope import EnvelopeType
+from schemas.codec import unpack_map, validate
+from schemas.envelope import EnvelopeType, RawEnvelope, unpack_envelope
 from schemas.errors import SchemaError
 from schemas.event import ErrorEvent
 from schemas.job import Job
@@ -29,7 +30,9 @@ from schemas.limits import JOB_ID_PATTERN
 from schemas.result import ResultBody
 from schemas.snapshot import Snapshot
 from schemas.stream import StreamBody
+from worker.core.credentials import connect_options
 from worker.core.errors import JobFailed, NatsUnreachable, SignatureError
+from worker.core.registry import AdmittedNodes
 from worker.core.settings import Settings
 from worker.core.signing import verify
 
@@ -37,9 +40,16 @@ log = logging.getLogger(__name__)
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
-async def connect(url: str, *, hint: str = "start it or set RESULTITY_NATS_URL") -> Client:
-    """A short-lived client connection for a command: fails within seconds, saying why."""
+async def connect(
+    target: Settings | str, *, hint: str = "start it or set RESULTITY_NATS_URL"
+) -> Client:
+    """A short-lived client connection for a command: fails within seconds, saying why.
+    `target`: the settings (URL, credentials, CA), or a bare URL (no credentials)."""
     errors: list[Exception] = []
+    if isinstance(target, Settings):
+        url, options = target.nats_url, connect_options(target)
+    else:
+        url, options = target, {}
 
     async def on_error(exc: Exception) -> None:
         errors.append(exc)
@@ -48,7 +58,11 @@ async def connect(url: str, *, hint: str = "start it or set RESULTITY_NATS_URL")
         # nats-py keeps retrying a refused first connect whatever the options say.
         async with asyncio.timeout(5):
             return await nats.connect(
-                url.split(","), connect_timeout=2, allow_reconnect=False, error_cb=on_error
+                url.split(","),
+                connect_timeout=2,
+                allow_reconnect=False,
+                error_cb=on_error,
+                **options,
             )
     except Exception as exc:
         last = errors[-1] if errors else exc
@@ -68,7 +82,8 @@ def new_job_id() -> str:
 
 
 async def current_snapshot(nc: Client, settings: Settings) -> Snapshot | None:
-    """The snapshot in the config bucket, verified against the pinned authority keys."""
+    """The snapshot in the config bucket, verified against the pinned authority keys, if it
+    is for the settings' network."""
     try:
         kv = await nc.jetstream().key_value(f"{settings.subject_prefix}_config")
         entry = await kv.get("snapshot")
@@ -81,34 +96,147 @@ async def current_snapshot(nc: Client, settings: Settings) -> Snapshot | None:
         authority_keys=settings.authority_key_bytes(),
         expect=EnvelopeType.CONFIG,
     )
-    return validate(Snapshot, verified.body)
+    snapshot = validate(Snapshot, verified.body)
+    if snapshot.network != settings.network:
+        log.warning(
+            "snapshot_of_another_network network=%s ours=%s", snapshot.network, settings.network
+        )
+        return None
+    return snapshot
 
 
 StreamSink = Callable[[StreamBody], None]
+Signers = Container[bytes] | None
+"""The node keys whose results, stream messages and error events count (the admitted
+nodes), or None: any node's (a network without a registry, `admission_required` off)."""
 
 
 def stream_follower(
-    sink: StreamSink, *, job_id: str, network: str
-) -> Callable[[Msg], Awaitable[None]]:
-    """A subscription callback for `rst.stream.<job_id>`: verifies each message and passes
-    on those of the highest attempt seen (a job that runs again streams again from seq 0);
-    messages that do not verify, or are for another job or network, are dropped."""
+    sink: StreamSink, *, job_id: str, network: str, signers: Signers = None
+) -> Callable[[StreamBody], None]:
+    """A filter for `job_id`'s verified stream messages: passes on those of the highest
+    attempt seen (a job that runs again streams again from seq 0) to `sink`; messages for
+    another job or network are dropped."""
     highest = 0
 
-    async def on_message(msg: Msg) -> None:
+    def on_body(body: StreamBody) -> None:
         nonlocal highest
-        try:
-            body = validate(StreamBody, verify(msg.data, expect=EnvelopeType.STREAM).body)
-        except (SignatureError, SchemaError) as exc:
-            log.debug("stream_message_skipped job_id=%s reason=%s", job_id, exc)
-            return
         if body.job_id != job_id or body.network != network:
             return
         if body.attempt >= highest:
             highest = body.attempt
             sink(body)
 
-    return on_message
+    return on_body
+
+
+async def signers_for(nc: Client, settings: Settings) -> Signers:
+    """The admitted nodes of the settings' network, read once; None when not required."""
+    if not settings.admission_required:
+        return None
+    return await AdmittedNodes(settings).load(nc)
+
+
+@dataclass
+class JobMail:
+    """What the router hands one waiting job: its final error events, its stream."""
+
+    job_id: str
+    on_stream: Callable[[StreamBody], None] | None
+    errors: "asyncio.Queue[ErrorEvent]" = field(default_factory=asyncio.Queue)
+
+
+class Router:
+    """The network's error events and stream messages on one subscription each, routed to
+    the waiting jobs by job id: a message is looked at once, whoever waits. What a message
+    costs, cheapest check first: its envelope's shape and signer (a key not in `signers` is
+    dropped unverified), then whether anyone waits for its job (the stream subject names
+    the job; an error event's body does), and only then its signature.
+
+    `stream_jobs`: the job-id token of the stream subscription (`*`: every job, for a
+    gateway; one job id, for a one-shot client)."""
+
+    def __init__(
+        self, nc: Client, settings: Settings, signers: Signers, *, stream_jobs: str = "*"
+    ) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.signers = signers
+        self._stream_jobs = stream_jobs
+        self._waiting: dict[str, JobMail] = {}
+        self._subs: list[Any] = []
+        self.examined = 0
+        """Messages looked at (each one once, however many jobs wait)."""
+
+    async def start(self) -> "Router":
+        self._subs = [
+            await self.nc.subscribe(
+                self.settings.subject("events", "error", "*"), cb=self._on_error
+            ),
+            await self.nc.subscribe(
+                self.settings.subject("stream", self._stream_jobs), cb=self._on_stream
+            ),
+        ]
+        return self
+
+    async def aclose(self) -> None:
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    @contextlib.contextmanager
+    def mail(
+        self, job_id: str, on_stream: Callable[[StreamBody], None] | None = None
+    ) -> Iterator[JobMail]:
+        mail = JobMail(job_id, on_stream)
+        self._waiting[job_id] = mail
+        try:
+            yield mail
+        finally:
+            if self._waiting.get(job_id) is mail:
+                del self._waiting[job_id]
+
+    def _trusted(self, data: bytes, typ: EnvelopeType) -> RawEnvelope | None:
+        try:
+            env = unpack_envelope(data)
+        except SchemaError:
+            return None
+        if env.typ is not typ or (self.signers is not None and env.key not in self.signers):
+            return None
+        return env
+
+    async def _on_error(self, msg: Msg) -> None:
+        self.examined += 1
+        env = self._trusted(msg.data, EnvelopeType.ERROR)
+        if env is None:
+            return
+        try:
+            job_id = unpack_map(env.body).get("job_id")
+        except SchemaError:
+            return
+        mail = self._waiting.get(job_id) if isinstance(job_id, str) else None
+        if mail is None:
+            return
+        event = _error_event(msg.data, self.signers)
+        if event is not None and event.job_id == mail.job_id:
+            mail.errors.put_nowait(event)
+
+    async def _on_stream(self, msg: Msg) -> None:
+        self.examined += 1
+        mail = self._waiting.get(msg.subject.rpartition(".")[2])
+        if mail is None or mail.on_stream is None:
+            return
+        if self._trusted(msg.data, EnvelopeType.STREAM) is None:
+            return
+        try:
+            verified = verify(msg.data, expect=EnvelopeType.STREAM, signers=self.signers)
+            body = validate(StreamBody, verified.body)
+        except (SignatureError, SchemaError) as exc:
+            log.debug("stream_message_skipped job_id=%s reason=%s", mail.job_id, exc)
+            return
+        if body.job_id == mail.job_id and body.network == self.settings.network:
+            mail.on_stream(body)
 
 
 async def cancel(nc: Client, settings: Settings, job_id: str) -> None:
@@ -126,42 +254,56 @@ async def submit(
     *,
     wait_s: float = 60.0,
     on_stream: StreamSink | None = None,
+    router: Router | None = None,
 ) -> Outcome:
     """Publish `job` and wait for its verified result; raises `JobFailed` on a final error.
-    With `on_stream` (and `stream: true` in the job), partial output is passed on first."""
+    With `on_stream` (and `stream: true` in the job), partial output is passed on first.
+    Only admitted nodes' messages count (`settings.admission_required`). A caller that
+    submits many jobs passes its `router` (started); otherwise one is made for this job."""
     data: bytes = msgpack.packb(job)
     validate(Job, job)
     job_id = job["job_id"]
     js = nc.jetstream()
-    streamed = None
+    own = router is None
+    if router is None:
+        router = await Router(
+            nc, settings, await signers_for(nc, settings), stream_jobs=job_id
+        ).start()
+    follower = None
     if on_stream is not None:
-        streamed = await nc.subscribe(
-            settings.subject("stream", job_id),
-            cb=stream_follower(on_stream, job_id=job_id, network=settings.network),
+        follower = stream_follower(
+            on_stream, job_id=job_id, network=settings.network, signers=router.signers
         )
-    errors = await nc.subscribe(settings.subject("events", "error", "*"))
-    results = await js.subscribe(
-        settings.subject("results", job_id),
-        ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-    )
     try:
-        await js.publish(
-            settings.subject("jobs", job["model_id"]), data, headers={"Nats-Msg-Id": job_id}
-        )
-        async with asyncio.timeout(wait_s):
-            return await _outcome(results, errors, job_id, data, settings.network)
+        with router.mail(job_id, follower) as mail:
+            results = await js.subscribe(
+                settings.subject("results", job_id),
+                ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+            )
+            try:
+                await js.publish(
+                    settings.subject("jobs", job["model_id"]),
+                    data,
+                    headers={"Nats-Msg-Id": job_id},
+                )
+                async with asyncio.timeout(wait_s):
+                    return await _outcome(results, mail, data, settings.network, router.signers)
+            finally:
+                await results.unsubscribe()
     finally:
-        await results.unsubscribe()
-        await errors.unsubscribe()
-        if streamed is not None:
-            await streamed.unsubscribe()
+        if own:
+            await router.aclose()
 
 
-async def _outcome(results: Any, errors: Any, job_id: str, data: bytes, network: str) -> Outcome:
+async def _outcome(
+    results: Any, mail: JobMail, data: bytes, network: str, signers: Signers
+) -> Outcome:
     """The first verified result that attests `data`, or `JobFailed` on the job's final
-    error event. Anyone may publish on these subjects: what does not verify, is for another
-    network or attests other bytes is skipped (and logged), never taken for the answer."""
+    error event. Anyone allowed to publish on these subjects may: what is not from an
+    admitted node, does not verify, is for another network or attests other bytes is
+    skipped (and logged), never taken for the answer."""
+    job_id = mail.job_id
     input_sha256 = hashlib.sha256(data).hexdigest()
     result_task: asyncio.Future[Any] | None = None
     error_task: asyncio.Future[Any] | None = None
@@ -170,25 +312,20 @@ async def _outcome(results: Any, errors: Any, job_id: str, data: bytes, network:
             if result_task is None:
                 result_task = asyncio.ensure_future(results.next_msg(timeout=None))
             if error_task is None:
-                error_task = asyncio.ensure_future(errors.next_msg(timeout=None))
+                error_task = asyncio.ensure_future(mail.errors.get())
             done, _ = await asyncio.wait(
                 {result_task, error_task}, return_when=asyncio.FIRST_COMPLETED
             )
             if result_task in done:
                 envelope = result_task.result().data
                 result_task = None
-                body = _result_body(envelope, job_id, network, input_sha256)
+                body = _result_body(envelope, job_id, network, input_sha256, signers)
                 if body is not None:
                     return Outcome(body, envelope, data)
             if error_task in done:
-                event = _error_event(error_task.result().data)
+                event: ErrorEvent = error_task.result()
                 error_task = None
-                if (
-                    event is not None
-                    and event.job_id == job_id
-                    and event.network == network
-                    and not event.retryable
-                ):
+                if event.network == network and not event.retryable:
                     raise JobFailed(f"{event.code.value}: {event.message}", event.code)
     finally:
         # Also when cancelled (a deadline, a client gone): no read is left pending.
@@ -196,10 +333,11 @@ async def _outcome(results: Any, errors: Any, job_id: str, data: bytes, network:
 
 
 def _result_body(
-    envelope: bytes, job_id: str, network: str, input_sha256: str
+    envelope: bytes, job_id: str, network: str, input_sha256: str, signers: Signers = None
 ) -> ResultBody | None:
     try:
-        body = validate(ResultBody, verify(envelope, expect=EnvelopeType.RESULT).body)
+        verified = verify(envelope, expect=EnvelopeType.RESULT, signers=signers)
+        body = validate(ResultBody, verified.body)
     except (SignatureError, SchemaError) as exc:
         log.warning("result_message_skipped job_id=%s reason=%s", job_id, exc)
         return None
@@ -211,11 +349,12 @@ def _result_body(
     return body
 
 
-def _error_event(data: bytes) -> ErrorEvent | None:
+def _error_event(data: bytes, signers: Signers = None) -> ErrorEvent | None:
     """The signed error event in `data`, or None for anything else on the events subject
-    (anyone may publish there: garbage is skipped, never raised)."""
+    (garbage and strangers' events are skipped, never raised)."""
     try:
-        return validate(ErrorEvent, verify(data, expect=EnvelopeType.ERROR).body)
+        verified = verify(data, expect=EnvelopeType.ERROR, signers=signers)
+        return validate(ErrorEvent, verified.body)
     except (SignatureError, SchemaError) as exc:
         log.debug("events_message_skipped reason=%s", exc)
         return None

@@ -9,8 +9,12 @@ from pathlib import Path
 import nats
 import pytest
 
+from schemas.admission import Admission
+from tests.support.securenet import SecureNats
 from worker.cli.main import main
-from worker.core.signing import load_key_file
+from worker.core.registry import read_record
+from worker.core.roles import Role
+from worker.core.signing import NodeKey, load_key_file
 from worker.devtools.natsd import NatsServer
 from worker.models.store import ModelStore
 from worker.node.snapshots import check_snapshot
@@ -102,3 +106,47 @@ def test_unreachable_nats_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main([*argv, "--nats-url", "nats://127.0.0.1:1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot reach NATS" in err and len(err.splitlines()) == 1
+
+
+def test_admit_and_revoke_a_node_as_the_authority(
+    tmp_path: Path, secure_nats: SecureNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`admit`/`revoke` sign records into the registry with the authority role's
+    credentials; the node role's credentials cannot write it (nats-server refuses)."""
+    authority = tmp_path / "authority.key"
+    assert main(["keygen", "--out", str(authority)]) == 0
+    node = NodeKey.generate()
+    settings = secure_nats.settings(
+        Role.AUTHORITY, authority_keys=(load_key_file(authority).node_id,)
+    )
+    env = {
+        "RESULTITY_NATS_URL": settings.nats_url,
+        "RESULTITY_NATS_CA": str(settings.nats_ca),
+        "RESULTITY_AUTHORITY_KEYS": settings.authority_keys[0],
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(
+        "RESULTITY_NATS_NKEY_SEED_FILE", str(secure_nats.credentials.seeds[Role.NODE])
+    )
+    assert main(["admit", node.node_id, "--key", str(authority)]) == 2  # a node cannot
+
+    monkeypatch.setenv(
+        "RESULTITY_NATS_NKEY_SEED_FILE", str(secure_nats.credentials.seeds[Role.AUTHORITY])
+    )
+    assert main(["admit", node.node_id, "--key", str(authority), "--model", "m1"]) == 0
+
+    async def record() -> Admission | None:
+        nc = await secure_nats.connect(Role.CLIENT)
+        try:
+            return await read_record(nc, settings, node.node_id)
+        finally:
+            await nc.close()
+
+    admitted = asyncio.run(record())
+    assert admitted is not None and admitted.admits(settings.network, admitted.admitted_at, "m1")
+    assert not admitted.admits(settings.network, admitted.admitted_at, "m2")
+    assert main(["revoke", node.node_id, "--key", str(authority)]) == 0
+    revoked = asyncio.run(record())
+    assert revoked is not None and revoked.revoked
+    assert not revoked.admits(settings.network, revoked.admitted_at)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.nats
 async def test_garbage_on_the_events_subject_is_skipped_and_leaves_no_task_behind(
     nats_server: NatsServer, nc: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = Settings(nats_url=nats_server.url)
+    settings = Settings(nats_url=nats_server.url, admission_required=False)
     await ensure_streams(nc.jetstream(), settings)
     node = write_key_file(tmp_path / "node.key")
     job_seen: asyncio.Queue[bytes] = asyncio.Queue()

@@ -26,7 +26,14 @@ from nats.aio.msg import Msg
 
 from schemas.envelope import EnvelopeType
 from schemas.snapshot import Snapshot
-from tests.support.gateway import check_provenance, client, node_settings, serving_node
+from tests.support.gateway import (
+    API_KEY,
+    api_headers,
+    check_provenance,
+    client,
+    node_settings,
+    serving_node,
+)
 from tests.support.polling import wait_for
 from worker.core.logs import quiet_console
 from worker.core.settings import Settings
@@ -143,7 +150,7 @@ async def test_openai_client_through_gateway_and_node(
         assert failed.value.status_code == 502
         assert failed.value.code == "RUNTIME_FAILURE"
 
-        async with httpx.AsyncClient(base_url=url) as http:
+        async with httpx.AsyncClient(base_url=url, headers=api_headers()) as http:
             bad_json = await http.post("/v1/completions", content=b"{not json")
             assert bad_json.status_code == 400 and "error" in bad_json.json()
             huge = await http.post(
@@ -177,7 +184,10 @@ async def test_client_gone_mid_stream_cancels_its_job_and_frees_its_slot(
     model = snapshot.models[0].id
     cancels = await nc.subscribe(settings.subject("cancel", ">"))
     body = {"model": model, "prompt": "x", "stream": True}
-    async with gateway(settings, port=0) as url, httpx.AsyncClient(base_url=url) as http:
+    async with (
+        gateway(settings, port=0) as url,
+        httpx.AsyncClient(base_url=url, headers=api_headers()) as http,
+    ):
         async with http.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200
             job_id = response.headers["x-resultity-job-id"]
@@ -322,6 +332,7 @@ async def test_readme_curl_examples_run(settings: Settings, snapshot: Snapshot, 
                 command,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                env=os.environ | {"RESULTITY_API_KEY": API_KEY},
             )
             out, err = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode == 0, (example, out, err)
@@ -349,6 +360,8 @@ async def test_gateway_command_serves_until_sigterm(settings: Settings, snapshot
     env |= {
         "RESULTITY_NATS_URL": settings.nats_url,
         "RESULTITY_AUTHORITY_KEYS": ",".join(settings.authority_keys),
+        "RESULTITY_GATEWAY_API_KEYS_FILE": str(settings.gateway_api_keys_file),
+        "RESULTITY_ADMISSION_REQUIRED": "0",
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -365,7 +378,7 @@ async def test_gateway_command_serves_until_sigterm(settings: Settings, snapshot
         line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
         url = re.search(r"(http://\S+)/v1 ", line)
         assert url, line
-        async with httpx.AsyncClient(base_url=url.group(1)) as http:
+        async with httpx.AsyncClient(base_url=url.group(1), headers=api_headers()) as http:
             models = (await http.get("/v1/models")).json()
         assert [m["id"] for m in models["data"]] == [snapshot.models[0].id]
     finally:

@@ -40,6 +40,8 @@ def agent_env(settings: Settings, authority: NodeKey) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RESULTITY_")}
     env.update(
         RESULTITY_NATS_URL=settings.nats_url,
+        RESULTITY_NATS_INSECURE="1",
+        RESULTITY_ADMISSION_REQUIRED="0",
         RESULTITY_KEY_FILE=str(settings.key_file),
         RESULTITY_AUTHORITY_KEYS=authority.node_id,
         RESULTITY_CACHE_DIR=str(settings.cache_dir),

@@ -15,7 +15,7 @@ from schemas.envelope import (
 )
 from schemas.errors import SchemaError
 from worker.core.errors import SignatureError
-from worker.core.signing import NodeKey, verify
+from worker.core.signing import AUTHORITY_TYPES, NodeKey, verify
 
 NODE = NodeKey.from_seed(bytes(range(32)))
 AUTHORITY = NodeKey.from_seed(bytes(range(1, 33)))
@@ -173,7 +173,7 @@ typs = st.sampled_from(list(EnvelopeType))
 
 
 def sign_for(typ: EnvelopeType, body: dict[str, Any]) -> tuple[bytes, list[bytes]]:
-    if typ == EnvelopeType.CONFIG:
+    if typ in AUTHORITY_TYPES:
         return AUTHORITY.sign(typ, body), [AUTHORITY.public_key]
     return NODE.sign(typ, body | {"node_id": NODE.node_id}), []
 
@@ -183,10 +183,10 @@ def sign_for(typ: EnvelopeType, body: dict[str, Any]) -> tuple[bytes, list[bytes
 def test_round_trip(typ: EnvelopeType, body: dict[str, Any]) -> None:
     data, authorities = sign_for(typ, body)
     verified = verify(data, authority_keys=authorities, expect=typ)
-    expected = body if typ == EnvelopeType.CONFIG else body | {"node_id": NODE.node_id}
+    expected = body if typ in AUTHORITY_TYPES else body | {"node_id": NODE.node_id}
     assert verified.body == expected
     assert verified.raw_body == fields(data)["body"]
-    assert verified.key == (AUTHORITY if typ == EnvelopeType.CONFIG else NODE).public_key
+    assert verified.key == (AUTHORITY if typ in AUTHORITY_TYPES else NODE).public_key
 
 
 def flip(value: bytes, bit: int) -> bytes:
@@ -204,7 +204,7 @@ def test_flipping_any_bit_fails(
     data, authorities = sign_for(typ, body)
     env = fields(data)
     env[part] = flip(env[part], bit)
-    if part == "key" and typ == EnvelopeType.CONFIG:
+    if part == "key" and typ in AUTHORITY_TYPES:
         authorities = [*authorities, env["key"]]  # even a trusted key must match the signature
     with pytest.raises(SignatureError):
         verify(msgpack.packb(env, use_bin_type=True), authority_keys=authorities)

@@ -13,6 +13,7 @@ from worker.devtools import settingsdoc
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {
+    "admission",
     "job",
     "params",
     "result_body",

@@ -1,5 +1,6 @@
-"""Chaos helpers: a 3-server NATS cluster on loopback, agents as subprocesses, a steady job
-publisher, and the checker that every job ended with exactly one verified outcome."""
+"""Chaos helpers: a 3-server NATS cluster on loopback (TLS for clients and routes, a user
+per role, as `dev` runs NATS), agents as subprocesses, a steady job publisher, and the
+checker that every job ended with exactly one verified outcome."""
 
 import asyncio
 import contextlib
@@ -25,8 +26,11 @@ from schemas.codec import validate
 from schemas.event import ErrorEvent
 from schemas.result import ResultBody
 from tests.support.jobnet import read_all
+from worker.core.credentials import connect_options
+from worker.core.roles import Role
 from worker.core.settings import Settings
 from worker.core.signing import verify
+from worker.devtools.devauth import DevCredentials
 from worker.devtools.natsd import NatsServer
 from worker.runtime.container import runtime_containers
 
@@ -49,9 +53,11 @@ def free_ports(count: int) -> list[int]:
 
 
 class Cluster:
-    """Three clustered nats-server processes with JetStream (file storage), on loopback."""
+    """Three clustered nats-server processes with JetStream (file storage), on loopback;
+    TLS (clients and routes) and per-role users from `credentials`."""
 
-    def __init__(self, root: Path, size: int = 3) -> None:
+    def __init__(self, root: Path, credentials: DevCredentials, size: int = 3) -> None:
+        self.credentials = credentials
         ports = free_ports(2 * size)
         client_ports, route_ports = ports[:size], ports[size:]
         routes = [f"nats-route://127.0.0.1:{p}" for p in route_ports]
@@ -63,6 +69,8 @@ class Cluster:
                 cluster_port=route_ports[i],
                 routes=[r for j, r in enumerate(routes) if j != i],
                 cluster_name="chaos",
+                tls=credentials.tls,
+                authorization=credentials.authorization(Settings()),
             )
             for i in range(size)
         ]
@@ -79,9 +87,19 @@ class Cluster:
         for server in self.servers:
             server.stop()
 
+    def settings(self, settings: Settings, role: Role) -> Settings:
+        return self.credentials.settings_for(settings, role)
+
+    async def connect(self, role: Role) -> Client:
+        """A connection as `role` that rides out server kills."""
+        options = connect_options(self.settings(Settings(), role))
+        return await nats.connect(
+            self.urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2, **options
+        )
+
     async def wait_jetstream(self, timeout: float = 60.0) -> None:
         """Until the cluster has a JetStream meta leader (account info answers)."""
-        nc = await nats.connect(self.urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        nc = await self.connect(Role.AUTHORITY)
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -177,12 +195,15 @@ class AgentProc:
         return ""
 
 
-def agent_env(settings: Settings, home: Path, node_key: Path, urls: list[str]) -> dict[str, str]:
-    """The environment of one agent subprocess: only RESULTITY_* and what Python needs."""
+def agent_env(settings: Settings, home: Path, node_key: Path, cluster: Cluster) -> dict[str, str]:
+    """The environment of one agent subprocess: only RESULTITY_* and what Python needs; the
+    node role's credentials and the CA."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RESULTITY_")}
     env.update(
         {
-            "RESULTITY_NATS_URL": ",".join(urls),
+            "RESULTITY_NATS_URL": ",".join(cluster.urls),
+            "RESULTITY_NATS_CA": str(cluster.credentials.tls.ca),
+            "RESULTITY_NATS_NKEY_SEED_FILE": str(cluster.credentials.seeds[Role.NODE]),
             "RESULTITY_KEY_FILE": str(node_key),
             "RESULTITY_AUTHORITY_KEYS": ",".join(settings.authority_keys),
             "RESULTITY_CACHE_DIR": str(home / "cache"),

@@ -20,12 +20,20 @@ from worker.core.signing import NodeKey
 from worker.devtools.natsd import NatsServer
 from worker.node.agent import Agent
 
+API_KEY = "rst-test-gateway-key"
+OTHER_API_KEY = "rst-test-other-key"
+
 
 def node_settings(
     nats_server: NatsServer, tmp_path: Path, authority: NodeKey, **extra: Any
 ) -> Settings:
-    """A node homed in `tmp_path` that trusts `authority`, its runtime a local process."""
+    """A node homed in `tmp_path` that trusts `authority`, its runtime a local process; the
+    gateway on these settings takes `API_KEY`."""
+    keys = tmp_path / "gateway.keys"
+    if not keys.exists():
+        keys.write_text(f"{OTHER_API_KEY}\n{API_KEY}\n")
     values: dict[str, Any] = {
+        "gateway_api_keys_file": keys,
         "nats_url": nats_server.url,
         "authority_keys": (authority.node_id,),
         "runtime_backend": "process",
@@ -43,9 +51,14 @@ async def serving_node(settings: Settings, timeout: float = 60) -> AsyncIterator
         yield agent
 
 
-def client(url: str) -> openai.AsyncOpenAI:
-    """The official client for the gateway at `url`, without retries."""
-    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+def client(url: str, api_key: str = "") -> openai.AsyncOpenAI:
+    """The official client for the gateway at `url` with an API key, without retries."""
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key or API_KEY, max_retries=0)
+
+
+def api_headers(api_key: str = "") -> dict[str, str]:
+    """The header of an authorized plain HTTP request to the gateway."""
+    return {"Authorization": f"Bearer {api_key or API_KEY}"}
 
 
 def verify_cli(envelope_b64: str) -> dict[str, Any]:

@@ -13,13 +13,17 @@ from schemas.envelope import EnvelopeType
 from schemas.snapshot import ModelSpec
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
+from worker.jobs.provision import consumer_name
 
 FINAL = ("Hello", " world")
 
 
 async def play_node(nc: Client, settings: Settings, model: ModelSpec) -> str:
     js = nc.jetstream()
-    sub = await js.pull_subscribe(settings.subject("jobs", model.id), durable="gateway-test")
+    # The network provisioned the model's job consumer (a work queue allows one).
+    sub = await js.pull_subscribe_bind(
+        consumer_name(settings, model.id), stream=settings.stream("JOBS")
+    )
     [msg] = await sub.fetch(1, timeout=30)
     job = msgpack.unpackb(msg.data)
     job_id = job["job_id"]

@@ -34,7 +34,11 @@ def make_settings(
     With `home`, the node's files live there: a node key file (written once), and the
     cache and state directories. With `fast_runtime`, the `FAST_RUNTIME` deadlines.
     """
-    values: dict[str, Any] = dict(FAST_RUNTIME) if fast_runtime else {}
+    # Tests that do not concern bus security run against a bare local nats-server, with no
+    # node registry.
+    values: dict[str, Any] = {"nats_insecure": True, "admission_required": False}
+    if fast_runtime:
+        values |= FAST_RUNTIME
     if home is not None:
         key_file = home / "node.key"
         if not key_file.exists():

@@ -32,9 +32,11 @@ from tests.support.chaoskit import (
 )
 from tests.support.edges import unavailable
 from tests.support.polling import wait_for
+from worker.core.roles import Role
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, write_key_file
-from worker.devtools.devnet import DevPlan, seed_network
+from worker.devtools.devauth import ensure_dev_credentials
+from worker.devtools.devnet import DevPlan, admit_node, seed_network
 from worker.devtools.natsd import find_binary
 from worker.node.snapshots import config_bucket
 
@@ -216,32 +218,38 @@ async def test_chaos_exactly_one_outcome_per_job(
     except FileNotFoundError as exc:
         unavailable(str(exc))
     started = time.monotonic()
-    cluster = Cluster(tmp_path / "nats")
+    # NATS as `dev` runs it: TLS for clients and routes, a user per role; the harness reads
+    # the streams as the authority and publishes jobs as a client, the agents are nodes.
+    cluster = Cluster(tmp_path / "nats", ensure_dev_credentials(tmp_path / "credentials"))
     await asyncio.to_thread(cluster.start)
     agents: list[AgentProc] = []
     nc: Client | None = None
+    client_nc: Client | None = None
     try:
         await cluster.wait_jetstream()
         authority = NodeKey.generate()
         settings = chaos_settings(tmp_path, cluster.urls, authority)
-        nc = await nats.connect(cluster.urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        nc = await cluster.connect(Role.AUTHORITY)
+        client_nc = await cluster.connect(Role.CLIENT)
         await replicated_buckets(nc, settings)
         plan = DevPlan(tmp_path / "dev", 0, "echo", "docker", "hi")
-        snapshot = await seed_network(settings, authority, plan, version=1)
+        authority_settings = cluster.settings(settings, Role.AUTHORITY)
+        snapshot = await seed_network(authority_settings, authority, plan, version=1)
         model = snapshot.models[0].id
         logs = tmp_path / "logs"
         logs.mkdir()
         for i in range(AGENTS):
             home = tmp_path / f"agent{i}"
             key = write_key_file(home / "node.key")
-            env = agent_env(settings, home, home / "node.key", cluster.urls)
+            await admit_node(authority_settings, authority, key.node_id)
+            env = agent_env(settings, home, home / "node.key", cluster)
             agents.append(AgentProc(f"agent{i}", env, logs, key.node_id))
         for agent in agents:
             agent.start()
-        await wait_serving(nc, settings, agents)
+        await wait_serving(client_nc, settings, agents)
         ready_s = time.monotonic() - started
 
-        publisher = LoadPublisher(nc, settings, model, RATE, MAX_JOBS)
+        publisher = LoadPublisher(client_nc, settings, model, RATE, MAX_JOBS)
         chaos = Chaos(cluster, agents, docker_client)
         load = asyncio.create_task(publisher.run())
         chaos_started = time.monotonic()
@@ -330,6 +338,7 @@ async def test_chaos_exactly_one_outcome_per_job(
             runtime_containers_of, docker_client, [a.node_id for a in agents]
         ):
             await asyncio.to_thread(container.remove, force=True)
-        if nc is not None:
-            await nc.close()
+        for connection in (nc, client_nc):
+            if connection is not None:
+                await connection.close()
         await asyncio.to_thread(cluster.stop)

@@ -12,12 +12,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 
 from tests.support.edges import unavailable
 from tests.support.polling import wait_until
-from worker.client import Outcome, new_job_id, submit
+from worker.client import Outcome, connect, new_job_id, submit
 from worker.core.settings import Settings
 from worker.devtools.stack import COMPOSE_FILE, OBSERVABILITY, Stack, prepare
 from worker.runtime.container import runtime_containers
@@ -42,8 +41,14 @@ def _logs(stack: Stack, project: str) -> str:
 
 
 async def _submit(url: str, stack: Stack, prompt: str) -> Outcome:
-    settings = Settings(nats_url=url, authority_keys=(stack.authority_id,))
-    nc = await nats.connect(url, connect_timeout=5)
+    """As a client on the host: TLS with the stack's CA, the client role's nkey."""
+    settings = Settings(
+        nats_url=url,
+        authority_keys=(stack.authority_id,),
+        nats_ca=stack.dir / "tls" / "ca.pem",
+        nats_nkey_seed_file=stack.dir / "creds" / "client.nk",
+    )
+    nc = await connect(settings)
     try:
         job = {
             "job_id": new_job_id(),
@@ -98,7 +103,7 @@ def test_compose_stack_serves_a_verified_result_from_the_host(
         host, port = _compose(stack, project, "port", "nats", "4222").strip().rsplit(":", 1)
         assert host == "127.0.0.1"
         try:
-            outcome = asyncio.run(_submit(f"nats://127.0.0.1:{port}", stack, "compose says hi"))
+            outcome = asyncio.run(_submit(f"tls://127.0.0.1:{port}", stack, "compose says hi"))
         except TimeoutError as exc:
             raise AssertionError(f"no result:\n{_logs(stack, project)}") from exc
         # submit() has verified the signature and the input hash; the signer is our node.

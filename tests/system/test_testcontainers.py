@@ -120,7 +120,9 @@ def test_agent_image_serves_jobs_published_from_the_host(
         .with_exposed_ports(4222) as nats_container,
     ):
         url = f"nats://127.0.0.1:{nats_container.get_exposed_port(4222)}"
-        settings = Settings(nats_url=url, authority_keys=(authority.node_id,))
+        settings = Settings(
+            nats_url=url, authority_keys=(authority.node_id,), admission_required=False
+        )
         asyncio.run(_play_network(settings, authority, model, runtime_image))
 
         agent = (
@@ -128,6 +130,8 @@ def test_agent_image_serves_jobs_published_from_the_host(
             .with_network(network)
             .with_command("run")
             .with_env("RESULTITY_NATS_URL", "nats://nats:4222")
+            .with_env("RESULTITY_NATS_INSECURE", "1")
+            .with_env("RESULTITY_ADMISSION_REQUIRED", "0")
             .with_env("RESULTITY_AUTHORITY_KEYS", authority.node_id)
             .with_env("RESULTITY_CACHE_DIR", str(cache))
             .with_volume_mapping(str(tmp_path / "node_key"), "/run/secrets/node_key", "ro")

@@ -92,6 +92,7 @@ def vectors() -> list[dict[str, Any]]:
     }
     event = {"node_id": node_b, "kind": "started", "at": 1700000000.0, "details": {}}
     config = {"version": 1, "issued_at": 1700000000.0, "models": [], "runtime": {}}
+    admission = {"node_id": node, "network": "devnet", "admitted_at": 1700000000.0}
     stream = {
         "job_id": "job-1",
         "node_id": node,
@@ -106,6 +107,11 @@ def vectors() -> list[dict[str, Any]]:
         vector("event", "node-b", "event", event),
         vector("config", "authority", "config", config, authority=(authority,)),
         vector("stream", "node-a", "stream", stream),
+        vector("admission", "authority", "admission", admission, authority=(authority,)),
+        vector(
+            "admission-by-the-node", "node-a", "admission", admission, authority=(authority,),
+            expect="fail",
+        ),
         vector("result-body-tampered", "node-a", "result", result, tamper="body", expect="fail"),
         vector("event-sig-tampered", "node-b", "event", event, tamper="sig", expect="fail"),
         vector("typ-swapped", "node-a", "error", error, sign_typ="result", expect="fail"),

@@ -1,7 +1,9 @@
-"""Network-side commands: sign and publish configuration snapshots, publish models.
+"""Network-side commands: sign and publish configuration snapshots, publish models, admit
+and revoke nodes.
 
-`config sign`, `config publish` and `models publish` are what a network operator runs; a
-node never needs them. Output meant for pasting goes to stdout, progress to stderr.
+`config sign`, `config publish`, `models publish`, `admit` and `revoke` are what a network's
+authority runs (with the authority role's NATS credentials); a node never needs them.
+Output meant for pasting goes to stdout, progress to stderr.
 """
 
 import argparse
@@ -9,6 +11,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,12 @@ from worker.cli.base import CliError, add_command
 from worker.client import connect
 from worker.core.errors import ConfigRejected, SignatureError
 from worker.core.progress import ProgressReport
+from worker.core.registry import (
+    publish_record,
+    registry_bucket,
+    sign_admission,
+    sign_revocation,
+)
 from worker.core.settings import Settings
 from worker.core.signing import check_signature, load_key_file, parse_public_key
 from worker.models import objectstore
@@ -66,9 +75,11 @@ def cmd_config_sign(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _connect(url: str) -> Any:
-
-    return await connect(url, hint="start it or pass --nats-url")
+async def _connect(settings: Settings, url: str) -> Any:
+    """A connection with the settings' credentials and CA, to `url` (`--nats-url`)."""
+    return await connect(
+        settings.model_copy(update={"nats_url": url}), hint="start it or pass --nats-url"
+    )
 
 
 def cmd_config_publish(args: argparse.Namespace) -> int:
@@ -89,7 +100,7 @@ def cmd_config_publish(args: argparse.Namespace) -> int:
     bucket = config_bucket(settings)
 
     async def publish() -> int:
-        nc = await _connect(url)
+        nc = await _connect(settings, url)
         try:
             revision: int = await publish_snapshot(
                 nc, bucket, data, replicas=settings.stream_replicas
@@ -114,7 +125,7 @@ def cmd_models_publish(args: argparse.Namespace) -> int:
     size = path.stat().st_size
 
     async def upload() -> Any:
-        nc = await _connect(url)
+        nc = await _connect(settings, url)
         try:
             return await objectstore.put_file(
                 nc.jetstream(), bucket, name, path, progress=ProgressReport(size, "model_upload")
@@ -140,7 +151,74 @@ def cmd_models_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _authority_key(path: str | None) -> Any:
+    if not path:
+        raise CliError("pass --key, the authority key file that signs the record")
+    return load_key_file(Path(path))
+
+
+def cmd_admit(args: argparse.Namespace) -> int:
+    node_id = parse_public_key(args.node_id).hex()
+    key = _authority_key(args.key)
+    settings = Settings()
+    expires_at = time.time() + args.expires_in_days * 86400 if args.expires_in_days else None
+    envelope = sign_admission(
+        key, node_id, settings.network, expires_at=expires_at, models=args.model or None
+    )
+    revision = asyncio.run(_publish_record(settings, args.nats_url, node_id, envelope))
+    sys.stdout.write(
+        f"admitted node {node_id} to {settings.network} (registry {registry_bucket(settings)} "
+        f"revision {revision})\n"
+    )
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    node_id = parse_public_key(args.node_id).hex()
+    key = _authority_key(args.key)
+    settings = Settings()
+    envelope = sign_revocation(key, node_id, settings.network)
+    revision = asyncio.run(_publish_record(settings, args.nats_url, node_id, envelope))
+    sys.stdout.write(
+        f"revoked node {node_id} on {settings.network} (registry {registry_bucket(settings)} "
+        f"revision {revision})\n"
+    )
+    return 0
+
+
+async def _publish_record(settings: Settings, url: str | None, node_id: str, data: bytes) -> int:
+    nc = await _connect(settings, url or settings.nats_url)
+    try:
+        return await publish_record(nc, settings, node_id, data)
+    finally:
+        await nc.close()
+
+
+def _register_registry(sub: Any) -> None:
+    for name, what, handler in (
+        ("admit", "admit a node to the network: sign its record into the registry", cmd_admit),
+        ("revoke", "revoke a node: sign a revocation record into the registry", cmd_revoke),
+    ):
+        p = add_command(
+            sub,
+            name,
+            f"network side: {what}",
+            f"RESULTITY_NATS_NKEY_SEED_FILE=authority.nk resultity-node {name} <node id> "
+            "--key authority.key",
+        )
+        p.add_argument("node_id", help="the node's id (hex of its Ed25519 public key)")
+        p.add_argument("--key", required=True, help="authority key file (made by 'keygen')")
+        p.add_argument("--nats-url", help="NATS URL (default: RESULTITY_NATS_URL)")
+        if name == "admit":
+            p.add_argument("--expires-in-days", type=float, help="the admission expires then")
+            p.add_argument(
+                "--model", action="append", default=[], help="a model it may serve; repeatable"
+            )
+        p.set_defaults(handler=handler)
+
+
 def register(sub: Any) -> None:
+    _register_registry(sub)
     config = add_command(
         sub,
         "config",

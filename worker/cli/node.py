@@ -64,7 +64,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     settings = Settings()
 
     async def go() -> None:
-        nc = await connect(settings.nats_url)
+        nc = await connect(settings)
         try:
             await provision(nc.jetstream(), settings, list(args.model))
         finally:
@@ -82,7 +82,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     node_id = args.node or network.node_id or load_key_file(settings.key_file).node_id
 
     async def go() -> Any:
-        nc = await connect(settings.nats_url)
+        nc = await connect(settings)
         try:
             reply = await nc.request(settings.subject("nodes", node_id, "status"), b"", timeout=3)
         except Exception as exc:

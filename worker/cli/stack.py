@@ -40,6 +40,9 @@ def register(sub: Any) -> None:
     p.add_argument("--image", required=True, help="runtime image to pin: sha256:<image id>")
     p.add_argument("--engine", default="echo", choices=("echo", "vllm"), help="demo engine")
     p.add_argument("--home", default="/var/lib/resultity/seed", help="demo model workspace")
+    p.add_argument(
+        "--admit", action="append", default=[], help="node id to admit to the network; repeatable"
+    )
     p.set_defaults(handler=_cmd_seed)
 
 
@@ -70,7 +73,13 @@ def _cmd_prepare(args: Any) -> int:
 
 def _cmd_seed(args: Any) -> int:
     version = asyncio.run(
-        seed(Path(args.home), Path(args.authority_key), args.image, engine=args.engine)
+        seed(
+            Path(args.home),
+            Path(args.authority_key),
+            args.image,
+            engine=args.engine,
+            admit=tuple(args.admit),
+        )
     )
     sys.stdout.write(f"snapshot {version} published\n")
     return 0

@@ -23,9 +23,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         params["temperature"] = args.temperature
 
     async def go() -> Any:
-        nc = await connect(
-            settings.nats_url, hint="start 'resultity-node dev' or set RESULTITY_NATS_URL"
-        )
+        nc = await connect(settings, hint="start 'resultity-node dev' or set RESULTITY_NATS_URL")
         try:
             model = args.model
             if model is None:

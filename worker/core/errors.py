@@ -12,11 +12,13 @@ NodeError
 │   │   ├── RuntimeBroken           the pipe broke mid-frame, or the runtime sent garbage
 │   │   └── RuntimeTimeout          no answer (or no write) within its deadline
 │   ├── OutputMalformed         the runtime answered, but not with a valid outcome for a job
-│   └── ModelUnavailable        a model's source is missing or unreachable after retries
+│   ├── ModelUnavailable        a model's source is missing or unreachable after retries
+│   └── NotAdmitted             the node registry does not admit this node (it serves nothing)
 └── Final                   no retry can succeed
     ├── ResourceClosed          a component was used after it was closed (or reopened)
     ├── KeyFileError            the node key file is missing, unsafe or malformed
     ├── SignatureError          an envelope does not verify (bad sig, untrusted key, bad shape)
+    │   └── UntrustedSigner         signed by a node that is not admitted (refused unverified)
     ├── JobRejected             a job that can never succeed (terminated, not retried)
     │   ├── BadRequest              malformed, oversized or invalid payload
     │   ├── UnknownModel            the job names a model this node does not serve
@@ -97,6 +99,10 @@ class ModelUnavailable(Retryable):
     pass
 
 
+class NotAdmitted(Retryable):
+    pass
+
+
 class ResourceClosed(Final):
     pass
 
@@ -106,6 +112,10 @@ class KeyFileError(Final):
 
 
 class SignatureError(Final):
+    pass
+
+
+class UntrustedSigner(SignatureError):
     pass
 
 
@@ -191,9 +201,11 @@ WIRE: dict[type[NodeError], ErrorCode] = {
     RuntimeTimeout: ErrorCode.RUNTIME_FAILURE,
     OutputMalformed: ErrorCode.OUTPUT_MALFORMED,
     ModelUnavailable: ErrorCode.MODEL_INVALID,
+    NotAdmitted: ErrorCode.INTERNAL,
     ResourceClosed: ErrorCode.INTERNAL,
     KeyFileError: ErrorCode.INTERNAL,
     SignatureError: ErrorCode.INTERNAL,
+    UntrustedSigner: ErrorCode.INTERNAL,
     JobRejected: ErrorCode.INTERNAL,
     BadRequest: ErrorCode.BAD_REQUEST,
     UnknownModel: ErrorCode.UNKNOWN_MODEL,

@@ -26,6 +26,27 @@ class Settings(BaseSettings):
     nats_url: str = Field(
         "nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated"
     )
+    nats_creds: Path | None = Field(
+        None, description="NATS credentials file (`.creds`: user JWT and nkey seed) to connect with"
+    )
+    nats_nkey_seed_file: Path | None = Field(
+        None,
+        description="file holding this participant's NATS nkey user seed (`SU...`, mode 0600), "
+        "when the network gave an nkey rather than a `.creds` file",
+    )
+    nats_ca: Path | None = Field(
+        None,
+        description="CA certificate (PEM) that the NATS servers' TLS certificates must chain to",
+    )
+    nats_insecure: bool = Field(
+        False,
+        description="let the node connect over a plaintext `nats://` URL (development only)",
+    )
+    admission_required: bool = Field(
+        True,
+        description="a node serves only while the node registry admits it, and clients and the "
+        "gateway accept results, stream messages and error events only from admitted nodes",
+    )
     network: str = Field(
         DEFAULT_NETWORK,
         pattern=NETWORK_PATTERN,
@@ -191,6 +212,11 @@ class Settings(BaseSettings):
     )
     gateway_body_timeout_s: float = Field(
         10.0, gt=0, description="time a client has to send its whole request body; then 408"
+    )
+    gateway_api_keys_file: Path | None = Field(
+        None,
+        description="file of the API keys the gateway accepts (`Authorization: Bearer`), one a "
+        "line; the gateway does not start without one",
     )
 
     @field_validator("gpus", mode="before")

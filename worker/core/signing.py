@@ -6,7 +6,7 @@ by group or others. The seed never appears in a repr, log line or error message.
 
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from schemas.envelope import (
     unpack_envelope,
 )
 from schemas.errors import SchemaError
-from worker.core.errors import KeyFileError, SignatureError
+from worker.core.errors import KeyFileError, SignatureError, UntrustedSigner
 
 MAX_KEY_FILE_BYTES = 4096
 
@@ -159,17 +159,25 @@ def check_signature(env: RawEnvelope) -> None:
         raise SignatureError(f"{env.typ.value} envelope signature does not verify") from exc
 
 
+AUTHORITY_TYPES = frozenset({EnvelopeType.CONFIG, EnvelopeType.ADMISSION})
+"""Envelopes an authority signs; every other type is signed by the node it names."""
+
+
 def verify(
     data: bytes,
     *,
     authority_keys: Iterable[bytes] = (),
     expect: EnvelopeType | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    signers: Container[bytes] | None = None,
 ) -> Verified:
     """Verify an envelope, then decode its body.
 
-    `config` envelopes must be signed by one of `authority_keys`; every other type by the
-    node whose hex public key is the body's `node_id`. Raises `SignatureError` only.
+    `config` and `admission` envelopes must be signed by one of `authority_keys`; every
+    other type by the node whose hex public key is the body's `node_id`. With `signers`
+    (the admitted nodes), a node envelope whose key is not among them is refused before
+    its signature is checked: a flood of strangers' messages costs no verification.
+    Raises `SignatureError` only.
     """
     try:
         env = unpack_envelope(data, max_bytes=max_bytes)
@@ -177,15 +185,18 @@ def verify(
         raise SignatureError(f"not a valid envelope: {exc}") from exc
     if expect is not None and env.typ != expect:
         raise SignatureError(f"expected a {expect.value} envelope, got {env.typ.value}")
-    if env.typ == EnvelopeType.CONFIG and env.key not in set(authority_keys):
+    by_authority = env.typ in AUTHORITY_TYPES
+    if by_authority and env.key not in set(authority_keys):
         raise SignatureError(
-            f"config signed by {env.key.hex()}, which is not a trusted authority key"
+            f"{env.typ.value} signed by {env.key.hex()}, which is not a trusted authority key"
         )
+    if not by_authority and signers is not None and env.key not in signers:
+        raise UntrustedSigner(f"{env.typ.value} signed by {env.key.hex()}, not an admitted node")
     check_signature(env)
     try:
         body = unpack_map(env.body, max_bytes=max_bytes)
     except SchemaError as exc:
         raise SignatureError(f"signed body is not a msgpack map: {exc}") from exc
-    if env.typ != EnvelopeType.CONFIG and body.get("node_id") != env.key.hex():
+    if not by_authority and body.get("node_id") != env.key.hex():
         raise SignatureError("body node_id does not match the signing key")
     return Verified(env.typ, env.key, body, env.body)

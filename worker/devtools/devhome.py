@@ -4,8 +4,15 @@
 its network is up, and removes it when it stops (a home that group or others may write is
 refused: `make_home`):
 
-    {"network": "dev", "nats_url": "nats://127.0.0.1:4222", "authority_keys": ["<hex>"],
-     "node_id": "<hex>", "key_file": "<home>/node.key", "subject_prefix": "rst"}
+    {"network": "dev", "nats_url": "tls://127.0.0.1:4222", "authority_keys": ["<hex>"],
+     "node_id": "<hex>", "key_file": "<home>/node.key", "subject_prefix": "rst",
+     "nats_nkey_seed_file": "<home>/creds/client.nk", "nats_ca": "<home>/tls/ca.pem",
+     "gateway_api_keys_file": "<home>/gateway.keys",
+     "gateway_url": "http://127.0.0.1:8000/v1", "gateway_api_key": "rst-..."}
+
+The client's credentials (the `client` role's nkey seed, the dev CA) come with it; the
+gateway's URL and API key let the official `openai` client talk to the dev gateway
+(`OpenAI(base_url=..., api_key=...)`).
 
 Every client command (`submit`, `status`, `verify`, the gateway) takes its settings from
 `client_settings()`: when `RESULTITY_NATS_URL` is unset and that file exists, its values
@@ -31,7 +38,15 @@ log = logging.getLogger(__name__)
 DEFAULT_DEV_HOME = DEFAULT_HOME / "dev"
 CLIENT_FILE = "client.json"
 HOME_VARIABLE = "RESULTITY_DEV_HOME"
-SHARED_SETTINGS = ("nats_url", "authority_keys", "key_file", "subject_prefix")
+SHARED_SETTINGS = (
+    "nats_url",
+    "authority_keys",
+    "key_file",
+    "subject_prefix",
+    "nats_nkey_seed_file",
+    "nats_ca",
+    "gateway_api_keys_file",
+)
 """The settings a dev network hands to its clients."""
 
 
@@ -81,14 +96,20 @@ def check_home(home: Path) -> None:
         )
 
 
-def write_client_file(home: Path, settings: Settings, node_id: str) -> Path:
+def write_client_file(
+    home: Path,
+    settings: Settings,
+    node_id: str,
+    gateway_url: str | None = None,
+    gateway_api_key: str | None = None,
+) -> Path:
     """Tell client commands how to reach the dev network whose home is `home`.
 
     Written to a fresh temp file (`O_EXCL|O_NOFOLLOW`: a link planted there is never
     followed) renamed over `client.json` (a rename replaces a link, never its target)."""
     check_home(home)
     path = home / CLIENT_FILE
-    body = {
+    body: dict[str, Any] = {
         "network": "dev",
         "nats_url": settings.nats_url,
         "authority_keys": list(settings.authority_keys),
@@ -96,6 +117,14 @@ def write_client_file(home: Path, settings: Settings, node_id: str) -> Path:
         "key_file": str(settings.key_file),
         "subject_prefix": settings.subject_prefix,
     }
+    for name in ("nats_nkey_seed_file", "nats_ca", "gateway_api_keys_file"):
+        value = getattr(settings, name)
+        if value is not None:
+            body[name] = str(value)
+    if gateway_url is not None:
+        body["gateway_url"] = gateway_url
+    if gateway_api_key is not None:
+        body["gateway_api_key"] = gateway_api_key
     tmp = home / f".{CLIENT_FILE}.{secrets.token_hex(4)}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o600)

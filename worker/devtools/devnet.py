@@ -30,17 +30,21 @@ from schemas.envelope import EnvelopeType
 from schemas.job import MODEL_ID_PATTERN, Prompted
 from schemas.node import NodeState
 from schemas.snapshot import ModelSpec, Snapshot
-from worker.client import Outcome, new_job_id, submit
+from worker.client import Outcome, connect, new_job_id, submit
+from worker.core.credentials import connect_options
 from worker.core.errors import NodeError
 from worker.core.gcpolicy import tune_for_serving
 from worker.core.logs import STEP_LOGGER
+from worker.core.registry import publish_record, sign_admission
+from worker.core.roles import Role
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey, load_key_file, write_key_file
 from worker.devtools.demomodel import ModelKind, make_demo_model, write_archive
+from worker.devtools.devauth import DevCredentials, ensure_dev_credentials
 from worker.devtools.devhome import make_home, remove_client_file, write_client_file
 from worker.devtools.images import BuildStep, ensure_image_async
 from worker.devtools.natsd import NatsServer
-from worker.jobs.provision import ensure_streams
+from worker.jobs.provision import ensure_streams, provision
 from worker.models.objectstore import put_file
 from worker.models.store import ModelStore
 from worker.node.agent import Agent, handle_signals
@@ -290,7 +294,7 @@ async def seed_network(
         "engine": plan.engine,
         "engine_args": {},
     }
-    nc = await nats.connect(settings.nats_url.split(","))
+    nc = await nats.connect(settings.nats_url.split(","), **connect_options(settings))
     try:
         js = nc.jetstream()
         await ensure_streams(js, settings)
@@ -298,6 +302,8 @@ async def seed_network(
         for model_dir in (plan.model_dir, *plan.more_model_dirs):
             model = await _model(plan, model_dir)
             specs.append(await _publish_model(settings, js, plan, runtime, model, model_dir))
+        # The job consumers too: a node may pull from them, never create one.
+        await provision(js, settings, [spec["id"] for spec in specs])
         body = {
             "network": settings.network,
             "version": version or int(time.time()),
@@ -353,9 +359,19 @@ async def run_dev(plan: DevPlan, *, on_result: Any, serve_forever: bool = True) 
     """Start everything, print one verified result through `on_result`, serve until stopped."""
     make_home(plan.home)
     step = Step()
-    server = NatsServer(plan.home / "nats", port=plan.port or -1, sync_always=True)
+    credentials = await asyncio.to_thread(ensure_dev_credentials, plan.home)
+    server = NatsServer(
+        plan.home / "nats",
+        port=plan.port or -1,
+        sync_always=True,
+        tls=credentials.tls,
+        authorization=credentials.authorization(Settings()),
+    )
     await asyncio.to_thread(server.start)
-    step.done(f"NATS up at {server.url} (JetStream store {plan.home / 'nats'})")
+    step.done(
+        f"NATS up at {server.url} (TLS with the local CA {credentials.tls.ca}, a user per "
+        f"role; JetStream store {plan.home / 'nats'})"
+    )
     try:
         step = Step()
         node_key = _key(plan.home / "node.key")
@@ -364,7 +380,7 @@ async def run_dev(plan: DevPlan, *, on_result: Any, serve_forever: bool = True) 
             f"keys: node {node_key.node_id[:16]}..., authority {authority.node_id[:16]}... "
             f"(in {plan.home})"
         )
-        settings = Settings(
+        network = Settings(
             nats_url=server.url,
             key_file=plan.home / "node.key",
             authority_keys=(authority.node_id,),
@@ -377,37 +393,74 @@ async def run_dev(plan: DevPlan, *, on_result: Any, serve_forever: bool = True) 
             metrics_port=plan.metrics_port,
             metrics_host="127.0.0.1",
         )
+        settings = credentials.settings_for(network, Role.NODE)
         log.info("dev_nats url=%s store=%s", server.url, plan.home / "nats")
-        snapshot = await seed_network(settings, authority, plan)
-        write_client_file(plan.home, settings, node_key.node_id)
+        authority_settings = credentials.settings_for(network, Role.AUTHORITY)
+        snapshot = await seed_network(authority_settings, authority, plan)
+        await admit_node(authority_settings, authority, node_key.node_id)
+        client = credentials.settings_for(network, Role.CLIENT)
         try:
-            async with _gateway(settings, plan.gateway_port):
-                return await _serve(settings, node_key, snapshot, plan, on_result, serve_forever)
+            async with _gateway(
+                credentials.settings_for(network, Role.GATEWAY), plan.gateway_port, credentials
+            ) as gateway_url:
+                api_key = credentials.api_key() if gateway_url is not None else None
+                write_client_file(plan.home, client, node_key.node_id, gateway_url, api_key)
+                return await _serve(
+                    settings, client, node_key, snapshot, plan, on_result, serve_forever
+                )
         finally:
             remove_client_file(plan.home)
     finally:
         await asyncio.to_thread(server.stop)
 
 
+async def admit_node(settings: Settings, authority: NodeKey, node_id: str) -> None:
+    """Sign the node's admission to the settings' network into the registry, as the
+    network's authority does for an operator who joins."""
+    nc = await connect(settings)
+    try:
+        await publish_record(
+            nc, settings, node_id, sign_admission(authority, node_id, settings.network)
+        )
+    finally:
+        await nc.close()
+    Step().done(f"node {node_id[:16]}... admitted to {settings.network} (signed registry record)")
+
+
 @contextlib.asynccontextmanager
-async def _gateway(settings: Settings, port: int | None) -> AsyncIterator[None]:
-    """The OpenAI-compatible gateway in front of the dev network, if asked for."""
+async def _gateway(
+    settings: Settings, port: int | None, credentials: DevCredentials | None = None
+) -> AsyncIterator[str | None]:
+    """The OpenAI-compatible gateway in front of the dev network, if asked for; yields its
+    OpenAI base URL (`http://h:p/v1`), or None."""
     if port is None:
-        yield
+        yield None
         return
     from worker.gateway.app import running  # the optional `gateway` extra
 
     async with contextlib.AsyncExitStack() as stack:
+        url: str | None = None
         try:
             url = await stack.enter_async_context(running(settings, host="127.0.0.1", port=port))
-            log.info("dev_gateway url=%s/v1 (OpenAI API; try: curl %s/v1/models)", url, url)
+            log.info("dev_gateway url=%s/v1 (OpenAI API)", url)
+            if credentials is not None:
+                steps.info(
+                    "%8s  gateway %s/v1, API key %s (in %s; try: curl -H 'Authorization: Bearer "
+                    "<key>' %s/v1/models)",
+                    "",
+                    url,
+                    credentials.api_key(),
+                    credentials.api_keys_file,
+                    url,
+                )
         except OSError as exc:
             log.warning("dev_gateway_unavailable port=%d error=%s: pass --gateway-port", port, exc)
-        yield
+        yield f"{url}/v1" if url is not None else None
 
 
 async def _serve(
     settings: Settings,
+    client: Settings,
     key: NodeKey,
     snapshot: Snapshot,
     plan: DevPlan,
@@ -443,7 +496,7 @@ async def _serve(
             if agent.node_state is NodeState.SERVING:
                 step.done(f"node serving {snapshot.models[0].id} (runtime loaded, validated)")
                 step = Step()
-                nc = await nats.connect(settings.nats_url.split(","))
+                nc = await connect(client)
                 try:
                     job = {
                         "job_id": new_job_id(),
@@ -451,7 +504,7 @@ async def _serve(
                         "prompt": plan.prompt,
                         "params": {"max_tokens": 16, "seed": 1},
                     }
-                    outcome = await submit(nc, settings, job, wait_s=300)
+                    outcome = await submit(nc, client, job, wait_s=300)
                 finally:
                     await nc.close()
                 step.done("first result: signed by the node, verified here")

@@ -2,6 +2,9 @@
 
 Used by `resultity-node dev` and by the tests. `start()` returns once the server logs that
 it is ready, with the port it actually bound; `restart()` keeps the port and the store.
+With `tls`, clients and cluster routes must speak TLS (certificates from
+`worker.devtools.localca`); with `authorization` (from `worker.core.roles`), only the listed
+nkey users connect, each with its role's permissions.
 """
 
 import logging
@@ -16,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+
+from worker.devtools.localca import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,8 @@ class NatsServer:
         cluster_name: str = "rst",
         sync_always: bool = False,
         extra_args: list[str] | None = None,
+        tls: TlsFiles | None = None,
+        authorization: str | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.port = port
@@ -63,13 +70,16 @@ class NatsServer:
         self.cluster_name = cluster_name
         self.sync_always = sync_always
         self.extra_args = extra_args or []
+        self.tls = tls
+        self.authorization = authorization
         self._proc: subprocess.Popen[str] | None = None
         self._log_lines: list[str] = []
         self._reader: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        scheme = "tls" if self.tls is not None else "nats"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -89,17 +99,33 @@ class NatsServer:
         lines.append("}")
         if self.name:
             lines.append(f'server_name: "{self.name}"')
+        if self.tls is not None:
+            lines += ["tls {", *self._tls_lines(), "}"]
         if self.cluster_port is not None:
             lines += [
                 "cluster {",
                 f'  name: "{self.cluster_name}"',
                 f'  listen: "{self.host}:{self.cluster_port}"',
                 "  routes: [" + ", ".join(f'"{r}"' for r in self.routes) + "]",
-                "}",
             ]
+            if self.tls is not None:
+                # Routes authenticate each other by certificate: both ends chain to the CA.
+                lines += ["  tls {", *self._tls_lines(), "    verify: true", "  }"]
+            lines.append("}")
+        if self.authorization is not None:
+            lines.append(self.authorization)
         path = self.store_dir / "nats-server.conf"
         path.write_text("\n".join(lines) + "\n")
         return path
+
+    def _tls_lines(self) -> list[str]:
+        assert self.tls is not None
+        return [
+            f'  cert_file: "{self.tls.cert}"',
+            f'  key_file: "{self.tls.key}"',
+            f'  ca_file: "{self.tls.ca}"',
+            "  timeout: 5",
+        ]
 
     def start(self, timeout: float = 30.0) -> "NatsServer":
         if self._proc is not None:

@@ -3,6 +3,10 @@
 `prepare` makes everything the compose file refers to, under one stack directory:
 
     secrets/node_key, secrets/authority_key   Ed25519 seeds, mode 0600 (Docker secrets)
+    tls/, creds/, gateway.keys   the local CA, one nkey user per role, a gateway API key
+                    (`worker.devtools.devauth`, as `dev` makes them; 0600)
+    nats/           the NATS server's config (TLS, the role permissions), certificate and
+                    key, readable by the server's user (65534) only
     stack.env       compose interpolation: image tags, paths (`docker-compose --env-file`)
     agent.env       the agent's settings: the authority public key it trusts
     cache/          the model cache, bind-mounted into the agent at this same absolute path
@@ -22,19 +26,23 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from worker.core.errors import StackError
+from worker.core.errors import ImageBuildError, StackError
 from worker.core.settings import DEFAULT_HOME, Settings
 from worker.core.signing import NodeKey, load_key_file, write_key_file
 from worker.devtools import images
-from worker.devtools.devnet import DevPlan, seed_network
+from worker.devtools.devauth import DevCredentials, ensure_dev_credentials
+from worker.devtools.devnet import DevPlan, admit_node, seed_network
 from worker.devtools.images import CONTAINERS_DIR, REPO_ROOT, Recipe
 from worker.devtools.natsd import find_binary
 
@@ -49,6 +57,10 @@ GRAFANA_PUBLIC_BASE = "grafana/grafana-oss:10.4.2"
 AGENT_PUBLIC_BASE = "python:3.11-slim"
 SOURCE_PACKAGES = ("worker", "schemas", "containers")
 SOURCE_SUFFIXES = (".py", ".json")
+NATS_HOST = "nats"
+"""The NATS service's name on the compose network (in its certificate too)."""
+NATS_CONF_DIR = "/etc/resultity/nats"
+NATS_USER = 65534
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,17 +226,47 @@ def agent_recipe() -> Recipe:
     """The agent's wheelhouse: the project's runtime dependencies, pinned to the versions
     installed here (the ones the tests ran against), plus the build backend."""
     pins = []
-    for requirement in metadata.requires("resultity-node") or []:
-        if "extra ==" in requirement:
-            continue
+    # The image installs the project from this checkout, so its pyproject says what it needs
+    # (the installed metadata may be an older checkout's).
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"]:
         match = re.match(r"[A-Za-z0-9_.-]+", requirement)
         if match is None:
             continue
         name = match.group(0)
+        if name in SDIST_ONLY:
+            continue
         pins.append(f"{name}=={metadata.version(name)}")
     # The build backend: pip builds the project inside the image from the wheelhouse.
     pins.append(f"setuptools=={metadata.version('setuptools')}")
     return Recipe("agent", "agent.Dockerfile", AGENT_PUBLIC_BASE, tuple(sorted(pins)), True)
+
+
+SDIST_ONLY = frozenset({"nkeys"})
+"""Dependencies published without a wheel: built into one here (pure Python), since the
+wheelhouse takes wheels only."""
+
+
+def agent_sdist_pins() -> tuple[str, ...]:
+    return tuple(sorted(f"{name}=={metadata.version(name)}" for name in SDIST_ONLY))
+
+
+def _sdist_wheels(pins: tuple[str, ...]) -> list[Path]:
+    key = hashlib.sha256("\n".join(pins).encode()).hexdigest()[:16]
+    path = images.cache_dir() / "wheelhouse" / f"agent-sdists-{key}"
+    done = path / ".complete"
+    with images.locked("wheelhouse-agent-sdists"):
+        if not done.is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet"]
+            proc = subprocess.run(
+                [*command, "-w", str(path), *pins], capture_output=True, text=True, check=False
+            )
+            if proc.returncode != 0:
+                raise ImageBuildError(f"pip wheel {' '.join(pins)} failed: {proc.stderr[-2000:]}")
+            done.write_text("")
+    return sorted(path.glob("*.whl"))
 
 
 def _agent_sources() -> list[tuple[str, Path]]:
@@ -250,6 +292,7 @@ def ensure_agent_image(
         wheels = images.wheelhouse(recipe)
         files = [("Dockerfile", CONTAINERS_DIR / "agent.Dockerfile"), *_agent_sources()]
         files += [(f"wheels/{w.name}", w) for w in sorted(wheels.glob("*.whl"))]
+        files += [(f"wheels/{w.name}", w) for w in _sdist_wheels(agent_sdist_pins())]
         digest = hashlib.sha256(f"resultity-agent\0base\0{base_id}\0".encode())
         _hash_files(digest, files)
         key = digest.hexdigest()
@@ -264,6 +307,50 @@ def ensure_agent_image(
 
 def _key(path: Path) -> NodeKey:
     return load_key_file(path) if path.exists() else write_key_file(path)
+
+
+def _nats_config(stack_dir: Path, credentials: DevCredentials) -> Path:
+    """`nats/` of the stack: the image's config plus TLS and the role permissions, with
+    the certificate and key it names; owned by the server's user when we can chown."""
+    conf_dir = stack_dir / "nats"
+    conf_dir.mkdir(exist_ok=True)
+    files = {
+        "server.pem": credentials.tls.cert,
+        "server-key.pem": credentials.tls.key,
+        "ca.pem": credentials.tls.ca,
+    }
+    for name, source in files.items():
+        target = conf_dir / name
+        target.unlink(missing_ok=True)
+        shutil.copyfile(source, target)
+    tls = "\n".join(
+        [
+            "tls {",
+            f'  cert_file: "{NATS_CONF_DIR}/server.pem"',
+            f'  key_file: "{NATS_CONF_DIR}/server-key.pem"',
+            f'  ca_file: "{NATS_CONF_DIR}/ca.pem"',
+            "  timeout: 5",
+            "}",
+        ]
+    )
+    config = conf_dir / "nats.conf"
+    config.write_text(
+        NATS_CONF.read_text() + "\n" + tls + "\n" + credentials.authorization(Settings()) + "\n"
+    )
+    for path in [config, *(conf_dir / name for name in files)]:
+        path.chmod(0o600)
+        if os.geteuid() == 0:
+            os.chown(path, NATS_USER, NATS_USER)
+    if os.geteuid() == 0:
+        os.chown(conf_dir, NATS_USER, NATS_USER)
+    else:
+        log.warning(
+            "stack_nats_files_not_chowned dir=%s: not root, so the NATS container (uid %d) "
+            "may not read them",
+            conf_dir,
+            NATS_USER,
+        )
+    return config
 
 
 def _write_env(path: Path, values: dict[str, str]) -> None:
@@ -283,6 +370,8 @@ def prepare(
         # refuses a key readable by group or others: write_key_file creates them 0600.
         node = _key(secrets / "node_key")
         authority = _key(secrets / "authority_key")
+        credentials = ensure_dev_credentials(stack_dir, names=(NATS_HOST, "127.0.0.1", "localhost"))
+        _nats_config(stack_dir, credentials)
         (stack_dir / "cache").mkdir(exist_ok=True)
         runtime_image = images.ensure_image("echo", client=client, base=base)
         nats = ensure_nats_image(client=client, context=stack_dir / "build" / "nats")
@@ -312,6 +401,7 @@ def prepare(
             "RESULTITY_AGENT_BASE": agent_base,
             "RESULTITY_RUNTIME_IMAGE": runtime_image,
             "RESULTITY_PROMETHEUS_IMAGE": prometheus.tag,
+            "RESULTITY_NODE_ID": node.node_id,
         }
         if grafana is not None:
             values["RESULTITY_GRAFANA_IMAGE"] = grafana.tag
@@ -349,12 +439,22 @@ async def wait_for_nats(url: str, timeout_s: float) -> None:
         await asyncio.sleep(0.5)
 
 
-async def seed(home: Path, authority_key: Path, image: str, *, engine: str = "echo") -> int:
-    """Play the network: streams, the demo model, a signed snapshot; returns its version."""
+async def seed(
+    home: Path,
+    authority_key: Path,
+    image: str,
+    *,
+    engine: str = "echo",
+    admit: tuple[str, ...] = (),
+) -> int:
+    """Play the network: streams, the demo model, a signed snapshot, the admission of the
+    `admit` node ids; returns the snapshot's version."""
 
     settings = Settings()
     authority = load_key_file(authority_key)
     await wait_for_nats(settings.nats_url, 60)
     plan = DevPlan(home, 0, engine, "docker", "")
     snapshot = await seed_network(settings, authority, plan, image=image)
+    for node_id in admit:
+        await admit_node(settings, authority, node_id)
     return snapshot.version

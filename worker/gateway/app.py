@@ -15,10 +15,18 @@ job cancelled on `rst.cancel.<job_id>` and its slot freed.
 Bounds: the body size, the time to send it (408 past it), the requests served at once (429
 past it) and each request's deadline (the job's `deadline` too; 504 past it), all from
 `Settings.gateway_*`.
+
+Trust: every request needs `Authorization: Bearer <key>` with a key of the file
+`RESULTITY_GATEWAY_API_KEYS_FILE` (compared in constant time; 401 otherwise). Results, stream
+messages and error events count only from nodes the registry admits (followed while the
+gateway runs), and reach the waiting request through one `Router` by job id: a stranger's
+message is dropped before its signature is checked. `/v1/models` lists the models of the
+watched snapshot: the highest verified one of this gateway's network.
 """
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import socket
@@ -35,24 +43,22 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from schemas.codec import validate
-from schemas.envelope import EnvelopeType
-from schemas.errors import SchemaError
 from schemas.event import ErrorCode
 from schemas.result import ResultBody
 from schemas.snapshot import ModelSpec, Snapshot
 from schemas.stream import StreamBody
 from worker.client import (
     Outcome,
+    Router,
     cancel,
     connect,
     drop,
     new_job_id,
     submit,
 )
-from worker.core.errors import JobFailed, SignatureError
+from worker.core.errors import JobFailed, NodeError, SignatureError
+from worker.core.registry import AdmittedNodes
 from worker.core.settings import Settings
-from worker.core.signing import verify
 from worker.gateway import shapes
 from worker.gateway.shapes import ApiError, ChatRequest, CompletionRequest
 from worker.gateway.snapshots import WatchedSnapshot
@@ -70,23 +76,74 @@ def _sse(payload: Any) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+def read_api_keys(settings: Settings) -> list[bytes]:
+    """The API keys the gateway accepts: one a line of `gateway_api_keys_file`."""
+    path = settings.gateway_api_keys_file
+    if path is None:
+        raise NodeError(
+            "the gateway needs API keys: set RESULTITY_GATEWAY_API_KEYS_FILE to a file of "
+            "keys, one a line ('resultity-node dev' makes one)"
+        )
+    try:
+        keys = [line.strip().encode() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise NodeError(f"cannot read the gateway's API keys file {path}: {exc}") from exc
+    if not keys:
+        raise NodeError(f"the gateway's API keys file {path} holds no key")
+    return keys
+
+
 class Gateway:
     """The ASGI app over one NATS connection; `app()` builds the Starlette application."""
 
-    def __init__(self, settings: Settings, nc: Client, snapshots: WatchedSnapshot) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        nc: Client,
+        snapshots: WatchedSnapshot,
+        router: Router,
+        api_keys: list[bytes],
+    ) -> None:
         self.settings = settings
         self.nc = nc
         self.snapshots = snapshots
+        self.router = router
         self.busy = 0
+        self._api_keys = api_keys
 
     def app(self) -> Starlette:
         return Starlette(
             routes=[
-                Route("/v1/models", self.models, methods=["GET"]),
-                Route("/v1/chat/completions", self.chat, methods=["POST"]),
-                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/models", self._authorized(self.models), methods=["GET"]),
+                Route("/v1/chat/completions", self._authorized(self.chat), methods=["POST"]),
+                Route("/v1/completions", self._authorized(self.completions), methods=["POST"]),
             ]
         )
+
+    def _authorized(
+        self, endpoint: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def guarded(request: Request) -> Response:
+            if not self._key_valid(request.headers.get("authorization", "")):
+                return _error(
+                    ApiError(
+                        401,
+                        "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                        code="invalid_api_key",
+                    )
+                )
+            return await endpoint(request)
+
+        return guarded
+
+    def _key_valid(self, header: str) -> bool:
+        scheme, _, given = header.partition(" ")
+        presented = given.strip().encode()
+        # Every key is compared, each in constant time: no early exit tells which matched.
+        matched = False
+        for key in self._api_keys:
+            matched |= hmac.compare_digest(presented, key)
+        return scheme.lower() == "bearer" and matched
 
     async def models(self, request: Request) -> Response:
         snapshot = await self._snapshot()
@@ -197,12 +254,22 @@ class Gateway:
             404, f"the model {model_id!r} does not exist", param="model", code="model_not_found"
         )
 
-    async def _run(self, job: dict[str, Any], spec: ModelSpec) -> Outcome:
+    async def _run(
+        self,
+        job: dict[str, Any],
+        spec: ModelSpec,
+        on_stream: Callable[[StreamBody], None] | None = None,
+    ) -> Outcome:
         """The job's verified outcome, or the `ApiError` that answers instead."""
         job_id = job["job_id"]
         try:
             outcome = await submit(
-                self.nc, self.settings, job, wait_s=self.settings.gateway_timeout_s
+                self.nc,
+                self.settings,
+                job,
+                wait_s=self.settings.gateway_timeout_s,
+                on_stream=on_stream,
+                router=self.router,
             )
         except TimeoutError as exc:
             await self._cancel(job_id)
@@ -260,18 +327,19 @@ class Gateway:
     ) -> AsyncIterator[bytes]:
         job_id, created = job["job_id"], int(time.time())
         parts = StreamParts(job_id, self.settings.network)
-        sub = await self.nc.subscribe(self.settings.subject("stream", job_id))
-        running = asyncio.ensure_future(self._run(job, spec))
+        # Verified stream messages of this job, from the router (admitted nodes only).
+        bodies: asyncio.Queue[StreamBody] = asyncio.Queue()
+        running = asyncio.ensure_future(self._run(job, spec, bodies.put_nowait))
         message: asyncio.Future[Any] | None = None
         finished = False
         try:
             yield _sse(shapes.chunk(kind, job_id, spec.id, created, "", first=True))
             while not running.done():
-                message = asyncio.ensure_future(sub.next_msg(timeout=None))
+                message = asyncio.ensure_future(bodies.get())
                 await asyncio.wait({running, message}, return_when=asyncio.FIRST_COMPLETED)
                 if not message.done():
                     break
-                piece = parts.add(message.result().data)
+                piece = parts.add(message.result())
                 if piece:
                     yield _sse(shapes.chunk(kind, job_id, spec.id, created, piece))
             try:
@@ -310,7 +378,6 @@ class Gateway:
                     log.info("gateway_client_gone job_id=%s: cancelling", job_id)
                     await self._cancel(job_id)
                 await drop(message, running)
-                await sub.unsubscribe()
             if running.done() and not running.cancelled():
                 running.exception()  # retrieved, so asyncio does not log it again
 
@@ -343,14 +410,9 @@ class StreamParts:
         self.texts: dict[int, list[str]] = {}
         self.sent = ""
 
-    def add(self, data: bytes) -> str:
-        """Take one `stream` envelope; return the new text to send (maybe empty). Envelopes
-        that do not verify, or concern another job, are dropped."""
-        try:
-            body = validate(StreamBody, verify(data, expect=EnvelopeType.STREAM).body)
-        except (SignatureError, SchemaError) as exc:
-            log.warning("gateway_stream_dropped job_id=%s error=%s", self.job_id, exc)
-            return ""
+    def add(self, body: StreamBody) -> str:
+        """Take one verified stream body; return the new text to send (maybe empty). Bodies
+        of another job or network are dropped."""
         if body.job_id != self.job_id or body.network != self.network:
             return ""
         attempt, text = body.attempt, body.text
@@ -410,15 +472,24 @@ async def running(
     it accepts connections and knows the snapshot the config bucket held at start."""
     host = host or settings.gateway_host
     port = settings.gateway_port if port is None else port
+    api_keys = read_api_keys(settings)
     async with contextlib.AsyncExitStack() as stack:
         sock = _bind(host, port)
         stack.callback(sock.close)
-        nc = await connect(settings.nats_url)
+        nc = await connect(settings)
         stack.push_async_callback(nc.close)
         snapshots = await stack.enter_async_context(WatchedSnapshot(nc, settings))
         await snapshots.wait_synced()
+        admitted = None
+        if settings.admission_required:
+            admitted = AdmittedNodes(settings)
+            following = asyncio.create_task(admitted.follow(nc), name="registry")
+            stack.push_async_callback(_stop_following, following)
+            await asyncio.wait_for(admitted.loaded.wait(), 30)
+        router = await Router(nc, settings, admitted).start()
+        stack.push_async_callback(router.aclose)
         config = uvicorn.Config(
-            Gateway(settings, nc, snapshots).app(),
+            Gateway(settings, nc, snapshots, router, api_keys).app(),
             host=host,
             port=port,
             # uvicorn's own logging set-up (dictConfig) would close every handler the
@@ -445,6 +516,12 @@ async def running(
             server.should_exit = True
             with contextlib.suppress(Exception):
                 await serving
+
+
+async def _stop_following(task: "asyncio.Task[None] | None") -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def serve_until(

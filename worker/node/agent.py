@@ -20,6 +20,7 @@ replaced whole by a pure `step`, so state, snapshot, model and model states neve
 """
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -44,9 +45,11 @@ from nats.js.errors import ServiceUnavailableError
 from schemas.event import ErrorCode, LifecycleKind
 from schemas.node import ModelState, NodeState, NodeStatus, StatusReply, ValidationState
 from schemas.snapshot import ModelSpec, Snapshot
+from worker.core.credentials import connect_options, require_tls
 from worker.core.errors import (
     ModelInvalid,
     NodeError,
+    NotAdmitted,
     ResourceClosed,
     RuntimeFailure,
     error_code,
@@ -54,6 +57,7 @@ from worker.core.errors import (
 from worker.core.gcpolicy import tune_for_serving
 from worker.core.metrics import Metrics, MetricsServer
 from worker.core.progress import ProgressReport
+from worker.core.registry import AdmittedNodes, read_record
 from worker.core.resource import AsyncResource
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
@@ -95,6 +99,8 @@ class Agent(AsyncResource):
         self.key = key
         self.metrics = Metrics()
         self._life = Lifecycle()
+        self.admitted: bool | None = None
+        """Whether the node registry admits this node (None: not asked, or not required)."""
         self._state_changed = asyncio.Event()
         self.started_at = time.time()
         self.config_hash: str | None = None
@@ -206,8 +212,10 @@ class Agent(AsyncResource):
         # A runtime left by a previous agent of this node (killed, not stopped) goes first:
         # this agent may be stopped again before it ever starts a supervisor of its own.
         await self._remove_leftover_runtimes()
+        require_tls(self.settings)
         self._nc = await nats.connect(
             self.settings.nats_url.split(","),
+            **connect_options(self.settings),
             name=f"resultity-node {self.key.node_id[:12]}",
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
@@ -312,6 +320,7 @@ class Agent(AsyncResource):
                 tg.create_task(self._retry_loop(), name="apply-retry"),
                 tg.create_task(self._announce_loop(), name="model-states"),
                 tg.create_task(self._demand_loop(), name="demand"),
+                tg.create_task(self._admission_loop(), name="admission"),
             ]
             if self.settings.metrics_port is not None:
                 duties.append(tg.create_task(self._metrics_server(stop), name="metrics"))
@@ -366,6 +375,7 @@ class Agent(AsyncResource):
                     )
                     await self._serve_nothing(snapshot, "no model of the loadout approved")
                     return
+                await self._check_admitted(loadout)
                 if self._runs_already(snapshot, loadout):
                     await self._apply_in_place(snapshot, before)
                 else:
@@ -532,6 +542,44 @@ class Agent(AsyncResource):
         keep = {m.sha256 for m in loadout.models}
         for sha in await self._store.evict(keep, self._budget):
             log.info("model_evicted sha256=%s budget=%d", sha, self._budget)
+
+    async def _check_admitted(self, loadout: Loadout) -> None:
+        """Serve only as an admitted node (PROTOCOL.md, "Admitted nodes"): otherwise the
+        apply fails and the node serves nothing and says why; `_admission_loop` applies
+        again when the registry changes."""
+        if not self.settings.admission_required:
+            return
+        assert self._nc is not None
+        record = await read_record(self._nc, self.settings, self.key.node_id)
+        self.admitted = record is not None and any(
+            record.admits(self.settings.network, time.time(), spec.id) for spec in loadout.models
+        )
+        if not self.admitted:
+            found = "none" if record is None else "revoked, expired or for other models"
+            raise NotAdmitted(
+                f"node {self.key.node_id} is not admitted to {self.settings.network} for its "
+                f"models (registry record: {found}); the network's authority admits it with "
+                "'resultity-node admit NODE_ID'"
+            )
+
+    async def _admission_loop(self) -> None:
+        """Follow the registry: when its word on this node changes (admitted, revoked,
+        re-admitted), apply the snapshot in force again, which starts or stops serving."""
+        if not self.settings.admission_required:
+            return
+        assert self._nc is not None
+        admitted = AdmittedNodes(self.settings)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(admitted.follow(self._nc), name="registry")
+            while True:
+                await admitted.changed.wait()
+                admitted.changed.clear()
+                now = self.key.public_key in admitted
+                snapshot = self.snapshot
+                if snapshot is not None and self.admitted is not None and now != self.admitted:
+                    log.info("admission_changed node_id=%s admitted=%s", self.key.node_id, now)
+                    with contextlib.suppress(Exception):  # apply logs and retries its failures
+                        await self.apply(snapshot)
 
     async def _serve_nothing(self, snapshot: Snapshot, why: str) -> None:
         """Under `snapshot`, nothing runs: no pipeline, no runtime, no unlisted model."""
@@ -867,6 +915,7 @@ class Agent(AsyncResource):
             "pipeline": pipeline.state.value if pipeline else None,
             "in_flight": pipeline.in_flight if pipeline else 0,
             "completed": self.completed_before + (pipeline.completed if pipeline else 0),
+            "admitted": self.admitted,
         }
 
     # NATS callbacks
