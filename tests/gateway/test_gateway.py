@@ -232,9 +232,13 @@ async def test_a_body_that_drips_in_past_its_deadline_is_408_and_frees_its_slot(
     )
     head = (
         b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100000\r\n\r\n"
+        + f"Authorization: Bearer {API_KEY}\r\n".encode()
+        + b"Content-Length: 100000\r\n\r\n"
     )
-    async with gateway(settings, port=0) as url, httpx.AsyncClient(base_url=url) as http:
+    async with (
+        gateway(settings, port=0) as url,
+        httpx.AsyncClient(base_url=url, headers=api_headers()) as http,
+    ):
         reader, writer = await asyncio.open_connection(*_host_port(url))
 
         async def drip() -> None:
@@ -268,10 +272,13 @@ async def test_client_gone_before_a_plain_answer_cancels_its_job_and_frees_its_s
     body = json.dumps({"model": model, "prompt": "x"}).encode()
     request = (
         "POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     # No node serves: the job waits in the queue, its request with it.
-    async with gateway(settings, port=0) as url, httpx.AsyncClient(base_url=url) as http:
+    async with (
+        gateway(settings, port=0) as url,
+        httpx.AsyncClient(base_url=url, headers=api_headers()) as http,
+    ):
         _, writer = await asyncio.open_connection(*_host_port(url))
         writer.write(request)
         await writer.drain()
@@ -449,7 +456,10 @@ async def test_requests_read_the_watched_snapshot_with_no_kv_get_and_no_signatur
         envelope = authority.sign(EnvelopeType.CONFIG, body)
         return publish_snapshot(nc, config_bucket(settings), envelope)
 
-    async with gateway(settings, port=0) as url, httpx.AsyncClient(base_url=url) as http:
+    async with (
+        gateway(settings, port=0) as url,
+        httpx.AsyncClient(base_url=url, headers=api_headers()) as http,
+    ):
         await nc.flush()
         api_requests.clear()  # the watch's set-up
         for _ in range(20):
