@@ -848,6 +848,11 @@ class Agent(AsyncResource):
                 state=entry.state.value,
                 reason=entry.reason,
             )
+            # Python 3.11's wait_for (under nats-py's request) can return a result and drop a
+            # cancellation that raced it: the TaskGroup would then wait on this loop forever.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
 
     async def _metrics_server(self, stop: asyncio.Event) -> None:
         port = self.settings.metrics_port
