@@ -17,6 +17,7 @@ from schemas.envelope import EnvelopeType, RawEnvelope
 from schemas.snapshot import Snapshot
 from tests.support.forgery import admit, publish_result, result, stream_part, take_job
 from tests.support.gateway import API_KEY, OTHER_API_KEY, api_headers, client, node_settings
+from tests.support.polling import wait_for
 from worker.core import signing
 from worker.core.settings import Settings
 from worker.core.signing import NodeKey
@@ -203,13 +204,23 @@ async def test_models_come_from_the_newest_snapshot_of_its_own_network(
         async def listed() -> list[str]:
             return [m.id for m in (await api.models.list()).data]
 
+        seen: list[list[str]] = []
+
+        async def lists(expected: list[str]) -> bool:
+            seen.append(await listed())
+            return seen[-1] == expected
+
         assert await listed() == [snapshot.models[0].id]
+        # The gateway watches the bucket: each change shows once the watch delivered it.
+        # Another network's snapshot and a rolled-back version come between two valid
+        # ones; the watch delivers in order, so once the last shows, they were refused.
         await publish_snapshot(nc, bucket, signed(settings.network, 2, "newer"))
-        assert await listed() == ["newer"]
+        await wait_for(lambda: lists(["newer"]), 10)
         await publish_snapshot(nc, bucket, signed("othernet", 9, "theirs"))
-        assert await listed() == ["newer"]
         await publish_snapshot(nc, bucket, signed(settings.network, 1, "rolled-back"))
-        assert await listed() == ["newer"]
+        await publish_snapshot(nc, bucket, signed(settings.network, 3, "newest"))
+        await wait_for(lambda: lists(["newest"]), 10)
+        assert ["theirs"] not in seen and ["rolled-back"] not in seen
 
 
 async def test_a_stream_flood_costs_no_check_for_strangers_or_other_jobs(
