@@ -25,13 +25,13 @@ which network it talks to.
 import json
 import logging
 import os
-import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from worker.core.settings import DEFAULT_HOME, Settings
+from worker.core.statefile import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,8 @@ def write_client_file(
 ) -> Path:
     """Tell client commands how to reach the dev network whose home is `home`.
 
-    Written to a fresh temp file (`O_EXCL|O_NOFOLLOW`: a link planted there is never
-    followed) renamed over `client.json` (a rename replaces a link, never its target)."""
+    Written by `write_atomically` (a fresh `O_EXCL|O_NOFOLLOW` temp file renamed over
+    `client.json`: a link planted there is never followed)."""
     check_home(home)
     path = home / CLIENT_FILE
     body: dict[str, Any] = {
@@ -125,16 +125,7 @@ def write_client_file(
         body["gateway_url"] = gateway_url
     if gateway_api_key is not None:
         body["gateway_api_key"] = gateway_api_key
-    tmp = home / f".{CLIENT_FILE}.{secrets.token_hex(4)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(body, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, (json.dumps(body, indent=2) + "\n").encode(), durable=False)
     log.info("dev_client_file_written path=%s", path)
     return path
 

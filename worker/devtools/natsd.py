@@ -132,7 +132,14 @@ class NatsServer:
             raise RuntimeError("nats-server already started")
         args = [find_binary(), "-c", str(self._config()), *self.extra_args]
         self._proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            # its own session: a Ctrl-C in the terminal reaches `dev`, which stops the node
+            # (drain, hand back, publish) before it stops this server, not both at once
+            start_new_session=True,
         )
         ready = threading.Event()
         self._reader = threading.Thread(
