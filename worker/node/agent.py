@@ -228,6 +228,10 @@ class Agent(AsyncResource):
         js = self._nc.jetstream()
         self._publisher = Publisher(self._nc, js, self.key, self.settings)
         self._claims = SwitchClaims(self._nc, self.settings, self.key.node_id)
+        try:
+            await self._claims.clear_mine()
+        except Exception as exc:
+            log.warning("switch_claims_clear_failed error=%r", exc)
         if self.settings.provision:
             await _provision_at_start(js, self.settings)
 

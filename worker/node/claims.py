@@ -7,24 +7,31 @@ before it switches: it creates the model's key in the `<prefix>_switch` key-valu
 (JetStream's create is atomic: one creator wins), holds it through the switch until its
 first pull request on the model's consumer has reached the server, then deletes it. A
 node whose claim is refused does not switch; by its next looks the claimant is pulling,
-so the model is no longer starved. A claim left by a node that died mid-switch expires
-with the bucket's `CLAIM_TTL_S`.
+so the model is no longer starved. A claim left by a node killed mid-switch is cleared
+when that node starts again (`clear_mine`), or expires with the bucket's `CLAIM_TTL_S`.
 """
 
 import logging
 
 from nats.aio.client import Client
 from nats.js import api
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+)
 from nats.js.kv import KeyValue
 
 from worker.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CLAIM_TTL_S = 600.0
+CLAIM_TTL_S = 120.0
 """How long a claim lasts at most (the bucket's max age; the same on every node, since a
-bucket's configuration is shared): longer than any switch's grace and cold start."""
+bucket's configuration is shared). A switch longer than that (a long grace, a slow cold
+start) only risks a second node switching to the same model; a shorter life bounds how
+long a node that died for good mid-switch keeps a starved model from the others."""
 
 
 def claims_bucket(settings: Settings) -> str:
@@ -74,3 +81,28 @@ class SwitchClaims:
             await kv.delete(model_id)
         except Exception as exc:
             log.warning("switch_claim_release_failed model=%s error=%r", model_id, exc)
+
+    async def clear_mine(self) -> int:
+        """Delete the claims this node left (killed mid-switch, restarted); returns how many.
+        Each delete is conditional on the revision read, so a claim another node took
+        meanwhile stays."""
+        kv = await self._bucket()
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            return 0
+        cleared = 0
+        for key in keys:
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:
+                continue
+            if entry.value == self._node_id.encode():
+                try:
+                    await kv.delete(key, last=entry.revision)
+                except KeyWrongLastSequenceError:
+                    continue
+                cleared += 1
+        if cleared:
+            log.info("switch_claims_cleared count=%d", cleared)
+        return cleared
