@@ -359,3 +359,22 @@ async def test_two_nodes_with_the_same_two_models_end_up_serving_both(
     assert sorted(r.job_id for r in done) == sorted(everything), "a job answered twice"
     assert {r.model.id for r in done if r.job_id in ids["second"]} == {"second"}
     assert await errors(js, settings) == []
+
+
+async def test_waiting_for_a_snapshot_applied_in_place_returns(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    """A snapshot that approves another model, outside this node's loadout: applied in
+    place with no model state changing here, and `wait_serving` for its version returns
+    (it hung: nothing woke the waiters after the pipeline's version moved)."""
+    body = await slow_network(settings, authority, tmp_path, nc)
+    model = body["models"][0]["id"]
+    async with running(settings.model_copy(update={"models": (model,)})) as agent:
+        await serving(agent, config_version=2)
+        before = runtime_id(agent)
+        spec = await put_model(nc, settings, tmp_path, "elsewhere")
+        await publish(
+            nc, settings, authority, body | {"version": 3, "models": [*body["models"], spec]}
+        )
+        await serving(agent, config_version=3, timeout=30)
+        assert runtime_id(agent) == before

@@ -180,9 +180,13 @@ class Agent(AsyncResource):
                 before.state.value,
                 self._life.reason,
             )
+        self._wake_waiters()
+        return self._life
+
+    def _wake_waiters(self) -> None:
+        """`wait_until` callers check their condition again."""
         changed, self._state_changed = self._state_changed, asyncio.Event()
         changed.set()
-        return self._life
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Return once `condition()` holds; it is checked at every change of state.
@@ -443,6 +447,7 @@ class Agent(AsyncResource):
         assert model is not None
         pipeline = self.pipeline
         pipeline.serving = replace(pipeline.serving, config_version=snapshot.version)
+        self._wake_waiters()  # `wait_serving` reads the pipeline's snapshot version
         await self._prune(snapshot)
         if before.snapshot is snapshot:
             return  # a retry of this snapshot: only its prefetch failed
