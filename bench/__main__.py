@@ -37,6 +37,7 @@ NAMES = (
     "vllm",
     "interactive",
     "serve",
+    "loadout",
 )
 NEEDS_VLLM = ("vllm", "interactive", "serve")
 
@@ -62,6 +63,12 @@ class Sizes:
     interactive_seconds: float = 10.0
     serve_reps: int = 5
     serve_requests: int = 64
+    loadout_backend: str = "docker"
+    loadout_switches: int = 10
+    loadout_reps: int = 5
+    loadout_cut_jobs: int = 8
+    loadout_bursts: int = 8
+    loadout_burst: int = 40
 
 
 QUICK = Sizes(
@@ -84,6 +91,12 @@ QUICK = Sizes(
     interactive_seconds=0.0,
     serve_reps=1,
     serve_requests=1,
+    loadout_backend="process",
+    loadout_switches=1,
+    loadout_reps=1,
+    loadout_cut_jobs=2,
+    loadout_bursts=2,
+    loadout_burst=3,
 )
 
 
@@ -204,6 +217,7 @@ async def run_all(names: list[str], sizes: Sizes, floor_rate: float) -> list[dic
             "vllm": lambda: _vllm(sizes),
             "interactive": lambda: _interactive(sizes),
             "serve": lambda: _serve(sizes),
+            "loadout": lambda: _loadout(sizes),
         }
         for name in names:
             started = time.monotonic()
@@ -242,6 +256,19 @@ async def _serve(sizes: Sizes) -> list[dict[str, Any]]:
     from bench import serve
 
     return await serve.main_async("vllm", reps=sizes.serve_reps, requests=sizes.serve_requests)
+
+
+async def _loadout(sizes: Sizes) -> list[dict[str, Any]]:
+    from bench import loadout
+
+    return await loadout.main_async(
+        sizes.loadout_backend,
+        sizes.loadout_switches,
+        sizes.loadout_reps,
+        sizes.loadout_cut_jobs,
+        sizes.loadout_bursts,
+        sizes.loadout_burst,
+    )
 
 
 def _size(kind: type, value: str) -> Any:

@@ -165,5 +165,16 @@ def document(prefix: str = "rst") -> dict[str, Any]:
                     ),
                 },
             },
+            f"$KV.{prefix}_switch.{{model_id}}": {
+                "description": "Switch claims: a node creates the key (its node id as the "
+                "value; create is atomic, so one node wins) before switching to that model "
+                "on demand, and deletes it once it pulls the model's jobs. Bucket "
+                "rst_switch: history 1, max age 120 s.",
+                "parameters": {"model_id": model},
+                "publish": {
+                    "summary": "the node claims, then releases, a model it switches to",
+                    "message": {"name": "switch_claim", "payload": {"type": "string"}},
+                },
+            },
         },
     }

@@ -2,6 +2,7 @@
 echo engine in a local process: apply in place when nothing it runs changes, switch without
 cutting work when something does, stop a revoked model at once."""
 
+import asyncio
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,98 @@ async def test_two_models_with_alternating_bursts_are_both_served_with_few_switc
     assert set(counted) <= {first, "second"}
     assert states == {first: "ready", "second": "active"}
     assert await errors(js, settings) == []
+
+
+async def test_two_nodes_with_the_same_two_models_end_up_serving_both(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    """Two nodes, the same loadout of two models, both start on the first one; a backlog
+    for each model. Both see the second model starved from the same consumer info, but
+    only the node that claims it switches (the other's claim is refused while the switch
+    runs): the moment that node serves the second model, the other one still serves the
+    first. Every job is answered once, each model by the node serving it."""
+    update = {"switch_min_residency_s": 0.5, "switch_check_interval_s": 0.2}
+    nodes = [
+        make_settings(
+            tmp_path / name,
+            **settings.model_dump(exclude={"key_file", "cache_dir", "state_dir"}) | update,
+        )
+        for name in ("one", "two")
+    ]
+    plan = DevPlan(tmp_path / "dev", 0, "echo", "process", "hi")
+    snapshot: Snapshot = await seed_network(settings, authority, plan, version=1)
+    first = snapshot.models[0].id
+    body = snapshot.model_dump(mode="json") | {"version": 2}
+    body["runtime"]["engine_args"] = {"token_delay_ms": 50}
+    body["models"].append(await put_model(nc, settings, tmp_path, "second"))
+    await publish(nc, settings, authority, body)
+    js = nc.jetstream()
+    async with running(nodes[0]) as one, running(nodes[1]) as two:
+        agents = [one, two]
+        for agent in agents:
+            await serving(agent, config_version=2)
+            await wait_for(
+                lambda agent=agent: (
+                    {m.state.value for m in agent.status().models} == {"active", "ready"}
+                ),
+                30,
+            )
+        assert {a.model.id for a in agents if a.model} == {first}
+        ids = {model: [f"{model}-{i}" for i in range(30)] for model in (first, "second")}
+        for model, job_ids in ids.items():
+            for job_id in job_ids:
+                job = {"job_id": job_id, "model_id": model, "prompt": "x", "params": {
+                    "max_tokens": 8
+                }}  # fmt: skip
+                await js.publish(
+                    settings.subject("jobs", model),
+                    msgpack.packb(job),
+                    headers={"Nats-Msg-Id": job_id},
+                )
+
+        def both_served() -> bool:
+            served = {
+                a.model.id
+                for a in agents
+                if a.node_state is NodeState.SERVING and a.model is not None
+            }
+            return served == {first, "second"}
+
+        # Checked at every change of either node's state.
+        waits = [asyncio.ensure_future(a.wait_until(both_served)) for a in agents]
+        try:
+            await asyncio.wait_for(asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED), 120)
+        finally:
+            for w in waits:
+                w.cancel()
+        assert both_served()
+
+        everything = {job_id for job_ids in ids.values() for job_id in job_ids}
+
+        async def all_done() -> bool:
+            return everything <= {r.job_id for r in await results(js, settings)}
+
+        await wait_for(all_done, 120)
+        done = [r for r in await results(js, settings) if r.job_id in everything]
+    assert sorted(r.job_id for r in done) == sorted(everything), "a job answered twice"
+    assert {r.model.id for r in done if r.job_id in ids["second"]} == {"second"}
+    assert await errors(js, settings) == []
+
+
+async def test_waiting_for_a_snapshot_applied_in_place_returns(
+    settings: Settings, authority: NodeKey, tmp_path: Path, nc: Client
+) -> None:
+    """A snapshot that approves another model, outside this node's loadout: applied in
+    place with no model state changing here, and `wait_serving` for its version returns
+    (it hung: nothing woke the waiters after the pipeline's version moved)."""
+    body = await slow_network(settings, authority, tmp_path, nc)
+    model = body["models"][0]["id"]
+    async with running(settings.model_copy(update={"models": (model,)})) as agent:
+        await serving(agent, config_version=2)
+        before = runtime_id(agent)
+        spec = await put_model(nc, settings, tmp_path, "elsewhere")
+        await publish(
+            nc, settings, authority, body | {"version": 3, "models": [*body["models"], spec]}
+        )
+        await serving(agent, config_version=3, timeout=30)
+        assert runtime_id(agent) == before

@@ -4,6 +4,7 @@ checker that every job ended with exactly one verified outcome."""
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from worker.core.settings import Settings
 from worker.core.signing import verify
 from worker.devtools.devauth import DevCredentials
 from worker.devtools.natsd import NatsServer
+from worker.models.objectstore import put_file
 from worker.runtime.container import runtime_containers
 
 log = logging.getLogger(__name__)
@@ -188,6 +190,15 @@ class AgentProc:
             self._log.close()
             self._log = None
 
+    def log_text(self) -> str:
+        """Every generation's log, in order."""
+        texts = []
+        for generation in range(1, self.generation + 1):
+            with contextlib.suppress(OSError):
+                path = self.logs / f"{self.name}-{generation}.log"
+                texts.append(path.read_text(errors="replace"))
+        return "\n".join(texts)
+
     def log_tail(self, lines: int = 30) -> str:
         path = self.logs / f"{self.name}-{self.generation}.log"
         with contextlib.suppress(OSError):
@@ -222,6 +233,9 @@ def agent_env(settings: Settings, home: Path, node_key: Path, cluster: Cluster) 
             "RESULTITY_RUNTIME_READY_TIMEOUT_S": str(settings.runtime_ready_timeout_s),
             "RESULTITY_REQUEST_TIMEOUT_S": str(settings.request_timeout_s),
             "RESULTITY_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
+            "RESULTITY_SWITCH_MIN_RESIDENCY_S": str(settings.switch_min_residency_s),
+            "RESULTITY_SWITCH_CHECK_INTERVAL_S": str(settings.switch_check_interval_s),
+            "RESULTITY_SWITCH_GRACE_S": str(settings.switch_grace_s),
             "PYTHONPATH": str(ROOT),
         }
     )
@@ -232,8 +246,17 @@ class LoadPublisher:
     """Publishes jobs at a bounded rate until told to stop or `max_jobs` are out; each job
     is retried under the same `Nats-Msg-Id` until the stream acknowledges it."""
 
-    def __init__(self, nc: Client, settings: Settings, model: str, rate: float, max_jobs: int):
+    def __init__(
+        self,
+        nc: Client,
+        settings: Settings,
+        model: str,
+        rate: float,
+        max_jobs: int,
+        prefix: str = "chaos",
+    ):
         self._nc = nc
+        self._prefix = prefix
         self._settings = settings
         self._model = model
         self._rate = rate
@@ -253,7 +276,7 @@ class LoadPublisher:
             due = started + i / self._rate
             if (wait := due - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
-            job_id = f"chaos-{i:06d}"
+            job_id = f"{self._prefix}-{i:06d}"
             body = {
                 "job_id": job_id,
                 "model_id": self._model,
@@ -278,6 +301,7 @@ class LoadPublisher:
 class Outcomes:
     results: Counter[str]
     result_signers: Counter[str]
+    result_models: Counter[str]
     terminal: Counter[str]
     retryable: int
     bad_signatures: int
@@ -306,6 +330,7 @@ async def collect_once(nc: Client, settings: Settings) -> Outcomes:
     js = nc.jetstream()
     results: Counter[str] = Counter()
     signers: Counter[str] = Counter()
+    models: Counter[str] = Counter()
     bad = 0
     for data in await read_all(js, settings.stream("RESULTS"), settings.subject("results", ">")):
         try:
@@ -315,6 +340,7 @@ async def collect_once(nc: Client, settings: Settings) -> Outcomes:
             continue
         results[body.job_id] += 1
         signers[body.node_id] += 1
+        models[body.model.id] += 1
     terminal: Counter[str] = Counter()
     retryable = 0
     subject = settings.subject("events", "error", ">")
@@ -329,7 +355,7 @@ async def collect_once(nc: Client, settings: Settings) -> Outcomes:
         elif event.job_id is not None:
             terminal[event.job_id] += 1
     info = await js.stream_info(settings.stream("RESULTS"))
-    return Outcomes(results, signers, terminal, retryable, bad, info.state.messages)
+    return Outcomes(results, signers, models, terminal, retryable, bad, info.state.messages)
 
 
 @dataclass
@@ -357,3 +383,20 @@ def judge(published: list[str], outcomes: Outcomes) -> Verdict:
 def runtime_containers_of(client: Any, node_ids: list[str]) -> list[Any]:
     """Running or stopped runtime containers of these nodes (by label)."""
     return [c for node_id in node_ids for c in runtime_containers(client, node_id)]
+
+
+async def put_blob_model(nc: Client, settings: Settings, root: Path, name: str) -> dict[str, Any]:
+    """A second model for the echo engine (any bytes do) in the object store; its spec for a
+    snapshot (no validation vectors)."""
+    data = f"model {name} ".encode() * 1000
+    path = root / f"{name}.bin"
+    path.write_bytes(data)
+    await put_file(nc.jetstream(), settings.models_bucket, name, path)
+    return {
+        "id": name,
+        "version": "1",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "source": f"nats-object://{settings.models_bucket}/{name}",
+        "validation": [],
+    }

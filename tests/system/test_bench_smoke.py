@@ -58,6 +58,9 @@ def test_quick_bench_writes_every_figure(
         "runtime cold start to ready",
         "model fetch + verify + fsync (ratio",
         "agent memory over a long run (own process)",
+        "switch downtime (last old result -> first new) / runtime cold start (echo)",
+        "jobs cut by a snapshot that does not touch the loaded model",
+        "two models alternating",
     }
     for bench in report["benchmarks"]:
         for name, value in medians(bench["figures"]).items():
@@ -73,6 +76,8 @@ def test_quick_bench_writes_every_figure(
         assert latency[f"{level}_unanswered"] == 0
     memory = by_name["agent memory over a long run (own process)"]["figures"]
     assert memory["samples"] > 0 and len(memory["gc_objects_at"]) >= 2
+    switch = by_name["switch downtime (last old result -> first new) / runtime cold start (echo)"]
+    assert switch["figures"]["switches"] >= 1
     assert (tmp_path / "latest.md").read_text().startswith("| benchmark |")
 
 

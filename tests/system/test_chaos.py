@@ -1,5 +1,7 @@
 """Chaos: a 3-server NATS cluster (R3 file streams), three agents in subprocesses with
-Docker runtimes, a steady job load, and repeated faults: SIGKILL of agents, SIGKILL of
+Docker runtimes and a loadout of two models (every agent starts on the first; the second
+is served only through on-demand switches), a steady job load for both, and repeated
+faults: SIGKILL of agents, SIGKILL of
 runtime containers, SIGKILL and restart of one NATS server at a time, SIGSTOP/SIGCONT of an
 agent past the ack wait. Every published job must end with exactly one verified result or
 one terminal error event; nothing lost, nothing duplicated, no runtime container left.
@@ -21,6 +23,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js import api
 
+from schemas.envelope import EnvelopeType
 from tests.support.chaoskit import (
     AgentProc,
     Cluster,
@@ -28,6 +31,7 @@ from tests.support.chaoskit import (
     agent_env,
     collect,
     judge,
+    put_blob_model,
     runtime_containers_of,
 )
 from tests.support.edges import unavailable
@@ -38,15 +42,17 @@ from worker.core.signing import NodeKey, write_key_file
 from worker.devtools.devauth import ensure_dev_credentials
 from worker.devtools.devnet import DevPlan, admit_node, seed_network
 from worker.devtools.natsd import find_binary
-from worker.node.snapshots import config_bucket
+from worker.node.snapshots import config_bucket, publish_snapshot
 
 pytestmark = [pytest.mark.chaos, pytest.mark.nats, pytest.mark.docker]
 
 AGENTS = 3
 TARGETS = {"agent_kill": 20, "runtime_kill": 10, "nats_kill": 5, "agent_stop": 3}
 PERIOD_S = {"agent_kill": 4.0, "runtime_kill": 7.0, "nats_kill": 14.0, "agent_stop": 15.0}
-RATE = 20.0  # jobs per second
+RATE = 20.0  # jobs per second, both models together
 MAX_JOBS = 6000
+SECOND = "echo-second"
+"""The loadout's second model: no agent starts on it, so its jobs need switches."""
 ACK_WAIT_S = 4.0
 CHAOS_LIMIT_S = 240.0
 SETTLE_LIMIT_S = 180.0
@@ -75,6 +81,9 @@ def chaos_settings(tmp_path: Path, urls: list[str], authority: NodeKey) -> Setti
         runtime_ready_timeout_s=60,
         request_timeout_s=20,
         heartbeat_interval_s=2,
+        switch_min_residency_s=5,
+        switch_check_interval_s=1,
+        switch_grace_s=5,
     )
 
 
@@ -236,6 +245,10 @@ async def test_chaos_exactly_one_outcome_per_job(
         authority_settings = cluster.settings(settings, Role.AUTHORITY)
         snapshot = await seed_network(authority_settings, authority, plan, version=1)
         model = snapshot.models[0].id
+        body = snapshot.model_dump(mode="json") | {"version": 2}
+        body["models"].append(await put_blob_model(nc, settings, tmp_path, SECOND))
+        envelope = authority.sign(EnvelopeType.CONFIG, body)
+        await publish_snapshot(nc, config_bucket(settings), envelope)
         logs = tmp_path / "logs"
         logs.mkdir()
         for i in range(AGENTS):
@@ -249,15 +262,24 @@ async def test_chaos_exactly_one_outcome_per_job(
         await wait_serving(client_nc, settings, agents)
         ready_s = time.monotonic() - started
 
-        publisher = LoadPublisher(client_nc, settings, model, RATE, MAX_JOBS)
+        publishers = [
+            LoadPublisher(client_nc, settings, model, RATE / 2, MAX_JOBS // 2, prefix="chaos"),
+            LoadPublisher(client_nc, settings, SECOND, RATE / 2, MAX_JOBS // 2, prefix="chaos2"),
+        ]
+        acked: list[str] = []
+        unconfirmed: list[str] = []
         chaos = Chaos(cluster, agents, docker_client)
-        load = asyncio.create_task(publisher.run())
+        loads = [asyncio.create_task(p.run()) for p in publishers]
         chaos_started = time.monotonic()
         try:
             await chaos.run()
         finally:
-            publisher.stop.set()
-            await load
+            for publisher in publishers:
+                publisher.stop.set()
+            await asyncio.gather(*loads)
+            for publisher in publishers:
+                acked += publisher.acked
+                unconfirmed += publisher.unconfirmed
         chaos_s = time.monotonic() - chaos_started
 
         # Settle: every job acked or terminated (the work queue is empty) and every
@@ -273,7 +295,7 @@ async def test_chaos_exactly_one_outcome_per_job(
                 await asyncio.sleep(2)
                 continue
             outcomes = await collect(nc, settings)
-            verdict = judge(publisher.acked, outcomes)
+            verdict = judge(acked, outcomes)
             if info.state.messages == 0 and not verdict.lost:
                 break
             if time.monotonic() - settle_started > SETTLE_LIMIT_S:
@@ -287,14 +309,16 @@ async def test_chaos_exactly_one_outcome_per_job(
             runtime_containers_of, docker_client, [a.node_id for a in agents]
         )
         outcomes = await collect(nc, settings)
-        verdict = judge(publisher.acked, outcomes)
+        verdict = judge(acked, outcomes)
         report = {
-            "jobs_published": len(publisher.acked),
-            "publish_retries": publisher.retries,
-            "unconfirmed_publishes": len(publisher.unconfirmed),
+            "jobs_published": len(acked),
+            "publish_retries": sum(p.retries for p in publishers),
+            "unconfirmed_publishes": len(unconfirmed),
             "results": sum(outcomes.results.values()),
             "results_stored": outcomes.stored_results,
             "results_by_node": dict(outcomes.result_signers),
+            "results_by_model": dict(outcomes.result_models),
+            "switches": sum(a.log_text().count("model_switch from=") for a in agents),
             "terminal_errors": sum(outcomes.terminal.values()),
             "retryable_error_events": outcomes.retryable,
             "bad_signatures": outcomes.bad_signatures,
@@ -316,7 +340,7 @@ async def test_chaos_exactly_one_outcome_per_job(
             print("\nchaos report: " + json.dumps(report, sort_keys=True))  # noqa: T201
         (tmp_path / "chaos-report.json").write_text(json.dumps(report, indent=2))
 
-        assert not publisher.unconfirmed, publisher.unconfirmed[:10]
+        assert not unconfirmed, unconfirmed[:10]
         assert verdict.lost == [], f"lost outcomes: {verdict.lost[:20]}"
         assert verdict.duplicated == [], f"duplicated outcomes: {verdict.duplicated[:20]}"
         assert verdict.both == [], f"result and terminal error: {verdict.both[:20]}"
@@ -325,6 +349,7 @@ async def test_chaos_exactly_one_outcome_per_job(
         assert outcomes.stored_results == sum(outcomes.results.values())
         assert set(outcomes.result_signers) <= {a.node_id for a in agents}
         assert queue_left == 0
+        assert set(outcomes.result_models) == {model, SECOND}
         for kind, target in TARGETS.items():
             assert chaos.counts[kind] >= target, (kind, chaos.counts)
         assert chaos.crashes == [], "\n".join(chaos.crashes)

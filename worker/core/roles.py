@@ -78,6 +78,11 @@ def permissions(
                     f"$JS.ACK.{stream}_JOBS.>",
                     *reads,
                     *_read_bucket(f"OBJ_{models_bucket}"),
+                    # switch claims (worker/node/claims.py): nodes coordinate among
+                    # themselves; a claim expires with the bucket's max age
+                    f"$JS.API.STREAM.CREATE.KV_{p}_switch",
+                    *_read_bucket(f"KV_{p}_switch"),
+                    f"$KV.{p}_switch.>",
                 ]
             },
             "subscribe": {"allow": ["_INBOX.>", f"{p}.cancel.*", f"{p}.nodes.*.status"]},

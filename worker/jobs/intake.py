@@ -152,6 +152,9 @@ class JobSource:
         self._wake = asyncio.Event()
         self._ticker: asyncio.TimerHandle | None = None
         self.state = SourceState.NEW
+        self.asked = asyncio.Event()
+        """Set once a pull request was sent (the server has it once the connection is
+        flushed)."""
 
     async def run(self) -> None:
         """Pull until `stop()`; the caller runs this in its task group. A source runs once:
@@ -228,6 +231,7 @@ class JobSource:
             return
         self._outstanding += want
         self._last_seen = time.monotonic()
+        self.asked.set()
 
     def _check_liveness(self) -> None:
         silent = time.monotonic() - self._last_seen

@@ -193,6 +193,13 @@ class Pipeline(AsyncResource):
     def pulling(self) -> bool:
         return self._intake is not None and not self._intake.done()
 
+    async def asked(self) -> None:
+        """Returns once this pipeline's first pull request on its consumer reached the
+        server (so consumer info shows the model as pulled: a request waiting, or jobs
+        delivered)."""
+        await self._source.asked.wait()
+        await self._nc.flush()
+
     def _credit(self) -> int:
         return self._settings.max_in_flight - len(self._held)
 

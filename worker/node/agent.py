@@ -14,7 +14,8 @@ replaced whole by a pure `step`, so state, snapshot, model and model states neve
 │                                   └── prefetch the rest of the loadout, evict past budget
 │       a failed prepare or switch: serve nothing under the snapshot in force, remove
 │       what it does not list, retry with backoff until it works or a newer one comes
-├── demand: switch to another model of the loadout when its jobs wait (Switcher decides)
+├── demand: switch to another model of the loadout when its jobs wait (Switcher decides),
+│   under a switch claim (worker.node.claims) so two nodes never switch to one model at once
 ├── heartbeat, status endpoint (worker.node.services), periodic validation, metrics
 └── shutdown sequence (see `_close`)
 """
@@ -67,6 +68,7 @@ from worker.jobs.publisher import Publisher
 from worker.models.store import ModelLimits, ModelStore
 from worker.node import lifecycle as lc
 from worker.node import status as node_status
+from worker.node.claims import SwitchClaims
 from worker.node.inventory import HardwareMonitor
 from worker.node.lifecycle import Lifecycle
 from worker.node.loadout import Loadout, Queue, Switcher, choose_loadout
@@ -85,6 +87,9 @@ VALIDATION_ATTEMPTS = 3
 STARTUP_PROVISION_ATTEMPTS = 12
 
 APPLY_RETRY_MAX_S = 600.0
+CLAIM_PULL_WAIT_S = 10.0
+"""How long a node that switched on demand waits for its first pull on the new model
+before releasing its claim anyway (the pull is normally out at once)."""
 
 AgentState = NodeState
 """The node's state (`Agent.node_state`), as its heartbeat and status reply say it."""
@@ -117,6 +122,7 @@ class Agent(AsyncResource):
         """What the runtime in service was started from."""
         self._pipeline_stack: AsyncExitStack | None = None
         self._store: ModelStore | None = None
+        self._claims: SwitchClaims | None = None
         self._apply_lock = asyncio.Lock()
         self._forced = False
         self.force = asyncio.Event()
@@ -180,9 +186,13 @@ class Agent(AsyncResource):
                 before.state.value,
                 self._life.reason,
             )
+        self._wake_waiters()
+        return self._life
+
+    def _wake_waiters(self) -> None:
+        """`wait_until` callers check their condition again."""
         changed, self._state_changed = self._state_changed, asyncio.Event()
         changed.set()
-        return self._life
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Return once `condition()` holds; it is checked at every change of state.
@@ -229,6 +239,11 @@ class Agent(AsyncResource):
         stack.push_async_callback(self._close_runtime)
         js = self._nc.jetstream()
         self._publisher = Publisher(self._nc, js, self.key, self.settings)
+        self._claims = SwitchClaims(self._nc, self.settings, self.key.node_id)
+        try:
+            await self._claims.clear_mine()
+        except Exception as exc:
+            log.warning("switch_claims_clear_failed error=%r", exc)
         if self.settings.provision:
             await _provision_at_start(js, self.settings)
 
@@ -442,6 +457,7 @@ class Agent(AsyncResource):
         assert model is not None
         pipeline = self.pipeline
         pipeline.serving = replace(pipeline.serving, config_version=snapshot.version)
+        self._wake_waiters()  # `wait_serving` reads the pipeline's snapshot version
         await self._prune(snapshot)
         if before.snapshot is snapshot:
             return  # a retry of this snapshot: only its prefetch failed
@@ -797,25 +813,54 @@ class Agent(AsyncResource):
                 snapshot = self.snapshot
                 if self._life is not life or spec is None or snapshot is None:
                     continue  # something changed meanwhile: look again
-                log.info(
-                    "model_switch from=%s to=%s pending=%d",
-                    life.model.id,
-                    target,
-                    queues[target].pending,
-                )
+                # Another node may have decided the same from the same look: the one that
+                # claims the model switches, the others keep what they serve.
+                # A claim that cannot be made at all (the bucket unreachable or not
+                # permitted) does not stop the switch: the jittered wait still spreads nodes.
+                assert self._claims is not None
                 try:
-                    model_dir = await self._ready_model(spec)
+                    claimed = await self._claims.claim(target)
                 except Exception as exc:
-                    # Nothing was stopped yet: the loaded model keeps serving; the other one
-                    # is failed (quarantined) and the retry fetches it again.
-                    await self._publish_error(exc, retryable=True, context=f"switch to {target}")
-                    self._retry_wanted.set()
+                    log.warning("switch_claim_failed model=%s error=%r", target, exc)
+                    claimed = None
+                if claimed is False:
+                    log.info("model_switch_claimed_elsewhere model=%s", target)
                     continue
-                self.switches += 1
                 try:
-                    await self._switch(snapshot, spec, model_dir, self.settings.switch_grace_s)
-                except Exception as exc:
-                    await self._apply_failed(snapshot, exc)
+                    await self._switch_on_demand(snapshot, spec, life.model.id, queues[target])
+                finally:
+                    if claimed:
+                        await self._release_claim(target)
+
+    async def _switch_on_demand(
+        self, snapshot: Snapshot, spec: ModelSpec, loaded: str, queue: Queue
+    ) -> None:
+        log.info("model_switch from=%s to=%s pending=%d", loaded, spec.id, queue.pending)
+        try:
+            model_dir = await self._ready_model(spec)
+        except Exception as exc:
+            # Nothing was stopped yet: the loaded model keeps serving; the other one is
+            # failed (quarantined) and the retry fetches it again.
+            await self._publish_error(exc, retryable=True, context=f"switch to {spec.id}")
+            self._retry_wanted.set()
+            return
+        self.switches += 1
+        try:
+            await self._switch(snapshot, spec, model_dir, self.settings.switch_grace_s)
+        except Exception as exc:
+            await self._apply_failed(snapshot, exc)
+
+    async def _release_claim(self, model_id: str) -> None:
+        """Release the switch claim once this node's pull on the model reached the server,
+        so that no other node sees the model unclaimed and unpulled in between."""
+        pipeline = self.pipeline
+        if pipeline is not None and pipeline.serving.model_id == model_id:
+            try:
+                await asyncio.wait_for(pipeline.asked(), CLAIM_PULL_WAIT_S)
+            except Exception as exc:
+                log.debug("switch_claim_pull_wait_failed model=%s error=%r", model_id, exc)
+        assert self._claims is not None
+        await self._claims.release(model_id)
 
     async def _queues(self, models: list[ModelSpec]) -> dict[str, Queue]:
         """Each model's consumer: jobs pending, pull requests waiting."""
