@@ -118,6 +118,9 @@ async def network(backend: str) -> AsyncIterator[Net]:
             state_dir=root / "seed-state",
             authority_keys=(authority.node_id,),
             runtime_backend=backend,
+            # the bench's own loopback server: no users, no TLS, no registry
+            nats_insecure=True,
+            admission_required=False,
         )
         plan = DevPlan(root / "dev", 0, "echo", backend, "hi")
         snapshot = await seed_network(settings, authority, plan, version=1)
