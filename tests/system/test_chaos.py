@@ -42,6 +42,7 @@ from worker.core.signing import NodeKey, write_key_file
 from worker.devtools.devauth import ensure_dev_credentials
 from worker.devtools.devnet import DevPlan, admit_node, seed_network
 from worker.devtools.natsd import find_binary
+from worker.jobs.provision import provision
 from worker.node.snapshots import config_bucket, publish_snapshot
 
 pytestmark = [pytest.mark.chaos, pytest.mark.nats, pytest.mark.docker]
@@ -247,6 +248,8 @@ async def test_chaos_exactly_one_outcome_per_job(
         model = snapshot.models[0].id
         body = snapshot.model_dump(mode="json") | {"version": 2}
         body["models"].append(await put_blob_model(nc, settings, tmp_path, SECOND))
+        # the authority provisions each model's job consumer (a node may not create one)
+        await provision(nc.jetstream(), settings, [SECOND])
         envelope = authority.sign(EnvelopeType.CONFIG, body)
         await publish_snapshot(nc, config_bucket(settings), envelope)
         logs = tmp_path / "logs"
