@@ -10,6 +10,7 @@ import nats
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig
 
+from tests.support.polling import wait_for
 from tests.support.securenet import SecureNats
 from worker.core.credentials import tls_context
 from worker.core.roles import Role, authorization_block, permissions
@@ -160,8 +161,10 @@ async def test_a_client_cannot_subscribe_to_jobs(secure_nats: SecureNats) -> Non
     try:
         await client.subscribe("rst.jobs.>")
         await client.flush(timeout=5)
-        async with asyncio.timeout(5):
-            while not [e for e in secure_nats.errors if "subscription" in str(e).lower()]:
-                await asyncio.sleep(0.02)
+        await wait_for(
+            lambda: any("subscription" in str(e).lower() for e in secure_nats.errors),
+            timeout=5,
+            interval=0.02,
+        )
     finally:
         await client.close()

@@ -1,7 +1,6 @@
 """A nats-server as a real network runs it: TLS with a local CA, one nkey user per role
 with that role's permissions (`worker.core.roles`), credentials made as `dev` makes them."""
 
-import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,6 +8,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 
+from tests.support.polling import wait_for
 from tests.support.settings import make_settings
 from worker.core.credentials import connect_options
 from worker.core.roles import Role
@@ -52,7 +52,5 @@ class SecureNats:
 
     async def wait_violation(self, subject: str, timeout_s: float = 5.0) -> str:
         """The permissions violation nats-server reported for `subject`."""
-        async with asyncio.timeout(timeout_s):
-            while not (found := self.violations(subject)):
-                await asyncio.sleep(0.02)
-        return found[0]
+        await wait_for(lambda: bool(self.violations(subject)), timeout=timeout_s, interval=0.02)
+        return self.violations(subject)[0]
