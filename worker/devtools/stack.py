@@ -125,6 +125,28 @@ def _build(
     return BuiltImage(tag, image_id)
 
 
+def _build_keyed(
+    client: Any,
+    name: str,
+    files: list[tuple[str, Path]],
+    seed: bytes,
+    buildargs: dict[str, str],
+    context: Path | None,
+) -> BuiltImage:
+    """Build `files` (plus an empty `data/`) as `resultity/<name>:<key>`, the key a hash of
+    `seed` and the files' content, unless an image with that key exists."""
+    digest = hashlib.sha256(seed)
+    _hash_files(digest, files)
+    key = digest.hexdigest()
+    tag = f"resultity/{name}:{key[:20]}"
+    with images.locked(f"image-{name}"), tempfile.TemporaryDirectory(prefix=f"rst-{name}-") as tmp:
+        where = context or Path(tmp) / "context"
+        _fill_context(where, files)
+        (where / "data").mkdir()
+        (where / "data" / ".keep").write_text("")
+        return _build(client, where, tag, key, buildargs, name)
+
+
 def _nats_files() -> list[tuple[str, Path]]:
     return [
         ("Dockerfile", CONTAINERS_DIR / "nats.Dockerfile"),
@@ -137,17 +159,7 @@ def ensure_nats_image(*, client: Any | None = None, context: Path | None = None)
     """The NATS image (`FROM scratch`), built only if its content hash has no image yet.
     `context`: where to leave the build context (default: a temporary directory)."""
     with images.docker_client(client) as client:
-        files = _nats_files()
-        digest = hashlib.sha256(b"resultity-nats\0")
-        _hash_files(digest, files)
-        key = digest.hexdigest()
-        tag = f"resultity/nats:{key[:20]}"
-        with images.locked("image-nats"), tempfile.TemporaryDirectory(prefix="rst-nats-") as tmp:
-            where = context or Path(tmp) / "context"
-            _fill_context(where, files)
-            (where / "data").mkdir()
-            (where / "data" / ".keep").write_text("")
-            return _build(client, where, tag, key, {}, "nats")
+        return _build_keyed(client, "nats", _nats_files(), b"resultity-nats\0", {}, context)
 
 
 def _public_base(client: Any, ref: str) -> str | None:
@@ -178,16 +190,8 @@ def ensure_prometheus_image(
             ("Dockerfile", OBSERVABILITY / "prometheus.Dockerfile"),
             ("prometheus.yml", OBSERVABILITY / "prometheus.yml"),
         ]
-        digest = hashlib.sha256(f"resultity-prometheus\0base\0{base_id}\0".encode())
-        _hash_files(digest, files)
-        key = digest.hexdigest()
-        tag = f"resultity/prometheus:{key[:20]}"
-        with images.locked("image-prometheus"), tempfile.TemporaryDirectory(prefix="rst-p-") as tmp:
-            where = context or Path(tmp) / "context"
-            _fill_context(where, files)
-            (where / "data").mkdir()
-            (where / "data" / ".keep").write_text("")
-            return _build(client, where, tag, key, {"BASE": base_id}, "prometheus")
+        seed = f"resultity-prometheus\0base\0{base_id}\0".encode()
+        return _build_keyed(client, "prometheus", files, seed, {"BASE": base_id}, context)
 
 
 def ensure_grafana_image(
